@@ -1,0 +1,3 @@
+from ca_daemon.cli import main
+
+raise SystemExit(main())
