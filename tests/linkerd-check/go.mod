@@ -1,0 +1,3 @@
+module ca-daemon/tests/linkerd-check
+
+go 1.24
