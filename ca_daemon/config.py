@@ -1,0 +1,452 @@
+"""The only place configuration is read.
+
+Precedence, highest first: CLI flags > ``CA_DAEMON_*`` environment (nested keys
+joined by ``__``) > the YAML file (``--config`` or ``CA_DAEMON_CONFIG``) > defaults.
+With no file at all the packaged embedded default stands in for the YAML layer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from contextvars import ContextVar
+from datetime import timedelta
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from ca_daemon.durations import format_duration, parse_duration
+
+ENV_PREFIX = "CA_DAEMON_"
+CONFIG_ENV = "CA_DAEMON_CONFIG"
+
+
+def _to_timedelta(value: object) -> object:
+    if isinstance(value, str):
+        return parse_duration(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError("a duration needs a unit, e.g. 48h, 30m, 90s")
+    return value
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(_to_timedelta),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+]
+
+# Kubernetes object and file names are derived from client names: keep them DNS labels,
+# which also keeps them from walking out of the publish directory.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def _dns_label(value: str) -> str:
+    if not _DNS_LABEL.match(value):
+        raise ValueError(f"{value!r} is not a DNS label (lowercase letters, digits and '-')")
+    return value
+
+
+def _dns_subdomain(value: str) -> str:
+    if not _DNS_SUBDOMAIN.match(value):
+        raise ValueError(f"{value!r} is not a valid Kubernetes object name")
+    return value
+
+
+DnsLabel = Annotated[str, BeforeValidator(lambda v: _dns_label(v) if isinstance(v, str) else v)]
+ObjectName = Annotated[
+    str, BeforeValidator(lambda v: _dns_subdomain(v) if isinstance(v, str) else v)
+]
+
+
+class Section(BaseModel):
+    """Every section refuses keys it does not know: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+KeyType = Literal["ec-p256", "rsa-2048", "rsa-4096"]
+
+
+class LocalAnchor(Section):
+    dir: Path = Path("./ca-daemon-data")
+    passphrase_file: Path | None = None
+
+    @property
+    def effective_passphrase_file(self) -> Path:
+        return self.passphrase_file or self.dir / "passphrase"
+
+
+class VaultAuth(Section):
+    method: Literal["token", "kubernetes", "approle"] = "token"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    role: str | None = None
+    mount: str | None = None
+    jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    role_id: str | None = None
+    secret_id_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> VaultAuth:
+        if self.method == "kubernetes" and not self.role:
+            raise ValueError("method kubernetes needs 'role'")
+        if self.method == "approle" and not (self.role_id and self.secret_id_file):
+            raise ValueError("method approle needs 'role_id' and 'secret_id_file'")
+        return self
+
+
+class VaultAnchor(Section):
+    address: str = "http://127.0.0.1:8200"
+    auth: VaultAuth = VaultAuth()
+    ca_cert: Path | None = None
+    namespace: str | None = None
+    root_mount: str = "pki-root"
+    kong_mount: str = "pki-kong"
+    kv_mount: str = "secret"
+    state_path: str = "ca-daemon/state"
+    create_if_missing: bool = True
+    timeout: Duration = timedelta(seconds=10)
+
+    @field_validator("address")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class AnchorConfig(Section):
+    backend: Literal["local", "vault"] = "local"
+    local: LocalAnchor = LocalAnchor()
+    vault: VaultAnchor = VaultAnchor()
+
+
+class RootConfig(Section):
+    common_name: str | None = None
+    key: KeyType = "ec-p256"
+    lifetime: Duration = timedelta(hours=8760)
+    rotate_before: Duration = timedelta(hours=2920)
+
+
+class Renewal(Section):
+    lifetime: Duration
+    rotate_before: Duration
+
+    @model_validator(mode="after")
+    def _rotate_before_fits(self) -> Renewal:
+        if self.lifetime <= timedelta(0):
+            raise ValueError("lifetime must be positive")
+        if not timedelta(0) < self.rotate_before < self.lifetime:
+            raise ValueError("rotate_before must be positive and shorter than lifetime")
+        return self
+
+
+class LinkerdIssuer(Renewal):
+    lifetime: Duration = timedelta(hours=48)
+    rotate_before: Duration = timedelta(hours=16)
+
+
+class LinkerdConfig(Section):
+    enabled: bool = True
+    namespace: DnsLabel = "linkerd"
+    restart: Literal["none", "control-plane", "all"] = "control-plane"
+    gate: Literal["time", "pods"] = "pods"
+    issuer: LinkerdIssuer = LinkerdIssuer()
+    issuer_secret: ObjectName = "linkerd-identity-issuer"
+    trust_roots_configmap: ObjectName = "linkerd-identity-trust-roots"
+
+
+class KongIntermediate(Renewal):
+    lifetime: Duration = timedelta(hours=2160)
+    rotate_before: Duration = timedelta(hours=720)
+
+
+class KongClient(Renewal):
+    name: DnsLabel
+    common_name: str
+    dns_names: list[str] = Field(default_factory=list)
+    uris: list[str] = Field(default_factory=list)
+    lifetime: Duration = timedelta(hours=720)
+    rotate_before: Duration = timedelta(hours=240)
+    secret: ObjectName | None = None
+    service: str | None = None
+
+    @field_validator("service")
+    @classmethod
+    def _namespaced_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        for part in value.split("/"):
+            _dns_label(part)
+        if value.count("/") > 1:
+            raise ValueError("must be 'namespace/name' or 'name'")
+        return value
+
+    @property
+    def secret_name(self) -> str:
+        return self.secret or f"kong-upstream-{self.name}"
+
+
+class KongAdminApi(Section):
+    url: str | None = None
+    token_file: Path | None = None
+    ca_cert: Path | None = None
+
+
+class KongConfig(Section):
+    enabled: bool = True
+    delivery: Literal["kubernetes", "admin-api"] = "kubernetes"
+    namespace: DnsLabel = "kong"
+    intermediate: KongIntermediate = KongIntermediate()
+    clients: list[KongClient] = Field(default_factory=list)
+    admin_api: KongAdminApi = KongAdminApi()
+
+    @field_validator("clients")
+    @classmethod
+    def _unique_names(cls, clients: list[KongClient]) -> list[KongClient]:
+        names = [c.name for c in clients]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"client names must be unique; repeated: {', '.join(dupes)}")
+        return clients
+
+    @model_validator(mode="after")
+    def _admin_api_needs_url(self) -> KongConfig:
+        if self.enabled and self.delivery == "admin-api" and not self.admin_api.url:
+            raise ValueError("delivery admin-api needs admin_api.url")
+        return self
+
+
+class BundleTarget(Section):
+    namespace: DnsLabel
+    configmap: ObjectName
+    key: str = "ca-bundle.crt"
+
+
+class RotationConfig(Section):
+    check_interval: Duration = timedelta(seconds=60)
+    propagation_delay: Duration = timedelta(minutes=10)
+    retire_delay: Duration | Literal["auto"] = "auto"
+    clock_skew: Duration = timedelta(minutes=5)
+    jitter: float = Field(default=0.05, ge=0.0, le=0.5)
+
+    @field_validator("check_interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be positive")
+        return value
+
+
+class PublishKubernetes(Section):
+    enabled: bool | None = None  # None: auto (in-cluster or KUBECONFIG)
+
+
+class PublishConfig(Section):
+    directory: Path | None = None
+    kubernetes: PublishKubernetes = PublishKubernetes()
+
+
+class ServerSar(Section):
+    group: str = "ca-daemon.io"
+    resource: str = "rotations"
+    verb: str = "create"
+
+
+class ServerConfig(Section):
+    address: str = "127.0.0.1:8080"
+    auth: Literal["static", "kubernetes"] = "static"
+    token_file: Path | None = None
+    sar: ServerSar = ServerSar()
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:8080")
+        return value
+
+
+class LeaderElection(Section):
+    enabled: bool | None = None  # None: on when publishing to Kubernetes
+    lease: ObjectName = "ca-daemon"
+    lease_duration: Duration = timedelta(seconds=15)
+    renew_deadline: Duration = timedelta(seconds=10)
+    retry_period: Duration = timedelta(seconds=2)
+
+
+_yaml_layer: ContextVar[Mapping[str, Any] | None] = ContextVar("_yaml_layer", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    trust_domain: str = "cluster.local"
+    anchor: AnchorConfig = AnchorConfig()
+    root: RootConfig = RootConfig()
+    linkerd: LinkerdConfig = LinkerdConfig()
+    kong: KongConfig = KongConfig()
+    bundles: list[BundleTarget] = Field(default_factory=list)
+    rotation: RotationConfig = RotationConfig()
+    publish: PublishConfig = PublishConfig()
+    server: ServerConfig = ServerConfig()
+    leader_election: LeaderElection = LeaderElection()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_source = InitSettingsSource(settings_cls, dict(_yaml_layer.get() or {}))
+        return (init_settings, env_settings, yaml_source)
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _trust_domain(cls, value: str) -> str:
+        return _dns_subdomain(value)
+
+    # Derived defaults: computed, never stored, so they follow the fields they depend on.
+
+    @property
+    def root_common_name(self) -> str:
+        return self.root.common_name or f"root.linkerd.{self.trust_domain}"
+
+    @property
+    def linkerd_issuer_common_name(self) -> str:
+        return f"identity.{self.linkerd.namespace}.{self.trust_domain}"
+
+    @property
+    def kong_intermediate_common_name(self) -> str:
+        return f"kong-upstream.{self.trust_domain}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.anchor.local.dir
+
+    @property
+    def publish_directory(self) -> Path:
+        return self.publish.directory or self.anchor.local.dir / "out"
+
+    @property
+    def kubernetes_enabled(self) -> bool:
+        if self.publish.kubernetes.enabled is not None:
+            return self.publish.kubernetes.enabled
+        in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        return in_cluster or bool(os.environ.get("KUBECONFIG"))
+
+    @property
+    def api_token_file(self) -> Path:
+        return self.server.token_file or self.anchor.local.dir / "api-token"
+
+
+class ConfigError(Exception):
+    """Bad configuration: the message names each field and what is wrong with it."""
+
+
+def embedded_default() -> dict[str, Any]:
+    text = resources.files("ca_daemon").joinpath("default.yaml").read_text()
+    data = yaml.safe_load(text)
+    assert isinstance(data, dict)
+    return data
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    return data
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        # Pydantic tags union members and validators into loc; drop those for a plain path.
+        loc = tuple(
+            p
+            for p in error["loc"]
+            if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))
+        )
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{_field_path(loc)}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(dict.fromkeys(lines))
+
+
+def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Load configuration from every layer; raise ConfigError naming each bad field."""
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    yaml_layer = _read_yaml(path) if path is not None else embedded_default()
+    token = _yaml_layer.set(yaml_layer)
+    try:
+        return Settings(**dict(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    finally:
+        _yaml_layer.reset(token)
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """The configuration as it is in force, secrets redacted, ready to print as YAML."""
+    data = settings.model_dump(mode="json")
+    data["root"]["common_name"] = settings.root_common_name
+    data["publish"]["directory"] = str(settings.publish_directory)
+    data["publish"]["kubernetes"]["enabled"] = settings.kubernetes_enabled
+    data["server"]["token_file"] = str(settings.api_token_file)
+    data["anchor"]["local"]["passphrase_file"] = str(
+        settings.anchor.local.effective_passphrase_file
+    )
+    if data["leader_election"]["enabled"] is None:
+        data["leader_election"]["enabled"] = settings.kubernetes_enabled
+    for client, model in zip(data["kong"]["clients"], settings.kong.clients, strict=True):
+        client["secret"] = model.secret_name
+    return data
