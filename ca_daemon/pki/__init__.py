@@ -1,0 +1,1 @@
+"""Keys, certificate profiles, trust bundles and chain checks: pure, no I/O."""
