@@ -1,0 +1,57 @@
+"""The small interface every trust-anchor backend implements.
+
+A backend holds CA keys that never leave it: the roots and the Kong intermediate.
+Keys the daemon must hand out (the Linkerd issuer's, Kong clients') are generated
+by the daemon and only their CSRs reach the backend.
+
+CAs are addressed by a name the daemon chooses (``root-3``, ``kong-5``). Creating
+a CA whose name already exists adopts the existing one, so a crash between
+creating a CA and recording it in the journal never leaves two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+
+from ca_daemon.pki.keys import KeyType
+from ca_daemon.pki.profiles import Subject, Validity
+
+
+class AnchorError(Exception):
+    """The backend failed or refused. Says what, where and what to do; never key material."""
+
+
+@dataclass(frozen=True)
+class CA:
+    ref: str
+    cert: x509.Certificate
+
+
+class Anchor(Protocol):
+    description: str
+
+    def check(self) -> None:
+        """Raise AnchorError unless the backend answers and is usable."""
+
+    def create_root(self, ref: str, subject: Subject, key_type: KeyType, validity: Validity) -> CA:
+        """A new self-signed root whose key is generated inside the backend."""
+
+    def create_intermediate(self, ref: str, root: CA, subject: Subject, validity: Validity) -> CA:
+        """A new intermediate CA (the Kong intermediate) whose key stays in the backend."""
+
+    def sign_ca(
+        self, root: CA, csr: x509.CertificateSigningRequest, subject: Subject, validity: Validity
+    ) -> x509.Certificate:
+        """Sign an intermediate CA for a key the daemon holds (the Linkerd issuer)."""
+
+    def sign_client(
+        self,
+        intermediate: CA,
+        csr: x509.CertificateSigningRequest,
+        subject: Subject,
+        validity: Validity,
+    ) -> x509.Certificate:
+        """Sign a clientAuth leaf under an intermediate held in the backend."""

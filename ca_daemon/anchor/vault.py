@@ -1,0 +1,343 @@
+"""Vault / OpenBao anchor: roots and the Kong intermediate live in PKI mounts.
+
+Root keys are generated inside Vault (``root/rotate/internal``) and never exported;
+each root is a named issuer on ``root_mount``, so several can coexist during a root
+rotation. The Kong intermediate is an issuer on ``kong_mount`` whose key Vault made
+(``intermediate/generate/internal`` → ``sign-intermediate`` by the root →
+``intermediate/set-signed``); Kong client CSRs are signed there by the role
+``kong-client``. Every lifetime is given as an explicit ``not_after`` the daemon
+has already capped at the signer's own not-after.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import hvac
+import hvac.exceptions
+import requests
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from ca_daemon.anchor.base import CA, AnchorError
+from ca_daemon.config import VaultAnchor
+from ca_daemon.pki.bundle import parse_pem_certificates
+from ca_daemon.pki.keys import KeyType
+from ca_daemon.pki.profiles import Subject, Validity
+
+KONG_CLIENT_ROLE = "kong-client"
+# Mount ceiling; the daemon's own caps are what really bound each certificate.
+MOUNT_MAX_TTL = "876000h"
+
+_KEY_PARAMS: dict[str, dict[str, Any]] = {
+    "ec-p256": {"key_type": "ec", "key_bits": 256},
+    "rsa-2048": {"key_type": "rsa", "key_bits": 2048, "signature_bits": 256},
+    "rsa-4096": {"key_type": "rsa", "key_bits": 4096, "signature_bits": 256},
+}
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _csr_pem(csr: x509.CertificateSigningRequest) -> str:
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _read_secret_file(path: Any, what: str) -> str:
+    try:
+        value = str(path.read_text()).strip()
+    except OSError as exc:
+        raise AnchorError(f"Vault auth: cannot read {what} {path}: {exc.strerror}") from exc
+    if not value:
+        raise AnchorError(f"Vault auth: {what} {path} is empty")
+    return value
+
+
+class VaultNotFound(AnchorError):
+    pass
+
+
+class VaultClient:
+    """One narrow door to Vault: authenticated requests with errors an operator can act on."""
+
+    def __init__(self, cfg: VaultAnchor, env_token: str | None = None) -> None:
+        self.cfg = cfg
+        self._env_token = env_token
+        verify: bool | str = str(cfg.ca_cert) if cfg.ca_cert else True
+        self.hvac = hvac.Client(
+            url=cfg.address,
+            namespace=cfg.namespace,
+            verify=verify,
+            timeout=int(cfg.timeout.total_seconds()),
+        )
+        self._logged_in = False
+
+    def _login(self) -> None:
+        auth = self.cfg.auth
+        if auth.method == "token":
+            if auth.token is not None:
+                token = auth.token.get_secret_value()
+            elif auth.token_file is not None:
+                token = _read_secret_file(auth.token_file, "token_file")
+            elif self._env_token:
+                token = self._env_token
+            else:
+                raise AnchorError(
+                    "Vault auth: method token needs anchor.vault.auth.token_file "
+                    "(or VAULT_TOKEN in the environment)"
+                )
+            self.hvac.token = token
+        elif auth.method == "kubernetes":
+            jwt = _read_secret_file(auth.jwt_file, "jwt_file")
+            self._guard(
+                "kubernetes login",
+                lambda: self.hvac.auth.kubernetes.login(
+                    role=auth.role, jwt=jwt, mount_point=auth.mount or "kubernetes"
+                ),
+            )
+        else:
+            assert auth.secret_id_file is not None
+            secret_id = _read_secret_file(auth.secret_id_file, "secret_id_file")
+            self._guard(
+                "approle login",
+                lambda: self.hvac.auth.approle.login(
+                    role_id=auth.role_id, secret_id=secret_id, mount_point=auth.mount or "approle"
+                ),
+            )
+        self._logged_in = True
+
+    def _guard(self, what: str, call: Any) -> Any:
+        where = f"Vault at {self.cfg.address}"
+        try:
+            return call()
+        except hvac.exceptions.InvalidPath as exc:
+            raise VaultNotFound(f"{where}: {what}: not found ({_first_error(exc)})") from None
+        except hvac.exceptions.Forbidden as exc:
+            raise AnchorError(
+                f"{where}: {what}: permission denied — check the token and its policy "
+                f"({_first_error(exc)})"
+            ) from None
+        except hvac.exceptions.Unauthorized as exc:
+            raise AnchorError(f"{where}: {what}: not authenticated ({_first_error(exc)})") from None
+        except hvac.exceptions.VaultError as exc:
+            raise AnchorError(f"{where}: {what}: {_first_error(exc)}") from None
+        except requests.exceptions.RequestException as exc:
+            raise AnchorError(
+                f"{where}: {what}: unreachable ({type(exc).__name__}) — is the address right "
+                f"and the server up?"
+            ) from None
+
+    def request(self, method: str, path: str, what: str, body: dict[str, Any] | None = None) -> Any:
+        if not self._logged_in:
+            self._login()
+        url = f"/v1/{path}"
+
+        def call() -> Any:
+            if method == "PATCH":
+                return self.hvac.adapter.request(
+                    "PATCH",
+                    url,
+                    json=body,
+                    headers={"Content-Type": "application/merge-patch+json"},
+                )
+            return self.hvac.adapter.request(method, url, json=body)
+
+        return self._guard(what, call)
+
+    def read(self, path: str, what: str) -> dict[str, Any] | None:
+        """GET ``path``; None when Vault says it does not exist."""
+        try:
+            response = self.request("GET", path, what)
+        except VaultNotFound:
+            return None
+        except AnchorError as exc:
+            if "unable to find" in str(exc):  # PKI answers 500 for an unknown issuer reference
+                return None
+            raise
+        if response is None:
+            return None
+        data: dict[str, Any] = response.get("data") or {}
+        return data
+
+    def write(self, path: str, what: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.request("POST", path, what, body)
+        return dict((response or {}).get("data") or {})
+
+
+def _first_error(exc: hvac.exceptions.VaultError) -> str:
+    errors = getattr(exc, "errors", None)
+    if errors:
+        return "; ".join(str(e) for e in errors)
+    return str(exc) or type(exc).__name__
+
+
+class VaultPkiAnchor:
+    """The Anchor protocol on Vault/OpenBao PKI mounts."""
+
+    def __init__(self, client: VaultClient) -> None:
+        self.client = client
+        self.cfg = client.cfg
+        self.description = f"Vault at {self.cfg.address}"
+        self._set_up = False
+
+    # --- setup and health ---------------------------------------------------------------
+
+    def check(self) -> None:
+        self.client.request("GET", "auth/token/lookup-self", "token lookup")
+        if not self._set_up:
+            self._ensure_setup()
+            self._set_up = True
+
+    def _ensure_setup(self) -> None:
+        if not self.cfg.create_if_missing:
+            return
+        mounts = self.client.request("GET", "sys/mounts", "list secret engines") or {}
+        mounts = mounts.get("data", mounts)
+        for mount in (self.cfg.root_mount, self.cfg.kong_mount):
+            if f"{mount}/" not in mounts:
+                self.client.request(
+                    "POST",
+                    f"sys/mounts/{mount}",
+                    f"enable PKI at {mount}",
+                    {"type": "pki", "config": {"max_lease_ttl": MOUNT_MAX_TTL}},
+                )
+        if f"{self.cfg.kv_mount}/" not in mounts:
+            self.client.request(
+                "POST",
+                f"sys/mounts/{self.cfg.kv_mount}",
+                f"enable KV v2 at {self.cfg.kv_mount}",
+                {"type": "kv", "options": {"version": "2"}},
+            )
+        self.client.write(
+            f"{self.cfg.kong_mount}/roles/{KONG_CLIENT_ROLE}",
+            "write the Kong client role",
+            {
+                "allow_any_name": True,
+                "enforce_hostnames": False,
+                "allow_ip_sans": False,
+                "allowed_uri_sans": ["*"],
+                "server_flag": False,
+                "client_flag": True,
+                "code_signing_flag": False,
+                "email_protection_flag": False,
+                "key_type": "any",
+                "key_usage": ["DigitalSignature"],
+                "basic_constraints_valid_for_non_ca": True,
+                "use_csr_common_name": False,
+                "use_csr_sans": False,
+                "no_store": True,
+                "generate_lease": False,
+                "max_ttl": MOUNT_MAX_TTL,
+            },
+        )
+
+    # --- CAs -----------------------------------------------------------------------------
+
+    def _existing(self, mount: str, ref: str) -> CA | None:
+        data = self.client.read(f"{mount}/issuer/{ref}", f"read issuer {ref} on {mount}")
+        if not data or not data.get("certificate"):
+            return None
+        return CA(ref, parse_pem_certificates(data["certificate"], what=f"issuer {ref}")[0])
+
+    def create_root(self, ref: str, subject: Subject, key_type: KeyType, validity: Validity) -> CA:
+        mount = self.cfg.root_mount
+        existing = self._existing(mount, ref)
+        if existing is not None:
+            return existing
+        # rotate/internal adds an issuer without touching the mount's default.
+        data = self.client.write(
+            f"{mount}/root/rotate/internal",
+            f"generate root {ref} on {mount}",
+            {
+                "common_name": subject.common_name,
+                "issuer_name": ref,
+                "key_name": ref,
+                "not_after": _rfc3339(validity.not_after),
+                "max_path_length": 1,
+                "exclude_cn_from_sans": True,
+                **_KEY_PARAMS[key_type],
+            },
+        )
+        if "private_key" in data:  # an "exported" call by mistake must never pass unnoticed
+            raise AnchorError(f"{self.description}: root {ref} key was returned; refusing it")
+        cert = parse_pem_certificates(data["certificate"], what=f"root {ref}")[0]
+        return CA(ref, cert)
+
+    def create_intermediate(self, ref: str, root: CA, subject: Subject, validity: Validity) -> CA:
+        mount = self.cfg.kong_mount
+        existing = self._existing(mount, ref)
+        if existing is not None:
+            return existing
+        csr_data = self.client.write(
+            f"{mount}/intermediate/generate/internal",
+            f"generate the Kong intermediate key on {mount}",
+            {"common_name": subject.common_name, "key_type": "ec", "key_bits": 256},
+        )
+        csr = x509.load_pem_x509_csr(csr_data["csr"].encode())
+        cert = self.sign_ca(root, csr, subject, validity)
+        imported = self.client.write(
+            f"{mount}/intermediate/set-signed",
+            f"import the Kong intermediate into {mount}",
+            {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode()},
+        )
+        issuer_ids = imported.get("imported_issuers") or []
+        if not issuer_ids:
+            raise AnchorError(f"{self.description}: {mount} imported no issuer for {ref}")
+        self.client.request(
+            "PATCH", f"{mount}/issuer/{issuer_ids[0]}", f"name issuer {ref}", {"issuer_name": ref}
+        )
+        return CA(ref, cert)
+
+    def _sign(self, path: str, what: str, signer: CA, body: dict[str, Any]) -> x509.Certificate:
+        data = self.client.write(path, what, body)
+        cert = parse_pem_certificates(data["certificate"], what=what)[0]
+        try:
+            cert.verify_directly_issued_by(signer.cert)
+        except (InvalidSignature, ValueError, TypeError) as exc:
+            raise AnchorError(f"{self.description}: {what}: not signed by {signer.ref}") from exc
+        return cert
+
+    def sign_ca(
+        self, root: CA, csr: x509.CertificateSigningRequest, subject: Subject, validity: Validity
+    ) -> x509.Certificate:
+        mount = self.cfg.root_mount
+        return self._sign(
+            f"{mount}/issuer/{root.ref}/sign-intermediate",
+            f"sign {subject.common_name} with root {root.ref}",
+            root,
+            {
+                "csr": _csr_pem(csr),
+                "common_name": subject.common_name,
+                "not_after": _rfc3339(validity.not_after),
+                "max_path_length": 0,
+                "exclude_cn_from_sans": True,
+                "use_csr_values": False,
+                "format": "pem",
+            },
+        )
+
+    def sign_client(
+        self,
+        intermediate: CA,
+        csr: x509.CertificateSigningRequest,
+        subject: Subject,
+        validity: Validity,
+    ) -> x509.Certificate:
+        mount = self.cfg.kong_mount
+        return self._sign(
+            f"{mount}/issuer/{intermediate.ref}/sign/{KONG_CLIENT_ROLE}",
+            f"sign Kong client {subject.common_name} with {intermediate.ref}",
+            intermediate,
+            {
+                "csr": _csr_pem(csr),
+                "common_name": subject.common_name,
+                "alt_names": ",".join(subject.dns_names),
+                "uri_sans": ",".join(subject.uris),
+                "not_after": _rfc3339(validity.not_after),
+                "exclude_cn_from_sans": True,
+                "format": "pem",
+            },
+        )
