@@ -1,0 +1,48 @@
+"""The trust world every publisher writes and every reader (status, metrics) shows.
+
+Derived from the persisted state alone, so publishing is a pure reconciliation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from ca_daemon.config import Settings
+from ca_daemon.pki.bundle import normalize, render_pem
+from ca_daemon.rotation.state import IssuedEntry, Phase, RootRole, State
+
+
+@dataclass(frozen=True)
+class TrustWorld:
+    roots: tuple[x509.Certificate, ...]  # the trust bundle, oldest first
+    linkerd_issuer: IssuedEntry | None = None
+    kong_intermediate: x509.Certificate | None = None
+    kong_clients: Mapping[str, IssuedEntry] = field(default_factory=dict)
+
+    @property
+    def bundle_pem(self) -> str:
+        return render_pem(self.roots)
+
+
+def bundle_roots(state: State) -> list[x509.Certificate]:
+    """Roots every verifier must trust now: a prepared next root is not yet among them."""
+    hidden = {RootRole.NEXT} if state.phase in (Phase.STEADY, Phase.PREPARED) else set()
+    return normalize(r.cert for r in state.roots if r.role not in hidden)
+
+
+def desired_world(state: State, settings: Settings) -> TrustWorld:
+    kong = settings.kong.enabled
+    configured = {c.name for c in settings.kong.clients}
+    return TrustWorld(
+        roots=tuple(bundle_roots(state)),
+        linkerd_issuer=state.linkerd_issuer if settings.linkerd.enabled else None,
+        kong_intermediate=(
+            state.kong_intermediate.cert if kong and state.kong_intermediate else None
+        ),
+        kong_clients=(
+            {n: e for n, e in state.kong_clients.items() if n in configured} if kong else {}
+        ),
+    )
