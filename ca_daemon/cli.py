@@ -1,0 +1,139 @@
+"""Commands: parse, call, print. No logic of its own.
+
+Exit codes: 0 success, 1 a check or operation failed, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from ca_daemon import __version__
+from ca_daemon.config import ConfigError, Settings, effective_config, load_settings
+from ca_daemon.rotation.engine import PassResult
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", type=Path, help="configuration file (default: $CA_DAEMON_CONFIG)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="ca-daemon",
+        description="Certificate authority and rotation daemon for Linkerd and Kong.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"ca-daemon {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", parents=[common], help="run the daemon")
+    run.add_argument(
+        "--once", action="store_true", help="bring everything up to date, publish, and exit"
+    )
+
+    status = commands.add_parser("status", parents=[common], help="show certificates and times")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    verify = commands.add_parser(
+        "verify", parents=[common], help="check what is published as Linkerd and Kong would"
+    )
+    verify.add_argument("--dir", type=Path, help="published directory (default: publish.directory)")
+
+    config = commands.add_parser("config", parents=[common], help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_commands.add_parser(
+        "check", parents=[common], help="validate and print the effective configuration"
+    )
+    check.add_argument("file", nargs="?", type=Path, help="configuration file to check")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = getattr(args, "file", None) or args.config
+    return load_settings(path)
+
+
+def _print_pass(result: PassResult) -> None:
+    for step in result.steps:
+        outcome = "ok" if step.ok else f"FAILED: {step.error}"
+        print(f"{step.action} {step.kind.value} {step.name} ({step.reason}): {outcome}")
+    for target, changed in result.published.items():
+        print(f"published {target}: {len(changed)} file(s) changed")
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from ca_daemon.daemon import run_forever
+    from ca_daemon.runtime import build_engine
+
+    engine = build_engine(settings)
+    if args.once:
+        result = engine.reconcile()
+        _print_pass(result)
+        for error in result.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return EXIT_OK if result.ok else EXIT_FAILED
+    run_forever(settings, engine)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from ca_daemon.anchor.base import AnchorError
+    from ca_daemon.rotation.journal import JournalError
+    from ca_daemon.runtime import build_anchor_and_journal
+    from ca_daemon.status import render_table, status_view
+
+    _, journal = build_anchor_and_journal(settings)
+    try:
+        state = journal.load().state
+    except (JournalError, AnchorError) as exc:
+        print(f"error: reading state from {journal.description}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    view = status_view(state, settings, datetime.now(UTC))
+    print(json.dumps(view, indent=2) if args.json else render_table(view))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from ca_daemon.verify import verify_directory
+
+    directory = args.dir or settings.publish_directory
+    report = verify_directory(directory, datetime.now(UTC))
+    for line in report.checked:
+        print(f"checked {line}")
+    for problem in report.problems:
+        print(f"PROBLEM {problem}")
+    print(f"{directory}: {'OK' if report.ok else f'{len(report.problems)} problem(s)'}")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_config_check(args: argparse.Namespace, settings: Settings) -> int:
+    print(yaml.safe_dump(effective_config(settings), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    handlers = {
+        "run": cmd_run,
+        "status": cmd_status,
+        "verify": cmd_verify,
+        "config": cmd_config_check,
+    }
+    return handlers[args.command](args, settings)

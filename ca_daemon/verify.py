@@ -1,0 +1,183 @@
+"""Check what is published the way Linkerd and Kong (and an upstream behind Kong) would.
+
+Pure checks over PEM bytes; ``verify_directory`` only reads files. Each problem is
+a sentence naming the file and what is wrong, never quoting key material.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from ca_daemon.pki.bundle import BundleError, fingerprint, parse_pem_certificates, stable_id
+from ca_daemon.pki.chain import verify_ca_under_roots, verify_client_chain
+from ca_daemon.pki.keys import KeyMaterialError, key_matches_certificate, load_private_key
+from ca_daemon.pki.profiles import Kind, check_profile
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_bundle(what: str, pem: bytes, now: datetime, report: Report) -> list[x509.Certificate]:
+    try:
+        roots = parse_pem_certificates(pem, what=what)
+    except BundleError as exc:
+        report.problems.append(str(exc))
+        return []
+    for root in roots:
+        label = f"{what}: root {fingerprint(root)[:16]}"
+        report.problems += [f"{label} {p}" for p in check_profile(Kind.TRUST_ANCHOR, root).problems]
+        if root.not_valid_after_utc < now:
+            report.problems.append(f"{label} expired at {root.not_valid_after_utc:%Y-%m-%d %H:%M}Z")
+    report.checked.append(f"{what}: {len(roots)} root(s)")
+    return roots
+
+
+def _key_matches(what: str, cert: x509.Certificate, key_pem: bytes, report: Report) -> None:
+    try:
+        key = load_private_key(key_pem)
+    except KeyMaterialError as exc:
+        report.problems.append(f"{what}: {exc}")
+        return
+    if not key_matches_certificate(key, cert):
+        report.problems.append(f"{what}: private key does not match the certificate")
+
+
+def check_linkerd_issuer(
+    crt_pem: bytes,
+    key_pem: bytes,
+    roots: list[x509.Certificate],
+    now: datetime,
+    report: Report,
+    where: str = "linkerd issuer",
+) -> None:
+    """Linkerd's rules: one ECDSA P-256 CA certificate, key matching, chaining to the anchors."""
+    try:
+        certs = parse_pem_certificates(crt_pem, what=f"{where} certificate")
+    except BundleError as exc:
+        report.problems.append(str(exc))
+        return
+    issuer = certs[0]
+    report.problems += [
+        f"{where}: {p}" for p in check_profile(Kind.LINKERD_ISSUER, issuer).problems
+    ]
+    report.problems += [f"{where}: {p}" for p in verify_ca_under_roots(issuer, roots, now)]
+    _key_matches(where, issuer, key_pem, report)
+    report.checked.append(f"{where}: {fingerprint(issuer)[:16]} until {issuer.not_valid_after_utc}")
+
+
+def check_kong_client(
+    name: str,
+    crt_pem: bytes,
+    key_pem: bytes,
+    roots: list[x509.Certificate],
+    now: datetime,
+    report: Report,
+) -> None:
+    where = f"kong client {name}"
+    try:
+        chain = parse_pem_certificates(crt_pem, what=f"{where} tls.crt")
+    except BundleError as exc:
+        report.problems.append(str(exc))
+        return
+    leaf, intermediates = chain[0], chain[1:]
+    if not intermediates:
+        report.problems.append(f"{where}: tls.crt has no intermediate after the leaf")
+    report.problems += [f"{where}: {p}" for p in check_profile(Kind.KONG_CLIENT, leaf).problems]
+    for inter in intermediates:
+        report.problems += [
+            f"{where}: intermediate {p}"
+            for p in check_profile(Kind.KONG_INTERMEDIATE, inter).problems
+        ]
+    report.problems += [
+        f"{where}: {p}" for p in verify_client_chain(leaf, intermediates, roots, now)
+    ]
+    _key_matches(where, leaf, key_pem, report)
+    report.checked.append(f"{where}: {fingerprint(leaf)[:16]} until {leaf.not_valid_after_utc}")
+
+
+def check_kong_cas(cas: Mapping[str, bytes], roots: list[x509.Certificate], report: Report) -> None:
+    """Kong CA certificates: one CA per entity, id stable, the same set as the bundle."""
+    seen: set[str] = set()
+    for ident, pem in sorted(cas.items()):
+        where = f"kong CA {ident}"
+        try:
+            certs = parse_pem_certificates(pem, what=where)
+        except BundleError as exc:
+            report.problems.append(str(exc))
+            continue
+        if len(certs) != 1:
+            report.problems.append(f"{where}: holds {len(certs)} certificates; Kong takes one")
+        cert = certs[0]
+        if stable_id(cert) != ident:
+            report.problems.append(
+                f"{where}: id is not the certificate's stable id {stable_id(cert)}"
+            )
+        seen.add(fingerprint(cert))
+    want = {fingerprint(r) for r in roots}
+    for missing in sorted(want - seen):
+        report.problems.append(f"kong CA for bundle root {missing[:16]} is missing")
+    for extra in sorted(seen - want):
+        report.problems.append(f"kong CA {extra[:16]} is not a root of the trust bundle")
+
+
+def _read(path: Path, report: Report) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        report.problems.append(f"{path}: missing")
+    except OSError as exc:
+        report.problems.append(f"{path}: unreadable ({exc.strerror})")
+    return None
+
+
+def _private(path: Path, report: Report) -> None:
+    if path.exists() and stat.S_IMODE(path.stat().st_mode) & 0o077:
+        report.problems.append(f"{path}: key file is readable by others (mode must be 0600)")
+
+
+def verify_directory(root: Path, now: datetime) -> Report:
+    """Check a published directory (the SPEC layout) as Linkerd and Kong would read it."""
+    report = Report()
+    bundle = _read(root / "trust-bundle.pem", report)
+    if bundle is None:
+        return report
+    roots = check_bundle("trust-bundle.pem", bundle, now, report)
+
+    linkerd = root / "linkerd"
+    if linkerd.is_dir():
+        ca = _read(linkerd / "ca.crt", report)
+        if ca is not None and ca != bundle:
+            report.problems.append("linkerd/ca.crt differs from trust-bundle.pem")
+        crt, key = _read(linkerd / "tls.crt", report), _read(linkerd / "tls.key", report)
+        _private(linkerd / "tls.key", report)
+        if crt is not None and key is not None:
+            check_linkerd_issuer(crt, key, roots, now, report)
+
+    kong = root / "kong"
+    if kong.is_dir():
+        cas = {p.stem: p.read_bytes() for p in sorted((kong / "ca").glob("*.pem"))}
+        check_kong_cas(cas, roots, report)
+        clients = kong / "clients"
+        for client_dir in sorted(clients.iterdir() if clients.is_dir() else []):
+            name = client_dir.name
+            ca = _read(client_dir / "ca.crt", report)
+            if ca is not None and ca != bundle:
+                report.problems.append(f"kong client {name}: ca.crt differs from trust-bundle.pem")
+            crt, key = _read(client_dir / "tls.crt", report), _read(client_dir / "tls.key", report)
+            _private(client_dir / "tls.key", report)
+            if crt is not None and key is not None:
+                check_kong_client(name, crt, key, roots, now, report)
+    return report
