@@ -1,0 +1,115 @@
+"""`ca-daemon run --once` with no configuration, end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ca_daemon.pki.keys import generate_key, private_key_pem
+
+LAYOUT = {
+    "trust-bundle.pem",
+    "linkerd/ca.crt",
+    "linkerd/tls.crt",
+    "linkerd/tls.key",
+    "kong/clients/example/tls.crt",
+    "kong/clients/example/tls.key",
+    "kong/clients/example/ca.crt",
+}
+
+
+def ca_daemon(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CA_DAEMON_") and k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "ca_daemon", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("laptop")
+    result = ca_daemon(workdir, "run", "--once")
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def test_layout_and_modes(published: Path) -> None:
+    out = published / "ca-daemon-data" / "out"
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    kong_cas = {f for f in files if f.startswith("kong/ca/")}
+    assert files - kong_cas == LAYOUT
+    assert len(kong_cas) == 1 and next(iter(kong_cas)).endswith(".pem")
+    for path in out.rglob("*.key"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    bundle = (out / "trust-bundle.pem").read_bytes()
+    assert (out / "linkerd/ca.crt").read_bytes() == bundle
+    assert (out / "kong/clients/example/ca.crt").read_bytes() == bundle
+    assert (out / "linkerd/tls.crt").read_text().count("BEGIN CERTIFICATE") == 1
+    assert (out / "kong/clients/example/tls.crt").read_text().count("BEGIN CERTIFICATE") == 2
+    passphrase = published / "ca-daemon-data" / "passphrase"
+    assert passphrase.stat().st_mode & 0o777 == 0o600
+
+
+def test_verify_passes_then_fails_on_tampering(published: Path, tmp_path: Path) -> None:
+    ok = ca_daemon(published, "verify")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "OK" in ok.stdout
+
+    copy = tmp_path / "copy"
+    shutil.copytree(published, copy)
+    out = copy / "ca-daemon-data" / "out"
+    (out / "linkerd" / "tls.key").write_bytes(private_key_pem(generate_key()))
+    bad_key = ca_daemon(copy, "verify")
+    assert bad_key.returncode == 1
+    assert "linkerd issuer: private key does not match the certificate" in bad_key.stdout
+
+    shutil.rmtree(copy)
+    shutil.copytree(published, copy)
+    foreign = ca_daemon(tmp_path, "run", "--once")  # another CA, another root
+    assert foreign.returncode == 0
+    foreign_out = tmp_path / "ca-daemon-data" / "out"
+    shutil.copy(foreign_out / "trust-bundle.pem", out / "trust-bundle.pem")
+    mismatched = ca_daemon(copy, "verify")
+    assert mismatched.returncode == 1
+    assert "linkerd/ca.crt differs from trust-bundle.pem" in mismatched.stdout
+    assert "linkerd issuer: is not signed by any root in the trust bundle" in mismatched.stdout
+    assert "kong client example: client chain does not verify" in mismatched.stdout
+
+    (out / "kong" / "clients" / "example" / "tls.key").chmod(0o644)
+    assert "mode must be 0600" in ca_daemon(copy, "verify").stdout
+
+
+def test_second_run_is_idempotent_and_status_reads_state(published: Path) -> None:
+    out = published / "ca-daemon-data" / "out"
+    before = {p: (p.stat().st_ino, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    again = ca_daemon(published, "run", "--once")
+    assert again.returncode == 0
+    assert "published directory ca-daemon-data/out: 0 file(s) changed" in again.stdout
+    assert {p: (p.stat().st_ino, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+
+    status = ca_daemon(published, "status")
+    assert status.returncode == 0
+    assert "rotation phase: steady" in status.stdout
+    for name in ("root-1", "linkerd-identity-issuer", "kong-2", "example"):
+        assert name in status.stdout
+
+
+def test_no_private_key_in_output(published: Path, tmp_path: Path) -> None:
+    result = ca_daemon(tmp_path, "run", "--once")
+    assert result.returncode == 0
+    for stream in (result.stdout, result.stderr):
+        assert "PRIVATE KEY" not in stream

@@ -1,0 +1,190 @@
+"""The engine over the real local anchor and directory publisher: passes, failures, resume."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+
+from ca_daemon.anchor.base import CA, AnchorError
+from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
+from ca_daemon.config import Settings, load_settings
+from ca_daemon.pki.profiles import Kind, Subject, Validity
+from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.rotation.engine import Engine
+from ca_daemon.rotation.journal import FileJournal
+from ca_daemon.verify import verify_directory
+from tests.unit.conftest import NOW
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "anchor": {"local": {"dir": str(tmp_path / "data")}},
+                "publish": {"kubernetes": {"enabled": False}},
+                "kong": {
+                    "clients": [
+                        {"name": "payments", "common_name": "kong.payments.upstream"},
+                        {"name": "orders", "common_name": "kong.orders.upstream"},
+                    ]
+                },
+            }
+        )
+    )
+    return load_settings(path)
+
+
+def _engine(settings: Settings, anchor_cls: type[LocalAnchor] = LocalAnchor) -> Engine:
+    data = settings.anchor.local.dir
+    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
+    return Engine(
+        settings,
+        anchor_cls(data, passphrase),
+        FileJournal(data / "state.json", passphrase),
+        [DirectoryPublisher(settings.publish_directory)],
+    )
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def test_first_pass_issues_everything_second_does_nothing(settings: Settings) -> None:
+    engine = _engine(settings)
+    first = engine.reconcile(now=NOW)
+    assert first.ok, first.errors
+    assert [(s.kind.value, s.name) for s in first.steps] == [
+        ("trust-anchor", "root-1"),
+        ("linkerd-issuer", "linkerd-identity-issuer"),
+        ("kong-intermediate", "kong-intermediate"),
+        ("kong-client", "payments"),
+        ("kong-client", "orders"),
+    ]
+    out = settings.publish_directory
+    assert verify_directory(out, NOW).ok
+    before = _snapshot(out)
+    state_before = (settings.anchor.local.dir / "state.json").read_bytes()
+
+    second = _engine(settings).reconcile(now=NOW + timedelta(hours=1))
+    assert second.ok and second.steps == []
+    assert second.published == {f"directory {out}": []}
+    assert _snapshot(out) == before
+    assert (settings.anchor.local.dir / "state.json").read_bytes() == state_before
+
+
+def test_state_file_is_private_and_holds_no_plain_key(settings: Settings) -> None:
+    assert _engine(settings).reconcile(now=NOW).ok
+    state_file = settings.anchor.local.dir / "state.json"
+    assert state_file.stat().st_mode & 0o777 == 0o600
+    text = state_file.read_text()
+    assert "-----BEGIN PRIVATE KEY-----" not in text
+    assert text.count("-----BEGIN ENCRYPTED PRIVATE KEY-----") == 3  # issuer + 2 clients
+    for key_file in (settings.anchor.local.dir / "anchor").glob("*.key"):
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert key_file.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+
+
+class _FailingClients(LocalAnchor):
+    def sign_client(self, *args: object, **kwargs: object) -> x509.Certificate:
+        raise AnchorError("local anchor: signing refused (test)")
+
+
+def test_failed_renewal_keeps_previous_credentials_published(settings: Settings) -> None:
+    assert _engine(settings).reconcile(now=NOW).ok
+    out = settings.publish_directory
+    old_clients = {k: v for k, v in _snapshot(out).items() if k.startswith("kong/clients/")}
+
+    later = NOW + timedelta(days=21)  # clients and the issuer are due
+    result = _engine(settings, _FailingClients).reconcile(now=later)
+    assert not result.ok
+    assert {e.split(":")[0] for e in result.errors} == {
+        "kong-client payments",
+        "kong-client orders",
+    }
+    now_files = _snapshot(out)
+    assert {k: v for k, v in now_files.items() if k.startswith("kong/clients/")} == old_clients
+    # What did not fail went ahead: the issuer was renewed and published.
+    assert [s.kind for s in result.steps if s.ok] == [Kind.LINKERD_ISSUER]
+    assert verify_directory(out, later).ok
+
+    healed = _engine(settings).reconcile(now=later)
+    assert healed.ok
+    assert {s.name for s in healed.steps} == {"payments", "orders"}
+
+
+class _BadIssuer(LocalAnchor):
+    """Answers the issuer CSR with a leaf: the engine must refuse to publish it."""
+
+    def sign_ca(
+        self, root: CA, csr: x509.CertificateSigningRequest, subject: Subject, validity: Validity
+    ) -> x509.Certificate:
+        return self.sign_client(root, csr, Subject(subject.common_name, ("x.example",)), validity)
+
+
+def test_unusable_certificate_from_the_anchor_is_not_published(settings: Settings) -> None:
+    result = _engine(settings, _BadIssuer).reconcile(now=NOW)
+    assert any(e.startswith("linkerd-issuer") and "not a CA" in e for e in result.errors)
+    assert not (settings.publish_directory / "linkerd" / "tls.crt").exists()
+    state = json.loads((settings.anchor.local.dir / "state.json").read_text())["state"]
+    assert state["linkerd_issuer"] is None
+    assert state["kong_clients"].keys() == {"payments", "orders"}
+
+
+class _CrashAfterRoot(LocalAnchor):
+    def sign_ca(self, *args: object, **kwargs: object) -> x509.Certificate:
+        raise AnchorError("crash (test)")
+
+    def create_intermediate(self, *args: object, **kwargs: object) -> CA:
+        raise AnchorError("crash (test)")
+
+
+def test_resume_after_partial_pass_keeps_the_root(settings: Settings) -> None:
+    partial = _engine(settings, _CrashAfterRoot).reconcile(now=NOW)
+    assert [s.kind for s in partial.steps if s.ok] == [Kind.TRUST_ANCHOR]
+    root_before = (settings.anchor.local.dir / "anchor" / "root-1.crt").read_bytes()
+    resumed = _engine(settings).reconcile(now=NOW)
+    assert resumed.ok
+    assert Kind.TRUST_ANCHOR not in {s.kind for s in resumed.steps}
+    assert (settings.anchor.local.dir / "anchor" / "root-1.crt").read_bytes() == root_before
+    assert verify_directory(settings.publish_directory, NOW).ok
+
+
+def test_lost_journal_adopts_the_existing_root(settings: Settings) -> None:
+    """Creating a CA is idempotent by name: a crash before the journal write leaves one root."""
+    assert _engine(settings).reconcile(now=NOW).ok
+    root_before = (settings.anchor.local.dir / "anchor" / "root-1.crt").read_bytes()
+    (settings.anchor.local.dir / "state.json").unlink()
+    again = _engine(settings).reconcile(now=NOW)
+    assert again.ok
+    assert sorted(p.name for p in (settings.anchor.local.dir / "anchor").glob("root-*.crt")) == [
+        "root-1.crt"
+    ]
+    assert (settings.anchor.local.dir / "anchor" / "root-1.crt").read_bytes() == root_before
+
+
+def test_wrong_passphrase_is_a_clear_error(settings: Settings, tmp_path: Path) -> None:
+    assert _engine(settings).reconcile(now=NOW).ok
+    settings.anchor.local.effective_passphrase_file.write_text("not-the-passphrase\n")
+    result = _engine(settings).reconcile(now=NOW)
+    assert not result.ok
+    assert any("wrong passphrase or corrupt key" in e for e in result.errors)
+
+
+def test_removed_client_is_unpublished(settings: Settings, tmp_path: Path) -> None:
+    assert _engine(settings).reconcile(now=NOW).ok
+    fewer = settings.model_copy(
+        update={"kong": settings.kong.model_copy(update={"clients": settings.kong.clients[:1]})}
+    )
+    result = _engine(fewer).reconcile(now=NOW)
+    assert result.ok
+    assert not (settings.publish_directory / "kong" / "clients" / "orders").exists()
+    assert (settings.publish_directory / "kong" / "clients" / "payments" / "tls.crt").exists()
