@@ -3,4 +3,9 @@
 pytest_plugins = [
     "tests.fixtures.tools",
     "tests.fixtures.openbao",
+    "tests.fixtures.kube",
+    "tests.fixtures.prometheus",
+    "tests.fixtures.nginx",
+    "tests.fixtures.helm",
+    "tests.fixtures.linkerd",
 ]
