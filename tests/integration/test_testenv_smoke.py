@@ -100,7 +100,8 @@ def test_kube_rbac_denies_then_allows_service_account(kube: Kube, unique_name: s
     from kubernetes import client
 
     core = client.CoreV1Api(kube.api_client(token))
-    assert core.read_namespaced_secret("probe", ns).data["k"] == "dg=="  # base64("v")
+    secret = core.read_namespaced_secret("probe", ns)
+    assert secret.data == {"k": "dg=="}  # base64("v")
 
 
 def test_prometheus_scrapes_and_evaluates_rules(
