@@ -1,0 +1,46 @@
+# ca-daemon's Vault/OpenBao policy: only what the daemon does, on its own mounts.
+#
+# Paths use the default names (anchor.vault.root_mount=pki-root, kong_mount=pki-kong,
+# kv_mount=secret, state_path=ca-daemon/state); rename them here if you rename them there.
+# With this policy set anchor.vault.create_if_missing=false and let an administrator
+# create the mounts and the kong-client role once (README: "Vault set-up").
+#
+# Deliberately absent: sys/*, any */exported or */sign-verbatim or */sign-self-issued
+# path, key import/export, revocation, and every other KV path.
+
+# Health check: the daemon looks up its own token.
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+
+# Trust anchors: new roots are generated inside Vault (the key never leaves it),
+# read back by name, and sign the Linkerd issuer and the Kong intermediate.
+path "pki-root/root/rotate/internal" {
+  capabilities = ["update"]
+}
+path "pki-root/issuer/+" {
+  capabilities = ["read"]
+}
+path "pki-root/issuer/+/sign-intermediate" {
+  capabilities = ["update"]
+}
+
+# Kong intermediate: key generated inside Vault, imported once the root signed it,
+# then named; Kong client CSRs are signed by the kong-client role only.
+path "pki-kong/intermediate/generate/internal" {
+  capabilities = ["update"]
+}
+path "pki-kong/intermediate/set-signed" {
+  capabilities = ["update"]
+}
+path "pki-kong/issuer/+" {
+  capabilities = ["read", "patch"]
+}
+path "pki-kong/issuer/+/sign/kong-client" {
+  capabilities = ["update"]
+}
+
+# The rotation journal (KV v2, written with check-and-set).
+path "secret/data/ca-daemon/state" {
+  capabilities = ["create", "read", "update"]
+}
