@@ -9,8 +9,9 @@ from ca_daemon.anchor.base import Anchor
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.anchor.vault import VaultClient, VaultPkiAnchor
 from ca_daemon.config import Settings
+from ca_daemon.publish.base import Publisher
 from ca_daemon.publish.directory import DirectoryPublisher
-from ca_daemon.rotation.engine import Engine, Publisher
+from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.journal import FileJournal, Journal, VaultJournal
 
 STATE_FILE = "state.json"

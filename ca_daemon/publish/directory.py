@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ca_daemon.files import write_atomic
 from ca_daemon.pki.bundle import render_pem, stable_id
+from ca_daemon.publish.base import PublishReport
 from ca_daemon.world import TrustWorld
 
 KEY_MODE = 0o600
@@ -41,8 +42,8 @@ class DirectoryPublisher:
         self.root = root
         self.description = f"directory {root}"
 
-    def publish(self, world: TrustWorld) -> list[str]:
-        """Write what differs, remove what is stale; return the relative paths changed."""
+    def publish(self, world: TrustWorld) -> PublishReport:
+        """Write what differs, remove what is stale; report the relative paths changed."""
         files = desired_files(world)
         changed = [
             rel
@@ -50,7 +51,7 @@ class DirectoryPublisher:
             if write_atomic(self.root / rel, content, mode)
         ]
         changed += self._remove_stale(files)
-        return changed
+        return PublishReport(target=self.description, changed=changed)
 
     def _remove_stale(self, files: dict[str, tuple[bytes, int]]) -> list[str]:
         removed = []

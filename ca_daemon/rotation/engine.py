@@ -12,7 +12,6 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Protocol
 
 from cryptography import x509
 
@@ -20,6 +19,7 @@ from ca_daemon.anchor.base import CA, Anchor, AnchorError
 from ca_daemon.config import Settings
 from ca_daemon.pki.keys import generate_key, private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject, build_csr, capped_validity, check_profile
+from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.rotation.journal import Journal, JournalError
 from ca_daemon.rotation.plan import (
     KONG_INTERMEDIATE,
@@ -43,12 +43,6 @@ log = logging.getLogger(__name__)
 _MAX_STEPS = 1000
 
 
-class Publisher(Protocol):
-    description: str
-
-    def publish(self, world: TrustWorld) -> list[str]: ...
-
-
 @dataclass(frozen=True)
 class StepResult:
     kind: Kind
@@ -66,6 +60,7 @@ class StepResult:
 class PassResult:
     steps: list[StepResult] = field(default_factory=list)
     published: dict[str, list[str]] = field(default_factory=dict)
+    reports: list[PublishReport] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     state: State | None = None
 
@@ -174,14 +169,20 @@ class Engine:
     def _publish(self, world: TrustWorld, result: PassResult) -> None:
         for publisher in self.publishers:
             try:
-                changed = publisher.publish(world)
+                report = publisher.publish(world)
             except Exception as exc:  # one broken target must not stop the others
                 log.error("publishing to %s failed: %s", publisher.description, exc)
-                result.errors.append(f"publish to {publisher.description}: {exc}")
-                continue
-            result.published[publisher.description] = changed
-            if changed:
-                log.info("published to %s: %s", publisher.description, ", ".join(changed))
+                report = PublishReport(publisher.description, errors={"*": str(exc)})
+            result.reports.append(report)
+            result.published[publisher.description] = report.changed
+            if report.changed:
+                log.info("published to %s: %s", publisher.description, ", ".join(report.changed))
+            for obj in report.drifted:
+                log.warning(
+                    "drift in %s: %s was changed by someone else; repaired", report.target, obj
+                )
+            for obj, error in report.errors.items():
+                result.errors.append(f"publish to {report.target}: {obj}: {error}")
 
     # --- steps ------------------------------------------------------------------------------
 

@@ -1,0 +1,31 @@
+"""What every publisher implements and reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ca_daemon.world import TrustWorld
+
+
+@dataclass
+class PublishReport:
+    """One reconciliation of one target.
+
+    ``errors`` maps an object (file, Kubernetes object, Kong entity) to why it could not
+    be written; such an object is left exactly as it was. ``drifted`` names objects found
+    changed or deleted by someone else since the daemon wrote them (they were repaired
+    unless they also appear in ``errors``).
+    """
+
+    target: str
+    changed: list[str] = field(default_factory=list)
+    drifted: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class Publisher(Protocol):
+    description: str
+
+    def publish(self, world: TrustWorld) -> PublishReport:
+        """Make the target match ``world``; idempotent, and safe to repeat after a crash."""
