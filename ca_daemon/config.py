@@ -233,8 +233,16 @@ class KongConfig(Section):
 
     @model_validator(mode="after")
     def _admin_api_needs_url(self) -> KongConfig:
-        if self.enabled and self.delivery == "admin-api" and not self.admin_api.url:
-            raise ValueError("delivery admin-api needs admin_api.url")
+        if self.enabled and self.delivery == "admin-api":
+            if not self.admin_api.url:
+                raise ValueError("delivery admin-api needs admin_api.url")
+            # Through the Admin API a client's service is a Kong Service name or id.
+            namespaced = [c.name for c in self.clients if c.service and "/" in c.service]
+            if namespaced:
+                raise ValueError(
+                    "with delivery admin-api, clients' service is a Kong Service name, "
+                    f"not namespace/name: {', '.join(namespaced)}"
+                )
         return self
 
 
