@@ -54,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
         "check", parents=[common], help="validate and print the effective configuration"
     )
     check.add_argument("file", nargs="?", type=Path, help="configuration file to check")
+    rbac = config_commands.add_parser(
+        "rbac", parents=[common], help="print the least-privilege Roles this configuration needs"
+    )
+    rbac.add_argument("file", nargs="?", type=Path, help="configuration file")
+    rbac.add_argument(
+        "--service-account",
+        default="ca-daemon/ca-daemon",
+        help="namespace/name of the daemon's ServiceAccount (default: ca-daemon/ca-daemon)",
+    )
     return parser
 
 
@@ -67,7 +76,7 @@ def _print_pass(result: PassResult) -> None:
         outcome = "ok" if step.ok else f"FAILED: {step.error}"
         print(f"{step.action} {step.kind.value} {step.name} ({step.reason}): {outcome}")
     for target, changed in result.published.items():
-        print(f"published {target}: {len(changed)} file(s) changed")
+        print(f"published {target}: {len(changed)} change(s)")
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -115,7 +124,16 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def cmd_config_check(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    if args.config_command == "rbac":
+        from ca_daemon.rbac import manifests
+
+        namespace, _, name = args.service_account.rpartition("/")
+        if not namespace or not name:
+            print("error: --service-account must be namespace/name", file=sys.stderr)
+            return EXIT_USAGE
+        print(yaml.safe_dump_all(manifests(settings, namespace, name), sort_keys=False), end="")
+        return EXIT_OK
     print(yaml.safe_dump(effective_config(settings), sort_keys=False), end="")
     return EXIT_OK
 
@@ -134,6 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": cmd_run,
         "status": cmd_status,
         "verify": cmd_verify,
-        "config": cmd_config_check,
+        "config": cmd_config,
     }
     return handlers[args.command](args, settings)

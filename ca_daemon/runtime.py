@@ -9,8 +9,10 @@ from ca_daemon.anchor.base import Anchor
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.anchor.vault import VaultClient, VaultPkiAnchor
 from ca_daemon.config import Settings
+from ca_daemon.kube import api_client
 from ca_daemon.publish.base import Publisher
 from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.journal import FileJournal, Journal, VaultJournal
 
@@ -44,6 +46,8 @@ def build_runtime(settings: Settings) -> Runtime:
     publishers: list[Publisher] = []
     if directory_publishing(settings):
         publishers.append(DirectoryPublisher(settings.publish_directory))
+    if settings.kubernetes_enabled:
+        publishers.append(KubernetesPublisher(settings, api_client()))
     return Runtime(anchor=anchor, journal=journal, publishers=publishers)
 
 

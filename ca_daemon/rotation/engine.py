@@ -61,6 +61,7 @@ class PassResult:
     steps: list[StepResult] = field(default_factory=list)
     published: dict[str, list[str]] = field(default_factory=dict)
     reports: list[PublishReport] = field(default_factory=list)
+    anchor_up: bool = False
     errors: list[str] = field(default_factory=list)
     state: State | None = None
 
@@ -127,11 +128,10 @@ class Engine:
         state, version = loaded.state, loaded.version
         try:
             self.anchor.check()
-            anchor_ok = True
+            result.anchor_up = True
         except AnchorError as exc:
             result.errors.append(str(exc))
-            anchor_ok = False
-        if anchor_ok:
+        if result.anchor_up:
             state = self._issue(state, version, now, set(force), result)
         result.state = state
         if state.active_root is not None:

@@ -98,7 +98,7 @@ def test_second_run_is_idempotent_and_status_reads_state(published: Path) -> Non
     before = {p: (p.stat().st_ino, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
     again = ca_daemon(published, "run", "--once")
     assert again.returncode == 0
-    assert "published directory ca-daemon-data/out: 0 file(s) changed" in again.stdout
+    assert "published directory ca-daemon-data/out: 0 change(s)" in again.stdout
     assert {p: (p.stat().st_ino, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
 
     status = ca_daemon(published, "status")

@@ -1,0 +1,74 @@
+"""Talking to the Kubernetes API: one client, and errors an operator can act on."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import urllib3.exceptions
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+# Bounded so that an unreachable API server fails a pass instead of hanging it.
+REQUEST_TIMEOUT = (5, 20)
+
+
+class KubeError(Exception):
+    """A Kubernetes call failed; the message says which call, why, and never data."""
+
+
+class KubeConflict(KubeError):
+    """The object changed since it was read (409): re-read and decide again."""
+
+
+def api_client(kubeconfig: Path | None = None) -> client.ApiClient:
+    """In-cluster configuration when running in a Pod, else the kubeconfig (or KUBECONFIG)."""
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        return client.ApiClient(configuration)
+    path = str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG")
+    try:
+        api: client.ApiClient = config.new_client_from_config(config_file=path)  # type: ignore[no-untyped-call]
+        return api
+    except (config.ConfigException, OSError) as exc:
+        raise KubeError(f"cannot load kubeconfig {path or '~/.kube/config'}: {exc}") from None
+
+
+def api_message(exc: ApiException) -> str:
+    try:
+        body = json.loads(exc.body or "{}")
+    except ValueError:
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or exc.reason or exc.status)
+
+
+def describe(exc: Exception, what: str) -> KubeError:
+    """Turn a client exception into a KubeError that names the call."""
+    if isinstance(exc, ApiException):
+        if exc.status == 403:
+            return KubeError(f"{what}: forbidden by RBAC: {api_message(exc)}")
+        if exc.status == 401:
+            return KubeError(f"{what}: not authenticated (token expired or invalid)")
+        return KubeError(f"{what}: API server said {exc.status}: {api_message(exc)}")
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+        return KubeError(f"{what}: API server unreachable ({type(exc).__name__})")
+    return KubeError(f"{what}: {exc}")
+
+
+def call(what: str, fn: Any, *args: Any, missing_ok: bool = False, **kwargs: Any) -> Any:
+    """Run one API call with a timeout. With ``missing_ok`` a 404 returns None; every
+    other failure is a KubeError (KubeConflict for 409)."""
+    try:
+        return fn(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
+    except ApiException as exc:
+        if exc.status == 404 and missing_ok:
+            return None
+        if exc.status == 409:
+            raise KubeConflict(f"{what}: changed meanwhile ({api_message(exc)})") from None
+        raise describe(exc, what) from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise describe(exc, what) from None

@@ -1,0 +1,125 @@
+"""Prometheus metrics (prefix ca_daemon_), all read from a pass result and the state.
+
+A registry of its own, so tests and embedders never share global collectors.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from ca_daemon import __version__
+from ca_daemon.config import Settings
+from ca_daemon.rotation.engine import PassResult
+from ca_daemon.rotation.state import Phase, State
+from ca_daemon.status import status_view
+from ca_daemon.world import bundle_roots
+
+CERT_LABELS = ("kind", "name", "state")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.not_after = Gauge(
+            "ca_daemon_certificate_not_after_timestamp_seconds",
+            "Not-after of each certificate the daemon owns.",
+            CERT_LABELS,
+            registry=r,
+        )
+        self.not_before = Gauge(
+            "ca_daemon_certificate_not_before_timestamp_seconds",
+            "Not-before of each certificate the daemon owns.",
+            CERT_LABELS,
+            registry=r,
+        )
+        self.next_rotation = Gauge(
+            "ca_daemon_next_rotation_timestamp_seconds",
+            "When each certificate is next due for rotation.",
+            ("kind", "name"),
+            registry=r,
+        )
+        self.rotations = Counter(
+            "ca_daemon_rotations",
+            "Issuances and rotations, by trigger and result.",
+            ("kind", "trigger", "result"),
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "ca_daemon_last_rotation_success_timestamp_seconds",
+            "When each certificate was last issued successfully.",
+            ("kind", "name"),
+            registry=r,
+        )
+        self.phase = Gauge(
+            "ca_daemon_root_rotation_phase",
+            "1 for the current root rotation phase, 0 for the others.",
+            ("phase",),
+            registry=r,
+        )
+        self.bundle_roots = Gauge(
+            "ca_daemon_trust_bundle_roots", "Roots in the published trust bundle.", registry=r
+        )
+        self.anchor_up = Gauge(
+            "ca_daemon_anchor_up", "1 when the anchor backend answered the last check.", registry=r
+        )
+        self.publish_errors = Counter(
+            "ca_daemon_publish_errors",
+            "Objects that could not be published, by target object.",
+            ("target",),
+            registry=r,
+        )
+        self.drift = Gauge(
+            "ca_daemon_drift",
+            "1 when the last check found a published object changed since the daemon wrote it.",
+            ("target",),
+            registry=r,
+        )
+        self.leader = Gauge("ca_daemon_leader", "1 on the leader.", registry=r)
+        self.build_info = Gauge(
+            "ca_daemon_build_info", "Build information.", ("version",), registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
+        self.leader.set(1)  # a single instance leads; leader election overrides this
+        self._drifted: set[str] = set()
+
+    def observe(
+        self, result: PassResult, settings: Settings, now: datetime, trigger: str = "schedule"
+    ) -> None:
+        self.anchor_up.set(1 if result.anchor_up else 0)
+        for step in result.steps:
+            outcome = "success" if step.ok else "failure"
+            self.rotations.labels(step.kind.value, trigger, outcome).inc()
+            if step.ok:
+                self.last_success.labels(step.kind.value, step.name).set(now.timestamp())
+        drifted: set[str] = set()
+        for report in result.reports:
+            for target in report.errors:
+                self.publish_errors.labels(target).inc()
+            drifted |= {d.split(" ", 1)[0] for d in report.drifted}
+        for target in self._drifted - drifted:
+            self.drift.labels(target).set(0)
+        for target in drifted:
+            self.drift.labels(target).set(1)
+        self._drifted |= drifted
+        if result.state is not None:
+            self.observe_state(result.state, settings, now)
+
+    def observe_state(self, state: State, settings: Settings, now: datetime) -> None:
+        view = status_view(state, settings, now)
+        for gauge in (self.not_after, self.not_before, self.next_rotation):
+            gauge.clear()
+        for row in [*view["roots"], *view["issuers"], *view["clients"]]:
+            labels = (row["kind"], row["name"], row["state"])
+            self.not_after.labels(*labels).set(_ts(row["not_after"]))
+            self.not_before.labels(*labels).set(_ts(row["not_before"]))
+            self.next_rotation.labels(row["kind"], row["name"]).set(_ts(row["next_rotation"]))
+        for phase in Phase:
+            self.phase.labels(phase.value).set(1 if state.phase is phase else 0)
+        self.bundle_roots.set(len(bundle_roots(state)))
+
+
+def _ts(iso: str) -> float:
+    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()

@@ -1,0 +1,234 @@
+"""The Kubernetes objects a trust world becomes. Pure: names, types, keys, labels.
+
+Linkerd (scheme ``kubernetes.io/tls``) reads the issuer Secret and the trust-roots
+ConfigMap in its namespace. The Kong Ingress Controller reads a client-cert Secret
+only from the Service's own namespace and keys the Kong Certificate on the Secret's
+UID, so that Secret is always updated in place. Kong CA certificates are Secrets
+labelled ``konghq.com/ca-cert: "true"`` holding one PEM and a stable ``id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cryptography import x509
+
+from ca_daemon.config import Settings
+from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem, stable_id
+from ca_daemon.world import TrustWorld
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "ca-daemon"
+ROLE = "ca-daemon.io/role"
+FINGERPRINT = "ca-daemon.io/fingerprint-sha256"
+NOT_AFTER = "ca-daemon.io/not-after"
+# Hash of the data the daemon wrote: lets any later reader (even after a restart) see
+# that someone else changed the data since.
+CONTENT = "ca-daemon.io/content-sha256"
+
+TLS_SECRET = "kubernetes.io/tls"
+OPAQUE_SECRET = "Opaque"
+KONG_CA_LABEL = "konghq.com/ca-cert"
+KONG_CLIENT_CERT = "konghq.com/client-cert"
+KONG_PROTOCOL = "konghq.com/protocol"
+INGRESS_CLASS = "kubernetes.io/ingress.class"
+
+
+class Role:
+    LINKERD_ISSUER = "linkerd-issuer"
+    LINKERD_TRUST_ROOTS = "linkerd-trust-roots"
+    KONG_CLIENT = "kong-client"
+    KONG_CA = "kong-ca"
+    BUNDLE = "trust-bundle"
+
+
+@dataclass(frozen=True)
+class DesiredObject:
+    kind: str  # "Secret" | "ConfigMap"
+    namespace: str
+    name: str
+    role: str
+    data: Mapping[str, str]
+    type: str | None = None  # Secrets only
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind.lower()}/{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ServicePatch:
+    """Annotations a Kong client's Service must carry; other annotations are left alone."""
+
+    namespace: str
+    name: str
+    annotations: Mapping[str, str]
+
+    @property
+    def ref(self) -> str:
+        return f"service/{self.namespace}/{self.name}"
+
+
+def content_hash(data: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(data), sort_keys=True).encode()).hexdigest()
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _object(
+    kind: str,
+    namespace: str,
+    name: str,
+    role: str,
+    data: Mapping[str, str],
+    identity: tuple[str, datetime],
+    type_: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> DesiredObject:
+    sha, not_after = identity
+    return DesiredObject(
+        kind=kind,
+        namespace=namespace,
+        name=name,
+        role=role,
+        data=data,
+        type=type_,
+        labels={MANAGED_BY: MANAGER, ROLE: role, **(labels or {})},
+        annotations={
+            FINGERPRINT: sha,
+            NOT_AFTER: _iso(not_after),
+            CONTENT: content_hash(data),
+            **(annotations or {}),
+        },
+    )
+
+
+def _cert_identity(cert: x509.Certificate) -> tuple[str, datetime]:
+    return fingerprint(cert), cert.not_valid_after_utc
+
+
+def kong_ca_secret_name(root: x509.Certificate) -> str:
+    return f"kong-upstream-ca-{fingerprint(root)[:8]}"
+
+
+def split_service(service: str, default_namespace: str) -> tuple[str, str]:
+    namespace, _, name = service.rpartition("/")
+    return namespace or default_namespace, name
+
+
+def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject]:
+    bundle = world.bundle_pem
+    # A bundle's identity is its hash (as Linkerd's linkerd.io/trust-root-sha256) and
+    # the earliest end among its roots.
+    bundle_identity = (
+        bundle_hash(bundle),
+        min(r.not_valid_after_utc for r in world.roots),
+    )
+    objects: list[DesiredObject] = []
+    linkerd = settings.linkerd
+    if world.linkerd_issuer is not None:
+        issuer = world.linkerd_issuer
+        objects.append(
+            _object(
+                "Secret",
+                linkerd.namespace,
+                linkerd.issuer_secret,
+                Role.LINKERD_ISSUER,
+                {
+                    "tls.crt": render_pem([issuer.cert]),
+                    "tls.key": issuer.key_pem.decode(),
+                    "ca.crt": bundle,
+                },
+                _cert_identity(issuer.cert),
+                type_=TLS_SECRET,
+            )
+        )
+    if settings.linkerd.enabled:
+        objects.append(
+            _object(
+                "ConfigMap",
+                linkerd.namespace,
+                linkerd.trust_roots_configmap,
+                Role.LINKERD_TRUST_ROOTS,
+                {"ca-bundle.crt": bundle},
+                bundle_identity,
+            )
+        )
+    kong = settings.kong
+    if kong.enabled and kong.delivery == "kubernetes":
+        for client in kong.clients:
+            entry = world.kong_clients.get(client.name)
+            if entry is None:
+                continue
+            namespace = (
+                split_service(client.service, kong.namespace)[0]
+                if client.service
+                else kong.namespace
+            )
+            objects.append(
+                _object(
+                    "Secret",
+                    namespace,
+                    client.secret_name,
+                    Role.KONG_CLIENT,
+                    {
+                        "tls.crt": render_pem([entry.cert, *entry.chain]),
+                        "tls.key": entry.key_pem.decode(),
+                    },
+                    _cert_identity(entry.cert),
+                    type_=TLS_SECRET,
+                )
+            )
+        for root in world.roots:
+            objects.append(
+                _object(
+                    "Secret",
+                    kong.namespace,
+                    kong_ca_secret_name(root),
+                    Role.KONG_CA,
+                    {"cert": render_pem([root]), "id": stable_id(root)},
+                    _cert_identity(root),
+                    type_=OPAQUE_SECRET,
+                    labels={KONG_CA_LABEL: "true"},
+                    annotations={INGRESS_CLASS: "kong"},
+                )
+            )
+    for target in settings.bundles:
+        objects.append(
+            _object(
+                "ConfigMap",
+                target.namespace,
+                target.configmap,
+                Role.BUNDLE,
+                {target.key: bundle},
+                bundle_identity,
+            )
+        )
+    return objects
+
+
+def desired_service_patches(world: TrustWorld, settings: Settings) -> list[ServicePatch]:
+    kong = settings.kong
+    if not (kong.enabled and kong.delivery == "kubernetes"):
+        return []
+    patches = []
+    for client in kong.clients:
+        if client.service and client.name in world.kong_clients:
+            namespace, name = split_service(client.service, kong.namespace)
+            patches.append(
+                ServicePatch(
+                    namespace,
+                    name,
+                    {KONG_CLIENT_CERT: client.secret_name, KONG_PROTOCOL: "https"},
+                )
+            )
+    return patches

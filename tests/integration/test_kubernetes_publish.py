@@ -1,0 +1,473 @@
+"""Publishing into a real kube-apiserver, as the least-privilege ServiceAccount the
+`ca-daemon config rbac` Roles allow, and checking the result as Linkerd, KIC and an
+mTLS upstream (nginx) see it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from cryptography import x509
+
+from ca_daemon.config import Settings, load_settings
+from ca_daemon.kube import api_client
+from ca_daemon.metrics import Metrics
+from ca_daemon.pki.bundle import fingerprint, stable_id
+from ca_daemon.publish.k8s_objects import kong_ca_secret_name
+from ca_daemon.publish.kubernetes import KubernetesPublisher
+from ca_daemon.rbac import manifests
+from ca_daemon.rotation.engine import Engine
+from ca_daemon.runtime import build_anchor_and_journal
+from tests.fixtures.kube import Kube
+from tests.fixtures.linkerd import LinkerdCheck
+from tests.fixtures.nginx import NginxFactory
+from tests.fixtures.pki import issue, make_ca
+from tests.fixtures.tools import free_port, unique
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Cluster:
+    kube: Kube
+    workdir: Path
+    config: Path
+    kubeconfig: Path  # the daemon's ServiceAccount
+    sa_token: str
+    linkerd_ns: str
+    kong_ns: str
+    app_ns: str
+    bundle_ns: str
+
+    @property
+    def settings(self) -> Settings:
+        return load_settings(self.config)
+
+    def run(self, *args: str, kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CA_DAEMON_")}
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        env["KUBECONFIG"] = str(kubeconfig or self.kubeconfig)
+        return subprocess.run(
+            [sys.executable, "-m", "ca_daemon", *args, "--config", str(self.config)],
+            cwd=self.workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def get(self, path: str) -> Any:
+        with self.kube.http() as http:
+            response = http.get(path)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def secret(self, ns: str, name: str) -> Any:
+        return self.get(f"/api/v1/namespaces/{ns}/secrets/{name}")
+
+    def configmap(self, ns: str, name: str) -> Any:
+        return self.get(f"/api/v1/namespaces/{ns}/configmaps/{name}")
+
+    def engine(self, settings: Settings | None = None, token: str | None = None) -> Engine:
+        """The daemon in-process, publishing as its ServiceAccount (for multi-pass tests)."""
+        settings = settings or self.settings
+        anchor, journal = build_anchor_and_journal(settings)
+        kubeconfig = self.kube.write_kubeconfig(token or self.sa_token)
+        publisher = KubernetesPublisher(settings, api_client(kubeconfig))
+        return Engine(settings, anchor, journal, [publisher])
+
+
+def _b64(secret: Any, key: str) -> str:
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def _certs(pem: str) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(pem.encode())
+
+
+def make_cluster(kube: Kube, workdir: Path, prefix: str) -> Cluster:
+    linkerd_ns, kong_ns, app_ns, bundle_ns, sa_ns = (
+        unique(f"{prefix}-{n}") for n in ("linkerd", "kong", "pay", "bundles", "cad")
+    )
+    for ns in (linkerd_ns, kong_ns, app_ns, bundle_ns, sa_ns):
+        kube.create_namespace(ns)
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "payments-api",
+                "namespace": app_ns,
+                "annotations": {"team": "payments"},
+            },
+            "spec": {"ports": [{"port": 443}], "selector": {"app": "payments"}},
+        }
+    )
+    config = workdir / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "anchor": {"local": {"dir": str(workdir / "data")}},
+                "publish": {"kubernetes": {"enabled": True}},
+                "linkerd": {"namespace": linkerd_ns},
+                "kong": {
+                    "namespace": kong_ns,
+                    "clients": [
+                        {
+                            "name": "payments",
+                            "common_name": "kong.payments.upstream",
+                            "dns_names": ["kong.kong.svc.cluster.local"],
+                            "secret": "kong-upstream-payments",
+                            "service": f"{app_ns}/payments-api",
+                        },
+                        {"name": "orders", "common_name": "kong.orders.upstream"},
+                    ],
+                },
+                "bundles": [{"namespace": bundle_ns, "configmap": "upstream-trust"}],
+            }
+        )
+    )
+    kube.create_service_account(sa_ns, "ca-daemon")
+    for doc in manifests(load_settings(config), sa_ns, "ca-daemon"):
+        kube.apply(doc)
+    token = kube.service_account_token(sa_ns, "ca-daemon")
+    kubeconfig = kube.write_kubeconfig(token, workdir / "sa.kubeconfig")
+    return Cluster(kube, workdir, config, kubeconfig, token, linkerd_ns, kong_ns, app_ns, bundle_ns)
+
+
+@pytest.fixture(scope="module")
+def cluster(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    c = make_cluster(kube, tmp_path_factory.mktemp("k8s"), "pub")
+    first = c.run("run", "--once")
+    assert first.returncode == 0, first.stdout + first.stderr
+    return c
+
+
+def _managed(obj: Any) -> None:
+    assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "ca-daemon"
+
+
+def _identity(obj: Any, cert: x509.Certificate) -> None:
+    annotations = obj["metadata"]["annotations"]
+    assert annotations["ca-daemon.io/fingerprint-sha256"] == fingerprint(cert)
+    expected = cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert annotations["ca-daemon.io/not-after"] == expected
+
+
+def test_every_object_has_the_exact_shape(cluster: Cluster) -> None:
+    c = cluster
+    issuer = c.secret(c.linkerd_ns, "linkerd-identity-issuer")
+    assert issuer["type"] == "kubernetes.io/tls"
+    assert set(issuer["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    _managed(issuer)
+    issuer_certs = _certs(_b64(issuer, "tls.crt"))
+    assert len(issuer_certs) == 1
+    _identity(issuer, issuer_certs[0])
+
+    roots = c.configmap(c.linkerd_ns, "linkerd-identity-trust-roots")
+    _managed(roots)
+    bundle = roots["data"]["ca-bundle.crt"]
+    assert set(roots["data"]) == {"ca-bundle.crt"}
+    assert _b64(issuer, "ca.crt") == bundle
+    bundle_annotation = roots["metadata"]["annotations"]["ca-daemon.io/fingerprint-sha256"]
+    assert bundle_annotation == hashlib.sha256(bundle.encode()).hexdigest()
+
+    # KIC reads a client-cert Secret only from the Service's namespace.
+    client = c.secret(c.app_ns, "kong-upstream-payments")
+    assert client["type"] == "kubernetes.io/tls"
+    assert set(client["data"]) == {"tls.crt", "tls.key"}
+    _managed(client)
+    chain = _certs(_b64(client, "tls.crt"))
+    assert len(chain) == 2
+    _identity(client, chain[0])
+    assert c.secret(c.kong_ns, "kong-upstream-payments") is None
+    orders = c.secret(c.kong_ns, "kong-upstream-orders")  # no service: kong.namespace
+    assert orders["type"] == "kubernetes.io/tls"
+
+    service = c.get(f"/api/v1/namespaces/{c.app_ns}/services/payments-api")
+    annotations = service["metadata"]["annotations"]
+    assert annotations["konghq.com/client-cert"] == "kong-upstream-payments"
+    assert annotations["konghq.com/protocol"] == "https"
+    assert annotations["team"] == "payments"  # never clobbered
+
+    (root,) = _certs(bundle)
+    ca = c.secret(c.kong_ns, f"kong-upstream-ca-{fingerprint(root)[:8]}")
+    assert ca is not None
+    _managed(ca)
+    assert ca["metadata"]["labels"]["konghq.com/ca-cert"] == "true"
+    assert ca["metadata"]["annotations"]["kubernetes.io/ingress.class"] == "kong"
+    assert set(ca["data"]) == {"cert", "id"}
+    assert _certs(_b64(ca, "cert")) == [root]
+    assert _b64(ca, "id") == stable_id(root)
+    _identity(ca, root)
+
+    extra = c.configmap(c.bundle_ns, "upstream-trust")
+    _managed(extra)
+    assert extra["data"] == {"ca-bundle.crt": bundle}
+
+
+def _versions(c: Cluster) -> dict[str, str]:
+    paths = [
+        f"/api/v1/namespaces/{c.linkerd_ns}/secrets/linkerd-identity-issuer",
+        f"/api/v1/namespaces/{c.linkerd_ns}/configmaps/linkerd-identity-trust-roots",
+        f"/api/v1/namespaces/{c.app_ns}/secrets/kong-upstream-payments",
+        f"/api/v1/namespaces/{c.kong_ns}/secrets/kong-upstream-orders",
+        f"/api/v1/namespaces/{c.app_ns}/services/payments-api",
+        f"/api/v1/namespaces/{c.bundle_ns}/configmaps/upstream-trust",
+    ]
+    with c.kube.http() as http:
+        listed = http.get(f"/api/v1/namespaces/{c.kong_ns}/secrets").json()["items"]
+    versions = {p: c.get(p)["metadata"]["resourceVersion"] for p in paths}
+    versions |= {s["metadata"]["name"]: s["metadata"]["resourceVersion"] for s in listed}
+    return versions
+
+
+def test_second_run_writes_nothing(cluster: Cluster) -> None:
+    before = _versions(cluster)
+    again = cluster.run("run", "--once")
+    assert again.returncode == 0, again.stderr
+    assert "published kubernetes: 0 change(s)" in again.stdout
+    assert _versions(cluster) == before
+
+
+def test_published_issuer_passes_linkerds_own_checks(
+    cluster: Cluster, linkerd_check: LinkerdCheck, tmp_path: Path
+) -> None:
+    c = cluster
+    issuer = c.secret(c.linkerd_ns, "linkerd-identity-issuer")
+    roots = c.configmap(c.linkerd_ns, "linkerd-identity-trust-roots")
+    bundle, crt, key = tmp_path / "bundle.pem", tmp_path / "tls.crt", tmp_path / "tls.key"
+    bundle.write_text(roots["data"]["ca-bundle.crt"])
+    crt.write_text(_b64(issuer, "tls.crt"))
+    key.write_text(_b64(issuer, "tls.key"))
+    code, output = linkerd_check(bundle, crt, key)
+    assert code == 0, output
+    # And Linkerd rejects a foreign bundle: the check has teeth.
+    foreign = make_ca("foreign")
+    bundle.write_bytes(foreign.cert_pem)
+    code, output = linkerd_check(bundle, crt, key)
+    assert code == 1
+    assert "unknown authority" in output
+
+
+def test_kong_client_rotation_updates_the_secret_in_place(cluster: Cluster) -> None:
+    c = cluster
+    before = c.secret(c.app_ns, "kong-upstream-payments")
+    result = c.engine().reconcile(force={"kong/payments"})
+    assert result.ok, result.errors
+    after = c.secret(c.app_ns, "kong-upstream-payments")
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert _b64(after, "tls.crt") != _b64(before, "tls.crt")
+    assert _b64(after, "tls.key") != _b64(before, "tls.key")
+    assert f"secret/{c.app_ns}/kong-upstream-payments" in result.published["kubernetes"]
+
+
+def test_nginx_upstream_accepts_the_published_client_cert_only(
+    cluster: Cluster, nginx_factory: NginxFactory, tmp_path: Path
+) -> None:
+    """nginx as the upstream (ssl_verify_client on, the published bundle) and as the
+    proxy presenting the client certificate with proxy_ssl_certificate, as Kong does."""
+    c = cluster
+    client = c.secret(c.app_ns, "kong-upstream-payments")
+    bundle = c.configmap(c.bundle_ns, "upstream-trust")["data"]["ca-bundle.crt"]
+    files = {
+        "bundle.pem": bundle,
+        "client.crt": _b64(client, "tls.crt"),
+        "client.key": _b64(client, "tls.key"),
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "client.key").chmod(0o600)
+    server_ca = make_ca("upstream-server-ca")
+    server = issue(server_ca, "upstream.local", server=True, dns_names=("upstream.local",))
+    server_crt, server_key = server.write(tmp_path, "server")
+    foreign_ca = make_ca("foreign")
+    foreign = issue(foreign_ca, "intruder", client=True, dns_names=("intruder.local",))
+    foreign_crt, foreign_key = foreign.write(tmp_path, "foreign")
+
+    upstream_port, proxy_port = free_port(), free_port()
+    servers = f"""
+    server {{
+        listen 127.0.0.1:{upstream_port} ssl;
+        ssl_certificate {server_crt};
+        ssl_certificate_key {server_key};
+        ssl_client_certificate {tmp_path / "bundle.pem"};
+        ssl_verify_client on;
+        ssl_verify_depth 2;
+        location / {{ return 200 "hello $ssl_client_s_dn\\n"; }}
+    }}
+    server {{
+        listen 127.0.0.1:{proxy_port};
+        # Both locations share one implicit upstream: a resumed session would skip the
+        # client-certificate check, so each request makes a full handshake.
+        proxy_ssl_session_reuse off;
+        location /kong/ {{
+            proxy_pass https://127.0.0.1:{upstream_port}/;
+            proxy_ssl_certificate {tmp_path / "client.crt"};
+            proxy_ssl_certificate_key {tmp_path / "client.key"};
+        }}
+        location /foreign/ {{
+            proxy_pass https://127.0.0.1:{upstream_port}/;
+            proxy_ssl_certificate {foreign_crt};
+            proxy_ssl_certificate_key {foreign_key};
+        }}
+    }}
+    """
+    nginx_factory(servers)
+    accepted = httpx.get(f"http://127.0.0.1:{proxy_port}/kong/", timeout=10)
+    assert accepted.status_code == 200
+    assert "CN=kong.payments.upstream" in accepted.text
+    refused = httpx.get(f"http://127.0.0.1:{proxy_port}/foreign/", timeout=10)
+    assert refused.status_code == 400
+    assert "SSL certificate error" in refused.text
+
+
+def test_drift_is_reported_and_repaired(cluster: Cluster) -> None:
+    c = cluster
+    engine = c.engine()
+    assert engine.reconcile().ok  # this process now knows what it wrote
+    roots = c.configmap(c.linkerd_ns, "linkerd-identity-trust-roots")
+    bundle = roots["data"]["ca-bundle.crt"]
+    (root,) = _certs(bundle)
+    ca_name = kong_ca_secret_name(root)
+    with c.kube.http() as http:
+        edited = http.patch(
+            f"/api/v1/namespaces/{c.linkerd_ns}/configmaps/linkerd-identity-trust-roots",
+            json={"data": {"ca-bundle.crt": make_ca("evil").cert_pem.decode()}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        edited.raise_for_status()
+        http.delete(f"/api/v1/namespaces/{c.kong_ns}/secrets/{ca_name}").raise_for_status()
+
+    metrics = Metrics()
+    result = engine.reconcile()
+    metrics.observe(result, c.settings, result_time())
+    assert result.ok, result.errors
+    (report,) = result.reports
+    assert (
+        f"configmap/{c.linkerd_ns}/linkerd-identity-trust-roots (keys changed: ca-bundle.crt)"
+        in report.drifted
+    )
+    assert f"secret/{c.kong_ns}/{ca_name} (deleted)" in report.drifted
+    assert (
+        c.configmap(c.linkerd_ns, "linkerd-identity-trust-roots")["data"]["ca-bundle.crt"] == bundle
+    )
+    assert c.secret(c.kong_ns, ca_name) is not None
+    for target in (
+        f"configmap/{c.linkerd_ns}/linkerd-identity-trust-roots",
+        f"secret/{c.kong_ns}/{ca_name}",
+    ):
+        assert metrics.registry.get_sample_value("ca_daemon_drift", {"target": target}) == 1
+    events = c.get(f"/api/v1/namespaces/{c.linkerd_ns}/events")["items"]
+    assert any(e["reason"] == "DriftRepaired" for e in events)
+
+    quiet = engine.reconcile()
+    metrics.observe(quiet, c.settings, result_time())
+    assert quiet.reports[0].drifted == []
+    target = f"configmap/{c.linkerd_ns}/linkerd-identity-trust-roots"
+    assert metrics.registry.get_sample_value("ca_daemon_drift", {"target": target}) == 0
+
+
+def result_time() -> datetime:
+    return datetime.now(UTC)
+
+
+def test_service_account_is_refused_everything_else(cluster: Cluster) -> None:
+    c = cluster
+    with c.kube.http(token=c.sa_token) as http:
+        own = http.get(f"/api/v1/namespaces/{c.linkerd_ns}/secrets/linkerd-identity-issuer")
+        assert own.status_code == 200
+        for path in (
+            f"/api/v1/namespaces/{c.linkerd_ns}/secrets",  # list
+            f"/api/v1/namespaces/{c.linkerd_ns}/secrets/some-other-secret",
+            f"/api/v1/namespaces/{c.app_ns}/secrets/some-other-secret",
+            "/api/v1/namespaces/kube-system/secrets",
+            "/api/v1/secrets",
+            f"/api/v1/namespaces/{c.app_ns}/pods",
+        ):
+            assert http.get(path).status_code == 403, path
+        deleted = http.delete(
+            f"/api/v1/namespaces/{c.linkerd_ns}/configmaps/linkerd-identity-trust-roots"
+        )
+        assert deleted.status_code == 403
+
+
+def test_wrong_type_issuer_secret_is_reported_not_replaced(kube: Kube, tmp_path: Path) -> None:
+    c = make_cluster(kube, tmp_path, "wrongtype")
+    opaque = kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": "linkerd-identity-issuer", "namespace": c.linkerd_ns},
+            "stringData": {"crt.pem": "left by linkerd.io/tls", "key.pem": "x"},
+        }
+    )
+    result = c.run("run", "--once")
+    assert result.returncode == 1
+    assert f"Secret {c.linkerd_ns}/linkerd-identity-issuer has type Opaque" in result.stderr
+    assert "identity.issuer.scheme=kubernetes.io/tls" in result.stderr
+    live = c.secret(c.linkerd_ns, "linkerd-identity-issuer")
+    assert live["metadata"]["resourceVersion"] == opaque["metadata"]["resourceVersion"]
+    assert live["type"] == "Opaque"
+    # Everything else was still published.
+    assert c.configmap(c.linkerd_ns, "linkerd-identity-trust-roots") is not None
+    assert c.secret(c.app_ns, "kong-upstream-payments") is not None
+    events = c.get(f"/api/v1/namespaces/{c.linkerd_ns}/events")["items"]
+    assert any(
+        e["reason"] == "WrongSecretType"
+        and e["involvedObject"]["name"] == "linkerd-identity-issuer"
+        for e in events
+    )
+    metrics = Metrics()
+    again = c.engine().reconcile()
+    metrics.observe(again, c.settings, result_time())
+    target = f"secret/{c.linkerd_ns}/linkerd-identity-issuer"
+    assert (
+        metrics.registry.get_sample_value("ca_daemon_publish_errors_total", {"target": target}) == 1
+    )
+
+
+def test_unreachable_apiserver_is_a_clear_error(cluster: Cluster, tmp_path: Path) -> None:
+    before = _versions(cluster)
+    dead = cluster.kube.write_kubeconfig(cluster.sa_token, tmp_path / "dead.kubeconfig")
+    text = dead.read_text().replace(cluster.kube.server, f"https://127.0.0.1:{free_port()}")
+    dead.write_text(text)
+    result = cluster.run("run", "--once", kubeconfig=dead)
+    assert result.returncode == 1
+    assert "API server unreachable" in result.stderr
+    assert "PRIVATE KEY" not in result.stderr + result.stdout
+    assert _versions(cluster) == before
+
+
+def test_rbac_denial_keeps_the_previous_credentials(kube: Kube, tmp_path: Path) -> None:
+    c = make_cluster(kube, tmp_path, "rbacdeny")
+    assert c.run("run", "--once").returncode == 0
+    before = c.secret(c.app_ns, "kong-upstream-payments")
+    with kube.http() as http:
+        http.delete(
+            f"/apis/rbac.authorization.k8s.io/v1/namespaces/{c.app_ns}/rolebindings/ca-daemon"
+        ).raise_for_status()
+    result = c.engine().reconcile(force={"kong/payments", "linkerd-issuer"})
+    assert not result.ok
+    (error,) = [e for e in result.errors if "kong-upstream-payments" in e]
+    assert "forbidden by RBAC" in error
+    assert "PRIVATE KEY" not in error
+    after = c.secret(c.app_ns, "kong-upstream-payments")
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    # The issuer, which RBAC still allows, was rotated and published.
+    issuer = c.secret(c.linkerd_ns, "linkerd-identity-issuer")
+    assert f"secret/{c.linkerd_ns}/linkerd-identity-issuer" in result.published["kubernetes"]
+    assert issuer is not None
