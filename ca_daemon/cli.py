@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         "verify", parents=[common], help="check what is published as Linkerd and Kong would"
     )
     verify.add_argument("--dir", type=Path, help="published directory (default: publish.directory)")
+    verify.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="check the live cluster instead (default when Kubernetes publishing is on)",
+    )
 
     config = commands.add_parser("config", parents=[common], help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -112,15 +117,28 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from ca_daemon.verify import verify_directory
+    from ca_daemon.verify import Thresholds, verify_directory
 
-    directory = args.dir or settings.publish_directory
-    report = verify_directory(directory, datetime.now(UTC))
+    thresholds = Thresholds.from_settings(settings)
+    now = datetime.now(UTC)
+    if args.kubeconfig is not None or (args.dir is None and settings.kubernetes_enabled):
+        from ca_daemon.kube import KubeError, api_client
+        from ca_daemon.verify_cluster import verify_cluster
+
+        where = "cluster"
+        try:
+            report = verify_cluster(api_client(args.kubeconfig), settings, now, thresholds)
+        except KubeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    else:
+        where = str(args.dir or settings.publish_directory)
+        report = verify_directory(Path(where), now, thresholds)
     for line in report.checked:
         print(f"checked {line}")
     for problem in report.problems:
         print(f"PROBLEM {problem}")
-    print(f"{directory}: {'OK' if report.ok else f'{len(report.problems)} problem(s)'}")
+    print(f"{where}: {'OK' if report.ok else f'{len(report.problems)} problem(s)'}")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 

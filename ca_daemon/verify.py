@@ -9,15 +9,31 @@ from __future__ import annotations
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
 
+from ca_daemon.config import Settings
 from ca_daemon.pki.bundle import BundleError, fingerprint, parse_pem_certificates, stable_id
 from ca_daemon.pki.chain import verify_ca_under_roots, verify_client_chain
 from ca_daemon.pki.keys import KeyMaterialError, key_matches_certificate, load_private_key
 from ca_daemon.pki.profiles import Kind, check_profile
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """rotate_before per certificate, to tell a renewal that is failing."""
+
+    issuer: timedelta | None = None
+    clients: Mapping[str, timedelta] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Thresholds:
+        return cls(
+            issuer=settings.linkerd.issuer.rotate_before,
+            clients={c.name: c.rotate_before for c in settings.kong.clients},
+        )
 
 
 @dataclass
@@ -55,6 +71,24 @@ def _key_matches(what: str, cert: x509.Certificate, key_pem: bytes, report: Repo
         report.problems.append(f"{what}: private key does not match the certificate")
 
 
+def check_time_left(
+    where: str,
+    cert: x509.Certificate,
+    rotate_before: timedelta | None,
+    now: datetime,
+    report: Report,
+) -> None:
+    """Renewal is failing when less than half of ``rotate_before`` is left."""
+    if rotate_before is None or cert.not_valid_after_utc < now:
+        return  # expiry itself is reported by the chain checks
+    left = cert.not_valid_after_utc - now
+    if left < rotate_before / 2:
+        report.problems.append(
+            f"{where}: only {int(left.total_seconds() // 3600)}h left, renewal is due at "
+            f"{int(rotate_before.total_seconds() // 3600)}h: renewal is failing"
+        )
+
+
 def check_linkerd_issuer(
     crt_pem: bytes,
     key_pem: bytes,
@@ -62,20 +96,25 @@ def check_linkerd_issuer(
     now: datetime,
     report: Report,
     where: str = "linkerd issuer",
-) -> None:
+    rotate_before: timedelta | None = None,
+) -> x509.Certificate | None:
     """Linkerd's rules: one ECDSA P-256 CA certificate, key matching, chaining to the anchors."""
     try:
         certs = parse_pem_certificates(crt_pem, what=f"{where} certificate")
     except BundleError as exc:
         report.problems.append(str(exc))
-        return
+        return None
     issuer = certs[0]
+    if len(certs) > 1:
+        report.problems.append(f"{where}: tls.crt must hold the issuer certificate only")
     report.problems += [
         f"{where}: {p}" for p in check_profile(Kind.LINKERD_ISSUER, issuer).problems
     ]
     report.problems += [f"{where}: {p}" for p in verify_ca_under_roots(issuer, roots, now)]
     _key_matches(where, issuer, key_pem, report)
+    check_time_left(where, issuer, rotate_before, now, report)
     report.checked.append(f"{where}: {fingerprint(issuer)[:16]} until {issuer.not_valid_after_utc}")
+    return issuer
 
 
 def check_kong_client(
@@ -85,6 +124,7 @@ def check_kong_client(
     roots: list[x509.Certificate],
     now: datetime,
     report: Report,
+    rotate_before: timedelta | None = None,
 ) -> None:
     where = f"kong client {name}"
     try:
@@ -105,6 +145,7 @@ def check_kong_client(
         f"{where}: {p}" for p in verify_client_chain(leaf, intermediates, roots, now)
     ]
     _key_matches(where, leaf, key_pem, report)
+    check_time_left(where, leaf, rotate_before, now, report)
     report.checked.append(f"{where}: {fingerprint(leaf)[:16]} until {leaf.not_valid_after_utc}")
 
 
@@ -148,7 +189,7 @@ def _private(path: Path, report: Report) -> None:
         report.problems.append(f"{path}: key file is readable by others (mode must be 0600)")
 
 
-def verify_directory(root: Path, now: datetime) -> Report:
+def verify_directory(root: Path, now: datetime, thresholds: Thresholds = Thresholds()) -> Report:
     """Check a published directory (the SPEC layout) as Linkerd and Kong would read it."""
     report = Report()
     bundle = _read(root / "trust-bundle.pem", report)
@@ -164,7 +205,7 @@ def verify_directory(root: Path, now: datetime) -> Report:
         crt, key = _read(linkerd / "tls.crt", report), _read(linkerd / "tls.key", report)
         _private(linkerd / "tls.key", report)
         if crt is not None and key is not None:
-            check_linkerd_issuer(crt, key, roots, now, report)
+            check_linkerd_issuer(crt, key, roots, now, report, rotate_before=thresholds.issuer)
 
     kong = root / "kong"
     if kong.is_dir():
@@ -179,5 +220,5 @@ def verify_directory(root: Path, now: datetime) -> Report:
             crt, key = _read(client_dir / "tls.crt", report), _read(client_dir / "tls.key", report)
             _private(client_dir / "tls.key", report)
             if crt is not None and key is not None:
-                check_kong_client(name, crt, key, roots, now, report)
+                check_kong_client(name, crt, key, roots, now, report, thresholds.clients.get(name))
     return report

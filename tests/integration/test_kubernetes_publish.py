@@ -471,3 +471,45 @@ def test_rbac_denial_keeps_the_previous_credentials(kube: Kube, tmp_path: Path) 
     issuer = c.secret(c.linkerd_ns, "linkerd-identity-issuer")
     assert f"secret/{c.linkerd_ns}/linkerd-identity-issuer" in result.published["kubernetes"]
     assert issuer is not None
+
+
+def test_verify_reads_the_live_cluster_and_names_each_problem(kube: Kube, tmp_path: Path) -> None:
+    c = make_cluster(kube, tmp_path, "verify")
+    assert c.run("run", "--once").returncode == 0
+    ok = c.run("verify", "--kubeconfig", str(kube.admin_kubeconfig))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "cluster: OK" in ok.stdout
+    assert "checked kong client payments" in ok.stdout
+
+    foreign = make_ca("foreign-root")
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": "someone-elses-ca",
+                "namespace": c.kong_ns,
+                "labels": {"konghq.com/ca-cert": "true"},
+            },
+            "stringData": {"cert": foreign.cert_pem.decode(), "id": "0000-foreign"},
+        }
+    )
+    with kube.http() as http:
+        http.patch(
+            f"/api/v1/namespaces/{c.linkerd_ns}/secrets/linkerd-identity-issuer",
+            json={"data": {"ca.crt": base64.b64encode(foreign.cert_pem).decode()}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        ).raise_for_status()
+        http.delete(
+            f"/api/v1/namespaces/{c.kong_ns}/secrets/kong-upstream-orders"
+        ).raise_for_status()
+    bad = c.run("verify", "--kubeconfig", str(kube.admin_kubeconfig))
+    assert bad.returncode == 1
+    name = f"Secret {c.linkerd_ns}/linkerd-identity-issuer"
+    for problem in (
+        "is not a root of the trust bundle",  # Kong trusts a root Linkerd does not
+        f"{name} ca.crt and the trust-roots ConfigMap hold different roots",
+        f"linkerd issuer vs {name} ca.crt: is not signed by any root",
+        f"kong client orders: Secret {c.kong_ns}/kong-upstream-orders is missing",
+    ):
+        assert problem in bad.stdout, bad.stdout
