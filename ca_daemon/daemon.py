@@ -10,21 +10,25 @@ from types import FrameType
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from ca_daemon.config import Settings
-from ca_daemon.rotation.engine import Engine, PassResult
+from ca_daemon.metrics import Metrics
+from ca_daemon.rotation.engine import Engine
 
 log = logging.getLogger(__name__)
 
 
-def log_pass(result: PassResult) -> None:
-    for error in result.errors:
-        log.error("%s", error)
-
-
-def run_forever(settings: Settings, engine: Engine) -> None:
+def run_forever(settings: Settings, engine: Engine, metrics: Metrics | None = None) -> None:
     """Reconcile now and then every ``rotation.check_interval`` until SIGTERM/SIGINT."""
+    metrics = metrics or Metrics()
+
+    def tick() -> None:
+        result = engine.reconcile()
+        for error in result.errors:
+            log.error("%s", error)
+        metrics.observe(result, settings, datetime.now(UTC))
+
     scheduler = BlockingScheduler(timezone=UTC)
     scheduler.add_job(
-        lambda: log_pass(engine.reconcile()),
+        tick,
         "interval",
         seconds=settings.rotation.check_interval.total_seconds(),
         next_run_time=datetime.now(UTC),
