@@ -188,3 +188,33 @@ def test_removed_client_is_unpublished(settings: Settings, tmp_path: Path) -> No
     assert result.ok
     assert not (settings.publish_directory / "kong" / "clients" / "orders").exists()
     assert (settings.publish_directory / "kong" / "clients" / "payments" / "tls.crt").exists()
+
+
+def test_metrics_follow_the_pass(settings: Settings) -> None:
+    from ca_daemon.metrics import Metrics
+
+    metrics = Metrics()
+    result = _engine(settings).reconcile(now=NOW)
+    metrics.observe(result, settings, NOW)
+    value = metrics.registry.get_sample_value
+    assert value("ca_daemon_anchor_up") == 1
+    assert value("ca_daemon_trust_bundle_roots") == 1
+    assert value("ca_daemon_root_rotation_phase", {"phase": "steady"}) == 1
+    assert value("ca_daemon_root_rotation_phase", {"phase": "propagating"}) == 0
+    labels = {"kind": "kong-client", "trigger": "schedule", "result": "success"}
+    assert value("ca_daemon_rotations_total", labels) == 2
+    issuer = {"kind": "linkerd-issuer", "name": "linkerd-identity-issuer", "state": "active"}
+    issuer_cert = result.state.linkerd_issuer.cert  # type: ignore[union-attr]
+    assert value("ca_daemon_certificate_not_after_timestamp_seconds", issuer) == (
+        issuer_cert.not_valid_after_utc.timestamp()
+    )
+    when = {"kind": "kong-client", "name": "payments"}
+    assert value("ca_daemon_last_rotation_success_timestamp_seconds", when) == NOW.timestamp()
+    assert value("ca_daemon_next_rotation_timestamp_seconds", when) is not None
+    assert value("ca_daemon_build_info", {"version": "0.1.0"}) == 1
+
+    failing = _engine(settings, _FailingClients).reconcile(now=NOW + timedelta(days=21))
+    metrics.observe(failing, settings, NOW + timedelta(days=21))
+    labels["result"] = "failure"
+    assert value("ca_daemon_rotations_total", labels) == 2
+    assert value("ca_daemon_last_rotation_success_timestamp_seconds", when) == NOW.timestamp()
