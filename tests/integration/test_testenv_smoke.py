@@ -194,9 +194,18 @@ def _openssl(*args: str, cwd: Path) -> None:
     )
 
 
-def _openssl_ca(cwd: Path, name: str) -> None:
-    """Self-signed ECDSA P-256 root `name.crt`/`name.key`, as Linkerd's docs make one."""
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=cwd)
+def _openssl_key(cwd: Path, name: str, key: str) -> None:
+    if key == "rsa":
+        _openssl("genrsa", "-out", f"{name}.key", "2048", cwd=cwd)
+    else:
+        _openssl(
+            "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=cwd
+        )
+
+
+def _openssl_ca(cwd: Path, name: str, key: str = "ec") -> None:
+    """Self-signed root `name.crt`/`name.key` (ECDSA P-256 unless key="rsa")."""
+    _openssl_key(cwd, name, key)
     _openssl(
         "req", "-x509", "-new", "-key", f"{name}.key", "-subj", f"/CN={name}", "-days", "30",
         "-addext", "basicConstraints=critical,CA:TRUE",
@@ -206,9 +215,9 @@ def _openssl_ca(cwd: Path, name: str) -> None:
     )  # fmt: skip
 
 
-def _openssl_issuer(cwd: Path, name: str, root: str, *, is_ca: bool) -> None:
-    """Issuer `name.crt`/`name.key` (ECDSA P-256) signed by `root`."""
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=cwd)
+def _openssl_issuer(cwd: Path, name: str, root: str, *, is_ca: bool, key: str = "ec") -> None:
+    """Issuer `name.crt`/`name.key` (ECDSA P-256 unless key="rsa") signed by `root`."""
+    _openssl_key(cwd, name, key)
     _openssl(
         "req", "-new", "-key", f"{name}.key", "-subj", "/CN=identity.linkerd.cluster.local",
         "-out", f"{name}.csr",
@@ -259,3 +268,22 @@ def test_linkerd_check_accepts_valid_issuer_and_rejects_bad_ones(
     )
     assert code == 1
     assert "Public and private key do not match" in out
+
+
+def test_linkerd_check_key_algorithm_rules(linkerd_check: LinkerdCheck, tmp_path: Path) -> None:
+    # Linkerd signs proxy certs with ECDSA-SHA256 only, so the issuer key must be P-256;
+    # the trust anchor above it may be RSA (linkerd2 #8868).
+    _openssl_ca(tmp_path, "rsaroot", key="rsa")
+    _openssl_issuer(tmp_path, "ecissuer", "rsaroot", is_ca=True)
+    _openssl_issuer(tmp_path, "rsaissuer", "rsaroot", is_ca=True, key="rsa")
+
+    code, out = linkerd_check(
+        tmp_path / "rsaroot.crt", tmp_path / "ecissuer.crt", tmp_path / "ecissuer.key"
+    )
+    assert code == 0, out
+
+    code, out = linkerd_check(
+        tmp_path / "rsaroot.crt", tmp_path / "rsaissuer.crt", tmp_path / "rsaissuer.key"
+    )
+    assert code == 1
+    assert "must use ECDSA for public key algorithm, instead RSA was used" in out

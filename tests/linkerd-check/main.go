@@ -389,7 +389,8 @@ func checkCertAlgoRequirements(cert *x509.Certificate) error {
 		return fmt.Errorf("must use P-256 curve for public key, instead P-%d was used",
 			k.Params().BitSize)
 	}
-	// The issuer may be signed by an ECDSA or an RSA trust anchor (REFERENCE.md).
+	// The issuer's own key must be ECDSA P-256, but since linkerd2 PR #8868 (2.12) its
+	// signer may be an RSA trust anchor, so SHA256-RSA is accepted as well (REFERENCE.md).
 	switch cert.SignatureAlgorithm {
 	case x509.ECDSAWithSHA256, x509.SHA256WithRSA:
 		return nil
