@@ -3,7 +3,7 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-TESTENV_CACHE ?= $(HOME)/.cache/ca-daemon-testenv
+TESTENV_CACHE ?= $(or $(CA_DAEMON_TESTENV),$(HOME)/.cache/ca-daemon-testenv)
 
 .PHONY: run test lint testenv venv clean
 

@@ -12,6 +12,7 @@ from ca_daemon.config import Settings
 from ca_daemon.kube import api_client
 from ca_daemon.publish.base import Publisher
 from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.publish.kong_admin import KongAdminPublisher
 from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.journal import FileJournal, Journal, VaultJournal
@@ -48,6 +49,8 @@ def build_runtime(settings: Settings) -> Runtime:
         publishers.append(DirectoryPublisher(settings.publish_directory))
     if settings.kubernetes_enabled:
         publishers.append(KubernetesPublisher(settings, api_client()))
+    if settings.kong.enabled and settings.kong.delivery == "admin-api":
+        publishers.append(KongAdminPublisher(settings.kong))
     return Runtime(anchor=anchor, journal=journal, publishers=publishers)
 
 
