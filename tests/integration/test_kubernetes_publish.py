@@ -9,6 +9,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,6 +98,17 @@ def _certs(pem: str) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(pem.encode())
 
 
+def await_rbac(kube: Kube, token: str, path: str, allowed: bool) -> None:
+    """RBAC changes reach the authorizer's cache a moment after they are written."""
+    deadline = time.monotonic() + 30
+    with kube.http(token=token) as http:
+        while time.monotonic() < deadline:
+            if (http.get(path).status_code != 403) == allowed:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"RBAC never {'allowed' if allowed else 'refused'} GET {path}")
+
+
 def make_cluster(kube: Kube, workdir: Path, prefix: str) -> Cluster:
     linkerd_ns, kong_ns, app_ns, bundle_ns, sa_ns = (
         unique(f"{prefix}-{n}") for n in ("linkerd", "kong", "pay", "bundles", "cad")
@@ -144,6 +156,13 @@ def make_cluster(kube: Kube, workdir: Path, prefix: str) -> Cluster:
         kube.apply(doc)
     token = kube.service_account_token(sa_ns, "ca-daemon")
     kubeconfig = kube.write_kubeconfig(token, workdir / "sa.kubeconfig")
+    for path in (
+        f"/api/v1/namespaces/{linkerd_ns}/configmaps/linkerd-identity-trust-roots",
+        f"/api/v1/namespaces/{app_ns}/secrets/kong-upstream-payments",
+        f"/api/v1/namespaces/{kong_ns}/secrets",
+        f"/api/v1/namespaces/{bundle_ns}/configmaps/upstream-trust",
+    ):
+        await_rbac(kube, token, path, allowed=True)
     return Cluster(kube, workdir, config, kubeconfig, token, linkerd_ns, kong_ns, app_ns, bundle_ns)
 
 
@@ -460,6 +479,9 @@ def test_rbac_denial_keeps_the_previous_credentials(kube: Kube, tmp_path: Path) 
         http.delete(
             f"/apis/rbac.authorization.k8s.io/v1/namespaces/{c.app_ns}/rolebindings/ca-daemon"
         ).raise_for_status()
+    await_rbac(
+        kube, c.sa_token, f"/api/v1/namespaces/{c.app_ns}/secrets/kong-upstream-payments", False
+    )
     result = c.engine().reconcile(force={"kong/payments", "linkerd-issuer"})
     assert not result.ok
     (error,) = [e for e in result.errors if "kong-upstream-payments" in e]
