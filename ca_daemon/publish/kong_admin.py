@@ -69,6 +69,10 @@ def desired_entities(world: TrustWorld, clients: Sequence[KongClient]) -> Desire
         client_certificate_id(name): {
             "cert": render_pem([issued.cert, *issued.chain]),
             "key": issued.key_pem.decode(),
+            # PUT replaces the entity: send every field, so an alternate pair (an ECDSA/RSA
+            # twin someone added) cannot outlive a rotation of the primary one.
+            "cert_alt": None,
+            "key_alt": None,
             "tags": [MANAGED_TAG, f"{CLIENT_TAG_PREFIX}{name}"],
         }
         for name, issued in sorted(world.kong_clients.items())
@@ -132,6 +136,11 @@ def _kong_message(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}: {_redact(message.strip())[:300]}"
 
 
+def _display_url(url: str) -> str:
+    """The URL without any user:password, fit for reports and logs."""
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
 # --- talking to Kong (I/O) --------------------------------------------------------------------
 
 
@@ -149,7 +158,7 @@ class KongAdminPublisher:
             raise ValueError("kong.admin_api.url is required for delivery admin-api")
         self.kong = kong
         self.url = kong.admin_api.url.rstrip("/")
-        self.description = f"kong admin-api {self.url}"
+        self.description = f"kong admin-api {_display_url(self.url)}"
         self._transport = transport
         # Object → digest of what this process last wrote or confirmed there: how a later
         # pass tells someone else's edit (drift) from a rotation of its own.
@@ -161,7 +170,7 @@ class KongAdminPublisher:
         report.errors.update(desired.problems)
         try:
             with self._client() as http:
-                admin = _Admin(http, self.url)
+                admin = _Admin(http, _display_url(self.url))
                 admin.check_writable()
                 _Pass(admin, report, self._last).run(desired)
         except KongUnavailable as exc:
@@ -282,7 +291,7 @@ class _Admin:
             query["offset"] = str(page["offset"])
 
 
-_CERT_FIELDS = ("cert", "key", "tags")
+_CERT_FIELDS = ("cert", "key", "cert_alt", "key_alt", "tags")
 _CA_FIELDS = ("cert", "tags")
 
 
@@ -358,7 +367,6 @@ class _Pass:
         want = _comparable(body, _CERT_FIELDS)
         assert want is not None
         if self._settle(obj, live, want):
-            # PUT replaces the entity: every field goes, so nothing stale (cert_alt, snis) stays.
             self.admin.write("PUT", f"/certificates/{cert_id}", body)
             self._wrote(obj, want)
 

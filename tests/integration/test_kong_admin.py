@@ -377,9 +377,9 @@ def test_refused_certificate_is_left_as_is_and_its_key_never_reported(
     payments = cert_id("payments")
 
     def echo_body(method: str, path: str, body: dict[str, Any]) -> KongError | None:
-        # A proxy in front of Kong that echoes the request it refused.
+        # A proxy in front of Kong that echoes the part of the request it objects to.
         if method == "PUT" and path == f"/certificates/{payments}":
-            return KongError(400, f"refused by policy: {body}")
+            return KongError(400, f"refused by policy, key is {body['key']}")
         return None
 
     kong.store.fault = echo_body
