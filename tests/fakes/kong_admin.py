@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -415,14 +416,26 @@ class FakeKong:
 
 
 @contextmanager
-def serve(store: KongStore | None = None) -> Iterator[FakeKong]:
-    """Serve a fake Kong Admin API on a free loopback port for the duration of the block."""
+def serve(
+    store: KongStore | None = None, tls: tuple[Path, Path] | None = None
+) -> Iterator[FakeKong]:
+    """Serve a fake Kong Admin API on a free loopback port for the duration of the block.
+
+    ``tls`` is (certificate file, key file) to serve HTTPS, as a production Admin API does.
+    """
     store = store or KongStore()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(build_app(store), log_level="warning", lifespan="off")
+    certfile, keyfile = tls if tls else (None, None)
+    config = uvicorn.Config(
+        build_app(store),
+        log_level="warning",
+        lifespan="off",
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -432,7 +445,7 @@ def serve(store: KongStore | None = None) -> Iterator[FakeKong]:
             raise RuntimeError("the fake Kong Admin API did not start")
         time.sleep(0.01)
     try:
-        yield FakeKong(url=f"http://127.0.0.1:{port}", store=store)
+        yield FakeKong(url=f"{'https' if tls else 'http'}://127.0.0.1:{port}", store=store)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -29,6 +29,7 @@ from ca_daemon.rotation.journal import FileJournal
 from ca_daemon.rotation.state import State
 from ca_daemon.world import desired_world
 from tests.fakes.kong_admin import FakeKong, KongError, serve
+from tests.fixtures.pki import issue, make_ca
 from tests.unit.conftest import NOW, self_signed_root
 
 pytestmark = pytest.mark.integration
@@ -60,9 +61,12 @@ def kong() -> Iterator[FakeKong]:
         yield fake
 
 
-def _settings(tmp_path: Path, url: str, token: str = TOKEN) -> Settings:
+def _settings(tmp_path: Path, url: str, token: str, ca_cert: Path | None) -> Settings:
     token_file = tmp_path / "kong-token"
     token_file.write_text(token + "\n")
+    admin_api = {"url": url, "token_file": str(token_file)}
+    if ca_cert is not None:
+        admin_api["ca_cert"] = str(ca_cert)
     path = tmp_path / "config.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -71,7 +75,7 @@ def _settings(tmp_path: Path, url: str, token: str = TOKEN) -> Settings:
                 "publish": {"kubernetes": {"enabled": False}},
                 "kong": {
                     "delivery": "admin-api",
-                    "admin_api": {"url": url, "token_file": str(token_file)},
+                    "admin_api": admin_api,
                     "clients": [
                         {"name": name, "common_name": f"kong.{name}.upstream", "service": svc}
                         for name, svc in CLIENTS.items()
@@ -83,8 +87,14 @@ def _settings(tmp_path: Path, url: str, token: str = TOKEN) -> Settings:
     return load_settings(path)
 
 
-def _setup(tmp_path: Path, kong: FakeKong, url: str | None = None, token: str = TOKEN) -> Setup:
-    settings = _settings(tmp_path, url or kong.url, token)
+def _setup(
+    tmp_path: Path,
+    kong: FakeKong,
+    url: str | None = None,
+    token: str = TOKEN,
+    ca_cert: Path | None = None,
+) -> Setup:
+    settings = _settings(tmp_path, url or kong.url, token, ca_cert)
     data = settings.anchor.local.dir
     passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
     publisher = KongAdminPublisher(settings.kong)
@@ -395,3 +405,27 @@ def test_refused_certificate_is_left_as_is_and_its_key_never_reported(
     assert payments_api is not None and payments_api["client_certificate"] is None
     assert cert_id("orders") in kong.store.certificates  # the others went ahead
     _assert_no_key_material(result, state)
+
+
+def test_https_admin_api_is_verified_against_the_configured_ca(tmp_path: Path) -> None:
+    ca = make_ca("kong admin ca")
+    served = issue(ca, "kong-admin", server=True, ips=("127.0.0.1",)).write(tmp_path, "admin")
+    ca_file = tmp_path / "admin-ca.crt"
+    ca_file.write_bytes(ca.cert_pem)
+    other_ca = tmp_path / "other-ca.crt"
+    other_ca.write_bytes(make_ca("someone else").cert_pem)
+    with serve(tls=served) as kong:
+        kong.store.token = TOKEN
+        kong.store.clock = lambda: NOW
+        for service in CLIENTS.values():
+            kong.store.add_service(service)
+
+        refused = _report(_setup(tmp_path, kong, ca_cert=other_ca).engine.reconcile(now=NOW))
+        assert list(refused.errors) == ["kong"]
+        assert f"cannot reach the Kong Admin API at {kong.url}" in refused.errors["kong"]
+        assert "CERTIFICATE_VERIFY_FAILED" in refused.errors["kong"]
+        assert kong.store.writes == []
+
+        trusted = _setup(tmp_path, kong, ca_cert=ca_file).engine.reconcile(now=NOW)
+        assert trusted.ok, trusted.errors
+        assert set(kong.store.certificates) == {cert_id(n) for n in CLIENTS}
