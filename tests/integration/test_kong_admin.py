@@ -8,6 +8,9 @@ only on https/tls Services, no deleting a referenced CA certificate, DB-less 405
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -429,3 +432,44 @@ def test_https_admin_api_is_verified_against_the_configured_ca(tmp_path: Path) -
         trusted = _setup(tmp_path, kong, ca_cert=ca_file).engine.reconcile(now=NOW)
         assert trusted.ok, trusted.errors
         assert set(kong.store.certificates) == {cert_id(n) for n in CLIENTS}
+
+
+def test_run_once_with_admin_api_delivery_publishes_to_kong(tmp_path: Path) -> None:
+    """The command line wires the Admin API publisher from configuration alone."""
+    with serve() as fake:
+        fake.store.add_service("payments-api", protocol="https")
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "anchor": {"local": {"dir": str(tmp_path / "data")}},
+                    "publish": {"kubernetes": {"enabled": False}},
+                    "kong": {
+                        "delivery": "admin-api",
+                        "admin_api": {"url": fake.url},
+                        "clients": [
+                            {
+                                "name": "payments",
+                                "common_name": "kong.payments.upstream",
+                                "service": "payments-api",
+                            }
+                        ],
+                    },
+                }
+            )
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CA_DAEMON_")}
+        env.pop("KUBECONFIG", None)
+        result = subprocess.run(
+            [sys.executable, "-m", "ca_daemon", "run", "--once", "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert cert_id("payments") in fake.store.certificates
+        service = fake.store.service("payments-api")
+        assert service is not None
+        assert service["client_certificate"] == {"id": cert_id("payments")}
+        assert len(fake.store.ca_certificates) == 1
