@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.integration.cli import daemon_env
 
 pytestmark = pytest.mark.integration
 
@@ -25,15 +26,15 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
 
 
 def test_running_daemon_renews_the_issuer_and_stops_on_sigterm(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CA_DAEMON_")}
-    env.pop("KUBECONFIG", None)
     # A tiny issuer lifetime so that renewal comes due while the test watches.
-    env |= {
-        "CA_DAEMON_ROTATION__CHECK_INTERVAL": "1s",
-        "CA_DAEMON_LINKERD__ISSUER__LIFETIME": "8s",
-        "CA_DAEMON_LINKERD__ISSUER__ROTATE_BEFORE": "6s",
-        "CA_DAEMON_ROTATION__CLOCK_SKEW": "0s",
-    }
+    env = daemon_env(
+        {
+            "CA_DAEMON_ROTATION__CHECK_INTERVAL": "1s",
+            "CA_DAEMON_LINKERD__ISSUER__LIFETIME": "8s",
+            "CA_DAEMON_LINKERD__ISSUER__ROTATE_BEFORE": "6s",
+            "CA_DAEMON_ROTATION__CLOCK_SKEW": "0s",
+        }
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "ca_daemon", "run"],
         cwd=tmp_path,

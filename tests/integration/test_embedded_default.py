@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ca_daemon.pki.keys import generate_key, private_key_pem
+from tests.integration.cli import ca_daemon
 
 LAYOUT = {
     "trust-bundle.pem",
@@ -23,26 +21,10 @@ LAYOUT = {
 }
 
 
-def ca_daemon(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CA_DAEMON_") and k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "ca_daemon", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("laptop")
-    result = ca_daemon(workdir, "run", "--once")
+    result = ca_daemon("run", "--once", cwd=workdir)
     assert result.returncode == 0, result.stderr
     return workdir
 
@@ -65,7 +47,7 @@ def test_layout_and_modes(published: Path) -> None:
 
 
 def test_verify_passes_then_fails_on_tampering(published: Path, tmp_path: Path) -> None:
-    ok = ca_daemon(published, "verify")
+    ok = ca_daemon("verify", cwd=published)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "OK" in ok.stdout
 
@@ -73,35 +55,35 @@ def test_verify_passes_then_fails_on_tampering(published: Path, tmp_path: Path) 
     shutil.copytree(published, copy)
     out = copy / "ca-daemon-data" / "out"
     (out / "linkerd" / "tls.key").write_bytes(private_key_pem(generate_key()))
-    bad_key = ca_daemon(copy, "verify")
+    bad_key = ca_daemon("verify", cwd=copy)
     assert bad_key.returncode == 1
     assert "linkerd issuer: private key does not match the certificate" in bad_key.stdout
 
     shutil.rmtree(copy)
     shutil.copytree(published, copy)
-    foreign = ca_daemon(tmp_path, "run", "--once")  # another CA, another root
+    foreign = ca_daemon("run", "--once", cwd=tmp_path)  # another CA, another root
     assert foreign.returncode == 0
     foreign_out = tmp_path / "ca-daemon-data" / "out"
     shutil.copy(foreign_out / "trust-bundle.pem", out / "trust-bundle.pem")
-    mismatched = ca_daemon(copy, "verify")
+    mismatched = ca_daemon("verify", cwd=copy)
     assert mismatched.returncode == 1
     assert "linkerd/ca.crt differs from trust-bundle.pem" in mismatched.stdout
     assert "linkerd issuer: is not signed by any root in the trust bundle" in mismatched.stdout
     assert "kong client example: client chain does not verify" in mismatched.stdout
 
     (out / "kong" / "clients" / "example" / "tls.key").chmod(0o644)
-    assert "mode must be 0600" in ca_daemon(copy, "verify").stdout
+    assert "mode must be 0600" in ca_daemon("verify", cwd=copy).stdout
 
 
 def test_second_run_is_idempotent_and_status_reads_state(published: Path) -> None:
     out = published / "ca-daemon-data" / "out"
     before = {p: (p.stat().st_ino, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
-    again = ca_daemon(published, "run", "--once")
+    again = ca_daemon("run", "--once", cwd=published)
     assert again.returncode == 0
     assert "published directory ca-daemon-data/out: 0 change(s)" in again.stdout
     assert {p: (p.stat().st_ino, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
 
-    status = ca_daemon(published, "status")
+    status = ca_daemon("status", cwd=published)
     assert status.returncode == 0
     assert "rotation phase: steady" in status.stdout
     for name in ("root-1", "linkerd-identity-issuer", "kong-2", "example"):
@@ -109,7 +91,7 @@ def test_second_run_is_idempotent_and_status_reads_state(published: Path) -> Non
 
 
 def test_no_private_key_in_output(published: Path, tmp_path: Path) -> None:
-    result = ca_daemon(tmp_path, "run", "--once")
+    result = ca_daemon("run", "--once", cwd=tmp_path)
     assert result.returncode == 0
     for stream in (result.stdout, result.stderr):
         assert "PRIVATE KEY" not in stream

@@ -8,9 +8,6 @@ only on https/tls Services, no deleting a referenced CA certificate, DB-less 405
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -33,6 +30,7 @@ from ca_daemon.rotation.state import State
 from ca_daemon.world import desired_world
 from tests.fakes.kong_admin import FakeKong, KongError, serve
 from tests.fixtures.pki import issue, make_ca
+from tests.integration.cli import ca_daemon
 from tests.unit.conftest import NOW, self_signed_root
 
 pytestmark = pytest.mark.integration
@@ -458,15 +456,7 @@ def test_run_once_with_admin_api_delivery_publishes_to_kong(tmp_path: Path) -> N
                 }
             )
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CA_DAEMON_")}
-        env.pop("KUBECONFIG", None)
-        result = subprocess.run(
-            [sys.executable, "-m", "ca_daemon", "run", "--once", "--config", str(config)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = ca_daemon("run", "--once", "--config", str(config), cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
         assert cert_id("payments") in fake.store.certificates
         service = fake.store.service("payments-api")

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +32,7 @@ from tests.fixtures.linkerd import LinkerdCheck
 from tests.fixtures.nginx import NginxFactory
 from tests.fixtures.pki import issue, make_ca
 from tests.fixtures.tools import free_port, unique
+from tests.integration.cli import ca_daemon
 
 pytestmark = pytest.mark.integration
 
@@ -55,16 +54,12 @@ class Cluster:
         return load_settings(self.config)
 
     def run(self, *args: str, kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CA_DAEMON_")}
-        env.pop("KUBERNETES_SERVICE_HOST", None)
-        env["KUBECONFIG"] = str(kubeconfig or self.kubeconfig)
-        return subprocess.run(
-            [sys.executable, "-m", "ca_daemon", *args, "--config", str(self.config)],
+        return ca_daemon(
+            *args,
+            "--config",
+            str(self.config),
             cwd=self.workdir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
+            env={"KUBECONFIG": str(kubeconfig or self.kubeconfig)},
         )
 
     def get(self, path: str) -> Any:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.fixtures.openbao import OpenBao
+from tests.integration.cli import ca_daemon
 
 
 def vault_config(
@@ -52,19 +51,7 @@ def vault_config(
 
 
 def run_daemon(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CA_DAEMON_", "VAULT_", "BAO_")) and k != "KUBECONFIG"
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "ca_daemon", *args, "--config", str(config)],
-        cwd=config.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return ca_daemon(*args, "--config", str(config), cwd=config.parent)
 
 
 def bao_json(bao: OpenBao, *args: str) -> Any:
