@@ -52,33 +52,29 @@ def status_view(state: State, settings: Settings, now: datetime) -> dict[str, An
         )
         for r in state.roots
     ]
-    issuers = []
+    cas = []
     if state.linkerd_issuer is not None:
-        cert = state.linkerd_issuer.cert
-        rotate_before = settings.linkerd.issuer.rotate_before
-        issuers.append(
-            _row(
+        cas.append(
+            (
                 Kind.LINKERD_ISSUER,
                 settings.linkerd.issuer_secret,
-                "active",
-                cert,
-                renew_at(cert, rotate_before, jitter),
-                now,
+                state.linkerd_issuer.cert,
+                settings.linkerd.issuer.rotate_before,
             )
         )
     if state.kong_intermediate is not None:
-        cert = state.kong_intermediate.cert
-        rotate_before = settings.kong.intermediate.rotate_before
-        issuers.append(
-            _row(
+        cas.append(
+            (
                 Kind.KONG_INTERMEDIATE,
                 state.kong_intermediate.ref,
-                "active",
-                cert,
-                renew_at(cert, rotate_before, jitter),
-                now,
+                state.kong_intermediate.cert,
+                settings.kong.intermediate.rotate_before,
             )
         )
+    issuers = [
+        _row(kind, name, "active", cert, renew_at(cert, before, jitter), now)
+        for kind, name, cert, before in cas
+    ]
     policy = {c.name: c.rotate_before for c in settings.kong.clients}
     clients = [
         _row(

@@ -18,12 +18,12 @@ import hvac
 import hvac.exceptions
 import requests
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from ca_daemon.anchor.base import CA, AnchorError
 from ca_daemon.config import VaultAnchor
 from ca_daemon.pki.bundle import parse_pem_certificates
+from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.keys import KeyType
 from ca_daemon.pki.profiles import Subject, Validity
 
@@ -294,10 +294,8 @@ class VaultPkiAnchor:
     def _sign(self, path: str, what: str, signer: CA, body: dict[str, Any]) -> x509.Certificate:
         data = self.client.write(path, what, body)
         cert = parse_pem_certificates(data["certificate"], what=what)[0]
-        try:
-            cert.verify_directly_issued_by(signer.cert)
-        except (InvalidSignature, ValueError, TypeError) as exc:
-            raise AnchorError(f"{self.description}: {what}: not signed by {signer.ref}") from exc
+        if not directly_issued_by(cert, signer.cert):
+            raise AnchorError(f"{self.description}: {what}: not signed by {signer.ref}")
         return cert
 
     def sign_ca(

@@ -44,7 +44,8 @@ def _valid_at(cert: x509.Certificate, now: datetime) -> bool:
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
 
-def _directly_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def directly_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Names chain and ``issuer``'s key made ``cert``'s signature."""
     if cert.issuer != issuer.subject:
         return False
     try:
@@ -58,7 +59,7 @@ def issuing_root(
     cert: x509.Certificate, roots: Sequence[x509.Certificate]
 ) -> x509.Certificate | None:
     """The root in ``roots`` whose key signed ``cert``, if any."""
-    return next((root for root in roots if _directly_issued_by(cert, root)), None)
+    return next((root for root in roots if directly_issued_by(cert, root)), None)
 
 
 def verify_ca_under_roots(

@@ -15,11 +15,11 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.keys import PrivateKey, PublicKey, describe_public_key
 
 
@@ -252,13 +252,7 @@ def check_profile(kind: Kind, cert: x509.Certificate) -> ProfileCheck:
 
 
 def is_self_signed(cert: x509.Certificate) -> bool:
-    if cert.issuer != cert.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
+    return directly_issued_by(cert, cert)
 
 
 def common_name(cert: x509.Certificate) -> str:
