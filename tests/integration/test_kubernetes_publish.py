@@ -418,7 +418,9 @@ def test_service_account_is_refused_everything_else(cluster: Cluster) -> None:
         assert deleted.status_code == 403
 
 
-def test_wrong_type_issuer_secret_is_reported_not_replaced(kube: Kube, tmp_path: Path) -> None:
+def test_wrong_type_or_unmanaged_objects_are_reported_not_replaced(
+    kube: Kube, tmp_path: Path
+) -> None:
     c = make_cluster(kube, tmp_path, "wrongtype")
     opaque = kube.apply(
         {
@@ -429,9 +431,20 @@ def test_wrong_type_issuer_secret_is_reported_not_replaced(kube: Kube, tmp_path:
             "stringData": {"crt.pem": "left by linkerd.io/tls", "key.pem": "x"},
         }
     )
+    theirs = kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "upstream-trust", "namespace": c.bundle_ns},
+            "data": {"ca-bundle.crt": "someone else's"},
+        }
+    )
     result = c.run("run", "--once")
     assert result.returncode == 1
     assert f"Secret {c.linkerd_ns}/linkerd-identity-issuer has type Opaque" in result.stderr
+    assert f"ConfigMap {c.bundle_ns}/upstream-trust exists and is not managed by" in result.stderr
+    unmanaged = c.configmap(c.bundle_ns, "upstream-trust")
+    assert unmanaged["metadata"]["resourceVersion"] == theirs["metadata"]["resourceVersion"]
     assert "identity.issuer.scheme=kubernetes.io/tls" in result.stderr
     live = c.secret(c.linkerd_ns, "linkerd-identity-issuer")
     assert live["metadata"]["resourceVersion"] == opaque["metadata"]["resourceVersion"]
