@@ -543,3 +543,45 @@ def test_verify_reads_the_live_cluster_and_names_each_problem(kube: Kube, tmp_pa
         f"kong client orders: Secret {c.kong_ns}/kong-upstream-orders is missing",
     ):
         assert problem in bad.stdout, bad.stdout
+
+
+def test_conflicting_write_is_reread_and_retried(cluster: Cluster) -> None:
+    """Someone writes between the daemon's read and its update: the API server answers
+    409, and the daemon reads again and decides on the fresh object."""
+    c = cluster
+    path = f"/api/v1/namespaces/{c.bundle_ns}/configmaps/upstream-trust"
+    raced: list[str] = []
+
+    class Racing(KubernetesPublisher):
+        def _read(self, obj: Any) -> Any:
+            live = super()._read(obj)
+            if obj.name == "upstream-trust" and not raced:
+                with c.kube.http() as http:
+                    response = http.patch(
+                        path,
+                        json={"metadata": {"labels": {"touched": "by-someone"}}},
+                        headers={"Content-Type": "application/merge-patch+json"},
+                    )
+                    response.raise_for_status()
+                raced.append(response.json()["metadata"]["resourceVersion"])
+            return live
+
+    settings = c.settings
+    with c.kube.http() as http:  # make the daemon's next pass want to write
+        http.patch(
+            path,
+            json={"data": {"ca-bundle.crt": "stale"}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        ).raise_for_status()
+    anchor, journal = build_anchor_and_journal(settings)
+    publisher = Racing(settings, api_client(c.kube.write_kubeconfig(c.sa_token)))
+    result = Engine(settings, anchor, journal, [publisher]).reconcile()
+    assert result.ok, result.errors
+    assert raced, "the race was not staged"
+    live = c.configmap(c.bundle_ns, "upstream-trust")
+    assert (
+        live["data"]["ca-bundle.crt"]
+        == c.configmap(c.linkerd_ns, "linkerd-identity-trust-roots")["data"]["ca-bundle.crt"]
+    )
+    assert live["metadata"]["labels"]["touched"] == "by-someone"  # their change survived
+    assert int(live["metadata"]["resourceVersion"]) > int(raced[0])
