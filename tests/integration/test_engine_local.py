@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,12 +14,14 @@ from cryptography import x509
 from ca_daemon.anchor.base import CA, AnchorError
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config import Settings, load_settings
+from ca_daemon.pki.bundle import stable_id
 from ca_daemon.pki.profiles import Kind, Subject, Validity
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.journal import FileJournal
 from ca_daemon.verify import verify_directory
-from tests.unit.conftest import NOW
+from ca_daemon.world import desired_world
+from tests.unit.conftest import NOW, self_signed_root
 
 
 @pytest.fixture
@@ -218,3 +221,20 @@ def test_metrics_follow_the_pass(settings: Settings) -> None:
     labels["result"] = "failure"
     assert value("ca_daemon_rotations_total", labels) == 2
     assert value("ca_daemon_last_rotation_success_timestamp_seconds", when) == NOW.timestamp()
+
+
+def test_directory_follows_root_retirement(settings: Settings) -> None:
+
+    result = _engine(settings).reconcile(now=NOW)
+    assert result.state is not None
+    world = desired_world(result.state, settings)
+    (old,) = world.roots
+    _, new = self_signed_root("next")
+    publisher = DirectoryPublisher(settings.publish_directory)
+    ca_dir = settings.publish_directory / "kong" / "ca"
+    publisher.publish(replace(world, roots=(old, new)))
+    assert {p.stem for p in ca_dir.glob("*.pem")} == {stable_id(old), stable_id(new)}
+    assert (settings.publish_directory / "trust-bundle.pem").read_text().count("BEGIN") == 2
+    report = publisher.publish(replace(world, roots=(new,)))
+    assert f"kong/ca/{stable_id(old)}.pem" in report.changed
+    assert {p.stem for p in ca_dir.glob("*.pem")} == {stable_id(new)}

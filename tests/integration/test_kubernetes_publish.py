@@ -8,7 +8,7 @@ import base64
 import hashlib
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,14 @@ from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.rbac import manifests
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.runtime import build_anchor_and_journal
+from ca_daemon.world import desired_world
 from tests.fixtures.kube import Kube
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.fixtures.nginx import NginxFactory
 from tests.fixtures.pki import issue, make_ca
 from tests.fixtures.tools import free_port, unique
 from tests.integration.cli import ca_daemon
+from tests.unit.conftest import self_signed_root
 
 pytestmark = pytest.mark.integration
 
@@ -585,3 +587,39 @@ def test_conflicting_write_is_reread_and_retried(cluster: Cluster) -> None:
     )
     assert live["metadata"]["labels"]["touched"] == "by-someone"  # their change survived
     assert int(live["metadata"]["resourceVersion"]) > int(raced[0])
+
+
+def test_kong_ca_secret_follows_the_bundle_and_goes_when_its_root_retires(
+    kube: Kube, tmp_path: Path
+) -> None:
+    """Bundle {old} → {old, new} → {new}: the CA Secret of a root exists exactly while the
+    root is trusted (the root rotation's overlap, seen by the publisher)."""
+
+    c = make_cluster(kube, tmp_path, "retire")
+    engine = c.engine()
+    first = engine.reconcile()
+    assert first.ok and first.state is not None
+    world = desired_world(first.state, c.settings)
+    (old,) = world.roots
+    _, new = self_signed_root("root.linkerd.next")
+    (publisher,) = engine.publishers
+
+    def ca_secrets() -> set[str]:
+        with c.kube.http() as http:
+            items = http.get(
+                f"/api/v1/namespaces/{c.kong_ns}/secrets",
+                params={"labelSelector": "konghq.com/ca-cert=true"},
+            ).json()["items"]
+        return {s["metadata"]["name"] for s in items}
+
+    assert ca_secrets() == {kong_ca_secret_name(old)}
+    overlap = publisher.publish(replace(world, roots=(old, new)))
+    assert not overlap.errors
+    assert ca_secrets() == {kong_ca_secret_name(old), kong_ca_secret_name(new)}
+    retired = publisher.publish(replace(world, roots=(new,)))
+    assert (
+        f"secret/{c.kong_ns}/{kong_ca_secret_name(old)} (deleted: root retired)" in retired.changed
+    )
+    assert ca_secrets() == {kong_ca_secret_name(new)}
+    bundle = c.configmap(c.linkerd_ns, "linkerd-identity-trust-roots")["data"]["ca-bundle.crt"]
+    assert _certs(bundle) == [new]
