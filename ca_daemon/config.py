@@ -229,6 +229,11 @@ class KongConfig(Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"client names must be unique; repeated: {', '.join(dupes)}")
+        # A Service presents one client certificate: two clients on it would flap.
+        services = [c.service for c in clients if c.service]
+        shared = sorted({s for s in services if services.count(s) > 1})
+        if shared:
+            raise ValueError(f"each service takes one client; shared: {', '.join(shared)}")
         return clients
 
     @model_validator(mode="after")

@@ -85,6 +85,18 @@ def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
             "kong.clients",
             "repeated: a",
         ),
+        (
+            {
+                "kong": {
+                    "clients": [
+                        {"name": "a", "common_name": "x", "service": "ns/api"},
+                        {"name": "b", "common_name": "y", "service": "ns/api"},
+                    ]
+                }
+            },
+            "kong.clients",
+            "shared: ns/api",
+        ),
         ({"kong": {"delivery": "admin-api"}}, "kong", "admin_api.url"),
         ({"server": {"address": "localhost"}}, "server.address", "host:port"),
         ({"anchor": {"vault": {"address": "vault:8200"}}}, "anchor.vault.address", "http"),
