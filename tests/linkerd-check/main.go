@@ -3,23 +3,31 @@
 //
 // The Linkerd Go module (github.com/linkerd/linkerd2) is not served by the module proxy this
 // project can reach, so this helper cannot import it. Instead it re-implements, with the Go
-// standard library only, the three code paths that decide acceptance, following Linkerd's
-// sources step by step and reproducing their error texts (file names below are in
-// linkerd/linkerd2):
+// standard library only, the code paths that decide acceptance, following Linkerd's sources
+// step by step and reproducing their error texts (file names below are in linkerd/linkerd2):
 //
-//  1. install/upgrade/`linkerd check`: pkg/issuercerts/issuercerts.go
+//  1. `linkerd install`/`upgrade`: pkg/issuercerts/issuercerts.go
 //     IssuerCertData.VerifyAndBuildCreds (with pkg/tls/cred.go ValidateAndCreateCreds and
-//     pkg/tls/codec.go DecodePEMCertPool);
-//  2. the identity controller loading the issuer: pkg/identity/service.go
-//     Service.Initialize -> loadCredentials (parse key+cert, x509 Verify against the anchors
-//     with no DNS name, require IsCA);
-//  3. the identity controller certifying a proxy: Service.Certify -> checkCSR ->
-//     pkg/tls/ca.go CA.IssueEndEntityCrt (ECDSA-SHA256, 24h lifetime plus 10s clock skew,
-//     clamped to the issuer chain's first expiry), then the proxy's view: the leaf must
-//     verify against the bundle for its identity name.
+//     Crt.Verify, and pkg/tls/codec.go DecodePEMKey/DecodePEMCertificates/DecodePEMCertPool);
+//  2. `linkerd check`, the one fatal check VerifyAndBuildCreds does not already make:
+//     pkg/healthcheck/healthcheck.go "trust anchors are within their validity period"
+//     (CheckCertValidityPeriod on every anchor in the bundle, not only the one that signed);
+//  3. the identity controller loading the issuer: controller/cmd/identity/main.go
+//     (DecodePEMCertPool of the anchors) and pkg/identity/service.go Service.Initialize ->
+//     loadCredentials (ReadPEMCreds, Crt.Verify against the anchors with no DNS name, IsCA);
+//  4. the identity controller certifying a proxy: Service.Certify -> ensureIssuerStillValid,
+//     checkCSR, pkg/tls/ca.go CA.IssueEndEntityCrt (ECDSA-SHA256, issuance lifetime plus clock
+//     skew, clamped to the issuer chain's first expiry); Certify's errors are gRPC statuses.
+//  5. then the proxy's view: the leaf must verify against the bundle for its identity name.
+//     The real proxy is Rust (rustls/webpki); this step uses Go's x509, so its error text is
+//     this helper's own, not Linkerd's.
 //
-// Exit status 0: every check passed (each printed as "ok: ..."). Exit status 1: the first
-// failing check, printed as "FAIL <stage>: <Linkerd's error text>". Exit status 2: usage.
+// Not reproduced: `linkerd check`'s "trust anchors are using supported crypto algorithm"
+// (CheckTrustAnchorAlgoRequirements since linkerd2 #8868), whose source was not available.
+//
+// Exit status 0: every check passed (each printed as "ok: ..."; warnings as "warning: ...").
+// Exit status 1: the first failing check, printed as "FAIL <stage>: <Linkerd's error text>".
+// Exit status 2: usage.
 package main
 
 import (
@@ -36,14 +44,20 @@ import (
 	"fmt"
 	"math/big"
 	"os"
+	"reflect"
+	"strings"
 	"time"
 )
 
 const (
-	// pkg/identity/service.go DefaultIssuanceLifetime and pkg/tls/ca.go DefaultClockSkewAllowance.
+	// pkg/identity/service.go DefaultIssuanceLifetime. The clock skew is what an installed
+	// identity controller runs with: the chart's identity.issuer.clockSkewAllowance (20s),
+	// passed as -identity-clock-skew-allowance; pkg/tls/ca.go's DefaultClockSkewAllowance (10s)
+	// applies only when that flag is absent.
 	issuanceLifetime   = 24 * time.Hour
-	clockSkewAllowance = 10 * time.Second
-	// pkg/issuercerts/issuercerts.go expirationWarningThresholdInDays (a warning, not a failure).
+	clockSkewAllowance = 20 * time.Second
+	// pkg/issuercerts/issuercerts.go expirationWarningThresholdInDays (CheckExpiringSoon: a
+	// `linkerd check` warning, not a failure).
 	expiryWarningDays = 60
 )
 
@@ -73,19 +87,34 @@ func main() {
 	check("install (issuercerts.VerifyAndBuildCreds)", err)
 	fmt.Printf("ok: install/upgrade accept the issuer %q (expires %s)\n",
 		creds.cert.Subject.CommonName, creds.cert.NotAfter.UTC().Format(time.RFC3339))
-	if time.Now().AddDate(0, 0, expiryWarningDays).After(creds.cert.NotAfter) {
-		fmt.Printf("warning: issuer cert will expire on %s (linkerd check warns under %d days)\n",
-			creds.cert.NotAfter.UTC().Format(time.RFC3339), expiryWarningDays)
+
+	anchorCerts, err := decodePEMCertificates(bundle)
+	check("check (healthcheck: certificate config is valid)", err)
+	check("check (healthcheck: trust anchors are within their validity period)",
+		checkAnchorsValidityPeriod(anchorCerts))
+	fmt.Println("ok: linkerd check finds every trust anchor within its validity period")
+	// The two "valid for at least 60 days" checks of `linkerd check` are warnings only.
+	if err := checkExpiringSoon(creds.cert); err != nil {
+		fmt.Printf("warning: issuer certificate %s\n", err)
+	}
+	if err := checkAnchorsExpiringSoon(anchorCerts); err != nil {
+		fmt.Printf("warning: %s\n", err)
 	}
 
+	// controller/cmd/identity/main.go: the anchors come from the trust-roots bundle.
 	anchors, err := decodePEMCertPool(bundle)
-	check("identity (trust anchors)", err)
+	if err != nil {
+		err = fmt.Errorf("Failed to read trust anchors: %s", err)
+	}
+	check("identity (main: trust anchors)", err)
 	issuer, err := loadCredentials(anchors, crtPEM, keyPEM, *expectedName)
 	check("identity (Service.Initialize)", err)
 	fmt.Println("ok: identity controller loads the issuer against the trust anchors")
 
 	leaf, err := certify(issuer, anchors, *identity)
 	check("issuance (Service.Certify)", err)
+	check("proxy (verify issued leaf; Go x509, not Linkerd's text)",
+		proxyVerify(leaf, issuer, anchors, *identity))
 	fmt.Printf("ok: issued proxy cert for %s valid until %s verifies against the bundle\n",
 		*identity, leaf.NotAfter.UTC().Format(time.RFC3339))
 }
@@ -131,8 +160,9 @@ func verifyAndBuildCreds(anchorsPEM, crtPEM, keyPEM string) (*cred, error) {
 	return c, nil
 }
 
-// loadCredentials mirrors pkg/identity Service.loadCredentials: parse, verify the issuer
-// against the anchors with no DNS name (it is a CA, not a leaf), require a CA.
+// loadCredentials mirrors pkg/identity Service.loadCredentials: read key+cert (ReadPEMCreds
+// is ValidateAndCreateCreds on the files), verify the issuer against the anchors with no DNS
+// name (it is a CA, not a leaf), then require a CA (linkerd2 #6466, fixing #6453).
 func loadCredentials(anchors *x509.CertPool, crtPEM, keyPEM, expectedName string) (*cred, error) {
 	c, err := validateAndCreateCreds(crtPEM, keyPEM)
 	if err != nil {
@@ -143,14 +173,20 @@ func loadCredentials(anchors *x509.CertPool, crtPEM, keyPEM, expectedName string
 			expectedName, err)
 	}
 	if !c.cert.IsCA {
-		return nil, fmt.Errorf("failed to verify issuer credentials for '%s': not a CA", expectedName)
+		return nil, errors.New("failed to verify issuer certificate: it must be an intermediate-CA, but it is not")
 	}
 	return c, nil
 }
 
-// certify mirrors Service.Certify for a proxy: the issuer must still verify, the CSR must
-// pass checkCSR, the CA signs it (pkg/tls/ca.go), and the proxy must be able to verify
-// the result against its trust anchors.
+// grpcStatus renders what Certify returns for a google.golang.org/grpc/status error
+// (status.Error(code, msg).Error()).
+func grpcStatus(code, msg string) error {
+	return fmt.Errorf("rpc error: code = %s desc = %s", code, msg)
+}
+
+// certify mirrors Service.Certify for a proxy: the issuer must still verify
+// (ensureIssuerStillValid, returned as a plain error), the CSR must pass checkCSR
+// (FailedPrecondition), and the CA signs it (pkg/tls/ca.go; Internal on failure).
 func certify(issuer *cred, anchors *x509.CertPool, identity string) (*x509.Certificate, error) {
 	if err := issuer.verify(anchors, ""); err != nil { // ensureIssuerStillValid
 		return nil, err
@@ -171,29 +207,36 @@ func certify(issuer *cred, anchors *x509.CertPool, identity string) (*x509.Certi
 		return nil, err
 	}
 	if err := checkCSR(csr, identity); err != nil {
-		return nil, err
+		return nil, grpcStatus("FailedPrecondition", err.Error())
 	}
 	leaf, err := issueEndEntityCrt(issuer, csr)
 	if err != nil {
-		return nil, err
+		return nil, grpcStatus("Internal", err.Error())
 	}
-	// The proxy gets leaf + issuer chain and trusts only the anchors.
+	return leaf, nil
+}
+
+// proxyVerify approximates the proxy's check of what Certify returned: the leaf plus the
+// issuer chain (CertifyResponse.IntermediateCertificates) must verify against the anchors for
+// the proxy's identity name. Not Linkerd Go code: the proxy is Rust (rustls/webpki).
+func proxyVerify(leaf *x509.Certificate, issuer *cred, anchors *x509.CertPool, identity string) error {
 	intermediates := x509.NewCertPool()
 	intermediates.AddCert(issuer.cert)
 	for _, c := range issuer.chain {
 		intermediates.AddCert(c)
 	}
-	_, err = leaf.Verify(x509.VerifyOptions{
+	_, err := leaf.Verify(x509.VerifyOptions{
 		Roots: anchors, Intermediates: intermediates, DNSName: identity,
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	})
 	if err != nil {
-		return nil, fmt.Errorf("issued certificate does not verify against the trust anchors: %s", err)
+		return fmt.Errorf("issued certificate does not verify against the trust anchors: %s", err)
 	}
-	return leaf, nil
+	return nil
 }
 
-// issueEndEntityCrt mirrors pkg/tls CA.IssueEndEntityCrt with Linkerd's certificate template.
+// issueEndEntityCrt mirrors pkg/tls CA.IssueEndEntityCrt with Linkerd's certificate template
+// (createTemplate, Validity.Window, the clamp to firstCrtExpiration) and Cred.SignCrt.
 func issueEndEntityCrt(issuer *cred, csr *x509.CertificateRequest) (*x509.Certificate, error) {
 	pub, ok := csr.PublicKey.(*ecdsa.PublicKey)
 	if !ok {
@@ -201,7 +244,7 @@ func issueEndEntityCrt(issuer *cred, csr *x509.CertificateRequest) (*x509.Certif
 	}
 	now := time.Now()
 	notAfter := now.Add(issuanceLifetime).Add(clockSkewAllowance)
-	// Clamp to the first expiry in the issuer's chain, as Linkerd does.
+	// Clamp to the first expiry in the issuer's chain (findFirstExpiration).
 	first := issuer.cert.NotAfter
 	for _, c := range issuer.chain {
 		if c.NotAfter.Before(first) {
@@ -212,7 +255,7 @@ func issueEndEntityCrt(issuer *cred, csr *x509.CertificateRequest) (*x509.Certif
 		notAfter = first
 	}
 	template := &x509.Certificate{
-		SerialNumber:       big.NewInt(1),
+		SerialNumber:       big.NewInt(1),        // a fresh CA's nextSerialNumber
 		SignatureAlgorithm: x509.ECDSAWithSHA256, // the only algorithm Linkerd signs with
 		NotBefore:          now.Add(-clockSkewAllowance),
 		NotAfter:           notAfter,
@@ -223,8 +266,12 @@ func issueEndEntityCrt(issuer *cred, csr *x509.CertificateRequest) (*x509.Certif
 		},
 		Issuer:          issuer.cert.Subject,
 		Subject:         csr.Subject,
+		Extensions:      csr.Extensions,
 		ExtraExtensions: csr.ExtraExtensions,
 		DNSNames:        csr.DNSNames,
+		EmailAddresses:  csr.EmailAddresses,
+		IPAddresses:     csr.IPAddresses,
+		URIs:            csr.URIs,
 	}
 	der, err := x509.CreateCertificate(rand.Reader, template, issuer.cert, pub, issuer.key)
 	if err != nil {
@@ -247,11 +294,21 @@ func checkCSR(csr *x509.CertificateRequest, identity string) error {
 	default:
 		return fmt.Errorf("invalid CommonName: %s", csr.Subject.CommonName)
 	}
+	if len(csr.EmailAddresses) > 0 {
+		return errors.New("cannot validate email addresses")
+	}
+	if len(csr.IPAddresses) > 0 {
+		return errors.New("cannot validate IP addresses")
+	}
+	if len(csr.URIs) > 0 {
+		return errors.New("cannot validate URIs")
+	}
 	return nil
 }
 
-// validateAndCreateCreds mirrors pkg/tls ValidateAndCreateCreds: the key may be EC, RSA
-// (PKCS#1) or PKCS#8, and must match the first certificate; the rest is the chain.
+// validateAndCreateCreds mirrors pkg/tls ValidateAndCreateCreds: decode the key first, then
+// the certificates (DecodePEMCrt: leaf first, the rest is the chain), then require that the
+// key matches the first certificate.
 func validateAndCreateCreds(crtPEM, keyPEM string) (*cred, error) {
 	key, err := decodePEMKey(keyPEM)
 	if err != nil {
@@ -262,7 +319,7 @@ func validateAndCreateCreds(crtPEM, keyPEM string) (*cred, error) {
 		return nil, err
 	}
 	if len(certs) == 0 {
-		return nil, errors.New("No certificates found")
+		return nil, errors.New("No certificates found") // DecodePEMCrt's capitalisation
 	}
 	if !keyMatches(key, certs[0]) {
 		return nil, errors.New("tls: Public and private key do not match")
@@ -275,10 +332,12 @@ func validateAndCreateCreds(crtPEM, keyPEM string) (*cred, error) {
 	return &cred{cert: certs[0], chain: chain, key: key}, nil
 }
 
+// decodePEMKey mirrors pkg/tls DecodePEMKey: only the first PEM block is read; EC (SEC 1),
+// RSA (PKCS#1) and PKCS#8 holding an ECDSA or RSA key are accepted.
 func decodePEMKey(txt string) (crypto.Signer, error) {
 	block, _ := pem.Decode([]byte(txt))
 	if block == nil {
-		return nil, errors.New("Not PEM-encoded")
+		return nil, errors.New("not PEM-encoded")
 	}
 	switch block.Type {
 	case "EC PRIVATE KEY":
@@ -290,16 +349,20 @@ func decodePEMKey(txt string) (crypto.Signer, error) {
 		if err != nil {
 			return nil, err
 		}
-		signer, ok := k.(crypto.Signer)
-		if !ok {
-			return nil, fmt.Errorf("unsupported PKCS#8 key type %T", k)
+		switch key := k.(type) {
+		case *ecdsa.PrivateKey:
+			return key, nil
+		case *rsa.PrivateKey:
+			return key, nil
 		}
-		return signer, nil
+		return nil, fmt.Errorf("unsupported PKCS#8 encoded private key type: '%s', "+
+			"linkerd2 only supports ECDSA and RSA private keys", reflect.TypeOf(k))
 	default:
-		return nil, fmt.Errorf("unsupported block type %s", block.Type)
+		return nil, fmt.Errorf("unsupported block type: '%s'", block.Type)
 	}
 }
 
+// keyMatches mirrors pkg/tls privateKeyEC/privateKeyRSA matchesCertificate.
 func keyMatches(key crypto.Signer, cert *x509.Certificate) bool {
 	switch k := key.(type) {
 	case *ecdsa.PrivateKey:
@@ -343,7 +406,7 @@ func decodePEMCertPool(txt string) (*x509.CertPool, error) {
 		return nil, err
 	}
 	if len(certs) == 0 {
-		return nil, errors.New("No certificates found")
+		return nil, errors.New("no certificates found")
 	}
 	pool := x509.NewCertPool()
 	for _, c := range certs {
@@ -352,14 +415,21 @@ func decodePEMCertPool(txt string) (*x509.CertPool, error) {
 	return pool, nil
 }
 
-// verify mirrors pkg/tls Crt.Verify: the chain in the PEM serves as intermediates, the
-// current time is used, and no DNS name is checked for an issuer.
+// verify mirrors pkg/tls Crt.Verify with a zero currentTime: the chain in the PEM serves as
+// intermediates, the current time is used, and an expiry error (x509.CertificateInvalidError
+// with Reason Expired, whichever certificate of the chain it is about) is decorated with the
+// time and this certificate's validity window, as crtExpiryError does.
 func (c *cred) verify(roots *x509.CertPool, name string) error {
 	intermediates := x509.NewCertPool()
 	for _, ch := range c.chain {
 		intermediates.AddCert(ch)
 	}
 	_, err := c.cert.Verify(x509.VerifyOptions{Roots: roots, Intermediates: intermediates, DNSName: name})
+	var invalid x509.CertificateInvalidError
+	if errors.As(err, &invalid) && invalid.Reason == x509.Expired {
+		return fmt.Errorf("%s - Current Time : %s - Invalid before %s - Invalid After %s",
+			err, time.Now(), c.cert.NotBefore, c.cert.NotAfter)
+	}
 	return err
 }
 
@@ -374,8 +444,49 @@ func checkCertValidityPeriod(cert *x509.Certificate) error {
 	return nil
 }
 
+// checkExpiringSoon mirrors pkg/issuercerts CheckExpiringSoon.
+func checkExpiringSoon(cert *x509.Certificate) error {
+	if time.Now().AddDate(0, 0, expiryWarningDays).After(cert.NotAfter) {
+		return fmt.Errorf("will expire on %s", cert.NotAfter.Format(time.RFC3339))
+	}
+	return nil
+}
+
+// anchorProblems lists "* <serial> <CN> <err>" for each anchor failing fn, the way
+// pkg/healthcheck reports trust anchors.
+func anchorProblems(anchors []*x509.Certificate, fn func(*x509.Certificate) error) string {
+	var lines []string
+	for _, a := range anchors {
+		if err := fn(a); err != nil {
+			lines = append(lines, fmt.Sprintf("* %v %s %s", a.SerialNumber, a.Subject.CommonName, err))
+		}
+	}
+	return strings.Join(lines, "\n\t")
+}
+
+// checkAnchorsValidityPeriod mirrors pkg/healthcheck "trust anchors are within their
+// validity period" (fatal).
+func checkAnchorsValidityPeriod(anchors []*x509.Certificate) error {
+	if p := anchorProblems(anchors, checkCertValidityPeriod); p != "" {
+		return fmt.Errorf("Invalid anchors:\n\t%s", p)
+	}
+	return nil
+}
+
+// checkAnchorsExpiringSoon mirrors pkg/healthcheck "trust anchors are valid for at least 60
+// days" (a warning).
+func checkAnchorsExpiringSoon(anchors []*x509.Certificate) error {
+	if p := anchorProblems(anchors, checkExpiringSoon); p != "" {
+		return fmt.Errorf("Anchors expiring soon:\n\t%s", p)
+	}
+	return nil
+}
+
 // checkCertAlgoRequirements mirrors pkg/issuercerts CheckCertAlgoRequirements: the issuer key
-// must be ECDSA P-256 (Linkerd only signs with ECDSA-SHA256).
+// must be ECDSA P-256 (Linkerd only signs with ECDSA-SHA256). Its signature may also be
+// SHA256-RSA: linkerd2 PR #8868 (fixing #7771, in 2.12) allows an RSA trust anchor above an
+// ECDSA issuer. The source of that version could not be read here, so the texts below are
+// those of the pre-#8868 function; the signature-algorithm text may differ in 2.12+.
 func checkCertAlgoRequirements(cert *x509.Certificate) error {
 	if cert.PublicKeyAlgorithm != x509.ECDSA {
 		return fmt.Errorf("must use ECDSA for public key algorithm, instead %s was used",
@@ -389,8 +500,6 @@ func checkCertAlgoRequirements(cert *x509.Certificate) error {
 		return fmt.Errorf("must use P-256 curve for public key, instead P-%d was used",
 			k.Params().BitSize)
 	}
-	// The issuer's own key must be ECDSA P-256, but since linkerd2 PR #8868 (2.12) its
-	// signer may be an RSA trust anchor, so SHA256-RSA is accepted as well (REFERENCE.md).
 	switch cert.SignatureAlgorithm {
 	case x509.ECDSAWithSHA256, x509.SHA256WithRSA:
 		return nil
