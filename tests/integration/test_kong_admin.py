@@ -63,6 +63,10 @@ def kong() -> Iterator[FakeKong]:
 
 
 def _settings(tmp_path: Path, url: str, token: str, ca_cert: Path | None) -> Settings:
+    return load_settings(_config_file(tmp_path, url, token, ca_cert))
+
+
+def _config_file(tmp_path: Path, url: str, token: str, ca_cert: Path | None = None) -> Path:
     token_file = tmp_path / "kong-token"
     token_file.write_text(token + "\n")
     admin_api = {"url": url, "token_file": str(token_file)}
@@ -85,7 +89,7 @@ def _settings(tmp_path: Path, url: str, token: str, ca_cert: Path | None) -> Set
             }
         )
     )
-    return load_settings(path)
+    return path
 
 
 def _setup(
@@ -435,31 +439,15 @@ def test_https_admin_api_is_verified_against_the_configured_ca(tmp_path: Path) -
 def test_run_once_with_admin_api_delivery_publishes_to_kong(tmp_path: Path) -> None:
     """The command line wires the Admin API publisher from configuration alone."""
     with serve() as fake:
-        fake.store.add_service("payments-api", protocol="https")
-        config = tmp_path / "config.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "anchor": {"local": {"dir": str(tmp_path / "data")}},
-                    "publish": {"kubernetes": {"enabled": False}},
-                    "kong": {
-                        "delivery": "admin-api",
-                        "admin_api": {"url": fake.url},
-                        "clients": [
-                            {
-                                "name": "payments",
-                                "common_name": "kong.payments.upstream",
-                                "service": "payments-api",
-                            }
-                        ],
-                    },
-                }
-            )
-        )
+        fake.store.token = TOKEN
+        for service in CLIENTS.values():
+            fake.store.add_service(service, protocol="https")
+        config = _config_file(tmp_path, fake.url, TOKEN)
         result = ca_daemon("run", "--once", "--config", str(config), cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert cert_id("payments") in fake.store.certificates
-        service = fake.store.service("payments-api")
-        assert service is not None
-        assert service["client_certificate"] == {"id": cert_id("payments")}
+        assert set(fake.store.certificates) == {cert_id(n) for n in CLIENTS}
+        for name, service_name in CLIENTS.items():
+            service = fake.store.service(service_name)
+            assert service is not None
+            assert service["client_certificate"] == {"id": cert_id(name)}
         assert len(fake.store.ca_certificates) == 1
