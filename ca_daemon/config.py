@@ -364,10 +364,6 @@ class Settings(BaseSettings):
         return f"kong-upstream.{self.trust_domain}"
 
     @property
-    def data_dir(self) -> Path:
-        return self.anchor.local.dir
-
-    @property
     def publish_directory(self) -> Path:
         return self.publish.directory or self.anchor.local.dir / "out"
 

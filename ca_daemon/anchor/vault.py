@@ -12,6 +12,7 @@ has already capped at the signer's own not-after.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import hvac
@@ -46,9 +47,9 @@ def _csr_pem(csr: x509.CertificateSigningRequest) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def _read_secret_file(path: Any, what: str) -> str:
+def _read_secret_file(path: Path, what: str) -> str:
     try:
-        value = str(path.read_text()).strip()
+        value = path.read_text().strip()
     except OSError as exc:
         raise AnchorError(f"Vault auth: cannot read {what} {path}: {exc.strerror}") from exc
     if not value:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,6 +57,15 @@ def _missing_or_different(want: Mapping[str, str], have: Mapping[str, str] | Non
     return any(have.get(k) != v for k, v in want.items())
 
 
+@dataclass(frozen=True)
+class _KindApi:
+    """The three calls a Secret or ConfigMap reconciliation needs."""
+
+    read: Callable[..., Any]
+    create: Callable[..., Any]
+    replace: Callable[..., Any]
+
+
 class KubernetesPublisher:
     def __init__(self, settings: Settings, api: client.ApiClient) -> None:
         self.settings = settings
@@ -84,12 +94,22 @@ class KubernetesPublisher:
 
     # --- objects -----------------------------------------------------------------------------
 
-    def _read(self, obj: DesiredObject) -> Any:
-        read = (
-            self.core.read_namespaced_secret
-            if obj.kind == "Secret"
-            else self.core.read_namespaced_config_map
+    def _api(self, kind: str) -> _KindApi:
+        core = self.core
+        if kind == "Secret":
+            return _KindApi(
+                core.read_namespaced_secret,
+                core.create_namespaced_secret,
+                core.replace_namespaced_secret,
+            )
+        return _KindApi(
+            core.read_namespaced_config_map,
+            core.create_namespaced_config_map,
+            core.replace_namespaced_config_map,
         )
+
+    def _read(self, obj: DesiredObject) -> Any:
+        read = self._api(obj.kind).read
         return call(f"read {obj.ref}", read, obj.name, obj.namespace, missing_ok=True)
 
     def _body(self, obj: DesiredObject, live: Any) -> dict[str, Any]:
@@ -138,11 +158,7 @@ class KubernetesPublisher:
                 if obj.ref in self._written:
                     report.drifted.append(f"{obj.ref} (deleted)")
                     self._event(obj, None, "DriftRepaired", f"{obj.ref} was deleted; recreated")
-                create = (
-                    self.core.create_namespaced_secret
-                    if obj.kind == "Secret"
-                    else self.core.create_namespaced_config_map
-                )
+                create = self._api(obj.kind).create
                 try:
                     call(f"create {obj.ref}", create, obj.namespace, self._body(obj, None))
                 except KubeConflict:
@@ -170,11 +186,7 @@ class KubernetesPublisher:
                 )
                 report.drifted.append(f"{obj.ref} (keys changed: {', '.join(changed)})")
                 self._event(obj, live, "DriftRepaired", f"keys {', '.join(changed)} restored")
-            replace = (
-                self.core.replace_namespaced_secret
-                if obj.kind == "Secret"
-                else self.core.replace_namespaced_config_map
-            )
+            replace = self._api(obj.kind).replace
             try:
                 call(f"update {obj.ref}", replace, obj.name, obj.namespace, self._body(obj, live))
             except KubeConflict:

@@ -73,9 +73,6 @@ class State:
     def root(self, role: RootRole) -> RootEntry | None:
         return next((r for r in self.roots if r.role is role), None)
 
-    def root_by_ref(self, ref: str) -> RootEntry | None:
-        return next((r for r in self.roots if r.ref == ref), None)
-
     @property
     def active_root(self) -> RootEntry | None:
         return self.root(RootRole.ACTIVE)
