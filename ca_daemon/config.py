@@ -263,6 +263,9 @@ class RotationConfig(Section):
     retire_delay: Duration | Literal["auto"] = "auto"
     clock_skew: Duration = timedelta(minutes=5)
     jitter: float = Field(default=0.05, ge=0.0, le=0.5)
+    # Renewals of many credentials run in parallel batches of this size; the anchor
+    # (Vault) does the signing, so a small pod is not the bottleneck.
+    concurrency: int = Field(default=8, ge=1, le=64)
 
     @field_validator("check_interval")
     @classmethod
