@@ -10,6 +10,8 @@ import pytest
 from ca_daemon.pki.keys import generate_key, private_key_pem
 from tests.integration.cli import ca_daemon
 
+pytestmark = pytest.mark.integration
+
 LAYOUT = {
     "trust-bundle.pem",
     "linkerd/ca.crt",

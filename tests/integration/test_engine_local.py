@@ -23,6 +23,8 @@ from ca_daemon.verify import verify_directory
 from ca_daemon.world import desired_world
 from tests.unit.conftest import NOW, self_signed_root
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
