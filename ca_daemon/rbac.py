@@ -1,8 +1,17 @@
-"""The least-privilege RBAC a configuration needs: one Role per namespace it writes to.
+"""The least-privilege RBAC a configuration needs: one Role per namespace it writes to,
+plus one ClusterRole when Linkerd's meshed Pods (which live anywhere) must be read.
 
 Names are pinned with resourceNames wherever Kubernetes allows it (``create`` and
 ``list`` cannot be pinned; Kong CA Secrets are named after root fingerprints, so
-they need get/list/update/delete by label in the Kong namespace).
+they need get/list/update/delete by label in the Kong namespace; the workloads
+``linkerd.restart`` rolls are found at run time, so their patch cannot be pinned).
+
+Linkerd (see ca_daemon/publish/linkerd_rollout.py):
+- ``gate: pods`` or ``restart: all``: list Pods cluster-wide (ClusterRole).
+- ``restart: control-plane`` or ``all``: list and patch Deployments in the Linkerd namespace.
+- ``restart: all``: get and patch Deployments, StatefulSets and DaemonSets, and get
+  ReplicaSets (a Deployment owns its Pods through one), cluster-wide.
+- The pods gate's one Event is updated in place: get/patch of that Event name.
 """
 
 from __future__ import annotations
@@ -12,12 +21,20 @@ from typing import Any
 
 from ca_daemon.config import Settings
 from ca_daemon.publish.k8s_objects import split_service
+from ca_daemon.publish.pods_gate import pending_event_name
 
 ROLE_NAME = "ca-daemon"
+_RBAC = "rbac.authorization.k8s.io/v1"
 
 
-def _rule(resource: str, verbs: list[str], names: list[str] | None = None) -> dict[str, Any]:
-    rule: dict[str, Any] = {"apiGroups": [""], "resources": [resource], "verbs": verbs}
+def _rule(
+    resource: str | list[str],
+    verbs: list[str],
+    names: list[str] | None = None,
+    group: str = "",
+) -> dict[str, Any]:
+    resources = [resource] if isinstance(resource, str) else resource
+    rule: dict[str, Any] = {"apiGroups": [group], "resources": resources, "verbs": verbs}
     if names:
         rule["resourceNames"] = sorted(set(names))
     return rule
@@ -28,10 +45,11 @@ def namespace_rules(settings: Settings) -> dict[str, list[dict[str, Any]]]:
     configmaps: dict[str, list[str]] = defaultdict(list)
     services: dict[str, list[str]] = defaultdict(list)
     kong_ca_namespace: str | None = None
-    if settings.linkerd.enabled:
-        ns = settings.linkerd.namespace
-        secrets[ns].append(settings.linkerd.issuer_secret)
-        configmaps[ns].append(settings.linkerd.trust_roots_configmap)
+    linkerd = settings.linkerd
+    if linkerd.enabled:
+        ns = linkerd.namespace
+        secrets[ns].append(linkerd.issuer_secret)
+        configmaps[ns].append(linkerd.trust_roots_configmap)
     kong = settings.kong
     if kong.enabled and kong.delivery == "kubernetes":
         kong_ca_namespace = kong.namespace
@@ -58,23 +76,48 @@ def namespace_rules(settings: Settings) -> dict[str, list[dict[str, Any]]]:
     if kong_ca_namespace is not None:
         rules[kong_ca_namespace].append(_rule("secrets", ["get", "list", "update", "delete"]))
         rules[kong_ca_namespace].append(_rule("secrets", ["create"]))
+    if linkerd.enabled and linkerd.restart != "none":
+        # The control plane's Deployments: their names vary with extensions, so unpinned.
+        rules[linkerd.namespace].append(_rule("deployments", ["list", "patch"], group="apps"))
+    if linkerd.enabled and linkerd.gate == "pods":
+        event = pending_event_name(linkerd.trust_roots_configmap)
+        rules[linkerd.namespace].append(_rule("events", ["get", "patch"], [event]))
     for ns in rules:
         rules[ns].append(_rule("events", ["create"]))
     return dict(rules)
 
 
+def cluster_rules(settings: Settings) -> list[dict[str, Any]]:
+    """What cannot be namespaced: meshed Pods and the workloads owning them are anywhere."""
+    linkerd = settings.linkerd
+    if not linkerd.enabled:
+        return []
+    rules: list[dict[str, Any]] = []
+    if linkerd.gate == "pods" or linkerd.restart == "all":
+        rules.append(_rule("pods", ["list"]))
+    if linkerd.restart == "all":
+        rules.append(_rule("replicasets", ["get"], group="apps"))
+        workloads = ["deployments", "statefulsets", "daemonsets"]
+        rules.append(_rule(workloads, ["get", "patch"], group="apps"))
+    return rules
+
+
+def cluster_role_name(sa_namespace: str, sa_name: str) -> str:
+    """ClusterRoles share one cluster-wide namespace: name it after the ServiceAccount."""
+    return f"{ROLE_NAME}:{sa_namespace}:{sa_name}"
+
+
 def manifests(settings: Settings, sa_namespace: str, sa_name: str) -> list[dict[str, Any]]:
-    """Role + RoleBinding per namespace, bound to the daemon's ServiceAccount."""
+    """Role + RoleBinding per namespace, and a ClusterRole + ClusterRoleBinding when
+    needed, bound to the daemon's ServiceAccount."""
     docs: list[dict[str, Any]] = []
+    labels = {"app.kubernetes.io/name": "ca-daemon"}
+    subjects = [{"kind": "ServiceAccount", "name": sa_name, "namespace": sa_namespace}]
     for ns, rules in sorted(namespace_rules(settings).items()):
-        meta = {
-            "name": ROLE_NAME,
-            "namespace": ns,
-            "labels": {"app.kubernetes.io/name": "ca-daemon"},
-        }
+        meta = {"name": ROLE_NAME, "namespace": ns, "labels": labels}
         docs.append(
             {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "apiVersion": _RBAC,
                 "kind": "Role",
                 "metadata": meta,
                 "rules": rules,
@@ -82,7 +125,7 @@ def manifests(settings: Settings, sa_namespace: str, sa_name: str) -> list[dict[
         )
         docs.append(
             {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "apiVersion": _RBAC,
                 "kind": "RoleBinding",
                 "metadata": meta,
                 "roleRef": {
@@ -90,9 +133,26 @@ def manifests(settings: Settings, sa_namespace: str, sa_name: str) -> list[dict[
                     "kind": "Role",
                     "name": ROLE_NAME,
                 },
-                "subjects": [
-                    {"kind": "ServiceAccount", "name": sa_name, "namespace": sa_namespace}
-                ],
+                "subjects": subjects,
+            }
+        )
+    cluster = cluster_rules(settings)
+    if cluster:
+        meta = {"name": cluster_role_name(sa_namespace, sa_name), "labels": labels}
+        docs.append(
+            {"apiVersion": _RBAC, "kind": "ClusterRole", "metadata": meta, "rules": cluster}
+        )
+        docs.append(
+            {
+                "apiVersion": _RBAC,
+                "kind": "ClusterRoleBinding",
+                "metadata": meta,
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": meta["name"],
+                },
+                "subjects": subjects,
             }
         )
     return docs

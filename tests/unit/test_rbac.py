@@ -1,0 +1,102 @@
+"""`config rbac` grants what linkerd.restart and linkerd.gate need, and nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from ca_daemon.config import Settings
+from ca_daemon.rbac import manifests
+
+
+def _docs(settings: Settings, kind: str) -> list[dict[str, Any]]:
+    return [d for d in manifests(settings, "cad", "ca-daemon") if d["kind"] == kind]
+
+
+def _grants(rules: list[dict[str, Any]], group: str, resource: str) -> set[str]:
+    return {
+        verb
+        for rule in rules
+        if group in rule["apiGroups"] and resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def _linkerd_role(settings: Settings) -> list[dict[str, Any]]:
+    (role,) = [d for d in _docs(settings, "Role") if d["metadata"]["namespace"] == "linkerd"]
+    rules: list[dict[str, Any]] = role["rules"]
+    return rules
+
+
+def _cluster_rules(settings: Settings) -> list[dict[str, Any]]:
+    roles = _docs(settings, "ClusterRole")
+    return [rule for role in roles for rule in role["rules"]]
+
+
+Make = Callable[..., Settings]
+
+
+def test_gate_time_restart_none_needs_nothing_cluster_wide(make_settings: Make) -> None:
+    s = make_settings({"linkerd": {"gate": "time", "restart": "none"}})
+    assert _docs(s, "ClusterRole") == []
+    assert _docs(s, "ClusterRoleBinding") == []
+    rules = _linkerd_role(s)
+    assert _grants(rules, "apps", "deployments") == set()
+    assert _grants(rules, "", "events") == {"create"}
+
+
+def test_gate_pods_lists_pods_cluster_wide_and_updates_its_one_event(make_settings: Make) -> None:
+    s = make_settings({"linkerd": {"gate": "pods", "restart": "none"}})
+    assert _cluster_rules(s) == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    (binding,) = _docs(s, "ClusterRoleBinding")
+    (role,) = _docs(s, "ClusterRole")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ca-daemon", "namespace": "cad"}
+    ]
+    # Named after the ServiceAccount: two daemons in one cluster must not share it.
+    assert role["metadata"]["name"] == "ca-daemon:cad:ca-daemon"
+    pinned = [r for r in _linkerd_role(s) if "get" in r["verbs"] and "events" in r["resources"]]
+    assert pinned == [
+        {
+            "apiGroups": [""],
+            "resources": ["events"],
+            "verbs": ["get", "patch"],
+            "resourceNames": ["linkerd-identity-trust-roots.ca-daemon-pods-pending"],
+        }
+    ]
+
+
+def test_restart_control_plane_patches_deployments_in_linkerd_only(make_settings: Make) -> None:
+    s = make_settings({"linkerd": {"gate": "time", "restart": "control-plane"}})
+    assert _grants(_linkerd_role(s), "apps", "deployments") == {"list", "patch"}
+    assert _docs(s, "ClusterRole") == []
+    for role in _docs(s, "Role"):
+        if role["metadata"]["namespace"] != "linkerd":
+            assert _grants(role["rules"], "apps", "deployments") == set()
+
+
+@pytest.mark.parametrize("gate", ["time", "pods"])
+def test_restart_all_patches_workloads_cluster_wide(make_settings: Make, gate: str) -> None:
+    s = make_settings({"linkerd": {"gate": gate, "restart": "all"}})
+    rules = _cluster_rules(s)
+    assert _grants(rules, "", "pods") == {"list"}  # to find the meshed workloads
+    assert _grants(rules, "apps", "replicasets") == {"get"}
+    for workload in ("deployments", "statefulsets", "daemonsets"):
+        assert _grants(rules, "apps", workload) == {"get", "patch"}
+    # Never more than that: no writes to Pods, no deletes, no secrets cluster-wide.
+    verbs = {verb for rule in rules for verb in rule["verbs"]}
+    assert verbs == {"list", "get", "patch"}
+    assert _grants(rules, "", "secrets") == set()
+
+
+def test_linkerd_disabled_needs_nothing_for_it(make_settings: Make) -> None:
+    s = make_settings({"linkerd": {"enabled": False, "restart": "all", "gate": "pods"}})
+    assert _docs(s, "ClusterRole") == []
+    assert all(d["metadata"]["namespace"] != "linkerd" for d in _docs(s, "Role"))
