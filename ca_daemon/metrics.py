@@ -5,6 +5,7 @@ A registry of its own, so tests and embedders never share global collectors.
 
 from __future__ import annotations
 
+import collections
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ca_daemon import __version__
 from ca_daemon.config import Settings
 from ca_daemon.rotation.engine import PassResult
-from ca_daemon.rotation.state import Phase, State
+from ca_daemon.rotation.state import OpState, Phase, State
 from ca_daemon.status import status_view
 from ca_daemon.world import bundle_roots
 
@@ -78,6 +79,14 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge("ca_daemon_leader", "1 on the leader.", registry=r)
+        self.pending_pods = Gauge(
+            "ca_daemon_root_rotation_pending_pods",
+            "Meshed Pods that do not yet hold the bundle being propagated.",
+            registry=r,
+        )
+        self.operations = Gauge(
+            "ca_daemon_operations", "Manual operations by state.", ("state",), registry=r
+        )
         self.build_info = Gauge(
             "ca_daemon_build_info", "Build information.", ("version",), registry=r
         )
@@ -117,8 +126,14 @@ class Metrics:
             self.not_before.labels(*labels).set(_ts(row["not_before"]))
             self.next_rotation.labels(row["kind"], row["name"]).set(_ts(row["next_rotation"]))
         for phase in Phase:
-            self.phase.labels(phase.value).set(1 if state.phase is phase else 0)
+            self.phase.labels(phase.value).set(1 if state.ca.phase is phase else 0)
         self.bundle_roots.set(len(bundle_roots(state)))
+        rotation = state.ca.rotation
+        propagating = state.ca.phase is Phase.PROPAGATING and rotation is not None
+        self.pending_pods.set(rotation.pending_count if propagating and rotation else 0)
+        counts = collections.Counter(op.state for op in state.ca.operations)
+        for op_state in OpState:
+            self.operations.labels(op_state.value).set(counts.get(op_state, 0))
 
 
 def _ts(iso: str) -> float:

@@ -10,7 +10,7 @@ from cryptography import x509
 from ca_daemon.config import Settings
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
-from ca_daemon.rotation.plan import renew_at
+from ca_daemon.rotation.plan import renew_at, root_due_at
 from ca_daemon.rotation.state import State
 
 
@@ -39,42 +39,30 @@ def _row(
     }
 
 
-def status_view(state: State, settings: Settings, now: datetime) -> dict[str, Any]:
+def status_view(
+    state: State,
+    settings: Settings,
+    now: datetime,
+    waiting: str | None = None,
+) -> dict[str, Any]:
+    ca = state.ca
     jitter = settings.rotation.jitter
     roots = [
-        _row(
-            Kind.TRUST_ANCHOR,
-            r.ref,
-            r.role.value,
-            r.cert,
-            r.cert.not_valid_after_utc - settings.root.rotate_before,
-            now,
-        )
-        for r in state.roots
+        _row(Kind.TRUST_ANCHOR, r.ref, r.role.value, r.cert, root_due_at(r.cert, settings), now)
+        for r in ca.roots
     ]
-    cas = []
+    active = ca.active_root
+    issuers = []
     if state.linkerd_issuer is not None:
-        cas.append(
-            (
-                Kind.LINKERD_ISSUER,
-                settings.linkerd.issuer_secret,
-                state.linkerd_issuer.cert,
-                settings.linkerd.issuer.rotate_before,
-            )
+        cert = state.linkerd_issuer.cert
+        due = renew_at(cert, settings.linkerd.issuer.rotate_before, jitter)
+        issuers.append(
+            _row(Kind.LINKERD_ISSUER, settings.linkerd.issuer_secret, "active", cert, due, now)
         )
-    if state.kong_intermediate is not None:
-        cas.append(
-            (
-                Kind.KONG_INTERMEDIATE,
-                state.kong_intermediate.ref,
-                state.kong_intermediate.cert,
-                settings.kong.intermediate.rotate_before,
-            )
-        )
-    issuers = [
-        _row(kind, name, "active", cert, renew_at(cert, before, jitter), now)
-        for kind, name, cert, before in cas
-    ]
+    for inter in ca.intermediates:
+        role = "active" if active and inter.root_ref == active.ref else "retiring"
+        due = renew_at(inter.cert, settings.kong.intermediate.rotate_before, jitter)
+        issuers.append(_row(Kind.KONG_INTERMEDIATE, inter.ref, role, inter.cert, due, now))
     policy = {c.name: c.rotate_before for c in settings.kong.clients}
     clients = [
         _row(
@@ -87,12 +75,46 @@ def status_view(state: State, settings: Settings, now: datetime) -> dict[str, An
         )
         for name, entry in sorted(state.kong_clients.items())
     ]
+    rotation = ca.rotation
     return {
-        "phase": state.phase.value,
+        "phase": ca.phase.value,
+        "phase_since": _iso(ca.phase_since) if ca.phase_since else None,
+        "rotation": (
+            {
+                "trigger": rotation.trigger,
+                "operation": rotation.operation,
+                "started_at": _iso(rotation.started_at),
+                "bundle_confirmed_at": _opt(rotation.confirmed_at),
+                "linkerd_restarted_at": _opt(rotation.restart_at) if rotation.restarted else None,
+                "activated_at": _opt(rotation.activated_at),
+                "retire_after": _opt(rotation.retire_after),
+                "waiting_for": waiting,
+                "pending_pods": list(rotation.pending_pods),
+                "pending_pods_total": rotation.pending_count,
+            }
+            if rotation
+            else None
+        ),
         "roots": roots,
         "issuers": issuers,
         "clients": clients,
+        "operations": [
+            {
+                "id": op.id,
+                "target": op.target,
+                "reason": op.reason,
+                "state": op.state.value,
+                "requested_at": _iso(op.requested_at),
+                "finished_at": _opt(op.finished_at),
+                "result": op.result,
+            }
+            for op in ca.operations
+        ],
     }
+
+
+def _opt(moment: datetime | None) -> str | None:
+    return _iso(moment) if moment else None
 
 
 def _left(seconds: int) -> str:
@@ -120,4 +142,12 @@ def render_table(view: dict[str, Any]) -> str:
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
     ]
-    return f"rotation phase: {view['phase']}\n" + "\n".join(lines)
+    head = [f"rotation phase: {view['phase']}"]
+    rotation = view.get("rotation")
+    if rotation:
+        if rotation.get("waiting_for"):
+            head.append(f"waiting for: {rotation['waiting_for']}")
+        if rotation.get("pending_pods_total"):
+            names = ", ".join(rotation["pending_pods"])
+            head.append(f"pods on an old bundle ({rotation['pending_pods_total']}): {names}")
+    return "\n".join(head) + "\n" + "\n".join(lines)

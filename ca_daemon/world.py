@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from cryptography import x509
 
 from ca_daemon.config import Settings
-from ca_daemon.pki.bundle import normalize, render_pem
-from ca_daemon.rotation.state import IssuedEntry, Phase, RootRole, State
+from ca_daemon.pki.bundle import render_pem
+from ca_daemon.rotation.state import IssuedEntry, State, trusted_roots
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,7 @@ class TrustWorld:
 
 def bundle_roots(state: State) -> list[x509.Certificate]:
     """Roots every verifier must trust now: a prepared next root is not yet among them."""
-    hidden = {RootRole.NEXT} if state.phase in (Phase.STEADY, Phase.PREPARED) else set()
-    return normalize(r.cert for r in state.roots if r.role not in hidden)
+    return trusted_roots(state.ca)
 
 
 def desired_world(state: State, settings: Settings) -> TrustWorld:
@@ -40,7 +39,7 @@ def desired_world(state: State, settings: Settings) -> TrustWorld:
         roots=tuple(bundle_roots(state)),
         linkerd_issuer=state.linkerd_issuer if settings.linkerd.enabled else None,
         kong_intermediate=(
-            state.kong_intermediate.cert if kong and state.kong_intermediate else None
+            state.ca.active_intermediate.cert if kong and state.ca.active_intermediate else None
         ),
         kong_clients=(
             {n: e for n, e in state.kong_clients.items() if n in configured} if kong else {}

@@ -55,3 +55,7 @@ class Anchor(Protocol):
         validity: Validity,
     ) -> x509.Certificate:
         """Sign a clientAuth leaf under an intermediate held in the backend."""
+
+    def set_default(self, root: CA, intermediate: CA | None) -> None:
+        """Make ``root`` (and the Kong ``intermediate``) the backend's default issuers, for
+        whoever else signs there; the daemon itself always names the issuer it signs with."""

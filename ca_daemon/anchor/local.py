@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 from pathlib import Path
 
 from cryptography import x509
@@ -51,6 +52,10 @@ class LocalAnchor:
         self._dir = directory / "anchor"
         self._passphrase = passphrase
         self.description = f"local anchor in {directory}"
+        # Decrypting a CA key derives a key from the passphrase: once per CA, not per
+        # signature, or renewing thousands of clients would spend its time there.
+        self._keys: dict[str, PrivateKey] = {}
+        self._lock = threading.Lock()
 
     def check(self) -> None:
         try:
@@ -75,10 +80,21 @@ class LocalAnchor:
         return CA(ref, cert), key
 
     def _signer(self, ca: CA) -> PrivateKey:
-        loaded = self._load(ca.ref)
-        if loaded is None:
-            raise AnchorError(f"{self.description}: CA {ca.ref} is missing")
-        return loaded[1]
+        with self._lock:
+            key = self._keys.get(ca.ref)
+        if key is None:
+            loaded = self._load(ca.ref)
+            if loaded is None:
+                raise AnchorError(f"{self.description}: CA {ca.ref} is missing")
+            if loaded[0].cert != ca.cert:
+                raise AnchorError(f"{self.description}: CA {ca.ref} on disk is another certificate")
+            key = loaded[1]
+            with self._lock:
+                self._keys[ca.ref] = key
+        return key
+
+    def set_default(self, root: CA, intermediate: CA | None) -> None:
+        """Nothing else signs with the local anchor: the journal's roles are the default."""
 
     def _store(self, ref: str, cert: x509.Certificate, key_pem: bytes) -> CA:
         cert_path, key_path = self._paths(ref)

@@ -11,6 +11,7 @@ has already capped at the signer's own not-after.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_daemon.anchor.base import CA, AnchorError
+from ca_daemon.anchor.records import Record, RecordConflict, check_key
 from ca_daemon.config import VaultAnchor
 from ca_daemon.pki.bundle import parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
@@ -59,6 +61,10 @@ def _read_secret_file(path: Path, what: str) -> str:
 
 class VaultNotFound(AnchorError):
     pass
+
+
+class VaultInvalidRequest(AnchorError):
+    """Vault answered 400: the request itself was refused."""
 
 
 class VaultClient:
@@ -116,6 +122,8 @@ class VaultClient:
             return call()
         except hvac.exceptions.InvalidPath as exc:
             raise VaultNotFound(f"{where}: {what}: not found ({_first_error(exc)})") from None
+        except hvac.exceptions.InvalidRequest as exc:
+            raise VaultInvalidRequest(f"{where}: {what}: {_first_error(exc)}") from None
         except hvac.exceptions.Forbidden as exc:
             raise AnchorError(
                 f"{where}: {what}: permission denied — check the token and its policy "
@@ -292,6 +300,16 @@ class VaultPkiAnchor:
         )
         return CA(ref, cert)
 
+    def set_default(self, root: CA, intermediate: CA | None) -> None:
+        for mount, ca in ((self.cfg.root_mount, root), (self.cfg.kong_mount, intermediate)):
+            if ca is None:
+                continue
+            self.client.write(
+                f"{mount}/config/issuers",
+                f"make {ca.ref} the default issuer of {mount}",
+                {"default": ca.ref},
+            )
+
     def _sign(self, path: str, what: str, signer: CA, body: dict[str, Any]) -> x509.Certificate:
         data = self.client.write(path, what, body)
         cert = parse_pem_certificates(data["certificate"], what=what)[0]
@@ -340,3 +358,59 @@ class VaultPkiAnchor:
                 "format": "pem",
             },
         )
+
+
+class VaultKvStore:
+    """The journal's records in Vault KV v2 under ``state_path``, written with ``cas``."""
+
+    def __init__(self, client: VaultClient, mount: str, path: str) -> None:
+        self.client = client
+        self.mount = mount
+        self.base = path.strip("/")
+        self.description = f"Vault KV {mount}/{self.base}"
+
+    def _path(self, key: str) -> str:
+        parts = check_key(key)
+        return "/".join([self.base, *parts])
+
+    def _version(self, key: str) -> int:
+        meta = self.client.read(f"{self.mount}/metadata/{self._path(key)}", "read state metadata")
+        return int((meta or {}).get("current_version") or 0)
+
+    def read(self, key: str) -> tuple[Record, int] | None:
+        data = self.client.read(f"{self.mount}/data/{self._path(key)}", "read the state")
+        if not data or not data.get("data"):  # absent, or its latest version deleted
+            return None
+        version = int((data.get("metadata") or {}).get("version") or 0)
+        record = data["data"].get("state")
+        if not isinstance(record, dict):
+            raise AnchorError(f"{self.description}: {key or 'state'}: no state in the secret")
+        return record, version
+
+    def write(self, key: str, record: Record, version: int) -> int:
+        path = f"{self.mount}/data/{self._path(key)}"
+        body = {"options": {"cas": version}, "data": {"state": record}}
+        try:
+            data = self.client.write(path, "save the state", body)
+        except VaultInvalidRequest:
+            # KV v2 says a check-and-set mismatch only in prose; decide by the version.
+            if self._version(key) != version:
+                raise RecordConflict(
+                    f"{self.description}: {key or 'state'} changed since version {version}"
+                ) from None
+            raise
+        return int(data.get("version") or version + 1)
+
+    def delete(self, key: str) -> None:
+        path = f"{self.mount}/metadata/{self._path(key)}"
+        with contextlib.suppress(VaultNotFound):
+            self.client.request("DELETE", path, "delete a state record")
+
+    def list(self, folder: str) -> list[str]:
+        path = f"{self.mount}/metadata/{self._path(folder)}/"
+        try:
+            response = self.client.request("LIST", path, "list state records")
+        except VaultNotFound:
+            return []
+        keys = ((response or {}).get("data") or {}).get("keys") or []
+        return sorted(k for k in keys if not k.endswith("/"))

@@ -22,6 +22,16 @@ class PublishReport:
     changed: list[str] = field(default_factory=list)
     drifted: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    # Objects that carry the trust bundle and could not be written. None: the publisher
+    # does not tell them apart, so any error counts.
+    bundle_errors: list[str] | None = None
+
+    @property
+    def bundle_confirmed(self) -> bool:
+        """Whether the target now holds the world's trust bundle everywhere it carries one:
+        a root rotation's propagation clock starts only when every publisher says so."""
+        failed = self.errors if self.bundle_errors is None else self.bundle_errors
+        return not failed
 
 
 class Publisher(Protocol):

@@ -38,6 +38,8 @@ from ca_daemon.world import TrustWorld
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 3
+# Objects that carry the trust bundle: a root rotation waits until all of them hold it.
+_BUNDLE_ROLES = {Role.LINKERD_ISSUER, Role.LINKERD_TRUST_ROOTS, Role.KONG_CA, Role.BUNDLE}
 
 
 def _decode(data: Mapping[str, str] | None) -> dict[str, str]:
@@ -90,6 +92,8 @@ class KubernetesPublisher:
             except KubeError as exc:
                 report.errors[patch.ref] = str(exc)
         self._retire_kong_cas(desired, report)
+        carriers = {o.ref for o in desired if o.role in _BUNDLE_ROLES}
+        report.bundle_errors = [ref for ref in report.errors if ref in carriers]
         return report
 
     # --- objects -----------------------------------------------------------------------------

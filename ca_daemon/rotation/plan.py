@@ -1,13 +1,23 @@
-"""What must change now: a pure function of (state, now, settings).
+"""What must change now: a pure function of (state, observations, now, settings).
 
-``plan`` lists every step still needed, in the order they must run; the engine
-carries out the first, saves the state and asks again, so each step is decided
-on fresh facts and a crash resumes at the right place.
+``plan`` is the rotator. It lists every step still needed, CA steps first in the
+order they must run, then the renewals of issued credentials, then at most one
+``Wait`` that says what the root rotation is waiting for. The engine carries out
+the first CA step, saves, and asks again; renewals it carries out in batches. So
+each step is decided on fresh, journaled facts and a crash resumes at the right
+place.
+
+Root rotation (SPEC "Root rotation"): steady → prepared (next root created in the
+anchor, trusted by nobody yet) → propagating (bundle {active, next} published; once
+every publisher confirmed it, Linkerd is rolled, then the propagation delay and the
+pods gate are waited out) → activated (the next root signs: new Kong intermediate,
+new Linkerd issuer, every client re-issued) → retiring (both roots stay until nothing
+under the old chain can still be valid) → steady with the new root alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,9 +25,43 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from ca_daemon.config import KongClient, Settings
-from ca_daemon.pki.bundle import fingerprint
+from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem
 from ca_daemon.pki.profiles import Subject, subject_alt_names
-from ca_daemon.rotation.state import State
+from ca_daemon.rotation.state import (
+    KONG_PREFIX,
+    LINKERD_ISSUER,
+    IntermediateEntry,
+    IssuedEntry,
+    Operation,
+    OpState,
+    Phase,
+    State,
+    client_key,
+    trusted_roots,
+)
+
+TRUST_ANCHOR = "trust-anchor"
+KONG_INTERMEDIATE = "kong-intermediate"
+KONG = "kong"
+ALL = "all"
+# Targets that start a root rotation; they conflict with one already in progress.
+ROOT_TARGETS = frozenset({TRUST_ANCHOR, ALL})
+
+
+def client_target(name: str) -> str:
+    return client_key(name)
+
+
+@dataclass(frozen=True)
+class Observations:
+    """What the last publish showed, fed back into the decision."""
+
+    bundle: str | None = None  # hash of the bundle *every* publisher confirmed; else None
+    pending_pods: tuple[str, ...] | None = None  # meshed Pods lagging; None: not checked
+    cluster: bool = False  # Linkerd's workloads can be rolled and gated (Kubernetes)
+
+
+# --- CA steps: one at a time, journal saved after each --------------------------------------
 
 
 @dataclass(frozen=True)
@@ -27,9 +71,65 @@ class CreateRoot:
 
 
 @dataclass(frozen=True)
+class PrepareRoot:
+    ref: str
+    reason: str
+    operation: str | None = None
+
+
+@dataclass(frozen=True)
+class Propagate:
+    reason: str = "publish the two-root bundle"
+
+
+@dataclass(frozen=True)
+class ConfirmBundle:
+    bundle: str
+    reason: str = "every publisher holds the two-root bundle"
+
+
+@dataclass(frozen=True)
+class RestartLinkerd:
+    scope: str  # "control-plane" | "all"
+    reason: str = "Linkerd reads trust anchors only at start"
+
+
+@dataclass(frozen=True)
+class Activate:
+    intermediate_ref: str | None
+    reason: str = "the next root has propagated"
+
+
+@dataclass(frozen=True)
+class StartRetiring:
+    reason: str = "everything is re-issued under the new root"
+
+
+@dataclass(frozen=True)
+class Retire:
+    reason: str = "nothing under the old root can still be valid"
+
+
+@dataclass(frozen=True)
 class IssueKongIntermediate:
     ref: str
     reason: str
+
+
+@dataclass(frozen=True)
+class StartOperation:
+    operation: str
+    reason: str = "manual request"
+
+
+@dataclass(frozen=True)
+class FinishOperation:
+    operation: str
+    ok: bool
+    reason: str
+
+
+# --- credential steps: batched, one record written each -------------------------------------
 
 
 @dataclass(frozen=True)
@@ -49,15 +149,30 @@ class DropKongClient:
     reason: str
 
 
-Step = CreateRoot | IssueKongIntermediate | IssueLinkerdIssuer | IssueKongClient | DropKongClient
+@dataclass(frozen=True)
+class Wait:
+    """Not an action: what the root rotation waits for, and until when if that is known."""
 
-# Targets a manual rotation may force (besides "kong/<name>" for one client).
-LINKERD_ISSUER = "linkerd-issuer"
-KONG_INTERMEDIATE = "kong-intermediate"
+    reason: str
+    until: datetime | None = None
 
 
-def client_target(name: str) -> str:
-    return f"kong/{name}"
+CaStep = (
+    CreateRoot
+    | PrepareRoot
+    | Propagate
+    | ConfirmBundle
+    | RestartLinkerd
+    | Activate
+    | StartRetiring
+    | Retire
+    | IssueKongIntermediate
+    | StartOperation
+    | FinishOperation
+)
+CredentialStep = IssueLinkerdIssuer | IssueKongClient | DropKongClient
+Step = CaStep | CredentialStep | Wait
+CREDENTIAL_STEPS = (IssueLinkerdIssuer, IssueKongClient, DropKongClient)
 
 
 def renew_at(cert: x509.Certificate, rotate_before: timedelta, jitter: float) -> datetime:
@@ -68,6 +183,10 @@ def renew_at(cert: x509.Certificate, rotate_before: timedelta, jitter: float) ->
     """
     spread = int(fingerprint(cert)[:8], 16) / 0xFFFFFFFF
     return cert.not_valid_after_utc - rotate_before * (1 + jitter * spread)
+
+
+def root_due_at(root: x509.Certificate, settings: Settings) -> datetime:
+    return root.not_valid_after_utc - settings.root.rotate_before
 
 
 def _due_reason(
@@ -115,95 +234,281 @@ def _same_subject(cert: x509.Certificate, want: Subject) -> bool:
     )
 
 
+def covers(target: str, credential: str) -> bool:
+    """Whether a manual ``target`` asks for ``credential`` to be re-issued."""
+    if target == ALL:
+        return True
+    if target == KONG:
+        return credential.startswith(KONG_PREFIX)
+    return target == credential
+
+
+def _manual(running: list[Operation], key: str, issued: datetime) -> bool:
+    return any(covers(op.target, key) and issued < op.requested_at for op in running)
+
+
+@dataclass(frozen=True)
+class _Signer:
+    ref: str
+    not_after: datetime | None  # None: the signer is itself still to be made
+
+
 def plan(
     state: State,
     now: datetime,
     settings: Settings,
-    force: Collection[str] = (),
+    observations: Observations = Observations(),
 ) -> list[Step]:
     """Every step needed to bring ``state`` up to date at ``now``, in order."""
+    ca = state.ca
     steps: list[Step] = []
-    jitter = settings.rotation.jitter
-    root = state.active_root
-    serial = state.serial
+    serial = ca.serial
+    running = [o for o in ca.operations if o.state is OpState.RUNNING]
+
+    root = ca.active_root
     if root is None:
         serial += 1
         steps.append(CreateRoot(ref=f"root-{serial}", reason="no trust anchor yet"))
-        root_ref, root_not_after = f"root-{serial}", None
+        root_signer = _Signer(f"root-{serial}", None)
     else:
-        root_ref, root_not_after = root.ref, root.cert.not_valid_after_utc
+        root_signer = _Signer(root.ref, root.cert.not_valid_after_utc)
+        steps += _root_rotation(state, now, settings, observations)
+        steps += _operations(state, observations)
 
-    def reason_for(
-        entry_cert: x509.Certificate | None,
-        signer_ref: str | None,
-        want_signer: str | None,
-        signer_not_after: datetime | None,
-        rotate_before: timedelta,
-        target: str,
-    ) -> str | None:
-        if entry_cert is None:
-            return "missing"
-        if target in force:
-            return "manual rotation"
-        if signer_ref != want_signer:
-            return f"signed by {signer_ref}, not {want_signer}"
-        if signer_not_after is None:
-            return None
-        return _due_reason(entry_cert, now, rotate_before, jitter, signer_not_after)
-
+    issuer_steps: list[Step] = []
     if settings.linkerd.enabled:
-        issuer = state.linkerd_issuer
-        reason = reason_for(
-            issuer.cert if issuer else None,
-            issuer.signer_ref if issuer else None,
-            root_ref,
-            root_not_after,
-            settings.linkerd.issuer.rotate_before,
+        reason = _reason(
+            state.linkerd_issuer,
             LINKERD_ISSUER,
+            root_signer,
+            settings.linkerd.issuer.rotate_before,
+            now,
+            settings.rotation.jitter,
+            running,
         )
+        issuer = state.linkerd_issuer
         if reason is None and issuer and issuer.cert.subject != _cn_name(settings):
             reason = "common name changed"
         if reason:
-            steps.append(IssueLinkerdIssuer(reason=reason))
+            issuer_steps.append(IssueLinkerdIssuer(reason=reason))
 
-    if not settings.kong.enabled:
-        return steps
+    kong_steps: list[Step] = []
+    if settings.kong.enabled:
+        inter = ca.active_intermediate if root else None
+        reason = None
+        if inter is None:
+            reason = "missing"
+        elif _manual(running, KONG_INTERMEDIATE, _created(inter)):
+            reason = "manual rotation"
+        elif root is not None:
+            reason = _due_reason(
+                inter.cert,
+                now,
+                settings.kong.intermediate.rotate_before,
+                settings.rotation.jitter,
+                root.cert.not_valid_after_utc,
+            )
+        if reason or inter is None:
+            serial += 1
+            steps.append(IssueKongIntermediate(ref=f"kong-{serial}", reason=reason or "missing"))
+            inter_signer = _Signer(f"kong-{serial}", None)
+        else:
+            inter_signer = _Signer(inter.ref, inter.cert.not_valid_after_utc)
+        kong_steps = list(_client_steps(state, now, settings, inter_signer, running))
 
-    inter = state.kong_intermediate
-    reason = reason_for(
-        inter.cert if inter else None,
-        inter.root_ref if inter else None,
-        root_ref,
-        root_not_after,
-        settings.kong.intermediate.rotate_before,
-        KONG_INTERMEDIATE,
-    )
-    if reason:
-        serial += 1
-        inter_ref, inter_not_after = f"kong-{serial}", None
-        steps.append(IssueKongIntermediate(ref=inter_ref, reason=reason))
-    else:
-        assert inter is not None
-        inter_ref, inter_not_after = inter.ref, inter.cert.not_valid_after_utc
+    waits = [s for s in steps if isinstance(s, Wait)]
+    actions = [s for s in steps if not isinstance(s, Wait)]
+    return [*actions, *issuer_steps, *kong_steps, *waits]
 
+
+def _reason(
+    entry: IssuedEntry | None,
+    key: str,
+    signer: _Signer,
+    rotate_before: timedelta,
+    now: datetime,
+    jitter: float,
+    running: list[Operation],
+) -> str | None:
+    if entry is None:
+        return "missing"
+    if _manual(running, key, entry.issued):
+        return "manual rotation"
+    if entry.signer_ref != signer.ref:
+        return f"signed by {entry.signer_ref}, not {signer.ref}"
+    if signer.not_after is None:
+        return None
+    return _due_reason(entry.cert, now, rotate_before, jitter, signer.not_after)
+
+
+def _client_steps(
+    state: State,
+    now: datetime,
+    settings: Settings,
+    signer: _Signer,
+    running: list[Operation],
+) -> Iterator[Step]:
     configured = {c.name: c for c in settings.kong.clients}
     for name, client in configured.items():
         entry = state.kong_clients.get(name)
-        reason = reason_for(
-            entry.cert if entry else None,
-            entry.signer_ref if entry else None,
-            inter_ref,
-            inter_not_after,
+        reason = _reason(
+            entry,
+            client_key(name),
+            signer,
             client.rotate_before,
-            client_target(name),
+            now,
+            settings.rotation.jitter,
+            running,
         )
         if reason is None and entry and not _same_subject(entry.cert, client_subject(client)):
             reason = "subject changed in configuration"
         if reason:
-            steps.append(IssueKongClient(name=name, reason=reason))
+            yield IssueKongClient(name=name, reason=reason)
     for name in sorted(set(state.kong_clients) - set(configured)):
-        steps.append(DropKongClient(name=name, reason="no longer configured"))
+        yield DropKongClient(name=name, reason="no longer configured")
+
+
+def _root_rotation(
+    state: State, now: datetime, settings: Settings, obs: Observations
+) -> list[Step]:
+    ca = state.ca
+    root = ca.active_root
+    assert root is not None
+    rotation = ca.rotation
+    if ca.phase is Phase.STEADY:
+        manual = next(
+            (o for o in ca.operations if o.state is OpState.QUEUED and o.target in ROOT_TARGETS),
+            None,
+        )
+        due = now >= root_due_at(root.cert, settings)
+        if manual is None and not due:
+            return []
+        left = root.cert.not_valid_after_utc - now
+        reason = (
+            f"manual: {manual.reason or manual.target}" if manual else f"due: {_short(left)} left"
+        )
+        return [
+            PrepareRoot(
+                ref=f"root-{ca.serial + 1}",
+                reason=reason,
+                operation=manual.id if manual else None,
+            )
+        ]
+    assert rotation is not None, f"phase {ca.phase} without a rotation record"
+    if ca.phase is Phase.PREPARED:
+        return [Propagate()]
+    if ca.phase is Phase.PROPAGATING:
+        return _propagating(state, now, settings, obs)
+    if ca.phase is Phase.ACTIVATED:
+        lagging = _under_old_chain(state, settings)
+        if lagging:
+            return [Wait(f"re-issuing under the new root: {lagging} credential(s) to go")]
+        return [StartRetiring()]
+    assert rotation.retire_after is not None
+    if now >= rotation.retire_after:
+        return [Retire()]
+    return [
+        Wait("the old root stays trusted until nothing under it is valid", rotation.retire_after)
+    ]
+
+
+def _propagating(state: State, now: datetime, settings: Settings, obs: Observations) -> list[Step]:
+    rotation = state.ca.rotation
+    assert rotation is not None
+    expected = bundle_hash(render_pem(trusted_roots(state.ca)))
+    if rotation.confirmed_at is None:
+        if obs.bundle == expected:
+            return [ConfirmBundle(bundle=expected)]
+        return [Wait("waiting for every publisher to confirm the two-root bundle")]
+    linkerd = settings.linkerd
+    if linkerd.enabled and linkerd.restart != "none" and obs.cluster and not rotation.restarted:
+        return [RestartLinkerd(scope=linkerd.restart)]
+    ready_at = rotation.confirmed_at + settings.rotation.propagation_delay
+    if now < ready_at:
+        return [Wait("propagation delay", ready_at)]
+    if linkerd.enabled and linkerd.gate == "pods" and obs.cluster:
+        if obs.pending_pods is None:
+            return [Wait("checking which meshed pods hold the two-root bundle")]
+        if obs.pending_pods:
+            shown = ", ".join(obs.pending_pods[:5])
+            more = f" and {len(obs.pending_pods) - 5} more" if len(obs.pending_pods) > 5 else ""
+            return [
+                Wait(
+                    f"{len(obs.pending_pods)} meshed pod(s) still hold an old bundle: {shown}{more}"
+                )
+            ]
+    inter_ref = f"kong-{state.ca.serial + 1}" if settings.kong.enabled else None
+    return [Activate(intermediate_ref=inter_ref)]
+
+
+def _under_old_chain(state: State, settings: Settings) -> int:
+    """Credentials (and the Kong intermediate) not yet under the active root."""
+    ca = state.ca
+    root = ca.active_root
+    assert root is not None
+    inter = ca.active_intermediate
+    count = 0
+    if settings.linkerd.enabled:
+        issuer = state.linkerd_issuer
+        count += issuer is None or issuer.signer_ref != root.ref
+    if settings.kong.enabled:
+        if inter is None:
+            return count + 1
+        configured = {c.name for c in settings.kong.clients}
+        count += sum(
+            1
+            for name, entry in state.kong_clients.items()
+            if name in configured and entry.signer_ref != inter.ref
+        )
+        count += len(configured - set(state.kong_clients))
+    return count
+
+
+def _operations(state: State, obs: Observations) -> list[Step]:
+    ca = state.ca
+    steps: list[Step] = []
+    for op in ca.operations:
+        if op.target in ROOT_TARGETS:
+            in_rotation = ca.rotation is not None and ca.rotation.operation == op.id
+            if op.state is OpState.QUEUED and ca.phase is not Phase.STEADY and not in_rotation:
+                steps.append(
+                    FinishOperation(op.id, False, "a root rotation was already in progress")
+                )
+            continue  # started by PrepareRoot, finished by Retire
+        if op.state is OpState.QUEUED:
+            steps.append(StartOperation(op.id))
+        elif op.state is OpState.RUNNING and _satisfied(state, op):
+            steps.append(FinishOperation(op.id, True, "re-issued"))
     return steps
+
+
+def _satisfied(state: State, op: Operation) -> bool:
+    if op.target == KONG_INTERMEDIATE:
+        inter = state.ca.active_intermediate
+        return inter is not None and _created(inter) >= op.requested_at
+    return all(
+        entry.issued >= op.requested_at
+        for key, entry in state.credentials()
+        if covers(op.target, key)
+    )
+
+
+def _created(inter: IntermediateEntry) -> datetime:
+    return inter.created_at or inter.cert.not_valid_before_utc
+
+
+def retire_after(state: State, now: datetime, settings: Settings) -> datetime:
+    """When the old root may leave the bundles: ``rotation.retire_delay`` after activation,
+    or (auto) once everything published under the old chain has expired, plus the clock
+    skew. Linkerd proxy certificates the old issuer signed (24h) are covered: Linkerd
+    clamps them to the issuer's own not-after, which is part of the old chain."""
+    rotation = state.ca.rotation
+    assert rotation is not None and rotation.activated_at is not None
+    delay = settings.rotation.retire_delay
+    if delay != "auto":
+        assert isinstance(delay, timedelta)
+        return rotation.activated_at + delay
+    return max(rotation.old_chain_until or now, now) + settings.rotation.clock_skew
 
 
 def _cn_name(settings: Settings) -> x509.Name:

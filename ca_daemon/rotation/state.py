@@ -1,25 +1,38 @@
-"""The persisted trust state: which roots exist and in what role, and what was issued.
+"""The persisted trust state: the CA record, and one record per issued credential.
 
-This is the journal's content. Everything published is derived from it, so a
-deleted or edited object can always be rebuilt, and a crash resumes from it.
-Private keys of issued certificates (Linkerd issuer, Kong clients) are part of it:
-for the Vault anchor it lives in Vault KV, for the local anchor in a 0600 file with
-every key encrypted by the anchor's passphrase.
+The CA record is small and changes rarely: the roots with their roles, the Kong
+intermediate of each root, the root-rotation phase with the times that decide it,
+and the queue of manual requests (as SPIRE's CA manager keeps its slots). Issued
+credentials (the Linkerd issuer, each Kong client) live in records of their own,
+so renewing one writes one small record, whatever the number of clients.
+
+Everything published is derived from this state, so a deleted or edited object can
+always be rebuilt, and a crash resumes from it.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from cryptography import x509
 
-from ca_daemon.pki.bundle import certificate_pem, parse_pem_certificates
+from ca_daemon.pki.bundle import certificate_pem, normalize, parse_pem_certificates
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# Finished manual operations kept for `GET /v1/operations/{id}`; older ones are dropped.
+KEEP_FINISHED_OPERATIONS = 50
+
+LINKERD_ISSUER = "linkerd-issuer"
+KONG_PREFIX = "kong/"
+
+
+def client_key(name: str) -> str:
+    """The credential id (and manual target) of one Kong client."""
+    return f"{KONG_PREFIX}{name}"
 
 
 class Phase(enum.StrEnum):
@@ -36,18 +49,29 @@ class RootRole(enum.StrEnum):
     RETIRING = "retiring"
 
 
+class OpState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
 @dataclass(frozen=True)
 class RootEntry:
     ref: str
     cert: x509.Certificate
     role: RootRole
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
 class IntermediateEntry:
+    """A Kong intermediate; each root has at most one, the old one lives until retirement."""
+
     ref: str
     cert: x509.Certificate
     root_ref: str
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -58,26 +82,123 @@ class IssuedEntry:
     key_pem: bytes
     signer_ref: str
     chain: tuple[x509.Certificate, ...] = ()  # what follows the certificate in tls.crt
+    issued_at: datetime | None = None
+
+    @property
+    def issued(self) -> datetime:
+        return self.issued_at or self.cert.not_valid_before_utc
 
 
 @dataclass(frozen=True)
-class State:
+class Operation:
+    """A manual rotation request, journaled before it is acknowledged."""
+
+    id: str
+    target: str
+    reason: str
+    requested_at: datetime
+    state: OpState = OpState.QUEUED
+    result: str | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.state in (OpState.QUEUED, OpState.RUNNING)
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """The root rotation in progress: the journaled facts each phase is decided on."""
+
+    started_at: datetime
+    trigger: str  # "schedule" | "manual"
+    operation: str | None = None
+    # Every publisher confirmed the two-root bundle (its hash) at this time.
+    confirmed_at: datetime | None = None
+    confirmed_bundle: str | None = None
+    # Linkerd's workloads are rolled with this restartedAt; restarted once it is done.
+    restart_at: datetime | None = None
+    restarted: bool = False
+    # Meshed Pods last seen on an old bundle (the first few, and how many in all).
+    pending_pods: tuple[str, ...] = ()
+    pending_count: int = 0
+    activated_at: datetime | None = None
+    # The latest not-after of anything published under the old chain at activation.
+    old_chain_until: datetime | None = None
+    retire_after: datetime | None = None
+
+
+@dataclass(frozen=True)
+class CaRecord:
     phase: Phase = Phase.STEADY
     phase_since: datetime | None = None
     serial: int = 0  # names CAs (root-1, kong-2, ...) so creating one is idempotent
     roots: tuple[RootEntry, ...] = ()
-    kong_intermediate: IntermediateEntry | None = None
-    linkerd_issuer: IssuedEntry | None = None
-    kong_clients: Mapping[str, IssuedEntry] = field(default_factory=dict)
+    intermediates: tuple[IntermediateEntry, ...] = ()
+    rotation: Rotation | None = None
+    operations: tuple[Operation, ...] = ()
 
     def root(self, role: RootRole) -> RootEntry | None:
         return next((r for r in self.roots if r.role is role), None)
+
+    def root_by_ref(self, ref: str) -> RootEntry | None:
+        return next((r for r in self.roots if r.ref == ref), None)
 
     @property
     def active_root(self) -> RootEntry | None:
         return self.root(RootRole.ACTIVE)
 
-    def with_client(self, name: str, entry: IssuedEntry | None) -> State:
+    def intermediate_of(self, root_ref: str) -> IntermediateEntry | None:
+        return next((i for i in self.intermediates if i.root_ref == root_ref), None)
+
+    @property
+    def active_intermediate(self) -> IntermediateEntry | None:
+        root = self.active_root
+        return self.intermediate_of(root.ref) if root else None
+
+    def operation(self, op_id: str) -> Operation | None:
+        return next((o for o in self.operations if o.id == op_id), None)
+
+    def with_operation(self, op: Operation) -> CaRecord:
+        ops = [o for o in self.operations if o.id != op.id] + [op]
+        finished = [o for o in ops if not o.open]
+        drop = {o.id for o in finished[:-KEEP_FINISHED_OPERATIONS]}
+        return replace(self, operations=tuple(o for o in ops if o.id not in drop))
+
+    def with_intermediate(self, entry: IntermediateEntry) -> CaRecord:
+        others = tuple(i for i in self.intermediates if i.root_ref != entry.root_ref)
+        return replace(self, intermediates=(*others, entry))
+
+
+def trusted_roots(record: CaRecord) -> list[x509.Certificate]:
+    """Roots every verifier must trust now: a prepared next root is not yet among them."""
+    hidden = {RootRole.NEXT} if record.phase in (Phase.STEADY, Phase.PREPARED) else set()
+    return normalize(r.cert for r in record.roots if r.role not in hidden)
+
+
+@dataclass(frozen=True)
+class State:
+    """The CA record with every credential: what plan() decides on."""
+
+    ca: CaRecord = field(default_factory=CaRecord)
+    linkerd_issuer: IssuedEntry | None = None
+    kong_clients: Mapping[str, IssuedEntry] = field(default_factory=dict)
+
+    def credential(self, key: str) -> IssuedEntry | None:
+        if key == LINKERD_ISSUER:
+            return self.linkerd_issuer
+        return self.kong_clients.get(key.removeprefix(KONG_PREFIX))
+
+    def credentials(self) -> Iterable[tuple[str, IssuedEntry]]:
+        if self.linkerd_issuer is not None:
+            yield LINKERD_ISSUER, self.linkerd_issuer
+        for name, entry in self.kong_clients.items():
+            yield client_key(name), entry
+
+    def with_credential(self, key: str, entry: IssuedEntry | None) -> State:
+        if key == LINKERD_ISSUER:
+            return replace(self, linkerd_issuer=entry)
+        name = key.removeprefix(KONG_PREFIX)
         clients = dict(self.kong_clients)
         if entry is None:
             clients.pop(name, None)
@@ -95,76 +216,185 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def _pem(cert: x509.Certificate) -> str:
-    return certificate_pem(cert)
-
-
 def _cert(text: str) -> x509.Certificate:
     return parse_pem_certificates(text, what="state certificate")[0]
 
 
-def _issued_to_json(entry: IssuedEntry, seal: KeyCodec) -> dict[str, Any]:
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def credential_to_json(entry: IssuedEntry, seal: KeyCodec = _identity) -> dict[str, Any]:
+    """A credential record; ``seal`` protects the private key (e.g. encrypts it)."""
     return {
-        "cert": _pem(entry.cert),
+        "version": STATE_VERSION,
+        "cert": certificate_pem(entry.cert),
         "key": seal(entry.key_pem).decode(),
         "signer_ref": entry.signer_ref,
-        "chain": [_pem(c) for c in entry.chain],
+        "chain": [certificate_pem(c) for c in entry.chain],
+        "issued_at": _iso(entry.issued_at),
     }
 
 
-def _issued_from_json(data: Mapping[str, Any], unseal: KeyCodec) -> IssuedEntry:
+def credential_from_json(data: Mapping[str, Any], unseal: KeyCodec = _identity) -> IssuedEntry:
     return IssuedEntry(
         cert=_cert(data["cert"]),
         key_pem=unseal(data["key"].encode()),
         signer_ref=data["signer_ref"],
         chain=tuple(_cert(c) for c in data.get("chain", [])),
+        issued_at=_time(data.get("issued_at")),
     )
 
 
-def to_json(state: State, seal: KeyCodec = _identity) -> dict[str, Any]:
-    """A JSON-ready dict; ``seal`` protects each private key (e.g. encrypts it)."""
-    inter = state.kong_intermediate
+def _rotation_to_json(rotation: Rotation) -> dict[str, Any]:
     return {
-        "version": STATE_VERSION,
-        "phase": state.phase.value,
-        "phase_since": state.phase_since.isoformat() if state.phase_since else None,
-        "serial": state.serial,
-        "roots": [{"ref": r.ref, "role": r.role.value, "cert": _pem(r.cert)} for r in state.roots],
-        "kong_intermediate": (
-            {"ref": inter.ref, "root_ref": inter.root_ref, "cert": _pem(inter.cert)}
-            if inter
-            else None
-        ),
-        "linkerd_issuer": (
-            _issued_to_json(state.linkerd_issuer, seal) if state.linkerd_issuer else None
-        ),
-        "kong_clients": {n: _issued_to_json(e, seal) for n, e in state.kong_clients.items()},
+        "started_at": _iso(rotation.started_at),
+        "trigger": rotation.trigger,
+        "operation": rotation.operation,
+        "confirmed_at": _iso(rotation.confirmed_at),
+        "confirmed_bundle": rotation.confirmed_bundle,
+        "restart_at": _iso(rotation.restart_at),
+        "restarted": rotation.restarted,
+        "pending_pods": list(rotation.pending_pods),
+        "pending_count": rotation.pending_count,
+        "activated_at": _iso(rotation.activated_at),
+        "old_chain_until": _iso(rotation.old_chain_until),
+        "retire_after": _iso(rotation.retire_after),
     }
 
 
-def from_json(data: Mapping[str, Any], unseal: KeyCodec = _identity) -> State:
+def _rotation_from_json(data: Mapping[str, Any]) -> Rotation:
+    started = _time(data["started_at"])
+    assert started is not None
+    return Rotation(
+        started_at=started,
+        trigger=data["trigger"],
+        operation=data.get("operation"),
+        confirmed_at=_time(data.get("confirmed_at")),
+        confirmed_bundle=data.get("confirmed_bundle"),
+        restart_at=_time(data.get("restart_at")),
+        restarted=bool(data.get("restarted")),
+        pending_pods=tuple(data.get("pending_pods") or ()),
+        pending_count=int(data.get("pending_count") or 0),
+        activated_at=_time(data.get("activated_at")),
+        old_chain_until=_time(data.get("old_chain_until")),
+        retire_after=_time(data.get("retire_after")),
+    )
+
+
+def _operation_to_json(op: Operation) -> dict[str, Any]:
+    return {
+        "id": op.id,
+        "target": op.target,
+        "reason": op.reason,
+        "requested_at": _iso(op.requested_at),
+        "state": op.state.value,
+        "result": op.result,
+        "finished_at": _iso(op.finished_at),
+    }
+
+
+def _operation_from_json(data: Mapping[str, Any]) -> Operation:
+    requested = _time(data["requested_at"])
+    assert requested is not None
+    return Operation(
+        id=data["id"],
+        target=data["target"],
+        reason=data.get("reason") or "",
+        requested_at=requested,
+        state=OpState(data["state"]),
+        result=data.get("result"),
+        finished_at=_time(data.get("finished_at")),
+    )
+
+
+def ca_to_json(record: CaRecord) -> dict[str, Any]:
+    return {
+        "version": STATE_VERSION,
+        "phase": record.phase.value,
+        "phase_since": _iso(record.phase_since),
+        "serial": record.serial,
+        "roots": [
+            {
+                "ref": r.ref,
+                "role": r.role.value,
+                "cert": certificate_pem(r.cert),
+                "created_at": _iso(r.created_at),
+            }
+            for r in record.roots
+        ],
+        "intermediates": [
+            {
+                "ref": i.ref,
+                "root_ref": i.root_ref,
+                "cert": certificate_pem(i.cert),
+                "created_at": _iso(i.created_at),
+            }
+            for i in record.intermediates
+        ],
+        "rotation": _rotation_to_json(record.rotation) if record.rotation else None,
+        "operations": [_operation_to_json(o) for o in record.operations],
+    }
+
+
+def ca_from_json(data: Mapping[str, Any]) -> CaRecord:
     if data.get("version") != STATE_VERSION:
         raise ValueError(f"unsupported state version {data.get('version')!r}")
-    inter = data.get("kong_intermediate")
-    issuer = data.get("linkerd_issuer")
-    since = data.get("phase_since")
-    return State(
+    rotation = data.get("rotation")
+    return CaRecord(
         phase=Phase(data["phase"]),
-        phase_since=datetime.fromisoformat(since) if since else None,
+        phase_since=_time(data.get("phase_since")),
         serial=int(data["serial"]),
         roots=tuple(
-            RootEntry(ref=r["ref"], cert=_cert(r["cert"]), role=RootRole(r["role"]))
+            RootEntry(
+                ref=r["ref"],
+                cert=_cert(r["cert"]),
+                role=RootRole(r["role"]),
+                created_at=_time(r.get("created_at")),
+            )
             for r in data["roots"]
         ),
-        kong_intermediate=(
+        intermediates=tuple(
             IntermediateEntry(
-                ref=inter["ref"], root_ref=inter["root_ref"], cert=_cert(inter["cert"])
+                ref=i["ref"],
+                root_ref=i["root_ref"],
+                cert=_cert(i["cert"]),
+                created_at=_time(i.get("created_at")),
             )
-            if inter
-            else None
+            for i in data.get("intermediates", [])
         ),
-        linkerd_issuer=_issued_from_json(issuer, unseal) if issuer else None,
-        kong_clients={
-            n: _issued_from_json(e, unseal) for n, e in data.get("kong_clients", {}).items()
-        },
+        rotation=_rotation_from_json(rotation) if rotation else None,
+        operations=tuple(_operation_from_json(o) for o in data.get("operations", [])),
     )
+
+
+def migrate_v1(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Split a version-1 state (one document holding every key) into the version-2
+    CA record and credential records. Pure: keys stay sealed exactly as they were."""
+    if data.get("version") != 1:
+        raise ValueError(f"not a version 1 state: {data.get('version')!r}")
+    inter = data.get("kong_intermediate")
+    ca = {
+        "version": STATE_VERSION,
+        "phase": data["phase"],
+        "phase_since": data.get("phase_since"),
+        "serial": data["serial"],
+        "roots": [{**r, "created_at": None} for r in data["roots"]],
+        "intermediates": [{**inter, "created_at": None}] if inter else [],
+        "rotation": None,
+        "operations": [],
+    }
+    credentials: dict[str, dict[str, Any]] = {}
+    if data.get("linkerd_issuer"):
+        credentials[LINKERD_ISSUER] = {
+            **data["linkerd_issuer"],
+            "version": STATE_VERSION,
+            "issued_at": None,
+        }
+    for name, entry in (data.get("kong_clients") or {}).items():
+        credentials[client_key(name)] = {**entry, "version": STATE_VERSION, "issued_at": None}
+    return ca, credentials

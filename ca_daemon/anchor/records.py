@@ -1,0 +1,116 @@
+"""Where the journal's records are kept: a small key → JSON store with check-and-set.
+
+Two implementations: JSON files beside the local anchor (``FileRecordStore``), and
+Vault KV v2 (``anchor.vault.VaultKvStore``). The journal sees only this interface.
+
+Keys are ``""`` for the main record and ``"<folder>/<name>"`` below it; a version is
+a positive integer per key, 0 meaning "does not exist", and every write names the
+version it replaces so two writers can never both win.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from ca_daemon.anchor.base import AnchorError
+from ca_daemon.files import ensure_private_dir, write_atomic
+
+Record = dict[str, Any]
+
+_KEY_PART = re.compile(r"^[a-z0-9][-a-z0-9.]*$")
+
+
+class RecordConflict(AnchorError):
+    """The record changed since it was read (check-and-set failed): reload, decide again."""
+
+
+class RecordStore(Protocol):
+    description: str
+
+    def read(self, key: str) -> tuple[Record, int] | None:
+        """The record and its version; None when there is none."""
+
+    def write(self, key: str, record: Record, version: int) -> int:
+        """Replace version ``version`` (0: create) with ``record``; the new version.
+        Raises RecordConflict when the stored version is another."""
+
+    def delete(self, key: str) -> None:
+        """Remove the record; nothing happens when there is none."""
+
+    def list(self, folder: str) -> list[str]:
+        """Names of the records directly in ``folder``."""
+
+
+def check_key(key: str) -> list[str]:
+    parts = key.split("/") if key else []
+    if any(not _KEY_PART.match(p) for p in parts):
+        raise AnchorError(f"invalid record key {key!r}")
+    return parts
+
+
+class FileRecordStore:
+    """Records as JSON files (mode 0600) under one directory, one flock for every write.
+
+    The main record is ``<dir>/state.json`` (where version 1 kept everything); the
+    others are ``<dir>/state.d/<folder>/<name>.json``.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.description = f"state in {directory}"
+
+    def path(self, key: str) -> Path:
+        parts = check_key(key)
+        if not parts:
+            return self.directory / "state.json"
+        return self.directory.joinpath("state.d", *parts[:-1], f"{parts[-1]}.json")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        ensure_private_dir(self.directory)
+        fd = os.open(self.directory / "state.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def read(self, key: str) -> tuple[Record, int] | None:
+        path = self.path(key)
+        try:
+            doc = json.loads(path.read_bytes())
+            return doc["state"], int(doc["version"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise AnchorError(f"{path}: unreadable record ({type(exc).__name__})") from None
+
+    def write(self, key: str, record: Record, version: int) -> int:
+        path = self.path(key)
+        with self._locked():
+            current = self.read(key)
+            stored = current[1] if current else 0
+            if stored != version:
+                raise RecordConflict(f"{path}: version {stored}, expected {version}")
+            for parent in reversed(path.relative_to(self.directory).parents[:-1]):
+                ensure_private_dir(self.directory / parent)
+            doc = {"version": version + 1, "state": record}
+            write_atomic(path, json.dumps(doc, indent=1).encode(), mode=0o600)
+        return version + 1
+
+    def delete(self, key: str) -> None:
+        with self._locked():
+            self.path(key).unlink(missing_ok=True)
+
+    def list(self, folder: str) -> list[str]:
+        base = self.directory.joinpath("state.d", *check_key(folder))
+        if not base.is_dir():
+            return []
+        return sorted(p.stem for p in base.glob("*.json"))
