@@ -25,6 +25,15 @@ path "pki-root/issuer/+/sign-intermediate" {
   capabilities = ["update"]
 }
 
+# Root rotation: at activation the new root and its Kong intermediate become the
+# mounts' default issuers (for anyone else signing there; the daemon names its issuer).
+path "pki-root/config/issuers" {
+  capabilities = ["update"]
+}
+path "pki-kong/config/issuers" {
+  capabilities = ["update"]
+}
+
 # Kong intermediate: key generated inside Vault, imported once the root signed it,
 # then named; Kong client CSRs are signed by the kong-client role only.
 path "pki-kong/intermediate/generate/internal" {
@@ -40,7 +49,18 @@ path "pki-kong/issuer/+/sign/kong-client" {
   capabilities = ["update"]
 }
 
-# The rotation journal (KV v2, written with check-and-set).
+# The rotation journal (KV v2, written with check-and-set): the CA record, and one
+# record per issued credential below it, listed on start and removed when a Kong
+# client leaves the configuration. Metadata is read to tell a check-and-set conflict.
 path "secret/data/ca-daemon/state" {
   capabilities = ["create", "read", "update"]
+}
+path "secret/metadata/ca-daemon/state" {
+  capabilities = ["read"]
+}
+path "secret/data/ca-daemon/state/credentials/*" {
+  capabilities = ["create", "read", "update"]
+}
+path "secret/metadata/ca-daemon/state/credentials/*" {
+  capabilities = ["read", "list", "delete"]
 }
