@@ -1,10 +1,27 @@
-"""Files written the safe way: atomically replaced, keys at mode 0600."""
+"""Files written the safe way: atomically replaced, keys at mode 0600.
+
+``write_atomic`` replaces one file. ``write_tree_atomic`` publishes a whole set of
+files the way the kubelet's AtomicWriter publishes a Secret volume, so a reader sees
+the old set or the new set, never a certificate of one with the key of the other.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import stat
 import tempfile
+import time
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
+
+DATA = "..data"
+_DATA_TMP = "..data_tmp"
+# ..2026_12_01_08_00_00.<random>: the kubelet's name for a version directory.
+_VERSION_FORMAT = "..%Y_%m_%d_%H_%M_%S."
+_VERSION = re.compile(r"^\.\.\d{4}(_\d\d){5}\.")
+DIR_MODE = 0o755
 
 
 def ensure_private_dir(path: Path) -> None:
@@ -35,3 +52,199 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
         Path(tmp).unlink(missing_ok=True)
         raise
     return True
+
+
+# --- a whole directory, atomically ----------------------------------------------------------
+
+
+def write_tree_atomic(
+    root: Path, files: Mapping[str, tuple[bytes, int]], managed: Collection[str]
+) -> list[str]:
+    """Make ``root`` hold exactly ``files`` (relative path → content, mode); return what changed.
+
+    Layout, as the kubelet's AtomicWriter (pkg/volume/util/atomic_writer.go):
+
+        root/..2026_12_01_08_00_00.Ab3x/   one immutable version of every file
+        root/..data -> ..2026_12_01_08_00_00.Ab3x
+        root/<top> -> ..data/<top>         for every top-level name of ``files``
+
+    A new version is written beside the old one, then ``..data`` is swapped in one
+    rename (watchers such as Linkerd's identity controller see a CREATE of ``..data``),
+    then the old version is removed. Since every path resolves through ``..data``, a
+    reader that sees the same ``..data`` target before and after its reads has read
+    one version. Nothing is written when ``..data`` already holds ``files``.
+
+    ``managed`` names the top-level entries this tree owns: one of them that ``files``
+    no longer has is removed, also when an older flat layout left it as a real file or
+    directory.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    current = _current_version(root)
+    existing = set(_walk_files(current)) if current is not None else set()
+    same = {rel for rel in files.keys() & existing if _holds(current, rel, files[rel])}
+    changed = sorted((files.keys() - same) | (existing - files.keys()))
+    if changed:
+        new = _write_version(root, files, current, same)
+        _swap_data(root, new)
+        current = new
+    top = {rel.split("/", 1)[0] for rel in files}
+    changed += _link_top_level(root, top, set(managed) - top)
+    _remove_old_versions(root, keep=current)
+    return changed
+
+
+def _current_version(root: Path) -> Path | None:
+    """The version directory ``..data`` points to, if it is one of ours and exists."""
+    try:
+        target = os.readlink(root / DATA)
+    except OSError:  # missing, or not a symlink
+        return None
+    version = root / target
+    return version if _VERSION.match(target) and version.is_dir() else None
+
+
+def _walk_files(version: Path) -> Iterator[str]:
+    for dirpath, _dirs, names in os.walk(version):  # never follows symlinks
+        base = Path(dirpath).relative_to(version)
+        for name in names:
+            yield (base / name).as_posix()
+
+
+def _holds(version: Path | None, rel: str, want: tuple[bytes, int]) -> bool:
+    """Whether ``version/rel`` is a regular file with exactly this content and mode."""
+    if version is None:
+        return False
+    content, mode = want
+    try:
+        fd = os.open(version / rel, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as handle:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != mode:
+            return False
+        # The size first: a changed certificate is read no further.
+        return st.st_size == len(content) and handle.read() == content
+
+
+def _write_version(
+    root: Path,
+    files: Mapping[str, tuple[bytes, int]],
+    current: Path | None,
+    same: Collection[str],
+) -> Path:
+    """A new version directory holding ``files``.
+
+    Versions are never modified once ``..data`` points to them, so a file that has not
+    changed is hard-linked from the current version, and identical files within this
+    version (every ``ca.crt`` is the bundle) share one inode: renewing one of 5,000
+    Kong clients writes two files, not 15,000, and fsyncs only what is new.
+    """
+    new = Path(tempfile.mkdtemp(prefix=time.strftime(_VERSION_FORMAT, time.gmtime()), dir=root))
+    try:
+        os.chmod(new, DIR_MODE)
+        made: set[Path] = {new}
+        written: dict[tuple[bytes, int], Path] = {}
+        for rel in sorted(files):
+            content, mode = files[rel]
+            path = new / rel
+            _make_dirs(path.parent, made)
+            source = current / rel if current is not None and rel in same else None
+            source = source or written.get((content, mode))
+            if source is not None and _link(source, path):
+                continue
+            _write_new(path, content, mode)
+            written[(content, mode)] = path
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    return new
+
+
+def _make_dirs(path: Path, made: set[Path]) -> None:
+    if path in made:
+        return
+    _make_dirs(path.parent, made)
+    path.mkdir()
+    os.chmod(path, DIR_MODE)  # not the umask's idea of it
+    made.add(path)
+
+
+def _link(source: Path, path: Path) -> bool:
+    try:
+        os.link(source, path, follow_symlinks=False)
+    except OSError:  # a filesystem without hard links: write a copy instead
+        return False
+    return True
+
+
+def _write_new(path: Path, content: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(fd, mode)  # the umask may have removed bits
+        handle.write(content)
+        handle.flush()
+        # Durable before ..data points to it: after a crash, never an empty key file.
+        os.fsync(fd)
+
+
+def _swap_data(root: Path, version: Path) -> None:
+    tmp = root / _DATA_TMP
+    tmp.unlink(missing_ok=True)
+    os.symlink(version.name, tmp)
+    os.rename(tmp, root / DATA)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_top_level(root: Path, top: Collection[str], stale: Collection[str]) -> list[str]:
+    """Point ``root/<name>`` at ``..data/<name>`` for each name; remove the stale ones.
+
+    Replacing a file by a symlink is one rename. A directory (the flat layout an older
+    ca-daemon wrote, migrated once) cannot be renamed over, so it is moved aside first:
+    for that one publish, its path is missing for the time between two renames.
+    """
+    changed = []
+    for name in sorted(top):
+        path, want = root / name, f"{DATA}/{name}"
+        try:
+            if os.readlink(path) == want:
+                continue
+        except OSError:  # missing, or a real file or directory
+            pass
+        tmp = root / f"..{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(want, tmp)
+        _move_aside_if_dir(root, path)
+        os.replace(tmp, path)
+        changed.append(f"{name} -> {want}")
+    for name in sorted(stale):
+        path = root / name
+        if path.is_symlink() or path.exists():
+            _move_aside_if_dir(root, path)
+            path.unlink(missing_ok=True)
+            changed.append(name)
+    return changed
+
+
+def _move_aside_if_dir(root: Path, path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        aside = tempfile.mkdtemp(prefix=time.strftime(_VERSION_FORMAT, time.gmtime()), dir=root)
+        os.rename(path, Path(aside) / path.name)  # removed with the old versions
+
+
+def _remove_old_versions(root: Path, keep: Path | None) -> None:
+    """Every version directory but ``keep``: the one swapped out, and any a crash left."""
+    kept = keep.name if keep is not None else None
+    for entry in os.scandir(root):
+        old = _VERSION.match(entry.name) and entry.name != kept
+        if old and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+    (root / _DATA_TMP).unlink(missing_ok=True)

@@ -1,21 +1,33 @@
 """Publish the trust world as files, the embedded default's output.
 
-Every file is replaced atomically and only when its content changes; keys are 0600.
-Files of roots or clients no longer in the world are removed.
+The whole set is published at once, as the kubelet publishes a Secret volume: every
+file lives in a version directory that ``out/..data`` points to, and the documented
+paths (``out/trust-bundle.pem``, ``out/linkerd/tls.crt``, ...) are symlinks through it
+(``out/linkerd -> ..data/linkerd``). A renewal swaps ``..data`` in one rename, so a
+reader never sees a new certificate with the old key, nor an issuer with a bundle it
+does not chain to: it sees the old set or the new set. A reader that must not mix two
+sets either re-reads on the CREATE of ``..data`` (as Linkerd's identity controller
+does) or checks that ``..data`` points to the same version before and after reading.
+
+Keys are 0600, certificates 0644, directories 0755: a directory only reveals names,
+and each key is unreadable to others by its own mode. Roots or clients no longer in
+the world disappear because the new version does not have them.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from ca_daemon.files import write_atomic
+from ca_daemon.files import write_tree_atomic
 from ca_daemon.pki.bundle import render_pem, stable_id
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.world import TrustWorld
 
 KEY_MODE = 0o600
 CERT_MODE = 0o644
+# The top-level entries this publisher owns (the SPEC layout), also in the flat layout
+# an older ca-daemon wrote: one of them the world no longer needs is removed.
+TOP_LEVEL = ("trust-bundle.pem", "linkerd", "kong")
 
 
 def desired_files(world: TrustWorld) -> dict[str, tuple[bytes, int]]:
@@ -43,36 +55,6 @@ class DirectoryPublisher:
         self.description = f"directory {root}"
 
     def publish(self, world: TrustWorld) -> PublishReport:
-        """Write what differs, remove what is stale; report the relative paths changed."""
-        files = desired_files(world)
-        changed = [
-            rel
-            for rel, (content, mode) in sorted(files.items())
-            if write_atomic(self.root / rel, content, mode)
-        ]
-        changed += self._remove_stale(files)
+        """Swap in a new version when anything differs; report the relative paths changed."""
+        changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
         return PublishReport(target=self.description, changed=changed)
-
-    def _remove_stale(self, files: dict[str, tuple[bytes, int]]) -> list[str]:
-        removed = []
-        ca_dir = self.root / "kong" / "ca"
-        if ca_dir.is_dir():
-            for path in sorted(ca_dir.glob("*.pem")):
-                rel = path.relative_to(self.root).as_posix()
-                if rel not in files:
-                    path.unlink()
-                    removed.append(rel)
-        clients_dir = self.root / "kong" / "clients"
-        if clients_dir.is_dir():
-            for path in sorted(clients_dir.iterdir()):
-                rel = path.relative_to(self.root).as_posix()
-                if not any(f.startswith(rel + "/") for f in files):
-                    shutil.rmtree(path)
-                    removed.append(rel + "/")
-        if not any(f.startswith("linkerd/") for f in files):
-            for name in ("ca.crt", "tls.crt", "tls.key"):
-                path = self.root / "linkerd" / name
-                if path.exists():
-                    path.unlink()
-                    removed.append(f"linkerd/{name}")
-        return removed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -33,7 +34,15 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_layout_and_modes(published: Path) -> None:
     out = published / "ca-daemon-data" / "out"
-    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    # The documented paths are symlinks through ..data (the kubelet's layout): follow
+    # them, and leave out the ..data link and the ..<timestamp> version it points to.
+    files = {
+        (Path(d) / n).relative_to(out).as_posix()
+        for d, _, names in os.walk(out, followlinks=True)
+        if not Path(d).relative_to(out).as_posix().startswith("..")
+        for n in names
+        if not n.startswith("..")
+    }
     kong_cas = {f for f in files if f.startswith("kong/ca/")}
     assert files - kong_cas == LAYOUT
     assert len(kong_cas) == 1 and next(iter(kong_cas)).endswith(".pem")
