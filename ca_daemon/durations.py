@@ -8,6 +8,10 @@ from datetime import timedelta
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
+# Far beyond any certificate lifetime, far below what timedelta (and X.509 dates) can hold.
+MAX_DURATION = timedelta(days=36525)
+MAX_DURATION_TEXT = "100 years (876600h)"
+
 
 def parse_duration(text: str) -> timedelta:
     """Parse a Go-style duration string; ``d`` (days) is accepted as a convenience."""
@@ -23,6 +27,8 @@ def parse_duration(text: str) -> timedelta:
         pos = match.end()
     if pos != len(value):
         raise ValueError(f"invalid duration {text!r}: use a number and a unit, e.g. 48h, 30m, 90s")
+    if not seconds <= MAX_DURATION.total_seconds():  # also catches inf from huge digit strings
+        raise ValueError(f"duration {text!r} is too long: at most {MAX_DURATION_TEXT}")
     return timedelta(seconds=seconds)
 
 

@@ -15,12 +15,19 @@ import yaml
 
 from ca_daemon.cli import main
 from ca_daemon.config import ConfigError, load_settings
+from ca_daemon.durations import parse_duration
 
 FILE = "config file"  # the field of a row whose problem is the file itself
 SECRET = "s.supersecret"
 
 # (config, environment, field, rule); config is a mapping written as YAML, or raw bytes.
 BAD: dict[str, tuple[dict[str, Any] | bytes, dict[str, str], str, str]] = {
+    "overflowing duration": (
+        {"root": {"lifetime": "100000000000h"}},
+        {},
+        "root.lifetime",
+        "too long: at most 100 years",
+    ),
     # The environment.
     "misspelt section in the environment": (
         {},
@@ -137,3 +144,9 @@ def test_a_settings_error_left_over_is_still_a_config_error(
     monkeypatch.setenv("CA_DAEMON_KONG__CLIENTS", "[{")
     with pytest.raises(ConfigError, match=r'field "kong" .*: Expecting property name'):
         load_settings()
+
+
+@pytest.mark.parametrize("text", ["100000000000h", "876601h", "9" * 400 + "s"])
+def test_durations_are_bounded(text: str) -> None:
+    with pytest.raises(ValueError, match="at most 100 years"):
+        parse_duration(text)
