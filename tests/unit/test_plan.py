@@ -22,6 +22,7 @@ from ca_daemon.rotation.plan import (
     renew_at,
 )
 from ca_daemon.rotation.state import (
+    CaRecord,
     IntermediateEntry,
     IssuedEntry,
     RootEntry,
@@ -59,11 +60,14 @@ def steady_state(settings: Settings, root_days: int = 365) -> State:
             Kind.KONG_CLIENT, client_subject(client), inter_key, inter, client.lifetime
         )
         clients[client.name] = IssuedEntry(cert, private_key_pem(key), "kong-2", (inter,))
-    return State(
+    record = CaRecord(
         phase_since=NOW,
         serial=2,
         roots=(RootEntry("root-1", root, RootRole.ACTIVE),),
-        kong_intermediate=IntermediateEntry("kong-2", inter, "root-1"),
+        intermediates=(IntermediateEntry("kong-2", inter, "root-1"),),
+    )
+    return State(
+        ca=record,
         linkerd_issuer=IssuedEntry(issuer, private_key_pem(issuer_key), "root-1"),
         kong_clients=clients,
     )
@@ -73,8 +77,8 @@ def test_empty_state_plans_the_whole_chain_in_order(make_settings: MakeSettings)
     steps = plan(State(), NOW, make_settings())
     assert steps == [
         CreateRoot("root-1", "no trust anchor yet"),
-        IssueLinkerdIssuer("missing"),
         IssueKongIntermediate("kong-2", "missing"),
+        IssueLinkerdIssuer("missing"),
         IssueKongClient("payments", "missing"),
     ]
 
@@ -124,7 +128,7 @@ def test_no_churn_when_capped_at_the_root(make_settings: MakeSettings) -> None:
     settings = make_settings()
     state = steady_state(settings, root_days=1)  # root ends in 24h; issuer capped there
     assert state.linkerd_issuer is not None
-    root = state.active_root
+    root = state.ca.active_root
     assert root is not None
     assert state.linkerd_issuer.cert.not_valid_after_utc == root.cert.not_valid_after_utc
     steps = plan(state, NOW + timedelta(hours=20), settings)
@@ -163,17 +167,6 @@ def test_config_changes_reissue_and_drop(make_settings: MakeSettings) -> None:
     ]
     renamed = make_settings(trust_domain="example.org")
     assert IssueLinkerdIssuer("common name changed") in plan(state, NOW, renamed)
-
-
-def test_force_reissues_named_targets_only(make_settings: MakeSettings) -> None:
-    settings = make_settings()
-    state = steady_state(settings)
-    assert plan(state, NOW, settings, force={"linkerd-issuer"}) == [
-        IssueLinkerdIssuer("manual rotation")
-    ]
-    assert plan(state, NOW, settings, force={"kong/payments"}) == [
-        IssueKongClient("payments", "manual rotation")
-    ]
 
 
 def test_jitter_is_stable_and_bounded(make_settings: MakeSettings) -> None:
