@@ -7,10 +7,12 @@ With no file at all the packaged embedded default stands in for the YAML layer.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
-from collections.abc import Mapping
+import unicodedata
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
 from importlib import resources
@@ -19,6 +21,7 @@ from typing import Annotated, Any, Literal, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -43,6 +46,20 @@ ENV_PREFIX = "CA_DAEMON_"
 CONFIG_ENV = "CA_DAEMON_CONFIG"
 # CA_DAEMON_* variables that are not configuration: the file's path, and the test suite's.
 NOT_CONFIG_ENV = frozenset({CONFIG_ENV, "CA_DAEMON_REQUIRE_ALL", "CA_DAEMON_TESTENV"})
+# X.509 (RFC 5280, ub-common-name) allows a common name of at most 64 characters.
+MAX_COMMON_NAME = 64
+
+
+class RuleError(ValueError):
+    """Broken rules found by a model validator, each at a field path below that model.
+
+    ``describe_validation_error`` prints one line per rule, so that a rule spanning
+    fields (or sections) still names the exact field, e.g. ``kong.clients[0].rotate_before``.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{path}: {rule}" for path, rule in problems))
+        self.problems = problems
 
 
 def _to_timedelta(value: object) -> object:
@@ -66,16 +83,66 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 def _dns_label(value: str) -> str:
-    if not _DNS_LABEL.match(value):
+    if not _DNS_LABEL.fullmatch(value):
         raise ValueError(f"{value!r} is not a DNS label (lowercase letters, digits and '-')")
     return value
 
 
 def _dns_subdomain(value: str) -> str:
-    if not _DNS_SUBDOMAIN.match(value):
+    if not _DNS_SUBDOMAIN.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid Kubernetes object name")
     return value
 
+
+def _control_characters(value: str) -> bool:
+    return any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in value)
+
+
+def _common_name(value: str) -> str:
+    if not 1 <= len(value) <= MAX_COMMON_NAME:
+        raise ValueError(
+            f"must be 1 to {MAX_COMMON_NAME} characters (the X.509 limit), not {len(value)}"
+        )
+    if _control_characters(value):
+        raise ValueError("must not contain control characters (newline, tab, ...)")
+    return value
+
+
+# A SAN dNSName: a hostname of letters, digits and '-' (a leading '*.' wildcard allowed).
+_HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
+
+
+def _dns_name(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"{value!r} is an IP address, not a DNS name (IP SANs are not supported)")
+    labels = value.removeprefix("*.").split(".")
+    if len(value) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(
+            f"{value!r} is not a DNS hostname (dot-separated labels of letters, digits and '-')"
+        )
+    return value
+
+
+# A SAN uniformResourceIdentifier: scheme ':' and more, printable ASCII, no spaces.
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[!-~]+")
+
+
+def _uri(value: str) -> str:
+    if not _URI.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a URI (scheme:rest in printable ASCII without spaces, "
+            "e.g. spiffe://cluster.local/ns/kong/sa/kong)"
+        )
+    return value
+
+
+CommonName = Annotated[str, AfterValidator(_common_name)]
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+Uri = Annotated[str, AfterValidator(_uri)]
 
 DnsLabel = Annotated[str, BeforeValidator(lambda v: _dns_label(v) if isinstance(v, str) else v)]
 ObjectName = Annotated[
@@ -110,6 +177,14 @@ class VaultAuth(Section):
     jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     role_id: str | None = None
     secret_id_file: Path | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _header_safe(cls, value: SecretStr | None) -> SecretStr | None:
+        # Sent as the X-Vault-Token header. Never echo the value: it is a secret.
+        if value is not None and not re.fullmatch(r"[!-~]+", value.get_secret_value()):
+            raise ValueError("must be non-empty printable ASCII without spaces (value not shown)")
+        return value
 
     @model_validator(mode="after")
     def _method_needs(self) -> VaultAuth:
@@ -146,11 +221,23 @@ class AnchorConfig(Section):
     vault: VaultAnchor = VaultAnchor()
 
 
+def _check_renewal(lifetime: timedelta, rotate_before: timedelta) -> None:
+    if lifetime <= timedelta(0):
+        raise RuleError([("lifetime", "must be positive")])
+    if not timedelta(0) < rotate_before < lifetime:
+        raise RuleError([("rotate_before", "must be positive and shorter than lifetime")])
+
+
 class RootConfig(Section):
-    common_name: str | None = None
+    common_name: CommonName | None = None
     key: KeyType = "ec-p256"
     lifetime: Duration = timedelta(hours=8760)
     rotate_before: Duration = timedelta(hours=2920)
+
+    @model_validator(mode="after")
+    def _rotate_before_fits(self) -> RootConfig:
+        _check_renewal(self.lifetime, self.rotate_before)
+        return self
 
 
 class Renewal(Section):
@@ -159,10 +246,7 @@ class Renewal(Section):
 
     @model_validator(mode="after")
     def _rotate_before_fits(self) -> Renewal:
-        if self.lifetime <= timedelta(0):
-            raise ValueError("lifetime must be positive")
-        if not timedelta(0) < self.rotate_before < self.lifetime:
-            raise ValueError("rotate_before must be positive and shorter than lifetime")
+        _check_renewal(self.lifetime, self.rotate_before)
         return self
 
 
@@ -188,9 +272,9 @@ class KongIntermediate(Renewal):
 
 class KongClient(Renewal):
     name: DnsLabel
-    common_name: str
-    dns_names: list[str] = Field(default_factory=list)
-    uris: list[str] = Field(default_factory=list)
+    common_name: CommonName
+    dns_names: list[DnsName] = Field(default_factory=list)
+    uris: list[Uri] = Field(default_factory=list)
     lifetime: Duration = timedelta(hours=720)
     rotate_before: Duration = timedelta(hours=240)
     secret: ObjectName | None = None
@@ -356,6 +440,55 @@ class Settings(BaseSettings):
     def _trust_domain(cls, value: str) -> str:
         return _dns_subdomain(value)
 
+    @model_validator(mode="after")
+    def _fits_rotation_and_x509(self) -> Settings:
+        problems = [*self._renewal_margins(), *self._derived_name_lengths()]
+        if problems:
+            raise RuleError(problems)
+        return self
+
+    def _renewals(self) -> Iterator[tuple[str, timedelta, timedelta]]:
+        yield "root", self.root.lifetime, self.root.rotate_before
+        yield "linkerd.issuer", self.linkerd.issuer.lifetime, self.linkerd.issuer.rotate_before
+        intermediate = self.kong.intermediate
+        yield "kong.intermediate", intermediate.lifetime, intermediate.rotate_before
+        for i, client in enumerate(self.kong.clients):
+            yield f"kong.clients[{i}]", client.lifetime, client.rotate_before
+
+    def _renewal_margins(self) -> Iterator[tuple[str, str]]:
+        # A certificate is due at not_after - rotate_before * (1 + jitter * spread), spread
+        # in [0, 1]. not_after is now + lifetime (clock_skew only backdates not_before),
+        # so a new certificate is due at once unless the longest stretch stays below
+        # lifetime; then it would be reissued on every pass.
+        jitter = self.rotation.jitter
+        for path, lifetime, rotate_before in self._renewals():
+            stretched = rotate_before * (1 + jitter)
+            if stretched >= lifetime:
+                yield (
+                    f"{path}.rotate_before",
+                    f"rotate_before * (1 + rotation.jitter) = {format_duration(stretched)} "
+                    f"must be shorter than lifetime {format_duration(lifetime)}, "
+                    "or every new certificate is due for renewal at once",
+                )
+
+    def _derived_name_lengths(self) -> Iterator[tuple[str, str]]:
+        derived = []
+        if self.root.common_name is None:
+            derived.append(("the root's common name", self.root_common_name))
+        if self.linkerd.enabled:
+            derived.append(("the Linkerd issuer's common name", self.linkerd_issuer_common_name))
+        if self.kong.enabled:
+            derived.append(
+                ("the Kong intermediate's common name", self.kong_intermediate_common_name)
+            )
+        for what, name in derived:
+            if len(name) > MAX_COMMON_NAME:
+                yield (
+                    "trust_domain",
+                    f"too long: {what} {name} would be {len(name)} characters, "
+                    f"X.509 allows {MAX_COMMON_NAME}",
+                )
+
     # Derived defaults: computed, never stored, so they follow the fields they depend on.
 
     @property
@@ -458,6 +591,11 @@ def describe_validation_error(exc: ValidationError) -> str:
             for p in error["loc"]
             if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))
         )
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, RuleError):
+            for path, rule in cause.problems:
+                lines.append(f"{_field_path((*loc, path))}: {rule}")
+            continue
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"

@@ -67,7 +67,7 @@ def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         ({"root": {"key": "dsa"}}, "root.key", "ec-p256"),
         (
             {"linkerd": {"issuer": {"lifetime": "24h", "rotate_before": "48h"}}},
-            "linkerd.issuer",
+            "linkerd.issuer.rotate_before",
             "shorter than lifetime",
         ),
         (
