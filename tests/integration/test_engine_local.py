@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +17,7 @@ from ca_daemon.pki.bundle import stable_id
 from ca_daemon.pki.profiles import Kind, Subject, Validity
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.journal import FileJournal
+from ca_daemon.runtime import file_journal
 from ca_daemon.verify import verify_directory
 from ca_daemon.world import desired_world
 from tests.unit.conftest import NOW, self_signed_root
@@ -52,7 +51,7 @@ def _engine(settings: Settings, anchor_cls: type[LocalAnchor] = LocalAnchor) -> 
     return Engine(
         settings,
         anchor_cls(data, passphrase),
-        FileJournal(data / "state.json", passphrase),
+        file_journal(settings, passphrase),
         [DirectoryPublisher(settings.publish_directory)],
     )
 
@@ -69,8 +68,8 @@ def test_first_pass_issues_everything_second_does_nothing(settings: Settings) ->
     assert first.ok, first.errors
     assert [(s.kind.value, s.name) for s in first.steps] == [
         ("trust-anchor", "root-1"),
-        ("linkerd-issuer", "linkerd-identity-issuer"),
         ("kong-intermediate", "kong-intermediate"),
+        ("linkerd-issuer", "linkerd-identity-issuer"),
         ("kong-client", "payments"),
         ("kong-client", "orders"),
     ]
@@ -86,13 +85,24 @@ def test_first_pass_issues_everything_second_does_nothing(settings: Settings) ->
     assert (settings.anchor.local.dir / "state.json").read_bytes() == state_before
 
 
-def test_state_file_is_private_and_holds_no_plain_key(settings: Settings) -> None:
+def _credential_files(settings: Settings) -> dict[str, Path]:
+    folder = settings.anchor.local.dir / "state.d" / "credentials"
+    return {p.stem: p for p in folder.glob("*.json")}
+
+
+def test_state_files_are_private_and_hold_no_plain_key(settings: Settings) -> None:
     assert _engine(settings).reconcile(now=NOW).ok
     state_file = settings.anchor.local.dir / "state.json"
-    assert state_file.stat().st_mode & 0o777 == 0o600
-    text = state_file.read_text()
+    credentials = _credential_files(settings)
+    assert sorted(credentials) == ["kong.orders", "kong.payments", "linkerd-issuer"]
+    texts = []
+    for path in [state_file, *credentials.values()]:
+        assert path.stat().st_mode & 0o777 == 0o600
+        texts.append(path.read_text())
+    text = "".join(texts)
     assert "-----BEGIN PRIVATE KEY-----" not in text
     assert text.count("-----BEGIN ENCRYPTED PRIVATE KEY-----") == 3  # issuer + 2 clients
+    assert "PRIVATE KEY" not in state_file.read_text()  # the CA record holds no key at all
     for key_file in (settings.anchor.local.dir / "anchor").glob("*.key"):
         assert key_file.stat().st_mode & 0o777 == 0o600
         assert key_file.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
@@ -139,9 +149,7 @@ def test_unusable_certificate_from_the_anchor_is_not_published(settings: Setting
     result = _engine(settings, _BadIssuer).reconcile(now=NOW)
     assert any(e.startswith("linkerd-issuer") and "not a CA" in e for e in result.errors)
     assert not (settings.publish_directory / "linkerd" / "tls.crt").exists()
-    state = json.loads((settings.anchor.local.dir / "state.json").read_text())["state"]
-    assert state["linkerd_issuer"] is None
-    assert state["kong_clients"].keys() == {"payments", "orders"}
+    assert sorted(_credential_files(settings)) == ["kong.orders", "kong.payments"]
 
 
 class _CrashAfterRoot(LocalAnchor):

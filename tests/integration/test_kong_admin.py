@@ -25,8 +25,8 @@ from ca_daemon.pki.bundle import KONG_ID_NAMESPACE, render_pem, stable_id
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.kong_admin import KongAdminPublisher
 from ca_daemon.rotation.engine import Engine, PassResult
-from ca_daemon.rotation.journal import FileJournal
 from ca_daemon.rotation.state import State
+from ca_daemon.runtime import file_journal
 from ca_daemon.world import desired_world
 from tests.fakes.kong_admin import FakeKong, KongError, serve
 from tests.fixtures.pki import issue, make_ca
@@ -106,7 +106,7 @@ def _setup(
     engine = Engine(
         settings,
         LocalAnchor(data, passphrase),
-        FileJournal(data / "state.json", passphrase),
+        file_journal(settings, passphrase),
         [publisher],
     )
     return Setup(kong, settings, engine, publisher)
@@ -157,13 +157,13 @@ def test_first_pass_publishes_everything_and_second_pass_writes_nothing(
         entity = store.certificates[cert_id(name)]
         issued = state.kong_clients[name]
         chain = x509.load_pem_x509_certificates(entity["cert"].encode())
-        assert state.kong_intermediate is not None
-        assert chain == [issued.cert, state.kong_intermediate.cert]  # leaf, then intermediate
+        assert state.ca.active_intermediate is not None
+        assert chain == [issued.cert, state.ca.active_intermediate.cert]  # leaf, then intermediate
         key = serialization.load_pem_private_key(entity["key"].encode(), None)
         assert _public(key) == _public(issued.cert)
         assert "managed-by-ca-daemon" in entity["tags"]
 
-    roots = [r.cert for r in state.roots]
+    roots = [r.cert for r in state.ca.roots]
     assert set(store.ca_certificates) == {stable_id(r) for r in roots}
     for root in roots:
         assert store.ca_certificates[stable_id(root)]["cert"] == render_pem([root])
@@ -198,7 +198,8 @@ def test_forced_rotation_updates_the_same_certificate_in_place(
     payments = cert_id("payments")
     writes = len(store.writes)
 
-    result = setup.engine.reconcile(force={"kong/payments"}, now=NOW.replace(hour=13))
+    setup.engine.request_rotation("kong/payments", "test", now=NOW.replace(hour=13))
+    result = setup.engine.reconcile(now=NOW.replace(hour=13, minute=1))
     assert result.ok, result.errors
     state = _state(result)
 
@@ -349,7 +350,7 @@ def test_drift_is_reported_and_repaired(tmp_path: Path, kong: FakeKong) -> None:
     store = kong.store
     payments, orders = cert_id("payments"), cert_id("orders")
     wanted = {k: dict(v) for k, v in store.certificates.items()}
-    root_id = stable_id(state.roots[0].cert)
+    root_id = stable_id(state.ca.roots[0].cert)
     # Someone pastes the orders certificate into the payments entity, deletes the root's
     # CA certificate and points a Service elsewhere.
     store.certificates[payments].update(cert=wanted[orders]["cert"], key=wanted[orders]["key"])
@@ -368,7 +369,7 @@ def test_drift_is_reported_and_repaired(tmp_path: Path, kong: FakeKong) -> None:
     }
     assert store.certificates[payments]["cert"] == wanted[payments]["cert"]
     assert store.certificates[payments]["key"] == wanted[payments]["key"]
-    assert store.ca_certificates[root_id]["cert"] == render_pem([state.roots[0].cert])
+    assert store.ca_certificates[root_id]["cert"] == render_pem([state.ca.roots[0].cert])
     assert payments_api["client_certificate"] == {"id": payments}
     _assert_no_key_material(result, state)
 

@@ -281,7 +281,9 @@ def test_published_issuer_passes_linkerds_own_checks(
 def test_kong_client_rotation_updates_the_secret_in_place(cluster: Cluster) -> None:
     c = cluster
     before = c.secret(c.app_ns, "kong-upstream-payments")
-    result = c.engine().reconcile(force={"kong/payments"})
+    engine = c.engine()
+    engine.request_rotation("kong/payments", "test")
+    result = engine.reconcile()
     assert result.ok, result.errors
     after = c.secret(c.app_ns, "kong-upstream-payments")
     assert after["metadata"]["uid"] == before["metadata"]["uid"]
@@ -411,7 +413,8 @@ def test_service_account_is_refused_everything_else(cluster: Cluster) -> None:
             f"/api/v1/namespaces/{c.app_ns}/secrets/some-other-secret",
             "/api/v1/namespaces/kube-system/secrets",
             "/api/v1/secrets",
-            f"/api/v1/namespaces/{c.app_ns}/pods",
+            f"/api/v1/namespaces/{c.app_ns}/pods/some-pod/log",  # the gate lists pods, no more
+            "/api/v1/nodes",
         ):
             assert http.get(path).status_code == 403, path
         deleted = http.delete(
@@ -492,7 +495,10 @@ def test_rbac_denial_keeps_the_previous_credentials(kube: Kube, tmp_path: Path) 
     await_rbac(
         kube, c.sa_token, f"/api/v1/namespaces/{c.app_ns}/secrets/kong-upstream-payments", False
     )
-    result = c.engine().reconcile(force={"kong/payments", "linkerd-issuer"})
+    engine = c.engine()
+    engine.request_rotation("kong/payments", "test")
+    engine.request_rotation("linkerd-issuer", "test")
+    result = engine.reconcile()
     assert not result.ok
     (error,) = [e for e in result.errors if "kong-upstream-payments" in e]
     assert "forbidden by RBAC" in error
