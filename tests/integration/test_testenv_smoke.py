@@ -7,6 +7,7 @@ import re
 import ssl
 import subprocess
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -268,6 +269,14 @@ def test_linkerd_check_accepts_valid_issuer_and_rejects_bad_ones(
     )
     assert code == 1
     assert "Public and private key do not match" in out
+
+    # --now moves the checks' clock: years ahead the same issuer has expired.
+    later = datetime.now(UTC) + timedelta(days=8)  # the issuer lives 7 days
+    code, out = linkerd_check(
+        tmp_path / "root.crt", tmp_path / "issuer.crt", tmp_path / "issuer.key", now=later
+    )
+    assert code == 1
+    assert "expired" in out.lower() or "not valid anymore" in out
 
 
 def test_linkerd_check_key_algorithm_rules(linkerd_check: LinkerdCheck, tmp_path: Path) -> None:

@@ -61,6 +61,10 @@ const (
 	expiryWarningDays = 60
 )
 
+// now is the moment every check is made at: the wall clock, or --now for tests that run
+// the daemon on a simulated clock (Linkerd itself always uses the wall clock).
+var now = time.Now
+
 // cred is an issuer certificate with its chain (root first, as Linkerd stores it) and key.
 type cred struct {
 	cert  *x509.Certificate
@@ -76,7 +80,16 @@ func main() {
 		"issuer name the identity controller expects (used only in its error messages)")
 	identity := flag.String("identity", "default.default.serviceaccount.identity.linkerd.cluster.local",
 		"proxy identity to certify in the issuance check")
+	at := flag.String("now", "", "check as of this RFC 3339 time instead of the wall clock")
 	flag.Parse()
+	if *at != "" {
+		moment, err := time.Parse(time.RFC3339, *at)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "linkerd-check: --now: %s\n", err)
+			os.Exit(2)
+		}
+		now = func() time.Time { return moment }
+	}
 	if *bundlePath == "" || *crtPath == "" || *keyPath == "" {
 		fmt.Fprintln(os.Stderr, "usage: linkerd-check --bundle FILE --issuer-crt FILE --issuer-key FILE")
 		os.Exit(2)
@@ -226,7 +239,7 @@ func proxyVerify(leaf *x509.Certificate, issuer *cred, anchors *x509.CertPool, i
 		intermediates.AddCert(c)
 	}
 	_, err := leaf.Verify(x509.VerifyOptions{
-		Roots: anchors, Intermediates: intermediates, DNSName: identity,
+		Roots: anchors, Intermediates: intermediates, DNSName: identity, CurrentTime: now(),
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	})
 	if err != nil {
@@ -242,8 +255,8 @@ func issueEndEntityCrt(issuer *cred, csr *x509.CertificateRequest) (*x509.Certif
 	if !ok {
 		return nil, fmt.Errorf("CSR must contain an ECDSA public key: %+v", csr.PublicKey)
 	}
-	now := time.Now()
-	notAfter := now.Add(issuanceLifetime).Add(clockSkewAllowance)
+	issuedAt := now()
+	notAfter := issuedAt.Add(issuanceLifetime).Add(clockSkewAllowance)
 	// Clamp to the first expiry in the issuer's chain (findFirstExpiration).
 	first := issuer.cert.NotAfter
 	for _, c := range issuer.chain {
@@ -257,7 +270,7 @@ func issueEndEntityCrt(issuer *cred, csr *x509.CertificateRequest) (*x509.Certif
 	template := &x509.Certificate{
 		SerialNumber:       big.NewInt(1),        // a fresh CA's nextSerialNumber
 		SignatureAlgorithm: x509.ECDSAWithSHA256, // the only algorithm Linkerd signs with
-		NotBefore:          now.Add(-clockSkewAllowance),
+		NotBefore:          issuedAt.Add(-clockSkewAllowance),
 		NotAfter:           notAfter,
 		PublicKey:          pub,
 		KeyUsage:           x509.KeyUsageKeyEncipherment | x509.KeyUsageDigitalSignature,
@@ -424,21 +437,23 @@ func (c *cred) verify(roots *x509.CertPool, name string) error {
 	for _, ch := range c.chain {
 		intermediates.AddCert(ch)
 	}
-	_, err := c.cert.Verify(x509.VerifyOptions{Roots: roots, Intermediates: intermediates, DNSName: name})
+	_, err := c.cert.Verify(x509.VerifyOptions{
+		Roots: roots, Intermediates: intermediates, DNSName: name, CurrentTime: now(),
+	})
 	var invalid x509.CertificateInvalidError
 	if errors.As(err, &invalid) && invalid.Reason == x509.Expired {
 		return fmt.Errorf("%s - Current Time : %s - Invalid before %s - Invalid After %s",
-			err, time.Now(), c.cert.NotBefore, c.cert.NotAfter)
+			err, now(), c.cert.NotBefore, c.cert.NotAfter)
 	}
 	return err
 }
 
 // checkCertValidityPeriod mirrors pkg/issuercerts CheckCertValidityPeriod.
 func checkCertValidityPeriod(cert *x509.Certificate) error {
-	if cert.NotBefore.After(time.Now()) {
+	if cert.NotBefore.After(now()) {
 		return fmt.Errorf("not valid before: %s", cert.NotBefore.Format(time.RFC3339))
 	}
-	if cert.NotAfter.Before(time.Now()) {
+	if cert.NotAfter.Before(now()) {
 		return fmt.Errorf("not valid anymore. Expired on %s", cert.NotAfter.Format(time.RFC3339))
 	}
 	return nil
@@ -446,7 +461,7 @@ func checkCertValidityPeriod(cert *x509.Certificate) error {
 
 // checkExpiringSoon mirrors pkg/issuercerts CheckExpiringSoon.
 func checkExpiringSoon(cert *x509.Certificate) error {
-	if time.Now().AddDate(0, 0, expiryWarningDays).After(cert.NotAfter) {
+	if now().AddDate(0, 0, expiryWarningDays).After(cert.NotAfter) {
 		return fmt.Errorf("will expire on %s", cert.NotAfter.Format(time.RFC3339))
 	}
 	return nil
