@@ -99,12 +99,14 @@ class LinkerdRollout:
             self._roll(key, deployment, stamp, patched, errors)
         if scope == "all":
             for key in sorted(self._meshed_workloads() - seen):
+                what = f"read {'/'.join(key)}"
                 try:
-                    live = call(f"read {'/'.join(key)}", self._reader(key[0]), key[2], key[1])
+                    live = call(what, self._reader(key[0]), key[2], key[1], missing_ok=True)
                 except KubeError as exc:
                     errors.append(str(exc))
                     continue
-                self._roll(key, live, stamp, patched, errors)
+                if live is not None:  # None: deleted since its Pods were listed
+                    self._roll(key, live, stamp, patched, errors)
         if patched:
             log.info("restarted %d workload(s) at %s: %s", len(patched), stamp, ", ".join(patched))
         if errors:
