@@ -430,12 +430,16 @@ def test_report_pending_keeps_one_warning_event_naming_the_pods(env: Env) -> Non
     assert len(_our_events(env)) == 1
 
 
-def test_report_pending_is_best_effort(env: Env, tmp_path: Path) -> None:
+def test_report_pending_is_best_effort(
+    env: Env, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """An identity without Event rights: logged, never raised."""
     settings = _settings(tmp_path, env.linkerd_ns, gate="pods", restart="none")
     env.kube.create_service_account(env.sa_ns, "no-rights")
     token = env.kube.service_account_token(env.sa_ns, "no-rights")
     env.rollout(token, settings).report_pending(["a/b"], bundle_hash(OLD))
+    assert "could not record event TrustBundlePending" in caplog.text
+    assert "forbidden by RBAC" in caplog.text
 
 
 def test_the_event_summarizes_many_pods(env: Env) -> None:
