@@ -1,0 +1,70 @@
+"""Running the engine through root rotations on a simulated clock, checking after every publish.
+
+A publisher wrapper reads back what was just published (files or the live cluster),
+asserts the SPEC's invariants (tests/invariants.py) and runs Linkerd's validation
+helper on the published issuer and bundle, at the simulated time.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from ca_daemon.publish.base import Publisher, PublishReport
+from ca_daemon.world import TrustWorld
+from tests.fixtures.linkerd import LinkerdCheck
+from tests.invariants import InvariantChecker, Published
+
+
+@dataclass
+class Clock:
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class LinkerdView:
+    """The three files linkerd-check reads: bundle, issuer certificate, issuer key."""
+
+    bundle: bytes
+    crt: bytes
+    key: bytes
+
+
+@dataclass
+class CheckedPublisher:
+    """Publishes through ``inner``, then checks what a verifier would now see."""
+
+    inner: Publisher
+    clock: Clock
+    checker: InvariantChecker
+    read_back: Callable[[], Published]
+    linkerd_view: Callable[[], LinkerdView | None]
+    linkerd_check: LinkerdCheck
+    checks: int = 0
+    linkerd_outputs: list[str] = field(default_factory=list)
+
+    @property
+    def description(self) -> str:
+        return self.inner.description
+
+    def publish(self, world: TrustWorld) -> PublishReport:
+        report = self.inner.publish(world)
+        now = self.clock.now
+        self.checker.observe(now, self.read_back())
+        view = self.linkerd_view()
+        if view is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = [Path(tmp) / n for n in ("ca.crt", "tls.crt", "tls.key")]
+                for path, data in zip(paths, (view.bundle, view.crt, view.key), strict=True):
+                    path.write_bytes(data)
+                code, output = self.linkerd_check(*paths, now=now)
+            assert code == 0, f"Linkerd rejects what was published at {now}:\n{output}"
+            self.linkerd_outputs.append(output)
+        self.checks += 1
+        return report
