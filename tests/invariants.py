@@ -118,8 +118,8 @@ class InvariantChecker:
         bundles = {
             where: {fingerprint(r): r for r in roots} for where, roots in published.bundles.items()
         }
-        for roots in bundles.values():
-            self.roots.update(roots)
+        for found in bundles.values():
+            self.roots.update(found)
         everywhere = set.intersection(*(set(b) for b in bundles.values())) if bundles else set()
 
         # 2. a root that left a bundle: nothing under it may still be valid.
@@ -139,15 +139,15 @@ class InvariantChecker:
         # 1. and 3., for the issuer and for every client chain.
         if published.issuer is not None:
             problems += self._signed(published.issuer, published.issuer, bundles, now, "issuer")
-            for where, roots in published.bundles.items():
-                for p in verify_ca_under_roots(published.issuer, list(roots), now):
+            for where, certs in published.bundles.items():
+                for p in verify_ca_under_roots(published.issuer, list(certs), now):
                     problems.append(f"linkerd issuer against {where}: {p}")
         for name, chain in published.clients.items():
             leaf, intermediates = chain[0], chain[1:]
             for inter in intermediates:
                 problems += self._signed(inter, leaf, bundles, now, f"client {name}")
-            for where, roots in published.bundles.items():
-                for p in verify_client_chain(leaf, intermediates, list(roots), now):
+            for where, certs in published.bundles.items():
+                for p in verify_client_chain(leaf, intermediates, list(certs), now):
                     problems.append(f"kong client {name} against {where}: {p}")
         self.observations += 1
         assert not problems, "invariants broken:\n  " + "\n  ".join(problems)

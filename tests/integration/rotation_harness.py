@@ -48,10 +48,10 @@ class CheckedPublisher:
     linkerd_check: LinkerdCheck
     checks: int = 0
     linkerd_outputs: list[str] = field(default_factory=list)
+    description: str = ""
 
-    @property
-    def description(self) -> str:
-        return self.inner.description
+    def __post_init__(self) -> None:
+        self.description = self.inner.description
 
     def publish(self, world: TrustWorld) -> PublishReport:
         report = self.inner.publish(world)
@@ -60,10 +60,11 @@ class CheckedPublisher:
         view = self.linkerd_view()
         if view is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                paths = [Path(tmp) / n for n in ("ca.crt", "tls.crt", "tls.key")]
-                for path, data in zip(paths, (view.bundle, view.crt, view.key), strict=True):
-                    path.write_bytes(data)
-                code, output = self.linkerd_check(*paths, now=now)
+                bundle, crt, key = (Path(tmp) / n for n in ("ca.crt", "tls.crt", "tls.key"))
+                bundle.write_bytes(view.bundle)
+                crt.write_bytes(view.crt)
+                key.write_bytes(view.key)
+                code, output = self.linkerd_check(bundle, crt, key, now=now)
             assert code == 0, f"Linkerd rejects what was published at {now}:\n{output}"
             self.linkerd_outputs.append(output)
         self.checks += 1

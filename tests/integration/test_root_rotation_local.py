@@ -156,7 +156,7 @@ def test_a_publisher_that_cannot_confirm_holds_the_rotation(
 ) -> None:
     settings = _settings(tmp_path)
     clock = Clock(T0)
-    engine, checked = _engine(settings, clock, linkerd_check)
+    engine, _ = _engine(settings, clock, linkerd_check)
     assert engine.reconcile().ok
 
     class Refusing:
