@@ -103,11 +103,16 @@ def _current_version(root: Path) -> Path | None:
     return version if _VERSION.match(target) and version.is_dir() else None
 
 
+# The helpers below run once per file (15,000 for 5,000 Kong clients, every pass): they
+# join strings rather than build Paths, which costs several times the system calls.
+
+
 def _walk_files(version: Path) -> Iterator[str]:
+    top = len(str(version)) + 1
     for dirpath, _dirs, names in os.walk(version):  # never follows symlinks
-        base = Path(dirpath).relative_to(version)
+        base = dirpath[top:]
         for name in names:
-            yield (base / name).as_posix()
+            yield f"{base}/{name}" if base else name
 
 
 def _holds(version: Path | None, rel: str, want: tuple[bytes, int]) -> bool:
@@ -116,7 +121,7 @@ def _holds(version: Path | None, rel: str, want: tuple[bytes, int]) -> bool:
         return False
     content, mode = want
     try:
-        fd = os.open(version / rel, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(f"{version}/{rel}", os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
     with os.fdopen(fd, "rb") as handle:
@@ -140,16 +145,16 @@ def _write_version(
     version (every ``ca.crt`` is the bundle) share one inode: renewing one of 5,000
     Kong clients writes two files, not 15,000, and fsyncs only what is new.
     """
-    new = Path(tempfile.mkdtemp(prefix=time.strftime(_VERSION_FORMAT, time.gmtime()), dir=root))
+    new = tempfile.mkdtemp(prefix=time.strftime(_VERSION_FORMAT, time.gmtime()), dir=root)
     try:
         os.chmod(new, DIR_MODE)
-        made: set[Path] = {new}
-        written: dict[tuple[bytes, int], Path] = {}
+        made = {""}
+        written: dict[tuple[bytes, int], str] = {}
         for rel in sorted(files):
             content, mode = files[rel]
-            path = new / rel
-            _make_dirs(path.parent, made)
-            source = current / rel if current is not None and rel in same else None
+            path = f"{new}/{rel}"
+            _make_dirs(new, rel.rpartition("/")[0], made)
+            source = f"{current}/{rel}" if current is not None and rel in same else None
             source = source or written.get((content, mode))
             if source is not None and _link(source, path):
                 continue
@@ -158,19 +163,19 @@ def _write_version(
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
-    return new
+    return Path(new)
 
 
-def _make_dirs(path: Path, made: set[Path]) -> None:
-    if path in made:
+def _make_dirs(top: str, rel: str, made: set[str]) -> None:
+    if rel in made:
         return
-    _make_dirs(path.parent, made)
-    path.mkdir()
-    os.chmod(path, DIR_MODE)  # not the umask's idea of it
-    made.add(path)
+    _make_dirs(top, rel.rpartition("/")[0], made)
+    os.mkdir(f"{top}/{rel}")
+    os.chmod(f"{top}/{rel}", DIR_MODE)  # not the umask's idea of it
+    made.add(rel)
 
 
-def _link(source: Path, path: Path) -> bool:
+def _link(source: str, path: str) -> bool:
     try:
         os.link(source, path, follow_symlinks=False)
     except OSError:  # a filesystem without hard links: write a copy instead
@@ -178,7 +183,7 @@ def _link(source: Path, path: Path) -> bool:
     return True
 
 
-def _write_new(path: Path, content: bytes, mode: int) -> None:
+def _write_new(path: str, content: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as handle:
         os.fchmod(fd, mode)  # the umask may have removed bits
