@@ -1,0 +1,120 @@
+"""Upgrading from state version 1 keeps the root and every issued certificate.
+
+tests/data/state-v1 was written by the previous release (one state.json holding every
+certificate and key, a flat out/ directory). The new version splits it into a CA record
+and one record per credential, re-issues nothing, and keeps publishing the same chain.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ca_daemon.anchor.vault import VaultClient, VaultKvStore
+from ca_daemon.config import VaultAnchor, VaultAuth
+from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
+from ca_daemon.pki.keys import load_private_key, private_key_pem
+from ca_daemon.rotation.journal import Journal
+from tests.fixtures.openbao import OpenBao
+from tests.integration.cli import ca_daemon
+
+pytestmark = pytest.mark.integration
+
+V1 = Path(__file__).resolve().parents[1] / "data" / "state-v1"
+
+
+def _v1_copy(tmp_path: Path) -> tuple[Path, Path]:
+    data = tmp_path / "data"
+    shutil.copytree(V1, data, ignore=shutil.ignore_patterns("config.yaml", "README.md"))
+    for key in [*data.glob("anchor/*.key"), data / "passphrase", data / "state.json"]:
+        key.chmod(0o600)
+    config = tmp_path / "config.yaml"
+    config.write_text((V1 / "config.yaml").read_text().replace("DATA_DIR", str(data)))
+    return data, config
+
+
+def _v1_fingerprints(v1: dict[str, Any]) -> dict[str, str]:
+    def fp(pem: str) -> str:
+        return fingerprint(parse_pem_certificates(pem)[0])
+
+    state = v1["state"]
+    prints = {"root": fp(state["roots"][0]["cert"]), "issuer": fp(state["linkerd_issuer"]["cert"])}
+    prints |= {name: fp(c["cert"]) for name, c in state["kong_clients"].items()}
+    return prints
+
+
+def _published(out: Path) -> dict[str, str]:
+    def fp(path: Path) -> str:
+        return fingerprint(parse_pem_certificates(path.read_bytes())[0])
+
+    prints = {"root": fp(out / "trust-bundle.pem"), "issuer": fp(out / "linkerd" / "tls.crt")}
+    for name in ("payments", "orders"):
+        prints[name] = fp(out / "kong" / "clients" / name / "tls.crt")
+    return prints
+
+
+def test_upgrade_keeps_the_root_and_every_certificate(tmp_path: Path) -> None:
+    data, config = _v1_copy(tmp_path)
+    v1 = json.loads((data / "state.json").read_text())
+    assert v1["state"]["version"] == 1
+    before = _v1_fingerprints(v1)
+    assert _published(data / "out") == before
+
+    run = ca_daemon("run", "--once", "--config", str(config), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # Nothing was created or re-issued: the upgrade is a change of layout only.
+    assert "CreateRoot" not in run.stdout and "Issue" not in run.stdout, run.stdout
+    assert _published(data / "out") == before
+
+    record = json.loads((data / "state.json").read_text())["state"]
+    assert record["version"] == 2
+    assert "PRIVATE KEY" not in json.dumps(record)  # keys moved to their own records
+    assert [r["ref"] for r in record["roots"]] == ["root-1"]
+    assert [i["ref"] for i in record["intermediates"]] == ["kong-2"]
+    credentials = sorted(p.name for p in (data / "state.d" / "credentials").glob("*.json"))
+    assert credentials == ["kong.orders.json", "kong.payments.json", "linkerd-issuer.json"]
+    for path in (data / "state.d" / "credentials").glob("*.json"):
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert "BEGIN ENCRYPTED PRIVATE KEY" in path.read_text()
+
+    verify = ca_daemon("verify", "--config", str(config), cwd=tmp_path)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    again = ca_daemon("run", "--once", "--config", str(config), cwd=tmp_path)
+    assert again.returncode == 0 and "Issue" not in again.stdout
+    status = ca_daemon("status", "--json", "--config", str(config), cwd=tmp_path)
+    view = json.loads(status.stdout)
+    assert view["phase"] == "steady" and view["roots"][0]["fingerprint"] == before["root"]
+
+
+def test_vault_journal_migrates_a_version_1_document(openbao: OpenBao, tmp_path: Path) -> None:
+    """The previous release kept the same document in Vault KV (keys in the clear there);
+    loading it splits it with check-and-set, so a second loader cannot migrate twice."""
+    data, _ = _v1_copy(tmp_path)
+    passphrase = (data / "passphrase").read_bytes().strip()
+    v1 = json.loads((data / "state.json").read_text())["state"]
+    for entry in [v1["linkerd_issuer"], *v1["kong_clients"].values()]:
+        entry["key"] = private_key_pem(load_private_key(entry["key"].encode(), passphrase)).decode()
+    admin = VaultClient(VaultAnchor(address=openbao.address, auth=VaultAuth(token=openbao.token)))
+    path = "ca-daemon/migrate-test"
+    openbao.cli("secrets", "enable", "-path=kv-migrate", "-version=2", "kv", check=False)
+    admin.write(f"kv-migrate/data/{path}", "seed", {"data": {"state": v1}})
+
+    journal = Journal(VaultKvStore(admin, "kv-migrate", path))
+    loaded = journal.load()
+    state = loaded.state
+    assert [r.ref for r in state.ca.roots] == ["root-1"]
+    assert state.ca.active_intermediate is not None
+    assert sorted(state.kong_clients) == ["orders", "payments"]
+    assert state.linkerd_issuer is not None
+    assert fingerprint(state.linkerd_issuer.cert) == _v1_fingerprints({"state": v1})["issuer"]
+    assert loaded.version == 2  # version 1 was the old document
+    stored = admin.read(f"kv-migrate/data/{path}", "read")
+    assert stored is not None and stored["data"]["state"]["version"] == 2
+    listed = admin.request("LIST", f"kv-migrate/metadata/{path}/credentials/", "list")
+    assert sorted(listed["data"]["keys"]) == ["kong.orders", "kong.payments", "linkerd-issuer"]
+    # A second load sees version 2 and migrates nothing again.
+    assert journal.load().version == 2
