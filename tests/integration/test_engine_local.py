@@ -20,6 +20,7 @@ from ca_daemon.rotation.engine import Engine
 from ca_daemon.runtime import file_journal
 from ca_daemon.verify import verify_directory
 from ca_daemon.world import desired_world
+from tests.integration.test_directory_atomic import documented_files
 from tests.unit.conftest import NOW, self_signed_root
 
 pytestmark = pytest.mark.integration
@@ -57,9 +58,8 @@ def _engine(settings: Settings, anchor_cls: type[LocalAnchor] = LocalAnchor) -> 
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
-    }
+    """Every file reachable through the documented paths (they are symlinks into ..data)."""
+    return {rel: (directory / rel).read_bytes() for rel in documented_files(directory)}
 
 
 def test_first_pass_issues_everything_second_does_nothing(settings: Settings) -> None:
@@ -117,6 +117,7 @@ def test_failed_renewal_keeps_previous_credentials_published(settings: Settings)
     assert _engine(settings).reconcile(now=NOW).ok
     out = settings.publish_directory
     old_clients = {k: v for k, v in _snapshot(out).items() if k.startswith("kong/clients/")}
+    assert len(old_clients) == 6  # two clients, three files each
 
     later = NOW + timedelta(days=21)  # clients and the issuer are due
     result = _engine(settings, _FailingClients).reconcile(now=later)
