@@ -18,6 +18,10 @@ from ca_daemon.status import status_view
 from ca_daemon.world import bundle_roots
 
 CERT_LABELS = ("kind", "name", "state")
+# Steps that issue a certificate: what ca_daemon_rotations_total counts.
+ISSUING_ACTIONS = frozenset(
+    {"CreateRoot", "PrepareRoot", "IssueKongIntermediate", "IssueLinkerdIssuer", "IssueKongClient"}
+)
 
 
 class Metrics:
@@ -99,8 +103,11 @@ class Metrics:
     ) -> None:
         self.anchor_up.set(1 if result.anchor_up else 0)
         for step in result.steps:
+            if step.action not in ISSUING_ACTIONS:
+                continue  # phase changes and bookkeeping issue no certificate
             outcome = "success" if step.ok else "failure"
-            self.rotations.labels(step.kind.value, trigger, outcome).inc()
+            cause = "manual" if step.reason.startswith("manual") else trigger
+            self.rotations.labels(step.kind.value, cause, outcome).inc()
             if step.ok:
                 self.last_success.labels(step.kind.value, step.name).set(now.timestamp())
         drifted: set[str] = set()

@@ -16,6 +16,7 @@ import yaml
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config import Settings, load_settings
+from ca_daemon.metrics import Metrics
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine, RotationInProgress
@@ -112,6 +113,8 @@ def test_scheduled_and_manual_root_rotations_keep_every_invariant(
     phases: list[Phase] = []
     bundle_sizes: list[int] = []
     operation = None
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
     for hour in range(0, 300):
         clock.now = T0 + hour * HOUR
         if hour == 200:  # a manual rotation of the second root, well before it is due
@@ -120,11 +123,16 @@ def test_scheduled_and_manual_root_rotations_keep_every_invariant(
         result = engine.reconcile()
         assert result.ok, (clock.now, result.errors)
         assert result.state is not None
+        metrics.observe(result, settings, clock.now)
         actions += [s.action for s in result.steps if s.action in ROTATION_STEPS]
         phases.append(result.state.ca.phase)
         bundle_sizes.append(len(_bundle_fingerprints(out)))
         if hour == 150:  # mid-rotation a root request conflicts, others are fine
             assert result.state.ca.phase is Phase.RETIRING
+            assert value("ca_daemon_root_rotation_phase", {"phase": "retiring"}) == 1
+            assert value("ca_daemon_trust_bundle_roots") == 2
+            retiring = {"kind": "trust-anchor", "name": "root-1", "state": "retiring"}
+            assert value("ca_daemon_certificate_not_after_timestamp_seconds", retiring)
             with pytest.raises(RotationInProgress):
                 engine.request_rotation("all", "too early")
 
@@ -148,6 +156,14 @@ def test_scheduled_and_manual_root_rotations_keep_every_invariant(
     # Kong CA files follow the bundle: only the final root is left.
     assert len(list((out / "kong" / "ca").glob("*.pem"))) == 1
     assert verify_directory(out, clock.now).ok
+    # Roots issued: root-1 and root-4 on schedule, root-7 by hand; phase changes count nothing.
+    issued = "ca_daemon_rotations_total"
+    roots = {"kind": "trust-anchor", "result": "success"}
+    assert value(issued, {**roots, "trigger": "schedule"}) == 2
+    assert value(issued, {**roots, "trigger": "manual"}) == 1
+    assert value("ca_daemon_root_rotation_phase", {"phase": "steady"}) == 1
+    assert value("ca_daemon_operations", {"state": "succeeded"}) == 1
+    assert value("ca_daemon_trust_bundle_roots") == 1
     assert checked.checks >= 300 and len(checked.linkerd_outputs) >= 300
 
 
