@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from cryptography import x509
 
@@ -232,3 +233,31 @@ def desired_service_patches(world: TrustWorld, settings: Settings) -> list[Servi
                 )
             )
     return patches
+
+
+def warning_event(
+    metadata: Mapping[str, str],
+    involved: Mapping[str, str],
+    reason: str,
+    message: str,
+    now: datetime,
+    instance: str,
+) -> dict[str, Any]:
+    """A core/v1 Warning Event from the daemon about ``involved``; ``metadata`` holds its
+    namespace and a fixed ``name`` or a ``generateName``."""
+    stamp = _iso(now)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": dict(metadata),
+        "involvedObject": dict(involved),
+        "reason": reason,
+        "message": message,
+        "type": "Warning",
+        "source": {"component": MANAGER},
+        "reportingComponent": MANAGER,
+        "reportingInstance": instance,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }

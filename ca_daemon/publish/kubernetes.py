@@ -32,6 +32,7 @@ from ca_daemon.publish.k8s_objects import (
     content_hash,
     desired_objects,
     desired_service_patches,
+    warning_event,
 )
 from ca_daemon.world import TrustWorld
 
@@ -250,7 +251,6 @@ class KubernetesPublisher:
 
     def _event(self, obj: DesiredObject, live: Any, reason: str, message: str) -> None:
         """A Warning Event on the object; best effort, since RBAC may not allow events."""
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         involved: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": obj.kind,
@@ -259,21 +259,10 @@ class KubernetesPublisher:
         }
         if live is not None:
             involved["uid"] = live.metadata.uid
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{obj.name}.", "namespace": obj.namespace},
-            "involvedObject": involved,
-            "reason": reason,
-            "message": message,
-            "type": "Warning",
-            "source": {"component": MANAGER},
-            "reportingComponent": MANAGER,
-            "reportingInstance": socket.gethostname(),
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        metadata = {"generateName": f"{obj.name}.", "namespace": obj.namespace}
+        body = warning_event(
+            metadata, involved, reason, message, datetime.now(UTC), socket.gethostname()
+        )
         try:
             call(f"event on {obj.ref}", self.core.create_namespaced_event, obj.namespace, body)
         except KubeError as exc:

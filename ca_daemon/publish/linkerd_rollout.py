@@ -22,7 +22,7 @@ from kubernetes import client
 
 from ca_daemon.config import Settings
 from ca_daemon.kube import KubeConflict, KubeError, call
-from ca_daemon.publish.k8s_objects import MANAGER
+from ca_daemon.publish.k8s_objects import warning_event
 from ca_daemon.publish.pods_gate import (
     CONTROL_PLANE_NS_LABEL,
     Pod,
@@ -296,19 +296,7 @@ class LinkerdRollout:
             live = None  # the Event is still useful without the uid
         if live is not None:
             involved["uid"] = live.metadata.uid
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": pending_event_name(configmap), "namespace": ns},
-            "involvedObject": involved,
-            "reason": PENDING_REASON,
-            "message": message,
-            "type": "Warning",
-            "source": {"component": MANAGER},
-            "reportingComponent": MANAGER,
-            "reportingInstance": socket.gethostname(),
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        metadata = {"name": pending_event_name(configmap), "namespace": ns}
+        return warning_event(
+            metadata, involved, PENDING_REASON, message, datetime.now(UTC), socket.gethostname()
+        )
