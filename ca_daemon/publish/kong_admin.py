@@ -120,11 +120,15 @@ def _digest(view: Mapping[str, Any] | None) -> str:
 
 
 _PEM_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]+-----.*?(-----END [A-Z0-9 ]+-----|$)", re.S)
+# A run of base64 long enough to be part of a key (a P-256 PKCS#8 body line is 64 chars);
+# shorter runs are ids, hashes' prefixes and words, which stay readable.
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{32,}(?:\\n|\s)*(?:[A-Za-z0-9+/=]{4,}(?:\\n|\s)*)*")
 
 
 def _redact(text: str) -> str:
-    """Kong's messages never echo a key, but a proxy in front of it might: never pass PEM on."""
-    return _PEM_BLOCK.sub("<PEM redacted>", text)
+    """Kong's messages never echo a key, but a proxy in front of it might, whole or cut:
+    never pass on PEM, nor a run of base64 that could be a piece of one."""
+    return _BASE64_RUN.sub("<base64 redacted>", _PEM_BLOCK.sub("<PEM redacted>", text))
 
 
 def _kong_message(response: httpx.Response) -> str:

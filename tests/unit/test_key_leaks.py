@@ -209,14 +209,7 @@ def _echoing_proxy(plain_text: bool, window: bool = False) -> httpx.MockTranspor
     [
         (False, False),
         (True, False),
-        pytest.param(
-            False,
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="kong_admin._redact only removes whole PEM blocks, not headerless base64",
-            ),
-        ),
+        (False, True),
     ],
     ids=["json", "html", "headerless-window"],
 )
