@@ -395,6 +395,9 @@ class ServerConfig(Section):
 
 class LeaderElection(Section):
     enabled: bool | None = None  # None: on when publishing to Kubernetes
+    # The daemon's own namespace (Lease, SubjectAccessReview, Events); None: in-cluster
+    # ServiceAccount's namespace, else POD_NAMESPACE, else ca-daemon.
+    namespace: DnsLabel | None = None
     lease: ObjectName = "ca-daemon"
     lease_duration: Duration = timedelta(seconds=15)
     renew_deadline: Duration = timedelta(seconds=10)

@@ -88,11 +88,16 @@ def namespace_rules(settings: Settings) -> dict[str, list[dict[str, Any]]]:
 
 
 def cluster_rules(settings: Settings) -> list[dict[str, Any]]:
-    """What cannot be namespaced: meshed Pods and the workloads owning them are anywhere."""
+    """What cannot be namespaced: meshed Pods and the workloads owning them are anywhere,
+    and the API's Kubernetes authentication asks the cluster-scoped review APIs."""
     linkerd = settings.linkerd
-    if not linkerd.enabled:
-        return []
     rules: list[dict[str, Any]] = []
+    if settings.server.auth == "kubernetes":
+        # What system:auth-delegator grants, and nothing else.
+        rules.append(_rule("tokenreviews", ["create"], group="authentication.k8s.io"))
+        rules.append(_rule("subjectaccessreviews", ["create"], group="authorization.k8s.io"))
+    if not linkerd.enabled:
+        return rules
     if linkerd.gate == "pods" or linkerd.restart == "all":
         rules.append(_rule("pods", ["list"]))
     if linkerd.restart == "all":

@@ -11,7 +11,7 @@ from ca_daemon.config import Settings
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
 from ca_daemon.rotation.plan import renew_at, root_due_at
-from ca_daemon.rotation.state import State
+from ca_daemon.rotation.state import Operation, State
 
 
 def _iso(moment: datetime) -> str:
@@ -98,18 +98,19 @@ def status_view(
         "roots": roots,
         "issuers": issuers,
         "clients": clients,
-        "operations": [
-            {
-                "id": op.id,
-                "target": op.target,
-                "reason": op.reason,
-                "state": op.state.value,
-                "requested_at": _iso(op.requested_at),
-                "finished_at": _opt(op.finished_at),
-                "result": op.result,
-            }
-            for op in ca.operations
-        ],
+        "operations": [operation_view(op) for op in ca.operations],
+    }
+
+
+def operation_view(op: Operation) -> dict[str, Any]:
+    return {
+        "id": op.id,
+        "target": op.target,
+        "reason": op.reason,
+        "state": op.state.value,
+        "requested_at": _iso(op.requested_at),
+        "finished_at": _opt(op.finished_at),
+        "result": op.result,
     }
 
 

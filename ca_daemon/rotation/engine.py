@@ -245,6 +245,15 @@ class Engine:
             "kong-intermediate, kong, kong/<configured client>, all (parts that are enabled)"
         )
 
+    @staticmethod
+    def ensure_can_start_rotation(record: CaRecord, target: str) -> None:
+        """Raise RotationInProgress when ``target`` would start a second root rotation."""
+        if target in ROOT_TARGETS and record.phase is not Phase.STEADY:
+            raise RotationInProgress(
+                f"a root rotation is in progress (phase {record.phase.value}); "
+                f"{target} can be requested once it is back to steady"
+            )
+
     def request_rotation(self, target: str, reason: str = "", now: datetime | None = None) -> str:
         """Journal a manual rotation request and return its operation id.
 
@@ -258,11 +267,7 @@ class Engine:
             for op in record.operations:
                 if op.open and op.target == target:
                     return op.id
-            if target in ROOT_TARGETS and record.phase is not Phase.STEADY:
-                raise RotationInProgress(
-                    f"a root rotation is in progress (phase {record.phase.value}); "
-                    f"{target} can be requested once it is back to steady"
-                )
+            self.ensure_can_start_rotation(record, target)
             op = Operation(
                 id=uuid.uuid4().hex,
                 target=target,

@@ -1,0 +1,175 @@
+"""Who may call the API: a static bearer token, or Kubernetes' own authn and authz.
+
+``static``: the token in ``server.token_file`` (the embedded default generates one,
+0600), compared in constant time. ``kubernetes``: a TokenReview says who the bearer
+is, then a SubjectAccessReview asks whether that user may ``server.sar`` (by default
+``create rotations.ca-daemon.io``) in the daemon's namespace, as kube-rbac-proxy
+does; reading (status, operations) asks for ``get`` on the same resource. Decisions
+are cached briefly by the token's hash, never by the token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ca_daemon.config import ServerSar, Settings
+from ca_daemon.kube import KubeError, call
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+_CACHE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``status`` 200 (allowed), 401 (who are you?) or 403 (not allowed); ``user`` for the
+    audit log, never the token."""
+
+    status: int
+    user: str
+    reason: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.status == 200
+
+
+class Authenticator(Protocol):
+    description: str
+
+    def decide(self, token: str | None, write: bool) -> Decision:
+        """``write``: the call changes something (a rotation), else it only reads."""
+
+
+def daemon_namespace(settings: Settings) -> str:
+    """Where the daemon's Lease, SubjectAccessReview and Events live (SPEC order)."""
+    if settings.leader_election.namespace:
+        return settings.leader_election.namespace
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "ca-daemon"
+    except OSError:
+        return os.environ.get("POD_NAMESPACE") or "ca-daemon"
+
+
+def ensure_token_file(path: Path) -> bool:
+    """Create a random API token at ``path`` (0600) unless one exists; True if created."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(32) + "\n")
+    return True
+
+
+class StaticTokenAuth:
+    """One shared bearer token, read from its file on each call so a rotated file is
+    picked up without a restart."""
+
+    def __init__(self, token_file: Path) -> None:
+        self.token_file = token_file
+        self.description = f"static token {token_file}"
+
+    def decide(self, token: str | None, write: bool) -> Decision:
+        if not token:
+            return Decision(401, "anonymous", "no bearer token")
+        try:
+            expected = self.token_file.read_text().strip()
+        except OSError as exc:
+            return Decision(401, "unknown", f"token file unreadable ({exc.strerror})")
+        if expected and hmac.compare_digest(token.encode(), expected.encode()):
+            return Decision(200, "static-token")
+        return Decision(401, "unknown", "invalid token")
+
+
+class KubernetesAuth:
+    """TokenReview, then SubjectAccessReview for ``server.sar`` in ``namespace``."""
+
+    def __init__(self, api: Any, sar: ServerSar, namespace: str) -> None:
+        from kubernetes import client
+
+        self.authn = client.AuthenticationV1Api(api)
+        self.authz = client.AuthorizationV1Api(api)
+        self.sar = sar
+        self.namespace = namespace
+        self.description = f"kubernetes ({sar.verb} {sar.resource}.{sar.group} in {namespace})"
+        self._cache: dict[str, tuple[float, Decision]] = {}
+        self._lock = threading.Lock()
+
+    def decide(self, token: str | None, write: bool) -> Decision:
+        if not token:
+            return Decision(401, "anonymous", "no bearer token")
+        key = f"{write}:{hashlib.sha256(token.encode()).hexdigest()}"
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None and now - cached[0] < _CACHE_SECONDS:
+                return cached[1]
+        decision = self._review(token, self.sar.verb if write else "get")
+        if decision.status != 503:  # an unreachable apiserver is not remembered
+            with self._lock:
+                self._cache = {k: v for k, v in self._cache.items() if now - v[0] < _CACHE_SECONDS}
+                self._cache[key] = (now, decision)
+        return decision
+
+    def _review(self, token: str, verb: str) -> Decision:
+        try:
+            review = call(
+                "TokenReview",
+                self.authn.create_token_review,
+                {
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenReview",
+                    "spec": {"token": token},
+                },
+            )
+        except KubeError as exc:
+            return Decision(503, "unknown", f"cannot review the token: {exc}")
+        status = review.status
+        if status is None or not status.authenticated or status.user is None:
+            return Decision(401, "unknown", "token not authenticated by Kubernetes")
+        user = status.user.username or "unknown"
+        spec = {
+            "user": user,
+            "groups": list(status.user.groups or []),
+            "uid": status.user.uid,
+            "extra": {k: list(v) for k, v in (status.user.extra or {}).items()},
+            "resourceAttributes": {
+                "namespace": self.namespace,
+                "group": self.sar.group,
+                "resource": self.sar.resource,
+                "verb": verb,
+            },
+        }
+        try:
+            access = call(
+                "SubjectAccessReview",
+                self.authz.create_subject_access_review,
+                {
+                    "apiVersion": "authorization.k8s.io/v1",
+                    "kind": "SubjectAccessReview",
+                    "spec": spec,
+                },
+            )
+        except KubeError as exc:
+            return Decision(503, user, f"cannot review access: {exc}")
+        if access.status is not None and access.status.allowed:
+            return Decision(200, user)
+        what = f"{verb} {self.sar.resource}.{self.sar.group} in {self.namespace}"
+        return Decision(403, user, f"{user} may not {what}")
+
+
+def authenticator(settings: Settings) -> Authenticator:
+    if settings.server.auth == "kubernetes":
+        from ca_daemon.kube import api_client
+
+        return KubernetesAuth(api_client(), settings.server.sar, daemon_namespace(settings))
+    return StaticTokenAuth(settings.api_token_file)

@@ -1,0 +1,49 @@
+"""The audit log: one JSON line per accepted or refused API call, never a token.
+
+Written to the logger ``ca_daemon.audit`` (so it goes wherever the daemon's logs go)
+and, when ``path`` is given, appended to that file (0600) as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+log = logging.getLogger("ca_daemon.audit")
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    caller: str
+    source: str
+    method: str
+    path: str
+    status: int
+    result: str
+    target: str | None = None
+    reason: str | None = None
+    operation: str | None = None
+
+
+class AuditLog:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def write(self, record: AuditRecord) -> str:
+        line = json.dumps(
+            {"time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), **asdict(record)},
+            sort_keys=True,
+        )
+        log.info("%s", line)
+        if self.path is not None:
+            with self._lock:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                with os.fdopen(fd, "a") as handle:
+                    handle.write(line + "\n")
+        return line

@@ -1,0 +1,234 @@
+"""The HTTP API: health, readiness, metrics, status, manual rotations (Starlette + uvicorn).
+
+| method, path                  | auth   | answer                                              |
+|-------------------------------|--------|-----------------------------------------------------|
+| GET  /healthz                 | none   | 200 while the process is alive                      |
+| GET  /readyz                  | none   | 200 once configuration, anchor and journal loaded   |
+| GET  /metrics                 | none   | Prometheus text format                              |
+| GET  /v1/status               | bearer | roots, issuers, clients, rotation, leader           |
+| POST /v1/rotate               | bearer | 202 {"operation": id}; 400/401/403/409/413/503      |
+| GET  /v1/operations/{id}      | bearer | the operation's progress and result                 |
+
+Every call to ``/v1`` is written to the audit log, accepted or refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ca_daemon.api_auth import Authenticator, Decision
+from ca_daemon.audit import AuditLog, AuditRecord
+from ca_daemon.rotation.engine import RotationInProgress, UnknownTarget
+from ca_daemon.service import DaemonService
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+_ROTATE_KEYS = {"target", "reason", "dry_run"}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _source(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def _rotate_body(request: Request) -> tuple[str, str, bool]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise _Refused(413, f"request body over {MAX_BODY} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise _Refused(413, f"request body over {MAX_BODY} bytes")
+    try:
+        data = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise _Refused(400, "the body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise _Refused(400, "the body must be a JSON object")
+    unknown = sorted(set(data) - _ROTATE_KEYS)
+    if unknown:
+        raise _Refused(400, f"unknown field(s): {', '.join(unknown)}")
+    target, reason, dry_run = data.get("target"), data.get("reason", ""), data.get("dry_run", False)
+    if not isinstance(target, str) or not target:
+        raise _Refused(400, "target is required: a string such as trust-anchor or kong/<name>")
+    if not isinstance(reason, str) or len(reason) > 1024:
+        raise _Refused(400, "reason must be a string of at most 1024 characters")
+    if not isinstance(dry_run, bool):
+        raise _Refused(400, "dry_run must be true or false")
+    return target, reason, dry_run
+
+
+Handler = Callable[["Api", Request, dict[str, Any]], Awaitable[Response]]
+
+
+def _audited(handler: Handler) -> Callable[[Api, Request], Awaitable[Response]]:
+    """Run ``handler`` with a dict it fills for the audit line; refusals become their
+    status code with a JSON error, and every outcome is audited."""
+
+    async def wrapped(self: Api, request: Request) -> Response:
+        note: dict[str, Any] = {"caller": "anonymous"}
+        try:
+            response = await handler(self, request, note)
+            result = "accepted"
+        except _Refused as refused:
+            note.update(refused.extra)
+            shown = {k: v for k, v in refused.extra.items() if k != "caller"}
+            payload = {"error": str(refused), **shown}
+            response = JSONResponse(payload, status_code=refused.status)
+            result = str(refused)
+        except Exception as exc:  # the API must answer, and say what failed
+            log.exception("API %s %s failed", request.method, request.url.path)
+            response = JSONResponse({"error": str(exc)}, status_code=500)
+            result = f"error: {type(exc).__name__}"
+        self.audit.write(
+            AuditRecord(
+                caller=note.get("caller", "anonymous"),
+                source=_source(request),
+                method=request.method,
+                path=request.url.path,
+                status=response.status_code,
+                result=result,
+                target=note.get("target"),
+                reason=note.get("reason"),
+                operation=note.get("operation"),
+            )
+        )
+        return response
+
+    return wrapped
+
+
+@dataclass
+class Api:
+    service: DaemonService
+    auth: Authenticator
+    audit: AuditLog
+
+    # --- unauthenticated ------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(self, request: Request) -> Response:
+        reason = self.service.readiness()
+        if reason is None:
+            return PlainTextResponse("ready\n")
+        return PlainTextResponse(f"not ready: {reason}\n", status_code=503)
+
+    async def metrics(self, request: Request) -> Response:
+        body = generate_latest(self.service.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    # --- authenticated --------------------------------------------------------------------
+
+    async def _authorize(self, request: Request, write: bool) -> Decision:
+        decision = await run_in_threadpool(self.auth.decide, _bearer(request), write)
+        if not decision.allowed:
+            status = decision.status if decision.status in (401, 403) else 503
+            raise _Refused(status, decision.reason, caller=decision.user)
+        return decision
+
+    @_audited
+    async def status(self, request: Request, note: dict[str, Any]) -> Response:
+        note["caller"] = (await self._authorize(request, write=False)).user
+        return JSONResponse(await run_in_threadpool(self.service.status))
+
+    @_audited
+    async def operation(self, request: Request, note: dict[str, Any]) -> Response:
+        note["caller"] = (await self._authorize(request, write=False)).user
+        op_id = request.path_params["op_id"]
+        note["operation"] = op_id
+        view = await run_in_threadpool(self.service.operation, op_id)
+        if view is None:
+            raise _Refused(404, f"no operation {op_id}")
+        return JSONResponse(view)
+
+    @_audited
+    async def rotate(self, request: Request, note: dict[str, Any]) -> Response:
+        note["caller"] = (await self._authorize(request, write=True)).user
+        target, reason, dry_run = await _rotate_body(request)
+        note.update(target=target, reason=reason)
+        leadership = self.service.leadership
+        if not leadership.leader:
+            raise _Refused(
+                503,
+                f"not the leader; the leader is {leadership.holder or 'unknown'}",
+                leader=leadership.holder,
+            )
+        try:
+            if dry_run:
+                steps = await run_in_threadpool(self.service.dry_run, target, reason)
+                return JSONResponse({"dry_run": True, "target": target, "steps": steps})
+            op_id = await run_in_threadpool(self.service.request, target, reason)
+        except UnknownTarget as exc:
+            raise _Refused(400, str(exc)) from None
+        except RotationInProgress as exc:
+            raise _Refused(409, str(exc)) from None
+        note["operation"] = op_id
+        return JSONResponse({"operation": op_id}, status_code=202)
+
+
+def build_app(service: DaemonService, auth: Authenticator, audit: AuditLog) -> Starlette:
+    api = Api(service, auth, audit)
+    return Starlette(
+        routes=[
+            Route("/healthz", api.healthz),
+            Route("/readyz", api.readyz),
+            Route("/metrics", api.metrics),
+            Route("/v1/status", api.status),
+            Route("/v1/rotate", api.rotate, methods=["POST"]),
+            Route("/v1/operations/{op_id}", api.operation),
+        ]
+    )
+
+
+class ServerThread:
+    """uvicorn in a thread beside the scheduler; ``stop`` lets it finish and joins."""
+
+    def __init__(self, app: Starlette, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        config = uvicorn.Config(
+            app,
+            host=host.strip("[]"),
+            port=int(port),
+            lifespan="off",
+            access_log=False,
+            log_config=None,  # the daemon's logging setup stays in charge
+            log_level="warning",
+        )
+        self.server = uvicorn.Server(config)
+        self.address = address
+        self._thread = threading.Thread(target=self.server.run, name="api", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)

@@ -1,0 +1,142 @@
+"""What the scheduler loop and the HTTP API share: one engine, its last pass, the metrics.
+
+The loop calls ``tick``; the API asks for readiness, status, operations, and files
+manual requests (journaled by the engine before they are acknowledged), then wakes
+the loop so a request is carried out now rather than at the next check.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from ca_daemon.config import Settings
+from ca_daemon.metrics import Metrics
+from ca_daemon.rotation.engine import Engine, PassResult, step_target
+from ca_daemon.rotation.plan import ROOT_TARGETS, Observations, Wait, plan
+from ca_daemon.rotation.state import Operation, OpState, State
+from ca_daemon.status import operation_view, status_view
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Leadership:
+    """Who runs the engine: this process, or (on a standby) the named other one."""
+
+    leader: bool = True
+    holder: str | None = None
+
+
+class DaemonService:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        metrics: Metrics,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self.clock = clock
+        self.leadership = Leadership()
+        self._lock = threading.Lock()
+        self._last: PassResult | None = None
+        self._not_ready = "the first pass has not run yet"
+        self._wake: Callable[[], None] = lambda: None
+
+    # --- the loop side ------------------------------------------------------------------
+
+    def on_wake(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+
+    def tick(self, now: datetime | None = None) -> PassResult:
+        now = now or self.clock()
+        result = self.engine.reconcile(now=now)
+        for error in result.errors:
+            log.error("%s", error)
+        self.metrics.observe(result, self.settings, now)
+        with self._lock:
+            self._last = result
+            if result.state is not None and result.anchor_up:
+                self._not_ready = ""
+            elif self._not_ready:
+                self._not_ready = "; ".join(result.errors) or "the anchor did not answer"
+        return result
+
+    # --- the API side -------------------------------------------------------------------
+
+    def readiness(self) -> str | None:
+        """None once configuration, anchor and journal were loaded; else why not."""
+        with self._lock:
+            return self._not_ready or None
+
+    def _state(self) -> State:
+        """The last pass's state with the CA record read afresh, so operations and the
+        phase are current without reloading every credential."""
+        with self._lock:
+            last = self._last
+        record, _ = self.engine.journal.load_ca()
+        base = last.state if last is not None and last.state is not None else State()
+        return replace(base, ca=record)
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        state = self._state()
+        with self._lock:
+            last = self._last
+        view = status_view(state, self.settings, now, waiting=last.waiting if last else None)
+        view["leader"] = self.leadership.holder if not self.leadership.leader else "self"
+        view["last_pass"] = (
+            {"ok": last.ok, "errors": list(last.errors)} if last is not None else None
+        )
+        return view
+
+    def operation(self, op_id: str) -> dict[str, Any] | None:
+        record, _ = self.engine.journal.load_ca()
+        op = record.operation(op_id)
+        if op is None:
+            return None
+        view = operation_view(op)
+        if op.target in ROOT_TARGETS and record.rotation and record.rotation.operation == op.id:
+            view["phase"] = record.phase.value
+            with self._lock:
+                last = self._last
+            view["waiting_for"] = last.waiting if last else None
+            view["pending_pods"] = list(record.rotation.pending_pods)
+        return view
+
+    def request(self, target: str, reason: str) -> str:
+        """Journal the request (raises engine.RequestError), then wake the loop."""
+        op_id = self.engine.request_rotation(target, reason)
+        self._wake()
+        return op_id
+
+    def dry_run(self, target: str, reason: str) -> list[dict[str, str]]:
+        """The steps plan() would take for this request now, without journaling it."""
+        self.engine.valid_target(target)
+        state = self._state()
+        now = self.clock()
+        # A root request starts from the queue; any other is taken as running at once.
+        started = OpState.QUEUED if target in ROOT_TARGETS else OpState.RUNNING
+        op = Operation("dry-run", target, reason, now, started)
+        if target in ROOT_TARGETS:
+            self.engine.ensure_can_start_rotation(state.ca, target)
+        hypothetical = replace(state, ca=state.ca.with_operation(op))
+        observations = Observations(cluster=self.engine.rollout is not None)
+        steps = plan(hypothetical, now, self.settings, observations)
+        summary = []
+        for step in steps:
+            if isinstance(step, Wait):
+                continue
+            kind, name, _ = step_target(step, self.settings)
+            action = type(step).__name__
+            summary.append(
+                {"action": action, "kind": kind.value, "name": name, "reason": step.reason}
+            )
+        return summary
