@@ -596,6 +596,9 @@ class Engine:
     def _publish(
         self, world: TrustWorld, state: State, now: datetime, result: PassResult
     ) -> Observations:
+        observed = Observations(cluster=self.rollout is not None)
+        if not self._still_current(result):
+            return observed
         confirmed = True
         for publisher in self.publishers:
             try:
@@ -621,6 +624,23 @@ class Engine:
             pending_pods=self._pending_pods(world, state, bundle, result),
             cluster=self.rollout is not None,
         )
+
+    def _still_current(self, result: PassResult) -> bool:
+        """Whether the CA record is still the version this pass decided on. Another writer
+        (a second process, a replica that still thinks it leads) may have moved on; then
+        publishing this pass's older state would take the world back, so it is skipped."""
+        try:
+            _, current = self.journal.load_ca()
+        except Exception as exc:
+            result.errors.append(f"checking the journal before publishing: {_describe(exc)}")
+            return False
+        if current == self._version:
+            return True
+        result.errors.append(
+            f"{self.journal.description}: version {current} was saved by another writer "
+            f"(this pass decided on {self._version}); not publishing an older state"
+        )
+        return False
 
     def _pending_pods(
         self, world: TrustWorld, state: State, bundle: str, result: PassResult
