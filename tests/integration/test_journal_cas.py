@@ -24,7 +24,6 @@ from ca_daemon.rotation.engine import Engine, PassResult
 from ca_daemon.rotation.journal import Journal
 from ca_daemon.rotation.state import Phase
 from ca_daemon.runtime import file_journal
-from ca_daemon.world import TrustWorld
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.tools import unique
@@ -157,15 +156,8 @@ def test_two_engines_on_one_journal_never_both_advance_a_phase(
     assert early_steps == ["PrepareRoot", "Propagate", "ConfirmBundle"], early_steps
 
 
-# Product bug at the time of writing: after a journal conflict ``Engine.reconcile``
-# publishes the stale state it loaded (the ``published is None`` fallback publish). A
-# publish fence by journal version (``TrustWorld.generation``) is being added; once it
-# is there this test must pass, and the marker goes away by itself.
-@pytest.mark.xfail(
-    "generation" not in TrustWorld.__dataclass_fields__,
-    strict=True,
-    reason="after a journal conflict the engine publishes the stale state it loaded",
-)
+# The engine checks the journal's version before it publishes: the losing engine must
+# not put its older, one-root bundle back over the confirmed two-root one.
 def test_the_engine_that_lost_the_race_publishes_nothing_older(
     tmp_path: Path, linkerd_check: LinkerdCheck
 ) -> None:
