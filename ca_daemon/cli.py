@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -84,40 +85,79 @@ def _print_pass(result: PassResult) -> None:
         print(f"published {target}: {len(changed)} change(s)")
 
 
+ONCE_LOCK_WAIT = 60.0  # seconds `run --once` waits for another process's pass
+
+
+def _owned(settings: Settings, wait: float) -> AbstractContextManager[None]:
+    """The local data directory's lock; the Vault journal is guarded by check-and-set."""
+    if settings.anchor.backend != "local":
+        return nullcontext()
+    from ca_daemon.datalock import owning
+
+    return owning(
+        settings.anchor.local.dir, wait=wait, say=lambda line: print(line, file=sys.stderr)
+    )
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from ca_daemon.datalock import DataDirBusy
+
+    try:
+        with _owned(settings, ONCE_LOCK_WAIT if args.once else 0.0):
+            return _run(args, settings)
+    except DataDirBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     from ca_daemon.daemon import run_forever
     from ca_daemon.runtime import build_engine
+    from ca_daemon.status import expired
 
     engine = build_engine(settings)
     if args.once:
         result = engine.reconcile()
         _print_pass(result)
-        for error in result.errors:
+        errors = list(result.errors)
+        if result.state is not None:
+            errors += expired(result.state, settings, datetime.now(UTC))
+        for error in errors:
             print(f"error: {error}", file=sys.stderr)
-        return EXIT_OK if result.ok else EXIT_FAILED
+        return EXIT_OK if not errors else EXIT_FAILED
     run_forever(settings, engine)
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ca_daemon.anchor.base import AnchorError
+    from ca_daemon.anchor.local import NoState
     from ca_daemon.rotation.journal import JournalError
     from ca_daemon.runtime import build_anchor_and_journal
-    from ca_daemon.status import render_table, status_view
+    from ca_daemon.status import expired, render_table, status_view, warnings
 
-    _, journal = build_anchor_and_journal(settings)
-    try:
+    try:  # read-only: never creates a passphrase, never saves
+        _, journal = build_anchor_and_journal(settings, create=False)
         state = journal.load().state
-    except (JournalError, AnchorError) as exc:
-        print(f"error: reading state from {journal.description}: {exc}", file=sys.stderr)
+    except NoState as exc:
+        print(f"error: no state yet ({exc}): run `ca-daemon run --once` first", file=sys.stderr)
         return EXIT_FAILED
-    view = status_view(state, settings, datetime.now(UTC))
+    except (JournalError, AnchorError) as exc:
+        print(f"error: reading state: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    now = datetime.now(UTC)
+    view = status_view(state, settings, now)
     print(json.dumps(view, indent=2) if args.json else render_table(view))
-    return EXIT_OK
+    for line in warnings(state, settings, now):
+        print(f"warning: {line}", file=sys.stderr)
+    problems = expired(state, settings, now)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from ca_daemon.verify import Thresholds, verify_directory
+    from ca_daemon.verify import Thresholds, verify_published
 
     thresholds = Thresholds.from_settings(settings)
     now = datetime.now(UTC)
@@ -133,7 +173,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             return EXIT_FAILED
     else:
         where = str(args.dir or settings.publish_directory)
-        report = verify_directory(Path(where), now, thresholds)
+        report = verify_published(settings, Path(where), now)
     for line in report.checked:
         print(f"checked {line}")
     for problem in report.problems:

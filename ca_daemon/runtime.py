@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 
 from ca_daemon.anchor.base import Anchor
-from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.anchor.records import FileRecordStore
+from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase, read_passphrase
+from ca_daemon.anchor.records import FileRecordStore, Record, RecordConflict, RecordStore
 from ca_daemon.anchor.vault import VaultClient, VaultKvStore, VaultPkiAnchor
 from ca_daemon.config import Settings
 from ca_daemon.kube import api_client
@@ -32,7 +32,7 @@ def directory_publishing(settings: Settings) -> bool:
     return settings.publish.directory is not None or not settings.kubernetes_enabled
 
 
-def file_journal(settings: Settings, passphrase: bytes) -> Journal:
+def file_journal(settings: Settings, passphrase: bytes, *, read_only: bool = False) -> Journal:
     """The local anchor's journal: records under anchor.local.dir, keys encrypted."""
 
     def seal(key_pem: bytes) -> bytes:
@@ -41,18 +41,61 @@ def file_journal(settings: Settings, passphrase: bytes) -> Journal:
     def unseal(sealed: bytes) -> bytes:
         return private_key_pem(load_private_key(sealed, passphrase))
 
-    return Journal(FileRecordStore(settings.anchor.local.dir), seal, unseal)
+    store: RecordStore = FileRecordStore(settings.anchor.local.dir)
+    if read_only:
+        store = ReadOnlyStore(store)
+    return Journal(store, seal, unseal)
 
 
-def build_anchor_and_journal(settings: Settings) -> tuple[Anchor, Journal]:
+class ReadOnlyStore:
+    """A record store whose writes stay in memory: what a read-only command loads through.
+
+    Loading may rewrite records (a version-1 state is split on first load); a command
+    that must not write sees the result without anything reaching the disk.
+    """
+
+    def __init__(self, store: RecordStore) -> None:
+        self._store = store
+        self.description = store.description
+        self._written: dict[str, tuple[Record, int] | None] = {}
+
+    def read(self, key: str) -> tuple[Record, int] | None:
+        return self._written[key] if key in self._written else self._store.read(key)
+
+    def write(self, key: str, record: Record, version: int) -> int:
+        current = self.read(key)
+        if (current[1] if current else 0) != version:
+            raise RecordConflict(f"{key!r}: version {current[1] if current else 0}, not {version}")
+        self._written[key] = (record, version + 1)
+        return version + 1
+
+    def delete(self, key: str) -> None:
+        self._written[key] = None
+
+    def list(self, folder: str) -> list[str]:
+        prefix = f"{folder}/"
+        names = set(self._store.list(folder))
+        for key, found in self._written.items():
+            if key.startswith(prefix) and "/" not in key[len(prefix) :]:
+                (names.add if found else names.discard)(key[len(prefix) :])
+        return sorted(names)
+
+
+def build_anchor_and_journal(settings: Settings, *, create: bool = True) -> tuple[Anchor, Journal]:
+    """The anchor and journal; ``create=False`` for commands that must not write: the
+    passphrase is only read (NoState when there is none yet) and nothing is saved."""
     if settings.anchor.backend == "local":
         local = settings.anchor.local
-        passphrase = load_or_create_passphrase(local.effective_passphrase_file)
-        return LocalAnchor(local.dir, passphrase), file_journal(settings, passphrase)
+        path = local.effective_passphrase_file
+        passphrase = load_or_create_passphrase(path) if create else read_passphrase(path)
+        anchor = LocalAnchor(local.dir, passphrase, (path, settings.api_token_file))
+        return anchor, file_journal(settings, passphrase, read_only=not create)
     vault = settings.anchor.vault
     env_token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
     client = VaultClient(vault, env_token=env_token)
-    store = VaultKvStore(client, vault.kv_mount, vault.state_path)
+    store: RecordStore = VaultKvStore(client, vault.kv_mount, vault.state_path)
+    if not create:
+        store = ReadOnlyStore(store)
     return VaultPkiAnchor(client), Journal(store)
 
 

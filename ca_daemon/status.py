@@ -11,7 +11,7 @@ from ca_daemon.config import Settings
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
 from ca_daemon.rotation.plan import renew_at, root_due_at
-from ca_daemon.rotation.state import Operation, State
+from ca_daemon.rotation.state import Operation, Phase, State
 
 
 def _iso(moment: datetime) -> str:
@@ -152,3 +152,44 @@ def render_table(view: dict[str, Any]) -> str:
             names = ", ".join(rotation["pending_pods"])
             head.append(f"pods on an old bundle ({rotation['pending_pods_total']}): {names}")
     return "\n".join(head) + "\n" + "\n".join(lines)
+
+
+def _when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def expired(state: State, settings: Settings, now: datetime) -> list[str]:
+    """A sentence for every root, issuer or client certificate in the journal that expired."""
+    found: list[tuple[str, x509.Certificate]] = [
+        (f"trust anchor {r.ref} ({r.role.value})", r.cert) for r in state.ca.roots
+    ]
+    if settings.linkerd.enabled and state.linkerd_issuer is not None:
+        found.append(
+            (f"linkerd issuer {settings.linkerd.issuer_secret}", state.linkerd_issuer.cert)
+        )
+    inter = state.ca.active_intermediate
+    if settings.kong.enabled and inter is not None:
+        found.append((f"kong intermediate {inter.ref}", inter.cert))
+    configured = {c.name for c in settings.kong.clients} if settings.kong.enabled else set()
+    found += [
+        (f"kong client {name}", entry.cert)
+        for name, entry in sorted(state.kong_clients.items())
+        if name in configured
+    ]
+    return [
+        f"{what} expired at {_when(cert.not_valid_after_utc)}"
+        for what, cert in found
+        if cert.not_valid_after_utc <= now
+    ]
+
+
+def warnings(state: State, settings: Settings, now: datetime) -> list[str]:
+    """What is not yet broken but should not be: a steady root inside root.rotate_before."""
+    if state.ca.phase is not Phase.STEADY:
+        return []  # a rotation is under way: a root near its end is expected
+    return [
+        f"trust anchor {r.ref} expires at {_when(r.cert.not_valid_after_utc)}, inside "
+        f"root.rotate_before, and no root rotation has started: is the daemon running?"
+        for r in state.ca.roots
+        if root_due_at(r.cert, settings) <= now < r.cert.not_valid_after_utc
+    ]

@@ -15,10 +15,17 @@ from pathlib import Path
 from cryptography import x509
 
 from ca_daemon.config import Settings
-from ca_daemon.pki.bundle import BundleError, fingerprint, parse_pem_certificates, stable_id
+from ca_daemon.pki.bundle import (
+    BundleError,
+    fingerprint,
+    stable_id,
+)
+from ca_daemon.pki.bundle import parse_pem_certificates_strict as parse_pem_certificates
 from ca_daemon.pki.chain import verify_ca_under_roots, verify_client_chain
 from ca_daemon.pki.keys import KeyMaterialError, key_matches_certificate, load_private_key
 from ca_daemon.pki.profiles import Kind, check_profile
+from ca_daemon.rotation.state import State
+from ca_daemon.world import desired_world
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,37 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the configuration and the journal say must be published.
+
+    ``roots`` None: the journal is not known, only the configuration is checked.
+    """
+
+    linkerd: bool = True
+    kong: bool = True
+    clients: frozenset[str] = frozenset()
+    roots: tuple[x509.Certificate, ...] | None = None
+    issuer: x509.Certificate | None = None
+    client_certs: Mapping[str, x509.Certificate] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, state: State | None = None) -> Expected:
+        linkerd, kong = settings.linkerd.enabled, settings.kong.enabled
+        clients = frozenset(c.name for c in settings.kong.clients) if kong else frozenset()
+        if state is None:
+            return cls(linkerd, kong, clients)
+        world = desired_world(state, settings)
+        return cls(
+            linkerd,
+            kong,
+            clients,
+            roots=world.roots,
+            issuer=world.linkerd_issuer.cert if world.linkerd_issuer else None,
+            client_certs={n: e.cert for n, e in world.kong_clients.items()},
+        )
 
 
 def check_bundle(what: str, pem: bytes, now: datetime, report: Report) -> list[x509.Certificate]:
@@ -189,13 +227,59 @@ def _private(path: Path, report: Report) -> None:
         report.problems.append(f"{path}: key file is readable by others (mode must be 0600)")
 
 
-def verify_directory(root: Path, now: datetime, thresholds: Thresholds = Thresholds()) -> Report:
-    """Check a published directory (the SPEC layout) as Linkerd and Kong would read it."""
+def _against_journal(
+    what: str,
+    published: list[x509.Certificate],
+    journal: tuple[x509.Certificate, ...],
+    report: Report,
+) -> None:
+    known = {fingerprint(r) for r in journal}
+    seen = {fingerprint(r) for r in published}
+    for extra in sorted(seen - known):
+        report.problems.append(
+            f"{what}: root {extra[:16]} is not a root the journal knows (a planted trust anchor?)"
+        )
+    for missing in sorted(known - seen):
+        report.problems.append(f"{what}: the journal's root {missing[:16]} is missing")
+
+
+def _same_as_journal(
+    where: str, published: bytes, journal: x509.Certificate | None, report: Report
+) -> None:
+    if journal is None:
+        report.problems.append(f"{where}: published, but the journal holds no such certificate")
+        return
+    try:
+        cert = parse_pem_certificates(published, what=where)[0]
+    except BundleError:
+        return  # reported by the checks of its own
+    if fingerprint(cert) != fingerprint(journal):
+        report.problems.append(
+            f"{where}: published certificate {fingerprint(cert)[:16]} is not the journal's "
+            f"{fingerprint(journal)[:16]}"
+        )
+
+
+def verify_directory(
+    root: Path,
+    now: datetime,
+    thresholds: Thresholds = Thresholds(),
+    expected: Expected | None = None,
+) -> Report:
+    """Check a published directory (the SPEC layout) as Linkerd and Kong would read it.
+
+    With ``expected``, also that it holds what the configuration enables (every
+    configured client) and what the journal holds (no root, issuer or client it does
+    not know).
+    """
     report = Report()
     bundle = _read(root / "trust-bundle.pem", report)
     if bundle is None:
         return report
     roots = check_bundle("trust-bundle.pem", bundle, now, report)
+    journal_roots = expected.roots if expected is not None else None
+    if journal_roots is not None and roots:  # an unreadable bundle is reported already
+        _against_journal("trust-bundle.pem", roots, journal_roots, report)
 
     linkerd = root / "linkerd"
     if linkerd.is_dir():
@@ -206,14 +290,20 @@ def verify_directory(root: Path, now: datetime, thresholds: Thresholds = Thresho
         _private(linkerd / "tls.key", report)
         if crt is not None and key is not None:
             check_linkerd_issuer(crt, key, roots, now, report, rotate_before=thresholds.issuer)
+        if crt is not None and expected is not None and journal_roots is not None:
+            _same_as_journal("linkerd issuer", crt, expected.issuer, report)
+    elif expected is not None and expected.linkerd:
+        report.problems.append(f"{linkerd}: missing, but linkerd is enabled")
 
     kong = root / "kong"
     if kong.is_dir():
         cas = {p.stem: p.read_bytes() for p in sorted((kong / "ca").glob("*.pem"))}
         check_kong_cas(cas, roots, report)
         clients = kong / "clients"
+        published = set()
         for client_dir in sorted(clients.iterdir() if clients.is_dir() else []):
             name = client_dir.name
+            published.add(name)
             ca = _read(client_dir / "ca.crt", report)
             if ca is not None and ca != bundle:
                 report.problems.append(f"kong client {name}: ca.crt differs from trust-bundle.pem")
@@ -221,4 +311,46 @@ def verify_directory(root: Path, now: datetime, thresholds: Thresholds = Thresho
             _private(client_dir / "tls.key", report)
             if crt is not None and key is not None:
                 check_kong_client(name, crt, key, roots, now, report, thresholds.clients.get(name))
+            if expected is None:
+                continue
+            if name not in expected.clients:
+                report.problems.append(f"kong client {name}: published, but not configured")
+            elif crt is not None and journal_roots is not None:
+                _same_as_journal(
+                    f"kong client {name}", crt, expected.client_certs.get(name), report
+                )
+        for name in sorted(expected.clients - published if expected is not None else ()):
+            report.problems.append(
+                f"kong client {name}: {clients / name} is missing, but it is configured"
+            )
+    elif expected is not None and expected.kong:
+        report.problems.append(f"{kong}: missing, but kong is enabled")
+    return report
+
+
+def verify_published(settings: Settings, where: Path, now: datetime) -> Report:
+    """``ca-daemon verify`` on a directory: the files as Linkerd and Kong read them, against
+    the configuration and the journal (loaded read-only), and the modes of the secrets."""
+    from ca_daemon.anchor.local import NoState, loose_secrets
+    from ca_daemon.runtime import build_anchor_and_journal
+
+    problems: list[str] = []
+    state: State | None = None
+    try:
+        _, journal = build_anchor_and_journal(settings, create=False)
+        state = journal.load().state
+    except NoState as exc:
+        problems.append(f"no journal to check the published files against: {exc}")
+    except Exception as exc:  # reported, not raised: the published files are checked still
+        problems.append(f"cannot read the journal: {exc}")
+    if state is not None and state.ca.active_root is None:
+        problems.append("the journal holds no trust anchor yet")
+        state = None
+    expected = Expected.from_settings(settings, state)
+    report = verify_directory(where, now, Thresholds.from_settings(settings), expected)
+    report.problems[:0] = problems
+    if settings.anchor.backend == "local":
+        local = settings.anchor.local
+        extra = (local.effective_passphrase_file, settings.api_token_file)
+        report.problems += loose_secrets(local.dir, extra)
     return report

@@ -21,6 +21,9 @@ class TrustWorld:
     linkerd_issuer: IssuedEntry | None = None
     kong_intermediate: x509.Certificate | None = None
     kong_clients: Mapping[str, IssuedEntry] = field(default_factory=dict)
+    # The journal's CA-record version this world was derived from (0: not known), so a
+    # publisher can refuse to go back to an older one than it already published.
+    generation: int = field(default=0, compare=False)
 
     @property
     def bundle_pem(self) -> str:
@@ -32,7 +35,7 @@ def bundle_roots(state: State) -> list[x509.Certificate]:
     return trusted_roots(state.ca)
 
 
-def desired_world(state: State, settings: Settings) -> TrustWorld:
+def desired_world(state: State, settings: Settings, generation: int = 0) -> TrustWorld:
     kong = settings.kong.enabled
     configured = {c.name for c in settings.kong.clients}
     return TrustWorld(
@@ -44,4 +47,5 @@ def desired_world(state: State, settings: Settings) -> TrustWorld:
         kong_clients=(
             {n: e for n, e in state.kong_clients.items() if n in configured} if kong else {}
         ),
+        generation=generation,
     )

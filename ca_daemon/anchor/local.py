@@ -9,9 +9,14 @@ Layout under ``anchor.local.dir``::
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import secrets
+import stat
+import tempfile
 import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -32,24 +37,124 @@ from ca_daemon.pki.keys import (
 from ca_daemon.pki.profiles import Kind, Subject, Validity, sign_certificate
 
 _REF = re.compile(r"^[a-z0-9][-a-z0-9]*$")
+log = logging.getLogger(__name__)
 
 
-def load_or_create_passphrase(path: Path) -> bytes:
-    """The passphrase protecting keys at rest; generated (0600) the first time."""
-    if path.exists():
+class NoState(AnchorError):
+    """Nothing was created yet: a read-only command has nothing to read."""
+
+
+def read_passphrase(path: Path) -> bytes:
+    """The existing passphrase; NoState when there is none yet. Never writes."""
+    try:
         value = path.read_bytes().strip()
-        if not value:
-            raise AnchorError(f"passphrase file {path} is empty")
-        return value
-    ensure_private_dir(path.parent)
-    value = secrets.token_urlsafe(32).encode()
-    write_atomic(path, value + b"\n", mode=0o600)
+    except FileNotFoundError:
+        raise NoState(f"no passphrase at {path}: nothing was created yet") from None
+    except OSError as exc:
+        raise AnchorError(f"passphrase file {path}: unreadable ({exc.strerror})") from None
+    if not value:
+        raise AnchorError(f"passphrase file {path} is empty")
     return value
 
 
+def load_or_create_passphrase(path: Path) -> bytes:
+    """The passphrase protecting keys at rest; generated (0600) the first time.
+
+    Two processes starting at once on a fresh directory must end with one passphrase:
+    the new one is written in full to a temporary file, then linked into place, which
+    fails when another process got there first; that one's passphrase is then used.
+    """
+    try:
+        return read_passphrase(path)
+    except NoState:
+        pass
+    ensure_private_dir(path.parent)
+    value = secrets.token_urlsafe(32).encode()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(value + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)  # like O_EXCL: never replaces an existing passphrase
+        except FileExistsError:
+            return read_passphrase(path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return value
+
+
+# --- secret files and their modes ------------------------------------------------------------
+
+SECRET_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def secret_paths(directory: Path, extra: Iterable[Path] = ()) -> tuple[list[Path], list[Path]]:
+    """(secret files, private directories) of a local data directory that exist.
+
+    Files: ``anchor/*.key``, ``state.json``, ``state.d/**/*.json``, the passphrase and
+    the API token (``extra``). Directories: ``anchor/`` and ``state.d/`` with its folders.
+    """
+    anchor, journal = directory / "anchor", directory / "state.d"
+    files = [*sorted(anchor.glob("*.key")), directory / "state.json"]
+    files += sorted(journal.rglob("*.json"))
+    files += [directory / "passphrase", *extra]
+    dirs = [anchor, journal, *sorted(p for p in journal.rglob("*") if p.is_dir())]
+    unique = list(dict.fromkeys(p for p in files if p.is_file()))
+    return unique, [d for d in dirs if d.is_dir() and not d.is_symlink()]
+
+
+def loose_secrets(directory: Path, extra: Iterable[Path] = ()) -> list[str]:
+    """A sentence for each secret file or private directory other users can read."""
+    files, dirs = secret_paths(directory, extra)
+    problems = []
+    for path, want, what in [
+        *((f, SECRET_MODE, "secret file") for f in files),
+        *((d, PRIVATE_DIR_MODE, "private directory") for d in dirs),
+    ]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            problems.append(
+                f"{path}: {what} is open to other users (mode {mode:04o}, must be {want:04o})"
+            )
+    return problems
+
+
+def repair_secret_modes(directory: Path, extra: Iterable[Path] = ()) -> list[str]:
+    """Take group and other access away from every secret; what was repaired.
+
+    Raises AnchorError when a secret open to others cannot be repaired (another owner,
+    a read-only filesystem): it is not used then.
+    """
+    files, dirs = secret_paths(directory, extra)
+    repaired = []
+    for path, want in [*((f, SECRET_MODE) for f in files), *((d, PRIVATE_DIR_MODE) for d in dirs)]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if not mode & 0o077:
+            continue
+        try:
+            os.chmod(path, mode & ~0o077)
+        except OSError as exc:
+            raise AnchorError(
+                f"{path} is open to other users (mode {mode:04o}) and cannot be repaired "
+                f"({exc.strerror}): refusing to use it; make it {want:04o}"
+            ) from None
+        repaired.append(
+            f"{path}: was mode {mode:04o}, open to other users; now {mode & ~0o077:04o}"
+        )
+    return repaired
+
+
 class LocalAnchor:
-    def __init__(self, directory: Path, passphrase: bytes) -> None:
+    def __init__(
+        self, directory: Path, passphrase: bytes, secret_files: Sequence[Path] = ()
+    ) -> None:
+        self._data = directory
         self._dir = directory / "anchor"
+        self._secrets = tuple(secret_files)  # files outside ``anchor/`` kept at 0600 too
         self._passphrase = passphrase
         self.description = f"local anchor in {directory}"
         # Decrypting a CA key derives a key from the passphrase: once per CA, not per
@@ -62,6 +167,8 @@ class LocalAnchor:
             ensure_private_dir(self._dir)
         except OSError as exc:
             raise AnchorError(f"{self.description}: cannot use directory: {exc.strerror}") from exc
+        for repaired in repair_secret_modes(self._data, self._secrets):
+            log.warning("repaired the mode of a secret: %s", repaired)
 
     def _paths(self, ref: str) -> tuple[Path, Path]:
         if not _REF.match(ref):

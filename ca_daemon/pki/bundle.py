@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 
@@ -35,6 +36,62 @@ def parse_pem_certificates(data: bytes | str, *, what: str = "PEM data") -> list
         return x509.load_pem_x509_certificates(raw)
     except ValueError as exc:
         raise BundleError(f"{what}: cannot parse certificate: {exc}") from exc
+
+
+_BLOCK = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n([A-Za-z0-9+/=\r\n]*?)-----END CERTIFICATE-----"
+)
+_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----")
+
+
+def _stray(raw: bytes, start: int, end: int, what: str) -> BundleError | None:
+    """An error for the first non-whitespace byte in ``raw[start:end]``; never quotes it."""
+    text = raw[start:end]
+    stripped = text.lstrip()
+    if not stripped:
+        return None
+    offset = start + len(text) - len(stripped)
+    line = raw.count(b"\n", 0, offset) + 1
+    label = _LABEL.match(stripped)
+    if label is None:
+        found = "text that is not part of a PEM certificate block"
+    elif label.group(1) == b"CERTIFICATE":
+        found = "an incomplete CERTIFICATE block (no matching END line, or bad base64)"
+    else:
+        found = f"a {label.group(1).decode().lower()} block, not a CERTIFICATE"
+    return BundleError(f"{what}: not a PEM certificate: line {line} holds {found}")
+
+
+def parse_pem_certificates_strict(
+    data: bytes | str, *, what: str = "PEM data"
+) -> list[x509.Certificate]:
+    """As Linkerd reads a bundle: only complete CERTIFICATE blocks, whitespace between.
+
+    Every other byte (an unterminated block, a key, trailing text) is an error, where
+    ``parse_pem_certificates`` skips it. Errors name the line, never the content.
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    certs: list[x509.Certificate] = []
+    position = 0
+    for block in _BLOCK.finditer(raw):
+        error = _stray(raw, position, block.start(), what)
+        if error is not None:
+            raise error
+        try:
+            certs.append(x509.load_pem_x509_certificate(block.group(0)))
+        except ValueError:
+            line = raw.count(b"\n", 0, block.start()) + 1
+            raise BundleError(
+                f"{what}: not a PEM certificate: the block at line {line} is not a valid "
+                "X.509 certificate"
+            ) from None
+        position = block.end()
+    error = _stray(raw, position, len(raw), what)
+    if error is not None:
+        raise error
+    if not certs:
+        raise BundleError(f"{what}: no PEM certificate found")
+    return certs
 
 
 def certificate_pem(cert: x509.Certificate) -> str:

@@ -16,9 +16,12 @@ the world disappear because the new version does not have them.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import stat
 from pathlib import Path
 
-from ca_daemon.files import write_tree_atomic
+from ca_daemon.files import DIR_MODE, write_tree_atomic
 from ca_daemon.pki.bundle import render_pem, stable_id
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.world import TrustWorld
@@ -49,6 +52,11 @@ def desired_files(world: TrustWorld) -> dict[str, tuple[bytes, int]]:
     return files
 
 
+# The journal version of what is published, beside the versions: a publish from an older
+# one (a process that read the journal before another saved and published) is refused.
+GENERATION = "..generation"
+
+
 class DirectoryPublisher:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -56,5 +64,57 @@ class DirectoryPublisher:
 
     def publish(self, world: TrustWorld) -> PublishReport:
         """Swap in a new version when anything differs; report the relative paths changed."""
-        changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
+        refused = self._refusal()
+        if refused is not None:
+            return PublishReport(target=self.description, errors={str(self.root): refused})
+        if world.generation <= 0:  # not derived from a journal (tests, tools)
+            changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
+            return PublishReport(target=self.description, changed=changed)
+        fd = os.open(self.root / GENERATION, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, CERT_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the check and the swap, one process at a time
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            published = int(text) if text.isdigit() else 0
+            if world.generation < published:
+                return PublishReport(
+                    target=self.description,
+                    errors={
+                        GENERATION: f"refusing to publish journal version {world.generation}: "
+                        f"version {published} is already published (a newer pass published "
+                        f"first; if the journal was reset on purpose, remove "
+                        f"{self.root / GENERATION})"
+                    },
+                )
+            if world.generation > published:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{world.generation}\n".encode(), 0)
+            changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
+        finally:
+            os.close(fd)
         return PublishReport(target=self.description, changed=changed)
+
+    def _refusal(self) -> str | None:
+        """Why ``root`` is not ours to publish into; creates it (0755) when missing.
+
+        A symlink is never followed: whatever it points to is someone else's, and
+        publishing replaces and removes entries there.
+        """
+        root = self.root
+        if root.is_symlink():
+            return (
+                f"is a symlink (to {os.readlink(root)}): refusing to publish through it; "
+                "make it a real directory or set publish.directory to the target"
+            )
+        if not root.exists():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            root.mkdir(mode=DIR_MODE, exist_ok=True)
+            os.chmod(root, DIR_MODE)  # whatever the umask
+        info = root.lstat()
+        if not stat.S_ISDIR(info.st_mode):
+            return "is not a directory: refusing to publish there"
+        if info.st_uid != os.geteuid():
+            return (
+                f"is owned by uid {info.st_uid}, not this daemon's uid {os.geteuid()}: "
+                "refusing to publish into it"
+            )
+        return None
