@@ -36,11 +36,13 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def write(self, record: AuditRecord) -> str:
+        fields = {"audit": True, **asdict(record)}
         line = json.dumps(
-            {"time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), **asdict(record)},
+            {"time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), **fields},
             sort_keys=True,
         )
-        log.info("%s", line)
+        # As JSON logs, the fields are the line's keys; as readable logs, the line itself.
+        log.info("%s", line, extra={"fields": fields})
         if self.path is not None:
             with self._lock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
