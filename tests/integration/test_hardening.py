@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,11 @@ from ca_daemon.config import Settings, load_settings
 from ca_daemon.pki.bundle import certificate_pem, stable_id
 from ca_daemon.pki.keys import load_private_key, private_key_pem
 from ca_daemon.pki.profiles import Subject, Validity
-from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.publish.directory import GENERATION, DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.runtime import build_engine, file_journal
 from ca_daemon.verify import verify_published
+from ca_daemon.world import desired_world
 from tests.integration.cli import ca_daemon, daemon_env
 from tests.unit.conftest import self_signed_root
 from tests.unit.test_key_leaks import leaked
@@ -376,6 +378,48 @@ def test_an_out_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     assert run.returncode == 1
     assert f"{DATA}/out: is owned by uid 12345, not this daemon's uid 0" in run.stderr
     assert (out / "trust-bundle.pem").read_text() == "theirs\n"
+
+
+# --- point 1: publishing never goes back to an older journal version -----------------------
+
+
+def test_the_directory_publisher_refuses_an_older_journal_version(
+    published: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = _copy(published, tmp_path)
+    monkeypatch.chdir(copy)
+    settings = load_settings(None)  # the embedded default, in the copy
+    data, out = copy / DATA, copy / DATA / "out"
+    loaded = file_journal(settings, (data / "passphrase").read_bytes().strip()).load()
+    recorded = int((out / GENERATION).read_text())
+    assert recorded == loaded.version > 0
+    world = desired_world(loaded.state, settings, loaded.version)
+    before = _snapshot(out)
+
+    older = replace(world, kong_clients={}, generation=recorded - 1)
+    report = DirectoryPublisher(out).publish(older)
+    assert report.errors == {
+        GENERATION: f"refusing to publish journal version {recorded - 1}: version {recorded} "
+        f"is already published (a newer pass published first; if the journal was reset on "
+        f"purpose, remove {out / GENERATION})"
+    }
+    assert _snapshot(out) == before  # the client is still published
+
+    newer = replace(world, generation=recorded + 1)
+    assert DirectoryPublisher(out).publish(newer).errors == {}
+    assert (out / GENERATION).read_text() == f"{recorded + 1}\n"
+
+
+def test_run_once_behind_what_is_published_refuses_to_publish(
+    published: Path, tmp_path: Path
+) -> None:
+    copy = _copy(published, tmp_path)
+    generation = copy / DATA / "out" / GENERATION
+    ahead = int(generation.read_text()) + 10  # as if another process were ahead
+    generation.write_text(f"{ahead}\n")
+    run = ca_daemon("run", "--once", cwd=copy)
+    assert run.returncode == 1
+    assert f"version {ahead} is already published" in run.stderr
 
 
 # --- point 5: what verify must catch ---------------------------------------------------------
