@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ca_daemon import __version__
 from ca_daemon.config import ConfigError, Settings, effective_config, load_settings
 from ca_daemon.rotation.engine import PassResult
+
+if TYPE_CHECKING:
+    from ca_daemon.api_client import Client as ApiClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -41,8 +44,27 @@ def _parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="bring everything up to date, publish, and exit"
     )
 
-    status = commands.add_parser("status", parents=[common], help="show certificates and times")
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument("--url", help="the running daemon's API (default: from server.address)")
+    api.add_argument("--token-file", type=Path, help="bearer token (default: server.token_file)")
+
+    status = commands.add_parser(
+        "status", parents=[common, api], help="show certificates and times"
+    )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    rotate = commands.add_parser(
+        "rotate", parents=[common, api], help="ask the running daemon to rotate"
+    )
+    rotate.add_argument(
+        "target",
+        help="trust-anchor, linkerd-issuer, kong-intermediate, kong, kong/<name> or all",
+    )
+    rotate.add_argument("--reason", default="", help="why (kept in the journal and audit log)")
+    rotate.add_argument("--wait", action="store_true", help="follow the operation to its end")
+    rotate.add_argument(
+        "--dry-run", action="store_true", help="show the steps it would take; change nothing"
+    )
 
     verify = commands.add_parser(
         "verify", parents=[common], help="check what is published as Linkerd and Kong would"
@@ -125,11 +147,58 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         for error in errors:
             print(f"error: {error}", file=sys.stderr)
         return EXIT_OK if not errors else EXIT_FAILED
-    run_forever(settings, engine)
+    run_forever(settings, engine, server_address=settings.server.address)
+    return EXIT_OK
+
+
+def _client(args: argparse.Namespace, settings: Settings) -> ApiClient:
+    from ca_daemon.api_client import Client, default_url, read_token
+
+    return Client(
+        args.url or default_url(settings), read_token(args.token_file or settings.api_token_file)
+    )
+
+
+def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    from ca_daemon.api_client import ApiError
+
+    try:
+        client = _client(args, settings)
+        answer = client.rotate(args.target, args.reason, args.dry_run)
+        if args.dry_run:
+            steps = answer["steps"]
+            for step in steps:
+                print(f"would {step['action']} {step['kind']} {step['name']} ({step['reason']})")
+            if not steps:
+                print("nothing to do")
+            return EXIT_OK
+        op_id = answer["operation"]
+        print(f"operation {op_id}: {args.target}")
+        if not args.wait:
+            return EXIT_OK
+        view = client.follow(op_id, print)
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if view["state"] == "succeeded" else EXIT_FAILED
+
+
+def _remote_status(args: argparse.Namespace, settings: Settings) -> int:
+    from ca_daemon.api_client import ApiError
+    from ca_daemon.status import render_table
+
+    try:
+        view = _client(args, settings).status()
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(view, indent=2) if args.json else render_table(view))
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    if args.url:
+        return _remote_status(args, settings)
     from ca_daemon.anchor.base import AnchorError
     from ca_daemon.anchor.local import NoState
     from ca_daemon.rotation.journal import JournalError
@@ -198,9 +267,9 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from ca_daemon import logs
+
+    logs.configure()
     try:
         settings = _settings(args)
     except ConfigError as exc:
@@ -209,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": cmd_run,
         "status": cmd_status,
+        "rotate": cmd_rotate,
         "verify": cmd_verify,
         "config": cmd_config,
     }

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from tests.fixtures.tools import free_port
+
 # The developer's own settings must not leak into a test's daemon.
 _FOREIGN = ("CA_DAEMON_", "VAULT_", "BAO_")
 _FOREIGN_NAMES = ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")
@@ -19,6 +21,8 @@ def daemon_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(_FOREIGN) and k not in _FOREIGN_NAMES
     }
+    # Each daemon's API on a port of its own: tests run daemons side by side.
+    env["CA_DAEMON_SERVER__ADDRESS"] = f"127.0.0.1:{free_port()}"
     return env | dict(extra or {})
 
 

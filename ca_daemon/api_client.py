@@ -1,0 +1,105 @@
+"""The CLI's side of the HTTP API: `status --url` and `rotate`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ca_daemon.config import Settings
+
+POLL_SECONDS = 1.0
+
+
+class ApiError(Exception):
+    """The daemon could not be reached, or refused; the message says which and why."""
+
+
+def default_url(settings: Settings) -> str:
+    host, _, port = settings.server.address.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::"):  # listening everywhere: talk to it locally
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ApiError(f"cannot read the API token {path}: {exc.strerror}") from None
+    if not token:
+        raise ApiError(f"the API token file {path} is empty")
+    return token
+
+
+@dataclass
+class Client:
+    url: str
+    token: str
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            response = httpx.request(
+                method,
+                f"{self.url.rstrip('/')}{path}",
+                json=body,
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=30,
+            )
+        except httpx.HTTPError as exc:
+            raise ApiError(f"{self.url}: unreachable ({type(exc).__name__})") from None
+        try:
+            data = response.json()
+        except ValueError:
+            data = {"error": response.text.strip()[:300]}
+        if response.status_code >= 400:
+            raise ApiError(f"{method} {path}: {response.status_code}: {data.get('error', data)}")
+        return data
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = self._call("GET", "/v1/status")
+        return data
+
+    def rotate(self, target: str, reason: str, dry_run: bool) -> dict[str, Any]:
+        body = {"target": target, "reason": reason, "dry_run": dry_run}
+        data: dict[str, Any] = self._call("POST", "/v1/rotate", body)
+        return data
+
+    def operation(self, op_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = self._call("GET", f"/v1/operations/{op_id}")
+        return data
+
+    def follow(
+        self,
+        op_id: str,
+        say: Callable[[str], None],
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> dict[str, Any]:
+        """Poll the operation until it ends, saying each change of progress once."""
+        last = ""
+        while True:
+            view = self.operation(op_id)
+            line = _progress(view)
+            if line != last:
+                say(line)
+                last = line
+            if view["state"] in ("succeeded", "failed"):
+                return view
+            sleep(POLL_SECONDS)
+
+
+def _progress(view: dict[str, Any]) -> str:
+    parts = [f"{view['target']}: {view['state']}"]
+    if view.get("phase"):
+        parts.append(f"phase {view['phase']}")
+    if view.get("waiting_for"):
+        parts.append(f"waiting for {view['waiting_for']}")
+    if view.get("pending_pods"):
+        parts.append(f"pods on an old bundle: {', '.join(view['pending_pods'])}")
+    if view.get("result"):
+        parts.append(str(view["result"]))
+    return "; ".join(parts)
