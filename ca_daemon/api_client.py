@@ -33,6 +33,10 @@ def read_token(path: Path) -> str:
         raise ApiError(f"cannot read the API token {path}: {exc.strerror}") from None
     if not token:
         raise ApiError(f"the API token file {path} is empty")
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ApiError(
+            f"the API token file {path} does not hold one token (it has spaces or lines)"
+        )
     return token
 
 
