@@ -153,8 +153,9 @@ def step_target(step: Step, settings: Settings) -> tuple[Kind, str, str]:
             return Kind.TRUST_ANCHOR, "root-rotation", ROTATION
         case Activate():
             return Kind.TRUST_ANCHOR, "root-rotation", ROTATION
-        case IssueKongIntermediate():
-            return Kind.KONG_INTERMEDIATE, "kong-intermediate", KONG_INTERMEDIATE
+        case IssueKongIntermediate(ref=ref):
+            # Named by its ref, as roots are, so metrics join with the certificate's series.
+            return Kind.KONG_INTERMEDIATE, ref, KONG_INTERMEDIATE
         case StartOperation(operation=op) | FinishOperation(operation=op):
             return Kind.TRUST_ANCHOR, f"operation {op}", f"operation/{op}"
         case IssueLinkerdIssuer():

@@ -68,7 +68,7 @@ def test_first_pass_issues_everything_second_does_nothing(settings: Settings) ->
     assert first.ok, first.errors
     assert [(s.kind.value, s.name) for s in first.steps] == [
         ("trust-anchor", "root-1"),
-        ("kong-intermediate", "kong-intermediate"),
+        ("kong-intermediate", "kong-2"),
         ("linkerd-issuer", "linkerd-identity-issuer"),
         ("kong-client", "payments"),
         ("kong-client", "orders"),
