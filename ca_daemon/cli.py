@@ -203,7 +203,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ca_daemon.anchor.local import NoState
     from ca_daemon.rotation.journal import JournalError
     from ca_daemon.runtime import build_anchor_and_journal
-    from ca_daemon.status import expired, render_table, status_view, warnings
+    from ca_daemon.status import expired, render_table, status_view, waiting_for, warnings
 
     try:  # read-only: never creates a passphrase, never saves
         _, journal = build_anchor_and_journal(settings, create=False)
@@ -215,7 +215,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: reading state: {exc}", file=sys.stderr)
         return EXIT_FAILED
     now = datetime.now(UTC)
-    view = status_view(state, settings, now)
+    view = status_view(state, settings, now, waiting=waiting_for(state, settings, now))
     print(json.dumps(view, indent=2) if args.json else render_table(view))
     for line in warnings(state, settings, now):
         print(f"warning: {line}", file=sys.stderr)

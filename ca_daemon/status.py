@@ -10,7 +10,7 @@ from cryptography import x509
 from ca_daemon.config import Settings
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
-from ca_daemon.rotation.plan import renew_at, root_due_at
+from ca_daemon.rotation.plan import Observations, Wait, plan, renew_at, root_due_at
 from ca_daemon.rotation.state import Operation, Phase, State
 
 
@@ -100,6 +100,14 @@ def status_view(
         "clients": clients,
         "operations": [operation_view(op) for op in ca.operations],
     }
+
+
+def waiting_for(state: State, settings: Settings, now: datetime) -> str | None:
+    """What a root rotation waits for, as plan() decides it from the journal alone (the
+    running daemon also knows what publishers and Pods showed on its last pass)."""
+    observations = Observations(cluster=settings.kubernetes_enabled and settings.linkerd.enabled)
+    steps = plan(state, now, settings, observations)
+    return next((s.reason for s in steps if isinstance(s, Wait)), None)
 
 
 def operation_view(op: Operation) -> dict[str, Any]:

@@ -7,6 +7,7 @@ authentication case runs against the real kube-apiserver.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -85,7 +86,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
     yield from _serve(tmp_path)
 
 
-def test_health_and_readiness(served: Served) -> None:
+def test_health_and_readiness(served: Served, promtool: str) -> None:
     with served.client() as http:
         assert http.get("/healthz").status_code == 200
         not_ready = http.get("/readyz")
@@ -93,8 +94,15 @@ def test_health_and_readiness(served: Served) -> None:
         served.service.tick()
         assert http.get("/readyz").status_code == 200
         metrics = http.get("/metrics")
-        assert metrics.status_code == 200
-        assert "ca_daemon_trust_bundle_roots 1.0" in metrics.text
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain; version=")
+    assert "ca_daemon_trust_bundle_roots 1.0" in metrics.text
+    assert 'ca_daemon_build_info{version="' in metrics.text
+    # promtool's linter is clean on exactly what is served.
+    lint = subprocess.run(
+        [promtool, "check", "metrics"], input=metrics.text, capture_output=True, text=True
+    )
+    assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr
 
 
 def test_status_needs_the_token(served: Served) -> None:

@@ -84,6 +84,15 @@ def test_rotate_trust_anchor_and_wait(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert conflict is not None and conflict.returncode == 1
         assert "409" in conflict.stderr and "in progress" in conflict.stderr
+        # The local status (journal only, no API) says what the rotation waits for.
+        local: list[str] = []
+        for _ in range(100):
+            table = ca_daemon("status", "--config", str(cfg), cwd=tmp_path, env=env).stdout
+            local.append(table)
+            if "waiting for:" in table or "rotation phase: steady" in table:
+                break
+            time.sleep(0.2)
+        assert any("waiting for: " in t for t in local), local[-1]
         out, err = follow.communicate(timeout=120)
         outputs.append(out + err)
         assert follow.returncode == 0, out + err + log_tail(log)
