@@ -55,6 +55,7 @@ def test_rotate_trust_anchor_and_wait(tmp_path: Path) -> None:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
+        keys = _published_keys(tmp_path / "data" / "out")
         token = tmp_path / "api-token"
         assert token.stat().st_mode & 0o777 == 0o600
         assert str(token) in log.read_text()  # its path is printed at start-up
@@ -112,8 +113,21 @@ def test_rotate_trust_anchor_and_wait(tmp_path: Path) -> None:
         assert wrong.returncode == 1 and "401" in wrong.stderr
         garbled = ca_daemon("status", *api, "--token-file", str(cfg), cwd=tmp_path, env=env)
         assert garbled.returncode == 1 and "does not hold one token" in garbled.stderr
+        keys |= _published_keys(tmp_path / "data" / "out")
     finally:
         daemon.stop()
     text = "\n".join(outputs) + log.read_text()
     assert "PRIVATE KEY" not in text
     assert token.read_text().strip() not in text  # the token is never echoed
+    # No piece of any key the daemon made, before or after the rotation, was emitted.
+    assert len(keys) >= 4
+    leaked = [line for line in keys if line in text]
+    assert not leaked, f"{len(leaked)} key line(s) in the output"
+
+
+def _published_keys(out: Path) -> set[str]:
+    """The base64 body lines of every published private key."""
+    lines: set[str] = set()
+    for key in [out / "linkerd" / "tls.key", *(out / "kong" / "clients").glob("*/tls.key")]:
+        lines |= {ln for ln in key.read_text().splitlines() if ln and not ln.startswith("-----")}
+    return lines
