@@ -24,6 +24,9 @@ class TrustWorld:
     # The journal's CA-record version this world was derived from (0: not known), so a
     # publisher can refuse to go back to an older one than it already published.
     generation: int = field(default=0, compare=False)
+    # Each credential's record version ("linkerd-issuer", "kong/<name>"), for the same
+    # purpose per published object.
+    versions: Mapping[str, int] = field(default_factory=dict, compare=False)
 
     @property
     def bundle_pem(self) -> str:
@@ -35,7 +38,12 @@ def bundle_roots(state: State) -> list[x509.Certificate]:
     return trusted_roots(state.ca)
 
 
-def desired_world(state: State, settings: Settings, generation: int = 0) -> TrustWorld:
+def desired_world(
+    state: State,
+    settings: Settings,
+    generation: int = 0,
+    versions: Mapping[str, int] | None = None,
+) -> TrustWorld:
     kong = settings.kong.enabled
     configured = {c.name for c in settings.kong.clients}
     return TrustWorld(
@@ -48,4 +56,5 @@ def desired_world(state: State, settings: Settings, generation: int = 0) -> Trus
             {n: e for n, e in state.kong_clients.items() if n in configured} if kong else {}
         ),
         generation=generation,
+        versions=dict(versions or {}),
     )

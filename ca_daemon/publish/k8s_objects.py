@@ -30,6 +30,9 @@ NOT_AFTER = "ca-daemon.io/not-after"
 # Hash of the data the daemon wrote: lets any later reader (even after a restart) see
 # that someone else changed the data since.
 CONTENT = "ca-daemon.io/content-sha256"
+# "<CA record version>.<credential record version>" the object was derived from: a
+# writer holding an older journal view (a deposed leader) must not overwrite it.
+GENERATION = "ca-daemon.io/generation"
 
 TLS_SECRET = "kubernetes.io/tls"
 OPAQUE_SECRET = "Opaque"
@@ -57,6 +60,8 @@ class DesiredObject:
     type: str | None = None  # Secrets only
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    # (CA record version, credential record version); (0, 0) when not from a journal.
+    generation: tuple[int, int] = (0, 0)
 
     @property
     def ref(self) -> str:
@@ -94,9 +99,11 @@ def _object(
     type_: str | None = None,
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
+    generation: tuple[int, int] = (0, 0),
 ) -> DesiredObject:
     sha, not_after = identity
     return DesiredObject(
+        generation=generation,
         kind=kind,
         namespace=namespace,
         name=name,
@@ -136,6 +143,7 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
     )
     objects: list[DesiredObject] = []
     linkerd = settings.linkerd
+    ca_only = (world.generation, 0)
     if world.linkerd_issuer is not None:
         issuer = world.linkerd_issuer
         objects.append(
@@ -151,6 +159,7 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                 },
                 _cert_identity(issuer.cert),
                 type_=TLS_SECRET,
+                generation=(world.generation, world.versions.get("linkerd-issuer", 0)),
             )
         )
     if settings.linkerd.enabled:
@@ -162,6 +171,7 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                 Role.LINKERD_TRUST_ROOTS,
                 {"ca-bundle.crt": bundle},
                 bundle_identity,
+                generation=ca_only,
             )
         )
     kong = settings.kong
@@ -187,6 +197,7 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                     },
                     _cert_identity(entry.cert),
                     type_=TLS_SECRET,
+                    generation=(world.generation, world.versions.get(f"kong/{client.name}", 0)),
                 )
             )
         for root in world.roots:
@@ -201,6 +212,7 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                     type_=OPAQUE_SECRET,
                     labels={KONG_CA_LABEL: "true"},
                     annotations={INGRESS_CLASS: "kong"},
+                    generation=ca_only,
                 )
             )
     for target in settings.bundles:
@@ -212,9 +224,22 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                 Role.BUNDLE,
                 {target.key: bundle},
                 bundle_identity,
+                generation=ca_only,
             )
         )
     return objects
+
+
+def format_generation(generation: tuple[int, int]) -> str:
+    return f"{generation[0]}.{generation[1]}"
+
+
+def parse_generation(text: str | None) -> tuple[int, int]:
+    """The generation an object carries; (0, 0) when it has none (or an unreadable one)."""
+    ca, _, credential = (text or "").partition(".")
+    if not (ca.isdigit() and (credential.isdigit() or not credential)):
+        return (0, 0)
+    return int(ca), int(credential or 0)
 
 
 def desired_service_patches(world: TrustWorld, settings: Settings) -> list[ServicePatch]:

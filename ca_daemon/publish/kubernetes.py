@@ -23,6 +23,7 @@ from ca_daemon.kube import KubeConflict, KubeError, call
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.k8s_objects import (
     CONTENT,
+    GENERATION,
     MANAGED_BY,
     MANAGER,
     ROLE,
@@ -32,6 +33,8 @@ from ca_daemon.publish.k8s_objects import (
     content_hash,
     desired_objects,
     desired_service_patches,
+    format_generation,
+    parse_generation,
     warning_event,
 )
 from ca_daemon.world import TrustWorld
@@ -67,6 +70,22 @@ class _KindApi:
     read: Callable[..., Any]
     create: Callable[..., Any]
     replace: Callable[..., Any]
+
+
+def _fence(obj: DesiredObject, live: Any) -> None:
+    """Refuse to overwrite an object derived from a newer journal than this pass's: a
+    deposed leader that resumes must not take the world back."""
+    if obj.generation == (0, 0):
+        return
+    live_generation = parse_generation((live.metadata.annotations or {}).get(GENERATION))
+    if live_generation > obj.generation:
+        raise KubeError(
+            f"{obj.ref} was published from journal generation "
+            f"{format_generation(live_generation)}, newer than this pass's "
+            f"{format_generation(obj.generation)} (another replica leads now?); not going "
+            f"back. If the journal was restored or rebuilt on purpose, remove the "
+            f"{GENERATION} annotation"
+        )
 
 
 class KubernetesPublisher:
@@ -126,6 +145,8 @@ class KubernetesPublisher:
             "labels": {**labels, **obj.labels},
             "annotations": {**annotations, **obj.annotations},
         }
+        if obj.generation > (0, 0):
+            metadata["annotations"][GENERATION] = format_generation(obj.generation)
         if live is not None:
             metadata["resourceVersion"] = live.metadata.resource_version
         body: dict[str, Any] = {"apiVersion": "v1", "kind": obj.kind, "metadata": metadata}
@@ -176,6 +197,7 @@ class KubernetesPublisher:
                 reason, message = problem
                 self._event(obj, live, reason, message)
                 raise KubeError(message)
+            _fence(obj, live)
             data = live_data(obj.kind, live)
             if (
                 data == dict(obj.data)

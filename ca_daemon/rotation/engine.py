@@ -308,7 +308,12 @@ class Engine:
         if result.anchor_up:
             state, published = self._advance(state, now, result, failed)
         if published is None and state.ca.active_root is not None:
-            self._publish(desired_world(state, self.settings, self._version), state, now, result)
+            self._publish(
+                desired_world(state, self.settings, self._version, self._credential_versions),
+                state,
+                now,
+                result,
+            )
         state = self._fail_operations(state, now, result, failed)
         result.state = state
         return result
@@ -340,7 +345,7 @@ class Engine:
                 continue
             if state.ca.active_root is None:
                 return state, published
-            world = desired_world(state, self.settings, self._version)
+            world = desired_world(state, self.settings, self._version, self._credential_versions)
             if world == published:
                 return state, published
             observations = self._publish(world, state, now, result)
