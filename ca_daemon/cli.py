@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from ca_daemon import __version__
+from ca_daemon import __version__, forecast
 from ca_daemon.config import ConfigError, Settings, effective_config, load_settings
 from ca_daemon.rotation.engine import PassResult
 
@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         help="check the live cluster instead (default when Kubernetes publishing is on)",
     )
 
+    forecast.add_parser(commands)
     config = commands.add_parser("config", parents=[common], help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = config_commands.add_parser(
@@ -281,5 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rotate": cmd_rotate,
         "verify": cmd_verify,
         "config": cmd_config,
+        "plan": forecast.command,
     }
     return handlers[args.command](args, settings)
