@@ -314,7 +314,7 @@ class Engine:
                 now,
                 result,
             )
-        state = self._fail_operations(state, now, result, failed)
+        state = self._fail_operations(state, now, result)
         result.state = state
         return result
 
@@ -689,18 +689,21 @@ class Engine:
             state.ca,
             rotation=replace(rotation, pending_pods=shown, pending_count=len(pending)),
         )
+        return self._record(state, record, result, "recording pending pods")
+
+    def _record(self, state: State, record: CaRecord, result: PassResult, what: str) -> State:
+        """Save a CA record that only notes facts (nothing depends on it this pass): a
+        failure is reported, and the pass goes on with the state it had."""
         try:
             self._save_ca(record)
         except Exception as exc:
-            result.errors.append(f"recording pending pods: {_describe(exc)}")
+            result.errors.append(f"{what}: {_describe(exc)}")
             return state
         return replace(state, ca=record)
 
     # --- operations --------------------------------------------------------------------------
 
-    def _fail_operations(
-        self, state: State, now: datetime, result: PassResult, failed: set[str]
-    ) -> State:
+    def _fail_operations(self, state: State, now: datetime, result: PassResult) -> State:
         """A running manual operation whose target failed this pass ends as failed."""
         errors = [s for s in result.steps if not s.ok]
         record = state.ca
@@ -720,12 +723,7 @@ class Engine:
             )
         if record is state.ca:
             return state
-        try:
-            self._save_ca(record)
-        except Exception as exc:
-            result.errors.append(f"recording failed operations: {_describe(exc)}")
-            return state
-        return replace(state, ca=record)
+        return self._record(state, record, result, "recording failed operations")
 
 
 def step_target_name(step: StepResult) -> str | None:
