@@ -4,11 +4,14 @@ HTTP API beside it."""
 from __future__ import annotations
 
 import logging
+import random
 import signal
+import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from types import FrameType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from apscheduler.schedulers.blocking import BlockingScheduler
 
@@ -16,7 +19,10 @@ from ca_daemon.config import Settings
 from ca_daemon.metrics import Metrics
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.server import ServerThread
-from ca_daemon.service import DaemonService
+from ca_daemon.service import DaemonService, Leadership
+
+if TYPE_CHECKING:
+    from ca_daemon.leader import LeaderElector
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,32 @@ class Scheduler(Protocol):
     def modify_job(self, job_id: str, **changes: Any) -> Any: ...
 
 
+BACKOFF_START = timedelta(seconds=2)
+
+
+@dataclass
+class Backoff:
+    """After a failed pass the next one comes sooner than the interval, then later and
+    later: ``start`` doubling with each failure in a row, up to ``cap``, each delay
+    jittered down by up to ``jitter`` (so replicas and retries spread out). A pass that
+    succeeds resets it."""
+
+    start: float
+    cap: float
+    jitter: float = 0.2
+    failures: int = 0
+    rand: Callable[[], float] = random.random
+
+    def after(self, ok: bool) -> float | None:
+        """The delay before the next pass, or None: the usual interval."""
+        if ok:
+            self.failures = 0
+            return None
+        self.failures += 1
+        delay = min(self.cap, self.start * 2 ** min(self.failures - 1, 30))
+        return float(delay * (1 - self.jitter * self.rand()))
+
+
 def run_forever(
     settings: Settings,
     engine: Engine,
@@ -51,14 +83,32 @@ def run_forever(
     days of clock time are tested in a moment, deterministically. With
     ``server_address`` the HTTP API listens there while the loop runs.
     """
-    service = DaemonService(settings, engine, metrics or Metrics(), clock or engine.clock)
+    metrics = metrics or Metrics()
+    service = DaemonService(settings, engine, metrics, clock or engine.clock)
+    interval = settings.rotation.check_interval.total_seconds()
+    backoff = Backoff(min(BACKOFF_START.total_seconds(), interval), interval)
+    loop: Scheduler = scheduler or BlockingScheduler(timezone=UTC)
 
     def tick() -> None:
-        service.tick()
+        result = service.tick()
+        if elector is not None:
+            metrics.leader.set(1 if service.leadership.leader else 0)
+        failed_before = backoff.failures
+        delay = backoff.after(result.ok)
+        if delay is not None:
+            log.warning("pass failed (%d in a row); retrying in %.1fs", backoff.failures, delay)
+            at = datetime.now(UTC) + timedelta(seconds=delay)
+            loop.modify_job("reconcile", next_run_time=at)
+        elif failed_before:
+            log.info(
+                "pass succeeded after %d failed; checking every %ss again",
+                failed_before,
+                int(interval),
+            )
 
-    loop: Scheduler = scheduler or BlockingScheduler(timezone=UTC)
     # A manual request is journaled by the API; the pass that carries it out runs now.
     service.on_wake(lambda: loop.modify_job("reconcile", next_run_time=datetime.now(UTC)))
+    elector = _elector(settings, service, metrics)
     loop.add_job(
         tick,
         "interval",
@@ -80,14 +130,45 @@ def run_forever(
         int(settings.rotation.check_interval.total_seconds()),
     )
     server = _start_server(settings, service, server_address) if server_address else None
+    if elector is not None:
+        elector.start()
     try:
         loop.start()
     finally:
+        if elector is not None:
+            elector.stop(release=True)  # a standby takes over at its next retry
         if server is not None:
             server.stop()
         # In-process callers (tests, an embedding program) get their handlers back.
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _elector(settings: Settings, service: DaemonService, metrics: Metrics) -> LeaderElector | None:
+    """The Lease elector when leader election is on (else this process leads)."""
+    from ca_daemon.leader import build_elector, election_enabled
+
+    if not election_enabled(settings):
+        metrics.leader.set(1)
+        return None
+    metrics.leader.set(0)
+    lock = threading.Lock()
+    leading = [False]
+
+    def changed(leader: bool, holder: str | None) -> None:
+        metrics.leader.set(1 if leader else 0)
+        with lock:
+            started, leading[0] = leader and not leading[0], leader
+        if started:
+            try:  # the new leader's first pass runs now, not at the next check
+                service.wake()
+            except Exception as exc:  # the scheduler not started yet: it runs at once anyway
+                log.debug("waking the loop: %s", exc)
+
+    elector = build_elector(settings, changed)
+    service.follow_leadership(lambda: Leadership(elector.is_leader(), elector.holder()))
+    log.info("leader election on %s as %s", elector.store.description, elector.identity)
+    return elector
 
 
 def _start_server(settings: Settings, service: DaemonService, address: str) -> ServerThread:

@@ -95,7 +95,7 @@ class Metrics:
             "ca_daemon_build_info", "Build information.", ("version",), registry=r
         )
         self.build_info.labels(version=__version__).set(1)
-        self.leader.set(1)  # a single instance leads; leader election overrides this
+        # Set by the daemon: 1 without leader election, else what the Lease says.
         self._drifted: set[str] = set()
 
     def observe(

@@ -12,6 +12,10 @@ Linkerd (see ca_daemon/publish/linkerd_rollout.py):
 - ``restart: all``: get and patch Deployments, StatefulSets and DaemonSets, and get
   ReplicaSets (a Deployment owns its Pods through one), cluster-wide.
 - The pods gate's one Event is updated in place: get/patch of that Event name.
+
+Leader election (on by default with Kubernetes publishing): get/update of the one Lease
+``leader_election.lease`` and create (the first replica makes it), in the daemon's
+namespace: ``leader_election.namespace``, else the ServiceAccount's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections import defaultdict
 from typing import Any
 
 from ca_daemon.config import Settings
+from ca_daemon.leader import election_enabled
 from ca_daemon.publish.k8s_objects import split_service
 from ca_daemon.publish.pods_gate import pending_event_name
 
@@ -40,7 +45,10 @@ def _rule(
     return rule
 
 
-def namespace_rules(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+def namespace_rules(
+    settings: Settings, daemon_ns: str | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Rules by namespace; ``daemon_ns`` is where the daemon runs (its Lease)."""
     secrets: dict[str, list[str]] = defaultdict(list)
     configmaps: dict[str, list[str]] = defaultdict(list)
     services: dict[str, list[str]] = defaultdict(list)
@@ -82,6 +90,11 @@ def namespace_rules(settings: Settings) -> dict[str, list[dict[str, Any]]]:
     if linkerd.enabled and linkerd.gate == "pods":
         event = pending_event_name(linkerd.trust_roots_configmap)
         rules[linkerd.namespace].append(_rule("events", ["get", "patch"], [event]))
+    if daemon_ns is not None and election_enabled(settings):
+        lease = settings.leader_election.lease
+        group = "coordination.k8s.io"
+        rules[daemon_ns].append(_rule("leases", ["get", "update"], [lease], group=group))
+        rules[daemon_ns].append(_rule("leases", ["create"], group=group))
     for ns in rules:
         rules[ns].append(_rule("events", ["create"]))
     return dict(rules)
@@ -118,7 +131,8 @@ def manifests(settings: Settings, sa_namespace: str, sa_name: str) -> list[dict[
     docs: list[dict[str, Any]] = []
     labels = {"app.kubernetes.io/name": "ca-daemon"}
     subjects = [{"kind": "ServiceAccount", "name": sa_name, "namespace": sa_namespace}]
-    for ns, rules in sorted(namespace_rules(settings).items()):
+    daemon_ns = settings.leader_election.namespace or sa_namespace
+    for ns, rules in sorted(namespace_rules(settings, daemon_ns).items()):
         meta = {"name": ROLE_NAME, "namespace": ns, "labels": labels}
         docs.append(
             {

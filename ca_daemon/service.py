@@ -44,7 +44,7 @@ class DaemonService:
         self.engine = engine
         self.metrics = metrics
         self.clock = clock
-        self.leadership = Leadership()
+        self._leadership: Callable[[], Leadership] = Leadership
         self._lock = threading.Lock()
         self._last: PassResult | None = None
         self._not_ready = "the first pass has not run yet"
@@ -52,11 +52,30 @@ class DaemonService:
 
     # --- the loop side ------------------------------------------------------------------
 
+    @property
+    def leadership(self) -> Leadership:
+        """Asked afresh each time (of the leader elector, when there is one)."""
+        return self._leadership()
+
+    @leadership.setter
+    def leadership(self, value: Leadership) -> None:
+        self._leadership = lambda: value
+
+    def follow_leadership(self, source: Callable[[], Leadership]) -> None:
+        """Ask ``source`` (the leader elector) who leads, before every pass and request."""
+        self._leadership = source
+
     def on_wake(self, wake: Callable[[], None]) -> None:
         self._wake = wake
 
+    def wake(self) -> None:
+        """Run a pass now (a manual request, or this process just became the leader)."""
+        self._wake()
+
     def tick(self, now: datetime | None = None) -> PassResult:
         now = now or self.clock()
+        if not self.leadership.leader:
+            return self._standby(now)
         result = self.engine.reconcile(now=now)
         for error in result.errors:
             log.error("%s", error)
@@ -67,6 +86,24 @@ class DaemonService:
                 self._not_ready = ""
             elif self._not_ready:
                 self._not_ready = "; ".join(result.errors) or "the anchor did not answer"
+        return result
+
+    def _standby(self, now: datetime) -> PassResult:
+        """Not the leader: no engine, no publishing; status and metrics from the journal."""
+        result = PassResult()
+        try:
+            result.state = self.engine.journal.load().state
+        except Exception as exc:
+            result.errors.append(f"loading state from {self.engine.journal.description}: {exc}")
+            log.warning("standby: %s", result.errors[-1])
+            with self._lock:
+                if self._not_ready:
+                    self._not_ready = result.errors[-1]
+            return result
+        self.metrics.observe_state(result.state, self.settings, now)
+        with self._lock:
+            self._last = result
+            self._not_ready = ""  # configuration and journal loaded
         return result
 
     # --- the API side -------------------------------------------------------------------
@@ -93,7 +130,9 @@ class DaemonService:
         view = status_view(state, self.settings, now, waiting=last.waiting if last else None)
         view["leader"] = self.leadership.holder if not self.leadership.leader else "self"
         view["last_pass"] = (
-            {"ok": last.ok, "errors": list(last.errors)} if last is not None else None
+            {"ok": last.ok, "errors": list(last.errors)}
+            if last is not None and self.leadership.leader
+            else None
         )
         return view
 

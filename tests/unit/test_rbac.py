@@ -100,3 +100,51 @@ def test_linkerd_disabled_needs_nothing_for_it(make_settings: Make) -> None:
     s = make_settings({"linkerd": {"enabled": False, "restart": "all", "gate": "pods"}})
     assert _docs(s, "ClusterRole") == []
     assert all(d["metadata"]["namespace"] != "linkerd" for d in _docs(s, "Role"))
+
+
+def _lease_rules(settings: Settings, ns: str) -> list[dict[str, Any]]:
+    roles = [d for d in _docs(settings, "Role") if d["metadata"]["namespace"] == ns]
+    return [r for role in roles for r in role["rules"] if "leases" in r["resources"]]
+
+
+def test_leader_election_gets_and_updates_its_one_lease_in_the_sa_namespace(
+    make_settings: Make,
+) -> None:
+    s = make_settings({"publish": {"kubernetes": {"enabled": True}}})
+    rules = _lease_rules(s, "cad")
+    assert rules == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "update"],
+            "resourceNames": ["ca-daemon"],
+        },
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    ]
+    (binding,) = [d for d in _docs(s, "RoleBinding") if d["metadata"]["namespace"] == "cad"]
+    assert binding["subjects"][0]["name"] == "ca-daemon"
+    # Nowhere else, and not cluster-wide.
+    others = {d["metadata"]["namespace"] for d in _docs(s, "Role")} - {"cad"}
+    assert all(_lease_rules(s, ns) == [] for ns in others)
+    assert all("leases" not in r["resources"] for r in _cluster_rules(s))
+
+
+def test_the_lease_follows_leader_election_namespace_and_name(make_settings: Make) -> None:
+    s = make_settings(
+        {
+            "publish": {"kubernetes": {"enabled": True}},
+            "leader_election": {"namespace": "ops", "lease": "cad-leader"},
+        }
+    )
+    assert _lease_rules(s, "cad") == []
+    (get_update, _) = _lease_rules(s, "ops")
+    assert get_update["resourceNames"] == ["cad-leader"]
+
+
+def test_no_lease_without_leader_election(make_settings: Make) -> None:
+    off = make_settings(
+        {"publish": {"kubernetes": {"enabled": True}}, "leader_election": {"enabled": False}}
+    )
+    assert _lease_rules(off, "cad") == []
+    embedded = make_settings()  # directory publishing: leader election off by default
+    assert _lease_rules(embedded, "cad") == []

@@ -1,0 +1,367 @@
+"""Leader election on a ``coordination.k8s.io/v1`` Lease, as client-go's leaderelection.
+
+One Lease, ``leader_election.lease`` in the daemon's namespace. A candidate takes it
+when it is absent, released (empty holder) or expired (``renewTime +
+leaseDurationSeconds`` before now), incrementing ``leaseTransitions`` on a takeover;
+the holder renews it every ``retry_period``. Every write carries the resourceVersion
+it read, so of two candidates one wins and the other gets a 409. A leader that could
+not renew within ``renew_deadline`` stops leading: ``is_leader`` is judged on the
+monotonic clock at the moment it is asked, so a process paused past its lease (SIGSTOP)
+does not act on its first breath after resuming. On SIGTERM the holder releases the
+Lease (empty holder, 1s duration: client-go's ReleaseOnCancel) so a standby takes over
+at its next retry rather than after a whole lease.
+
+``decide`` is the pure part: what to write, given the Lease read, the time and who we
+are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException
+
+from ca_daemon.config import Settings
+from ca_daemon.kube import KubeError, api_message, describe
+
+log = logging.getLogger(__name__)
+
+_GROUP_VERSION = "coordination.k8s.io/v1"
+
+
+def election_enabled(settings: Settings) -> bool:
+    """``leader_election.enabled``; unset: on when publishing to Kubernetes."""
+    enabled = settings.leader_election.enabled
+    return settings.kubernetes_enabled if enabled is None else enabled
+
+
+def new_identity() -> str:
+    """The Pod's name (HOSTNAME) and a random suffix: two processes never share one."""
+    host = os.environ.get("HOSTNAME") or socket.gethostname() or "ca-daemon"
+    return f"{host}_{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """The Lease's spec, and the resourceVersion it was read at (None: not stored yet)."""
+
+    holder: str
+    duration_seconds: int
+    acquire_time: datetime | None
+    renew_time: datetime | None
+    transitions: int = 0
+    resource_version: str | None = None
+
+    def expired(self, now: datetime) -> bool:
+        if not self.holder or self.renew_time is None:
+            return True
+        return self.renew_time + timedelta(seconds=self.duration_seconds) < now
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``create`` or ``update`` ``lease`` (ours afterwards), or ``wait``: ``lease`` is held
+    by someone else."""
+
+    action: Literal["create", "update", "wait"]
+    lease: LeaseRecord | None
+
+
+def decide(
+    current: LeaseRecord | None, now: datetime, identity: str, duration: timedelta
+) -> Decision:
+    """What a candidate ``identity`` writes at ``now``, having read ``current``."""
+    seconds = max(1, int(duration.total_seconds()))
+    if current is None:
+        return Decision("create", LeaseRecord(identity, seconds, now, now, 0))
+    if current.holder == identity:
+        renewed = replace(current, duration_seconds=seconds, renew_time=now)
+        return Decision("update", renewed)
+    if current.expired(now):
+        taken = replace(
+            current,
+            holder=identity,
+            duration_seconds=seconds,
+            acquire_time=now,
+            renew_time=now,
+            transitions=current.transitions + 1,
+        )
+        return Decision("update", taken)
+    return Decision("wait", current)
+
+
+def released(current: LeaseRecord, now: datetime) -> LeaseRecord:
+    """What the holder writes when it gives the Lease up (client-go's ReleaseOnCancel)."""
+    return replace(current, holder="", duration_seconds=1, acquire_time=now, renew_time=now)
+
+
+# --- the Lease on the API server ----------------------------------------------------------
+
+
+def _micro(at: datetime | None) -> str | None:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if at else None
+
+
+def _body(name: str, namespace: str, lease: LeaseRecord) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+    if lease.resource_version is not None:
+        metadata["resourceVersion"] = lease.resource_version
+    return {
+        "apiVersion": _GROUP_VERSION,
+        "kind": "Lease",
+        "metadata": metadata,
+        "spec": {
+            "holderIdentity": lease.holder,
+            "leaseDurationSeconds": lease.duration_seconds,
+            "acquireTime": _micro(lease.acquire_time),
+            "renewTime": _micro(lease.renew_time),
+            "leaseTransitions": lease.transitions,
+        },
+    }
+
+
+def _record(obj: Any) -> LeaseRecord:
+    spec = obj.spec
+    return LeaseRecord(
+        holder=spec.holder_identity or "",
+        duration_seconds=spec.lease_duration_seconds or 0,
+        acquire_time=spec.acquire_time,
+        renew_time=spec.renew_time,
+        transitions=spec.lease_transitions or 0,
+        resource_version=obj.metadata.resource_version,
+    )
+
+
+class LostRace(KubeError):
+    """Another candidate wrote the Lease first (409 Conflict / 409 AlreadyExists)."""
+
+
+class LeaseStore:
+    """Reads and writes one Lease, with a timeout short enough to matter within a lease."""
+
+    def __init__(self, api: Any, namespace: str, name: str, timeout: float) -> None:
+        from kubernetes import client
+
+        self.coordination = client.CoordinationV1Api(api)
+        self.namespace = namespace
+        self.name = name
+        self.timeout = (min(timeout, 5.0), timeout)
+        self.description = f"Lease {namespace}/{name}"
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args, _request_timeout=self.timeout)
+        except ApiException as exc:
+            if exc.status == 409:
+                raise LostRace(f"{what}: {api_message(exc)}") from None
+            if exc.status == 404 and what.startswith("read"):
+                return None
+            raise describe(exc, what) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise describe(exc, what) from None
+
+    def read(self) -> LeaseRecord | None:
+        found = self._call(
+            f"read {self.description}",
+            self.coordination.read_namespaced_lease,
+            self.name,
+            self.namespace,
+        )
+        return None if found is None else _record(found)
+
+    def write(self, action: Literal["create", "update"], lease: LeaseRecord) -> LeaseRecord:
+        body = _body(self.name, self.namespace, lease)
+        if action == "create":
+            stored = self._call(
+                f"create {self.description}",
+                self.coordination.create_namespaced_lease,
+                self.namespace,
+                body,
+            )
+        else:
+            stored = self._call(
+                f"update {self.description}",
+                self.coordination.replace_namespaced_lease,
+                self.name,
+                self.namespace,
+                body,
+            )
+        return _record(stored)
+
+
+# --- the elector ------------------------------------------------------------------------
+
+
+Monotonic = Callable[[], float]
+Wall = Callable[[], datetime]
+
+
+class LeaderElector:
+    """Tries to acquire or renew the Lease every ``retry_period`` in a thread of its own.
+
+    ``on_change(leader, holder)`` is called when this process starts or stops leading,
+    or the holder it sees changes.
+    """
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        identity: str,
+        lease_duration: timedelta,
+        renew_deadline: timedelta,
+        retry_period: timedelta,
+        *,
+        on_change: Callable[[bool, str | None], None] = lambda leader, holder: None,
+        monotonic: Monotonic = time.monotonic,
+        wall: Wall = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.identity = identity
+        self.lease_duration = lease_duration
+        self.renew_deadline = renew_deadline.total_seconds()
+        self.retry_period = retry_period.total_seconds()
+        self.on_change = on_change
+        self._monotonic = monotonic
+        self._wall = wall
+        self._lock = threading.Lock()
+        self._renewed_at: float | None = None  # monotonic time of the last renewal we won
+        self._holder: str | None = None  # the holder last seen
+        self._lease: LeaseRecord | None = None  # ours, as last written
+        self._reported: tuple[bool, str | None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- what the rest of the daemon asks ---------------------------------------------
+
+    def is_leader(self) -> bool:
+        with self._lock:
+            return self._leading_locked()
+
+    def _leading_locked(self) -> bool:
+        if self._renewed_at is None:
+            return False
+        return self._monotonic() - self._renewed_at < self.renew_deadline
+
+    def holder(self) -> str | None:
+        """Who holds the Lease, as last read (our own identity when we do)."""
+        with self._lock:
+            return self.identity if self._leading_locked() else self._holder
+
+    # --- one round ----------------------------------------------------------------------
+
+    def try_acquire_or_renew(self) -> bool:
+        """Read the Lease and take or renew it if we may; True when we lead afterwards."""
+        try:
+            current = self.store.read()
+            decision = decide(current, self._wall(), self.identity, self.lease_duration)
+            if decision.action == "wait":
+                assert decision.lease is not None
+                with self._lock:
+                    self._holder = decision.lease.holder or None
+            else:
+                assert decision.lease is not None
+                started = self._monotonic()
+                stored = self.store.write(decision.action, decision.lease)
+                with self._lock:
+                    # Counted from before the write: the lease may be that much older.
+                    self._renewed_at = started
+                    self._holder = self.identity
+                    self._lease = stored
+                if current is None or current.holder != self.identity:
+                    log.info(
+                        "acquired %s as %s (transitions %d)",
+                        self.store.description,
+                        self.identity,
+                        stored.transitions,
+                    )
+        except LostRace as exc:
+            log.info("%s: another candidate won: %s", self.store.description, exc)
+        except KubeError as exc:
+            log.warning("leader election: %s", exc)
+        self._report()
+        return self.is_leader()
+
+    def _report(self) -> None:
+        with self._lock:
+            leading = self._leading_locked()
+            now = (leading, self.identity if leading else self._holder)
+            if now == self._reported:
+                return
+            was_leading = self._reported is not None and self._reported[0]
+            self._reported = now
+        if was_leading and not leading:
+            log.warning(
+                "lost leadership of %s (not renewed within %.0fs); standing by",
+                self.store.description,
+                self.renew_deadline,
+            )
+        elif not leading:
+            log.info("standing by; the leader is %s", now[1] or "nobody yet")
+        self.on_change(*now)
+
+    def release(self) -> None:
+        """Give the Lease up if we hold it (on SIGTERM), so a standby need not wait."""
+        with self._lock:
+            lease, leading = self._lease, self._leading_locked()
+            self._renewed_at = None
+        if lease is None or not leading:
+            return
+        try:
+            self.store.write("update", released(lease, self._wall()))
+            log.info("released %s", self.store.description)
+        except KubeError as exc:
+            log.warning("could not release %s: %s", self.store.description, exc)
+        self._report()
+
+    # --- the thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.try_acquire_or_renew()
+            self._stop.wait(self.retry_period)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="leader-election", daemon=True)
+        self._thread.start()
+
+    def stop(self, release: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.renew_deadline + 5)
+        if release:
+            self.release()
+
+
+def build_elector(
+    settings: Settings,
+    on_change: Callable[[bool, str | None], None],
+    api: Any | None = None,
+) -> LeaderElector:
+    from ca_daemon.api_auth import daemon_namespace
+    from ca_daemon.kube import api_client
+
+    le = settings.leader_election
+    store = LeaseStore(
+        api if api is not None else api_client(),
+        daemon_namespace(settings),
+        le.lease,
+        timeout=max(1.0, le.renew_deadline.total_seconds() / 2),
+    )
+    return LeaderElector(
+        store,
+        new_identity(),
+        le.lease_duration,
+        le.renew_deadline,
+        le.retry_period,
+        on_change=on_change,
+    )
