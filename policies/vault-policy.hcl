@@ -8,9 +8,15 @@
 # Deliberately absent: sys/*, any */exported or */sign-verbatim or */sign-self-issued
 # path, key import/export, revocation, and every other KV path.
 
-# Health check: the daemon looks up its own token.
+# Health check: the daemon looks up its own token (also: its TTL, and whether a 403
+# means the token itself is no longer valid).
 path "auth/token/lookup-self" {
   capabilities = ["read"]
+}
+
+# Token lifecycle: a renewable token is renewed before a third of its TTL is left.
+path "auth/token/renew-self" {
+  capabilities = ["update"]
 }
 
 # Trust anchors: new roots are generated inside Vault (the key never leaves it),
