@@ -12,6 +12,10 @@ has already capped at the signer's own not-after.
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,8 @@ from ca_daemon.pki.bundle import parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.keys import KeyType
 from ca_daemon.pki.profiles import Subject, Validity
+
+log = logging.getLogger(__name__)
 
 KONG_CLIENT_ROLE = "kong-client"
 # Mount ceiling; the daemon's own caps are what really bound each certificate.
@@ -67,12 +73,40 @@ class VaultInvalidRequest(AnchorError):
     """Vault answered 400: the request itself was refused."""
 
 
-class VaultClient:
-    """One narrow door to Vault: authenticated requests with errors an operator can act on."""
+class VaultForbidden(AnchorError):
+    """Vault answered 403: the token is invalid or its policy denies the path."""
 
-    def __init__(self, cfg: VaultAnchor, env_token: str | None = None) -> None:
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten (in place or by rename); one stat call."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class VaultClient:
+    """One narrow door to Vault: authenticated requests with errors an operator can act on.
+
+    The token's life is kept here: its TTL and renewability come from the login answer
+    (or ``lookup-self`` for a static token); before a request with less than a third
+    of the TTL left it is renewed (``renew-self``) or, when renewal cannot carry it
+    (not renewable, or capped by the max TTL), the client logs in again. A 403 whose
+    token no longer looks itself up is answered by one new login and one retry. A
+    ``token_file`` is re-read when it changes (a Vault Agent sidecar rewrites it).
+    One lock guards login and renewal; the token never appears in a log or error.
+    """
+
+    def __init__(
+        self,
+        cfg: VaultAnchor,
+        env_token: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cfg = cfg
         self._env_token = env_token
+        self._clock = clock
         verify: bool | str = str(cfg.ca_cert) if cfg.ca_cert else True
         self.hvac = hvac.Client(
             url=cfg.address,
@@ -81,6 +115,14 @@ class VaultClient:
             timeout=int(cfg.timeout.total_seconds()),
         )
         self._logged_in = False
+        self._lock = threading.RLock()
+        self._generation = 0  # bumped on every new token: a racing thread does not log in twice
+        self._ttl: float | None = None  # seconds the token lived when obtained; None: forever
+        self._expires: float | None = None  # monotonic time the token stops working
+        self._renewable = False
+        self._token_file_seen: tuple[int, int, int] | None = None
+
+    # --- the token's life -------------------------------------------------------------------
 
     def _login(self) -> None:
         auth = self.cfg.auth
@@ -88,6 +130,7 @@ class VaultClient:
             if auth.token is not None:
                 token = auth.token.get_secret_value()
             elif auth.token_file is not None:
+                self._token_file_seen = _file_identity(auth.token_file)
                 token = _read_secret_file(auth.token_file, "token_file")
             elif self._env_token:
                 token = self._env_token
@@ -97,24 +140,119 @@ class VaultClient:
                     "(or VAULT_TOKEN in the environment)"
                 )
             self.hvac.token = token
+            looked = self._guard("token lookup", self.hvac.auth.token.lookup_self)
+            data = (looked or {}).get("data") or {}
+            self._set_lease(data.get("ttl"), data.get("renewable"))
         elif auth.method == "kubernetes":
             jwt = _read_secret_file(auth.jwt_file, "jwt_file")
-            self._guard(
+            answer = self._guard(
                 "kubernetes login",
                 lambda: self.hvac.auth.kubernetes.login(
                     role=auth.role, jwt=jwt, mount_point=auth.mount or "kubernetes"
                 ),
             )
+            self._set_lease_from(answer)
         else:
             assert auth.secret_id_file is not None
             secret_id = _read_secret_file(auth.secret_id_file, "secret_id_file")
-            self._guard(
+            answer = self._guard(
                 "approle login",
                 lambda: self.hvac.auth.approle.login(
                     role_id=auth.role_id, secret_id=secret_id, mount_point=auth.mount or "approle"
                 ),
             )
+            self._set_lease_from(answer)
         self._logged_in = True
+        self._generation += 1
+
+    def _set_lease_from(self, answer: Any) -> None:
+        auth = (answer or {}).get("auth") or {}
+        self._set_lease(auth.get("lease_duration"), auth.get("renewable"))
+
+    def _set_lease(self, ttl: Any, renewable: Any) -> None:
+        seconds = float(ttl or 0)
+        if seconds <= 0:  # a root or periodic-less token without expiry
+            self._ttl = self._expires = None
+        else:
+            self._ttl = seconds
+            self._expires = self._clock() + seconds
+        self._renewable = bool(renewable)
+
+    def _needs_refresh(self) -> bool:
+        if self._expires is None or self._ttl is None:
+            return False
+        return self._expires - self._clock() < self._ttl / 3
+
+    def _token_file_changed(self) -> bool:
+        auth = self.cfg.auth
+        if auth.method != "token" or auth.token is not None or auth.token_file is None:
+            return False
+        return _file_identity(auth.token_file) != self._token_file_seen
+
+    def _ensure_token(self) -> int:
+        """Log in, re-read or renew as the token needs; the generation of the token in use."""
+        if self._logged_in and not self._token_file_changed() and not self._needs_refresh():
+            return self._generation
+        with self._lock:
+            if not self._logged_in:
+                self._login()
+            elif self._token_file_changed():
+                log.info("Vault auth: %s changed; using the new token", self.cfg.auth.token_file)
+                self._login()
+            elif self._needs_refresh():
+                self._refresh()
+            return self._generation
+
+    def _refresh(self) -> None:
+        """Renew when that extends the token past the threshold, else log in again."""
+        if self._renewable:
+            try:
+                answer = self._guard("token renewal", self.hvac.auth.token.renew_self)
+            except AnchorError as exc:
+                log.warning("Vault auth: renewing the token failed (%s); logging in again", exc)
+            else:
+                self._set_lease_from_renewal(answer)
+                if not self._needs_refresh():
+                    log.debug("Vault auth: token renewed")
+                    return
+        if self.cfg.auth.method == "token":
+            # A given token cannot be replaced from here: use it while it lasts (a
+            # token_file is re-read when whoever manages it writes a new one); stop
+            # asking until a new token arrives.
+            self._expires = None
+            return
+        log.info("Vault auth: token near its end and cannot be renewed further; logging in again")
+        self._login()
+
+    def _set_lease_from_renewal(self, answer: Any) -> None:
+        auth = (answer or {}).get("auth") or {}
+        seconds = float(auth.get("lease_duration") or 0)
+        self._expires = self._clock() + seconds if seconds > 0 else None
+        if seconds <= 0:
+            self._ttl = None
+        self._renewable = bool(auth.get("renewable"))
+
+    def _token_rejected(self) -> bool:
+        """After a 403: whether the token itself is no longer valid (it cannot look itself
+        up), as opposed to a policy that denies this one path."""
+        try:
+            self.hvac.auth.token.lookup_self()
+        except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
+            return True
+        except (hvac.exceptions.VaultError, requests.exceptions.RequestException):
+            return False
+        return False
+
+    def _login_again(self, seen: int) -> bool:
+        """Log in once more unless another thread already did since ``seen``."""
+        with self._lock:
+            if self._generation != seen:
+                return True
+            if not self._token_rejected():
+                return False
+            log.warning("Vault auth: the token is no longer valid; logging in again")
+            self._login()
+            return True
 
     def _guard(self, what: str, call: Any) -> Any:
         where = f"Vault at {self.cfg.address}"
@@ -125,7 +263,7 @@ class VaultClient:
         except hvac.exceptions.InvalidRequest as exc:
             raise VaultInvalidRequest(f"{where}: {what}: {_first_error(exc)}") from None
         except hvac.exceptions.Forbidden as exc:
-            raise AnchorError(
+            raise VaultForbidden(
                 f"{where}: {what}: permission denied — check the token and its policy "
                 f"({_first_error(exc)})"
             ) from None
@@ -140,8 +278,7 @@ class VaultClient:
             ) from None
 
     def request(self, method: str, path: str, what: str, body: dict[str, Any] | None = None) -> Any:
-        if not self._logged_in:
-            self._login()
+        seen = self._ensure_token()
         url = f"/v1/{path}"
 
         def call() -> Any:
@@ -154,6 +291,11 @@ class VaultClient:
                 )
             return self.hvac.adapter.request(method, url, json=body)
 
+        try:
+            return self._guard(what, call)
+        except VaultForbidden:
+            if not self._login_again(seen):
+                raise
         return self._guard(what, call)
 
     def read(self, path: str, what: str) -> dict[str, Any] | None:
@@ -250,6 +392,24 @@ class VaultPkiAnchor:
         if not data or not data.get("certificate"):
             return None
         return CA(ref, parse_pem_certificates(data["certificate"], what=f"issuer {ref}")[0])
+
+    def existing_cas(self) -> list[CA]:
+        """The named issuers on both PKI mounts (LIST ``<mount>/issuers``, then each read)."""
+        found = []
+        for mount in (self.cfg.root_mount, self.cfg.kong_mount):
+            try:
+                listed = self.client.request("LIST", f"{mount}/issuers", f"list issuers on {mount}")
+            except VaultNotFound:  # no issuer at all yet
+                continue
+            info = ((listed or {}).get("data") or {}).get("key_info") or {}
+            for issuer_id, meta in sorted(info.items()):
+                name = (meta or {}).get("issuer_name") or ""
+                if not name:
+                    continue  # not one the daemon named
+                ca = self._existing(mount, issuer_id)
+                if ca is not None:
+                    found.append(CA(name, ca.cert))
+        return found
 
     def create_root(self, ref: str, subject: Subject, key_type: KeyType, validity: Validity) -> CA:
         mount = self.cfg.root_mount
