@@ -92,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
         default="ca-daemon/ca-daemon",
         help="namespace/name of the daemon's ServiceAccount (default: ca-daemon/ca-daemon)",
     )
+    schema = config_commands.add_parser(
+        "schema", parents=[common], help="print the configuration's JSON Schema"
+    )
+    schema.add_argument(
+        "--helm-values",
+        action="store_true",
+        help="the Helm chart's values.schema.json (the configuration under `config`)",
+    )
     return parser
 
 
@@ -271,6 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ca_daemon import logs
 
     logs.configure()
+    if args.command == "config" and args.config_command == "schema":
+        from ca_daemon import schema
+
+        print(
+            schema.dumps(schema.values_schema() if args.helm_values else schema.config_schema()),
+            end="",
+        )
+        return EXIT_OK
     try:
         settings = _settings(args)
     except ConfigError as exc:

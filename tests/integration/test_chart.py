@@ -440,3 +440,22 @@ def test_dashboard_configmap_is_the_dashboard(helm: Helm, tmp_path: Path) -> Non
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     shipped = json.loads((ROOT / "policies" / "grafana" / "ca-daemon.json").read_text())
     assert json.loads(cm["data"]["ca-daemon.json"]) == shipped
+
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        ({"linkerd": {"restrat": "all"}}, "/config/linkerd"),
+        ({"rotation": {"check_interval": 60}}, "/config/rotation/check_interval"),
+        ({"linkerd": {"issuer": {"lifetime": "2 days"}}}, "/config/linkerd/issuer/lifetime"),
+        ({"anchor": {"backend": "consul"}}, "/config/anchor/backend"),
+    ],
+)
+def test_values_schema_refuses_what_the_daemon_refuses(
+    helm: Helm, tmp_path: Path, config: dict[str, Any], where: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"config": config}))
+    out = helm.run("template", "x", str(CHART), "--values", str(path), check=False)
+    assert out.returncode != 0
+    assert where in out.stderr, out.stderr

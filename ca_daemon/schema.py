@@ -1,0 +1,95 @@
+"""JSON Schema of the configuration, from the models themselves (``ca-daemon config schema``).
+
+The Helm chart's ``values.schema.json`` is :func:`values_schema`: the configuration's schema
+under ``config``, so that ``helm install`` refuses a key or value the daemon would refuse.
+Durations are the strings operators write (``48h``, ``1h30m``), not ISO 8601.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import core_schema
+
+from ca_daemon.config import Settings
+from ca_daemon.durations import format_duration
+
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+_DEFINITIONS = "definitions"
+
+
+class _Generator(GenerateJsonSchema):
+    def timedelta_schema(self, schema: core_schema.TimedeltaSchema) -> dict[str, Any]:
+        return {"type": "string", "pattern": DURATION_PATTERN}
+
+    def encode_default(self, dft: Any) -> Any:
+        if isinstance(dft, timedelta):
+            return format_duration(dft)
+        return super().encode_default(dft)
+
+
+def config_schema() -> dict[str, Any]:
+    """The configuration file's schema (draft-07 layout: shared models under definitions)."""
+    schema = Settings.model_json_schema(
+        schema_generator=_Generator, ref_template=f"#/{_DEFINITIONS}/{{model}}"
+    )
+    definitions = schema.pop("$defs", {})
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        **schema,
+        _DEFINITIONS: definitions,
+    }
+
+
+def values_schema() -> dict[str, Any]:
+    """The Helm chart's values schema: the configuration under ``config``; the chart's own
+    keys are checked where a mistake is easy, the rest is left to the templates."""
+    config = config_schema()
+    definitions = config.pop(_DEFINITIONS)
+    config.pop("$schema")
+    definitions["Settings"] = config
+    flag = {"type": "object", "properties": {"enabled": {"type": "boolean"}}}
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "ca-daemon Helm chart values",
+        "type": "object",
+        "properties": {
+            "config": {
+                "description": "The daemon's configuration file, as it is (see "
+                "docs/configuration.md); the chart sets publish.kubernetes, "
+                "leader_election.enabled/namespace, anchor.local.dir and, with the "
+                "kubernetes auth method, anchor.vault.auth.jwt_file.",
+                "$ref": f"#/{_DEFINITIONS}/Settings",
+            },
+            "replicaCount": {"type": "integer", "minimum": 1},
+            "image": {
+                "type": "object",
+                "properties": {
+                    "repository": {"type": "string"},
+                    "tag": {"type": "string"},
+                    "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+                },
+            },
+            "vault": {
+                "type": "object",
+                "properties": {
+                    "audience": {"type": "string", "minLength": 1},
+                    "tokenExpirationSeconds": {"type": "integer", "minimum": 600},
+                },
+            },
+            "serviceMonitor": flag,
+            "prometheusRule": flag,
+            "grafanaDashboard": flag,
+            "networkPolicy": flag,
+            "persistence": flag,
+            "podDisruptionBudget": flag,
+        },
+        _DEFINITIONS: definitions,
+    }
+
+
+def dumps(schema: dict[str, Any]) -> str:
+    return json.dumps(schema, indent=2) + "\n"
