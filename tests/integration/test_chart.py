@@ -459,3 +459,39 @@ def test_values_schema_refuses_what_the_daemon_refuses(
     out = helm.run("template", "x", str(CHART), "--values", str(path), check=False)
     assert out.returncode != 0
     assert where in out.stderr, out.stderr
+
+
+# --- the Grafana dashboard ---------------------------------------------------------------
+
+DASHBOARD = ROOT / "policies" / "grafana" / "ca-daemon.json"
+
+
+def test_dashboard_has_the_schema_basics() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    assert isinstance(dashboard["schemaVersion"], int) and dashboard["schemaVersion"] >= 30
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels), "panel ids are unique"
+    for p in panels:
+        assert p["title"] and p["type"] and p["gridPos"]
+        assert p["targets"] and all(t["expr"] and t["refId"] for t in p["targets"]), p["title"]
+    titles = " ".join(p["title"].lower() for p in panels)
+    for wanted in ("time left", "phase", "pending", "rotations", "failures", "publish", "drift"):
+        assert wanted in titles, wanted
+
+
+def test_dashboard_queries_only_exported_metrics(tmp_path: Path) -> None:
+    from tests.integration.test_alert_rules import METRIC_NAME, _default_settings, _exposition
+    from tests.integration.test_alert_rules import _samples as samples
+
+    exported = samples(_exposition(_default_settings(tmp_path), troubled=True))
+    dashboard = json.loads(DASHBOARD.read_text())
+    used = {
+        name
+        for p in dashboard["panels"]
+        for t in p["targets"]
+        for name in METRIC_NAME.findall(t["expr"])
+    }
+    assert len(used) >= 12, used
+    missing = sorted(used - set(exported))
+    assert not missing, f"the dashboard queries metrics the daemon does not export: {missing}"
