@@ -365,6 +365,8 @@ class RotationConfig(Section):
 
 class PublishKubernetes(Section):
     enabled: bool | None = None  # None: auto (in-cluster or KUBECONFIG)
+    # Writes (create/replace/patch) in flight toward the apiserver at once.
+    concurrency: int = Field(default=8, ge=1, le=64)
 
 
 class PublishConfig(Section):

@@ -5,6 +5,10 @@ Names are pinned with resourceNames wherever Kubernetes allows it (``create`` an
 ``list`` cannot be pinned; Kong CA Secrets are named after root fingerprints, so
 they need get/list/update/delete by label in the Kong namespace; the workloads
 ``linkerd.restart`` rolls are found at run time, so their patch cannot be pinned).
+A pass reads a namespace's Secrets, ConfigMaps or Services to annotate with one LIST
+(Secrets and ConfigMaps by the ``managed-by`` label) when it holds LIST_FROM of them or
+more, not one GET per object; ``list`` of that kind is granted there and only there
+(one object is read by name with the pinned ``get``: one request either way).
 
 Linkerd (see ca_daemon/publish/linkerd_rollout.py):
 - ``gate: pods`` or ``restart: all``: list Pods cluster-wide (ClusterRole).
@@ -29,6 +33,8 @@ from ca_daemon.publish.k8s_objects import split_service
 from ca_daemon.publish.pods_gate import pending_event_name
 
 ROLE_NAME = "ca-daemon"
+# A namespace with this many objects of one kind to publish is read with one LIST.
+LIST_FROM = 2
 _RBAC = "rbac.authorization.k8s.io/v1"
 
 
@@ -73,14 +79,21 @@ def namespace_rules(
 
     rules: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for ns, names in secrets.items():
-        rules[ns] += [_rule("secrets", ["get", "update"], names), _rule("secrets", ["create"])]
+        listed = ["list"] if len(set(names)) >= LIST_FROM else []
+        rules[ns] += [
+            _rule("secrets", ["get", "update"], names),
+            _rule("secrets", ["create", *listed]),
+        ]
     for ns, names in configmaps.items():
+        listed = ["list"] if len(set(names)) >= LIST_FROM else []
         rules[ns] += [
             _rule("configmaps", ["get", "update"], names),
-            _rule("configmaps", ["create"]),
+            _rule("configmaps", ["create", *listed]),
         ]
     for ns, names in services.items():
         rules[ns].append(_rule("services", ["get", "patch"], names))
+        if len(set(names)) >= LIST_FROM:
+            rules[ns].append(_rule("services", ["list"]))
     if kong_ca_namespace is not None:
         rules[kong_ca_namespace].append(_rule("secrets", ["get", "list", "update", "delete"]))
         rules[kong_ca_namespace].append(_rule("secrets", ["create"]))

@@ -4,6 +4,17 @@ For each desired object: read it; create it when missing; leave it alone (and sa
 so) when it exists but is not ours or has a type that cannot be changed in place;
 replace its data in place (same UID) when it differs, with the resourceVersion read,
 re-reading on a 409. Nothing is written when nothing changed.
+
+Reading is one LIST per (namespace, kind) with the ``managed-by=ca-daemon`` selector
+(and one per namespace for the Services to annotate), not one GET per object: a steady
+pass with thousands of clients makes a handful of requests. A (namespace, kind) with
+fewer than ``rbac.LIST_FROM`` objects is read by name (one request either way), so
+its Role need not allow ``list`` there. A name the LIST did not
+return is created; a 409 on that create (an unlabelled object of that name, or one
+made meanwhile) re-reads it with a GET and decides as before. A name this process
+wrote before and the LIST missed is read with a GET (deleted, or its label removed?).
+When a LIST is refused (an older Role without ``list``), that namespace falls back to
+one GET per object. Writes run in parallel, at most ``publish.kubernetes.concurrency``.
 """
 
 from __future__ import annotations
@@ -11,12 +22,15 @@ from __future__ import annotations
 import base64
 import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
+from kubernetes.client import rest
 
 from ca_daemon.config import Settings
 from ca_daemon.kube import KubeConflict, KubeError, call
@@ -37,11 +51,18 @@ from ca_daemon.publish.k8s_objects import (
     parse_generation,
     warning_event,
 )
+from ca_daemon.rbac import LIST_FROM
 from ca_daemon.world import TrustWorld
 
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 3
+# Items per LIST page (client-go's pager uses the same).
+_PAGE = 500
+_MANAGED = f"{MANAGED_BY}={MANAGER}"
+# What the LISTs of a pass found: (kind, namespace) -> name -> object. A pair missing
+# from it was not listed (the LIST failed): its objects are read one GET at a time.
+_Listed = dict[tuple[str, str], dict[str, Any]]
 # Objects that carry the trust bundle: a root rotation waits until all of them hold it.
 _BUNDLE_ROLES = {Role.LINKERD_ISSUER, Role.LINKERD_TRUST_ROOTS, Role.KONG_CA, Role.BUNDLE}
 
@@ -65,11 +86,12 @@ def _missing_or_different(want: Mapping[str, str], have: Mapping[str, str] | Non
 
 @dataclass(frozen=True)
 class _KindApi:
-    """The three calls a Secret or ConfigMap reconciliation needs."""
+    """The calls a Secret or ConfigMap reconciliation needs."""
 
     read: Callable[..., Any]
     create: Callable[..., Any]
     replace: Callable[..., Any]
+    list: Callable[..., Any]
 
 
 def _fence(obj: DesiredObject, live: Any) -> None:
@@ -93,6 +115,8 @@ class KubernetesPublisher:
         self.settings = settings
         self.core = client.CoreV1Api(api)
         self.description = "kubernetes"
+        self.concurrency = settings.publish.kubernetes.concurrency
+        _pool_at_least(api, self.concurrency)
         # Objects this process created or updated: one found missing later was deleted.
         self._written: set[str] = set()
 
@@ -101,20 +125,78 @@ class KubernetesPublisher:
     def publish(self, world: TrustWorld) -> PublishReport:
         report = PublishReport(self.description)
         desired = desired_objects(world, self.settings)
-        for obj in desired:
-            try:
-                self._reconcile(obj, report)
-            except KubeError as exc:
-                report.errors[obj.ref] = str(exc)
-        for patch in desired_service_patches(world, self.settings):
-            try:
-                self._annotate_service(patch, report)
-            except KubeError as exc:
-                report.errors[patch.ref] = str(exc)
-        self._retire_kong_cas(desired, report)
+        listed = self._list_all(_crowded((o.kind, o.namespace) for o in desired))
+        # Each object reports into its own report, merged in order: the same report
+        # whatever order the parallel writes finished in.
+        own = [PublishReport(self.description) for _ in desired]
+        self._parallel(
+            lambda i: self._reconcile_guarded(desired[i], own[i], listed), range(len(desired))
+        )
+        patches = desired_service_patches(world, self.settings)
+        services = self._list_services(
+            {ns for _, ns in _crowded(("", p.namespace) for p in patches)}
+        )
+        own_patches = [PublishReport(self.description) for _ in patches]
+        self._parallel(
+            lambda i: self._annotate_guarded(patches[i], own_patches[i], services),
+            range(len(patches)),
+        )
+        for part in own + own_patches:
+            report.changed += part.changed
+            report.drifted += part.drifted
+            report.errors.update(part.errors)
+        self._retire_kong_cas(desired, report, listed)
         carriers = {o.ref for o in desired if o.role in _BUNDLE_ROLES}
         report.bundle_errors = [ref for ref in report.errors if ref in carriers]
         return report
+
+    def _parallel(self, work: Callable[[int], None], items: Iterable[int]) -> None:
+        todo = list(items)
+        if self.concurrency == 1 or len(todo) < 2:
+            for i in todo:
+                work(i)
+            return
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            for future in [pool.submit(work, i) for i in todo]:
+                future.result()
+
+    # --- reading: one LIST per (kind, namespace) ---------------------------------------------
+
+    def _list(self, what: str, fn: Callable[..., Any], namespace: str, **kw: Any) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        token: str | None = None
+        while True:
+            page_kw = dict(kw, limit=_PAGE)
+            if token:
+                page_kw["_continue"] = token
+            page = call(what, fn, namespace, **page_kw)
+            for item in page.items or []:
+                found[item.metadata.name] = item
+            token = getattr(page.metadata, "_continue", None) if page.metadata else None
+            if not token:
+                return found
+
+    def _list_all(self, pairs: set[tuple[str, str]]) -> _Listed:
+        listed: _Listed = {}
+        for kind, namespace in sorted(pairs):
+            what = f"list {kind}s in {namespace}"
+            try:
+                fn = self._api(kind).list
+                listed[kind, namespace] = self._list(what, fn, namespace, label_selector=_MANAGED)
+            except KubeError as exc:
+                log.warning("%s (reading them one by one instead)", exc)
+        return listed
+
+    def _list_services(self, namespaces: set[str]) -> dict[str, dict[str, Any]]:
+        """Services are not ours (no label to select on): all of a namespace's."""
+        found: dict[str, dict[str, Any]] = {}
+        for namespace in sorted(namespaces):
+            what = f"list Services in {namespace}"
+            try:
+                found[namespace] = self._list(what, self.core.list_namespaced_service, namespace)
+            except KubeError as exc:
+                log.warning("%s (reading them one by one instead)", exc)
+        return found
 
     # --- objects -----------------------------------------------------------------------------
 
@@ -125,11 +207,13 @@ class KubernetesPublisher:
                 core.read_namespaced_secret,
                 core.create_namespaced_secret,
                 core.replace_namespaced_secret,
+                core.list_namespaced_secret,
             )
         return _KindApi(
             core.read_namespaced_config_map,
             core.create_namespaced_config_map,
             core.replace_namespaced_config_map,
+            core.list_namespaced_config_map,
         )
 
     def _read(self, obj: DesiredObject) -> Any:
@@ -177,9 +261,25 @@ class KubernetesPublisher:
             )
         return None
 
-    def _reconcile(self, obj: DesiredObject, report: PublishReport) -> None:
-        for _ in range(_ATTEMPTS):
-            live = self._read(obj)
+    def _reconcile_guarded(
+        self, obj: DesiredObject, report: PublishReport, listed: _Listed
+    ) -> None:
+        try:
+            self._reconcile(obj, report, listed)
+        except KubeError as exc:
+            report.errors[obj.ref] = str(exc)
+
+    def _first_read(self, obj: DesiredObject, listed: _Listed) -> Any:
+        """The object as the pass's LIST saw it; a GET when it was not listed, or when
+        this process wrote it and the LIST (by label) no longer returns it."""
+        found = listed.get((obj.kind, obj.namespace))
+        if found is None or (obj.name not in found and obj.ref in self._written):
+            return self._read(obj)
+        return found.get(obj.name)
+
+    def _reconcile(self, obj: DesiredObject, report: PublishReport, listed: _Listed) -> None:
+        for attempt in range(_ATTEMPTS):
+            live = self._first_read(obj, listed) if attempt == 0 else self._read(obj)
             if live is None:
                 if obj.ref in self._written:
                     report.drifted.append(f"{obj.ref} (deleted)")
@@ -225,11 +325,29 @@ class KubernetesPublisher:
 
     # --- services and retired CAs ----------------------------------------------------------
 
-    def _annotate_service(self, patch: ServicePatch, report: PublishReport) -> None:
+    def _annotate_guarded(
+        self, patch: ServicePatch, report: PublishReport, listed: dict[str, dict[str, Any]]
+    ) -> None:
+        try:
+            self._annotate_service(patch, report, listed)
+        except KubeError as exc:
+            report.errors[patch.ref] = str(exc)
+
+    def _annotate_service(
+        self, patch: ServicePatch, report: PublishReport, listed: dict[str, dict[str, Any]]
+    ) -> None:
         what = f"annotate {patch.ref}"
-        live = call(
-            what, self.core.read_namespaced_service, patch.name, patch.namespace, missing_ok=True
-        )
+        found = listed.get(patch.namespace)
+        if found is not None:
+            live = found.get(patch.name)
+        else:
+            live = call(
+                what,
+                self.core.read_namespaced_service,
+                patch.name,
+                patch.namespace,
+                missing_ok=True,
+            )
         if live is None:
             raise KubeError(
                 f"{what}: Service not found; create it or fix kong.clients[].service "
@@ -247,7 +365,9 @@ class KubernetesPublisher:
         )
         report.changed.append(patch.ref)
 
-    def _retire_kong_cas(self, desired: list[DesiredObject], report: PublishReport) -> None:
+    def _retire_kong_cas(
+        self, desired: list[DesiredObject], report: PublishReport, listed: _Listed
+    ) -> None:
         kong = self.settings.kong
         if not (kong.enabled and kong.delivery == "kubernetes"):
             return
@@ -255,10 +375,18 @@ class KubernetesPublisher:
         selector = f"{MANAGED_BY}={MANAGER},{ROLE}={Role.KONG_CA}"
         what = f"list Kong CA Secrets in {kong.namespace}"
         try:
-            listed = call(
-                what, self.core.list_namespaced_secret, kong.namespace, label_selector=selector
-            )
-            for secret in listed.items:
+            # The pass's LIST of the namespace's managed Secrets has them all (those it
+            # created since are kept anyway); list again only when it was not made.
+            known = listed.get(("Secret", kong.namespace))
+            if known is not None:
+                secrets = [
+                    s for s in known.values() if (s.metadata.labels or {}).get(ROLE) == Role.KONG_CA
+                ]
+            else:
+                secrets = call(
+                    what, self.core.list_namespaced_secret, kong.namespace, label_selector=selector
+                ).items
+            for secret in secrets:
                 name = secret.metadata.name
                 if name in keep:
                     continue
@@ -289,3 +417,20 @@ class KubernetesPublisher:
             call(f"event on {obj.ref}", self.core.create_namespaced_event, obj.namespace, body)
         except KubeError as exc:
             log.warning("could not record event %s on %s: %s", reason, obj.ref, exc)
+
+
+def _crowded(pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (kind, namespace) pairs with LIST_FROM objects or more: read with a LIST."""
+    counts = Counter(pairs)
+    return {pair for pair, count in counts.items() if count >= LIST_FROM}
+
+
+def _pool_at_least(api: client.ApiClient, size: int) -> None:
+    """One connection pool toward the apiserver, big enough for the parallel writes
+    (the client's default is 5 per CPU): else urllib3 discards connections."""
+    configuration = api.configuration
+    current = getattr(configuration, "connection_pool_maxsize", None)
+    if current is None or current >= size:
+        return
+    configuration.connection_pool_maxsize = size
+    api.rest_client = rest.RESTClientObject(configuration)

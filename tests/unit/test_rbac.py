@@ -148,3 +148,56 @@ def test_no_lease_without_leader_election(make_settings: Make) -> None:
     assert _lease_rules(off, "cad") == []
     embedded = make_settings()  # directory publishing: leader election off by default
     assert _lease_rules(embedded, "cad") == []
+
+
+def _role_rules(settings: Settings, namespace: str) -> list[dict[str, Any]]:
+    (role,) = [d for d in _docs(settings, "Role") if d["metadata"]["namespace"] == namespace]
+    rules: list[dict[str, Any]] = role["rules"]
+    return rules
+
+
+def test_a_pass_lists_where_it_writes_many_objects_and_reads_single_ones_by_name(
+    make_settings: Make,
+) -> None:
+    """Reading is one LIST per namespace and kind holding several objects (list cannot
+    be pinned by name); a single object is read with the pinned get instead."""
+    clients = [
+        {"name": f"c{i}", "common_name": f"kong.c{i}.upstream", "service": f"pay/api-{i}"}
+        for i in range(3)
+    ]
+    s = make_settings(
+        {
+            "kong": {
+                "namespace": "kong",
+                "clients": [
+                    *clients,
+                    {"name": "one", "common_name": "kong.one.upstream", "service": "solo/api"},
+                    {"name": "orders", "common_name": "kong.orders.upstream"},
+                ],
+            },
+            "bundles": [
+                {"namespace": "bundles", "configmap": "upstream-trust"},
+                {"namespace": "bundles", "configmap": "other-trust"},
+            ],
+        }
+    )
+    pay = _role_rules(s, "pay")
+    assert _grants(pay, "", "secrets") == {"get", "update", "create", "list"}
+    assert _grants(pay, "", "services") == {"get", "patch", "list"}
+    assert _grants(pay, "", "configmaps") == set()
+    solo = _role_rules(s, "solo")
+    assert _grants(solo, "", "secrets") == {"get", "update", "create"}
+    assert _grants(solo, "", "services") == {"get", "patch"}
+    bundles = _role_rules(s, "bundles")
+    assert _grants(bundles, "", "configmaps") == {"get", "update", "create", "list"}
+    assert _grants(bundles, "", "secrets") == set()
+    linkerd = _role_rules(s, "linkerd")
+    assert _grants(linkerd, "", "configmaps") == {"get", "update", "create"}
+    assert _grants(linkerd, "", "secrets") == {"get", "update", "create"}
+    for rule in pay + solo + bundles + linkerd:
+        core = rule["apiGroups"] == [""] and rule["resources"] != ["events"]
+        if core and {"get", "update", "patch"} & set(rule["verbs"]):
+            assert rule.get("resourceNames"), rule  # reads and writes by name stay pinned
+    # Never cluster-wide.
+    assert _grants(_cluster_rules(s), "", "secrets") == set()
+    assert _grants(_cluster_rules(s), "", "configmaps") == set()

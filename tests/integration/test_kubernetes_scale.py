@@ -1,0 +1,124 @@
+"""Publishing many Kong clients reads each namespace with one LIST, not one GET per
+object: counted by the real kube-apiserver itself (``apiserver_request_total``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from ca_daemon.config import load_settings
+from ca_daemon.kube import api_client
+from ca_daemon.publish.kubernetes import KubernetesPublisher
+from ca_daemon.rbac import manifests
+from ca_daemon.rotation.engine import Engine
+from ca_daemon.runtime import build_anchor_and_journal
+from tests.fixtures.kube import Kube
+from tests.fixtures.tools import unique
+from tests.integration.test_kubernetes_publish import await_rbac
+
+pytestmark = pytest.mark.integration
+
+CLIENTS = 200
+NAMESPACES = 4
+# What the daemon reads and writes; the apiserver's own traffic (leases, endpoints) is not.
+_RESOURCES = {"secrets", "configmaps", "services"}
+_READS = {"GET", "LIST"}
+_WRITES = {"POST", "PUT", "PATCH", "DELETE", "APPLY"}
+
+
+def requests(kube: Kube) -> Counter[tuple[str, str]]:
+    """(verb, resource) -> requests served so far, from the apiserver's /metrics."""
+    with kube.http() as http:
+        response = http.get("/metrics")
+    response.raise_for_status()
+    counts: Counter[tuple[str, str]] = Counter()
+    for family in text_string_to_metric_families(response.text):
+        if family.name != "apiserver_request":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "apiserver_request_total" and labels["resource"] in _RESOURCES:
+                counts[labels["verb"], labels["resource"]] += int(sample.value)
+    return counts
+
+
+def total(counts: Counter[tuple[str, str]], verbs: set[str]) -> int:
+    return sum(n for (verb, _), n in counts.items() if verb in verbs)
+
+
+def test_a_steady_pass_reads_each_namespace_once_and_writes_nothing(
+    kube: Kube, tmp_path: Path
+) -> None:
+    namespaces = [unique(f"scale-{i}") for i in range(NAMESPACES)]
+    linkerd_ns, kong_ns, sa_ns = (unique(f"scale-{n}") for n in ("linkerd", "kong", "cad"))
+    for ns in (*namespaces, linkerd_ns, kong_ns, sa_ns):
+        kube.create_namespace(ns)
+    clients = []
+    for i in range(CLIENTS):
+        ns = namespaces[i % NAMESPACES]
+        kube.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": f"api-{i:03d}", "namespace": ns},
+                # Headless: the test apiserver's service IP range is small.
+                "spec": {"clusterIP": "None", "ports": [{"port": 443}]},
+            }
+        )
+        clients.append(
+            {
+                "name": f"c{i:03d}",
+                "common_name": f"kong.c{i:03d}.upstream",
+                "service": f"{ns}/api-{i:03d}",
+            }
+        )
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "anchor": {"local": {"dir": str(tmp_path / "data")}},
+                "publish": {"kubernetes": {"enabled": True}},
+                "linkerd": {"namespace": linkerd_ns},
+                "kong": {"namespace": kong_ns, "clients": clients},
+            }
+        )
+    )
+    settings = load_settings(config)
+    kube.create_service_account(sa_ns, "ca-daemon")
+    for doc in manifests(settings, sa_ns, "ca-daemon"):
+        kube.apply(doc)
+    token = kube.service_account_token(sa_ns, "ca-daemon")
+    for ns in namespaces:
+        await_rbac(kube, token, f"/api/v1/namespaces/{ns}/secrets", allowed=True)
+    anchor, journal = build_anchor_and_journal(settings)
+    publisher = KubernetesPublisher(settings, api_client(kube.write_kubeconfig(token)))
+    engine = Engine(settings, anchor, journal, [publisher])
+
+    before = requests(kube)
+    first = engine.reconcile()
+    assert first.ok, first.errors[:5]
+    created = requests(kube) - before
+    (report,) = first.reports
+    assert report.errors == {}
+    # Every write is one changed object: 200 Secrets, their 200 Services annotated, the
+    # Kong CA, Linkerd's issuer and trust roots.
+    assert len(report.changed) == 2 * CLIENTS + 3
+    assert total(created, _WRITES) == len(report.changed), created
+
+    before = requests(kube)
+    steady = engine.reconcile()
+    after = requests(kube)
+    assert steady.ok and steady.reports[0].changed == []
+    counts = after - before
+    assert total(counts, _WRITES) == 0, counts
+    # One LIST of Secrets and one of Services per client namespace; by name the one
+    # issuer, trust roots and Kong CA; the Kong CA Secrets listed by label. Not ~400.
+    reads = total(counts, _READS)
+    assert reads <= 3 * (NAMESPACES + 2), counts
+    assert counts["LIST", "secrets"] >= NAMESPACES, counts
+    assert counts["GET", "secrets"] <= 2, counts
+    assert counts["GET", "services"] == 0, counts
