@@ -93,3 +93,54 @@ def values_schema() -> dict[str, Any]:
 
 def dumps(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2) + "\n"
+
+
+def _type_of(node: dict[str, Any], definitions: dict[str, Any]) -> str:
+    if "$ref" in node:
+        return "section"
+    if "anyOf" in node:
+        kinds = [_type_of(n, definitions) for n in node["anyOf"] if n.get("type") != "null"]
+        text = " or ".join(kinds)
+        return f"{text} (optional)" if len(kinds) < len(node["anyOf"]) else text
+    if "const" in node:
+        return f"`{node['const']}`"
+    if "enum" in node:
+        return " \\| ".join(f"`{v}`" for v in node["enum"])
+    if node.get("pattern") == DURATION_PATTERN:
+        return "duration"
+    if node.get("type") == "array":
+        items = node.get("items", {})
+        return "list of " + ("entries (below)" if "$ref" in items else _type_of(items, definitions))
+    return str(node.get("format") or node.get("type", "any"))
+
+
+def reference_rows() -> list[tuple[str, str, str]]:
+    """(key path, type, default) for every configuration key, in model order."""
+    schema = config_schema()
+    definitions = schema["definitions"]
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, prop in node.get("properties", {}).items():
+            path = f"{prefix}{key}"
+            target = prop.get("$ref") or prop.get("items", {}).get("$ref")
+            default = prop.get("default")
+            if "$ref" in prop:
+                walk(definitions[target.rsplit("/", 1)[1]], path + ".")
+                continue
+            shown = "" if "default" not in prop else f"`{json.dumps(default)}`"
+            if key in node.get("required", []):
+                shown = "required"
+            rows.append((path, _type_of(prop, definitions), shown))
+            if target:
+                walk(definitions[target.rsplit("/", 1)[1]], path + "[].")
+
+    walk(schema, "")
+    return rows
+
+
+def reference_markdown() -> str:
+    """The key table of docs/configuration.md (between its BEGIN/END markers)."""
+    lines = ["| key | type | default |", "|---|---|---|"]
+    lines += [f"| `{path}` | {kind} | {default} |" for path, kind, default in reference_rows()]
+    return "\n".join(lines) + "\n"

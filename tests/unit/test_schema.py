@@ -80,3 +80,12 @@ def test_every_section_and_field_is_in_the_schema_and_closed() -> None:
     refs = {n["$ref"] for n in _walk(values) if "$ref" in n}
     for ref in refs:
         assert ref.removeprefix("#/definitions/") in values["definitions"], ref
+
+
+def test_the_configuration_reference_is_current() -> None:
+    from ca_daemon.schema import reference_markdown
+
+    doc = (VALUES_SCHEMA.parents[2] / "docs" / "configuration.md").read_text()
+    begin, end = "<!-- BEGIN GENERATED: ca-daemon config schema -->\n", "<!-- END GENERATED -->"
+    generated = doc.split(begin, 1)[1].split(end, 1)[0]
+    assert generated == reference_markdown(), "regenerate the table in docs/configuration.md"
