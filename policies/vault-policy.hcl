@@ -31,6 +31,14 @@ path "pki-root/issuer/+/sign-intermediate" {
   capabilities = ["update"]
 }
 
+# A lost journal is rebuilt from the named issuers (root-N, kong-N) on both mounts.
+path "pki-root/issuers" {
+  capabilities = ["list"]
+}
+path "pki-kong/issuers" {
+  capabilities = ["list"]
+}
+
 # Root rotation: at activation the new root and its Kong intermediate become the
 # mounts' default issuers (for anyone else signing there; the daemon names its issuer).
 path "pki-root/config/issuers" {
