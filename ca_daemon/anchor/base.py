@@ -12,7 +12,7 @@ creating a CA and recording it in the journal never leaves two.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 
@@ -59,3 +59,19 @@ class Anchor(Protocol):
     def set_default(self, root: CA, intermediate: CA | None) -> None:
         """Make ``root`` (and the Kong ``intermediate``) the backend's default issuers, for
         whoever else signs there; the daemon itself always names the issuer it signs with."""
+
+
+@runtime_checkable
+class ListsCAs(Protocol):
+    """A backend that can list the CAs it holds: how a lost journal is rebuilt."""
+
+    def existing_cas(self) -> list[CA]:
+        """Every CA the daemon named (``root-N``, ``kong-N``) that the backend holds, with
+        its certificate; raise AnchorError when the backend cannot tell."""
+
+
+def existing_cas(anchor: object) -> list[CA] | None:
+    """The anchor's named CAs; None when this backend cannot list them."""
+    if isinstance(anchor, ListsCAs):
+        return anchor.existing_cas()
+    return None

@@ -200,6 +200,23 @@ class LocalAnchor:
                 self._keys[ca.ref] = key
         return key
 
+    def existing_cas(self) -> list[CA]:
+        """Every CA under ``anchor/`` with both its certificate and its key."""
+        found = []
+        for cert_path in sorted(self._dir.glob("*.crt")):
+            ref = cert_path.stem
+            if not _REF.match(ref) or not cert_path.with_suffix(".key").exists():
+                continue
+            try:
+                cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise AnchorError(
+                    f"{self.description}: CA certificate {cert_path} is unreadable "
+                    f"({type(exc).__name__})"
+                ) from None
+            found.append(CA(ref, cert))
+        return found
+
     def set_default(self, root: CA, intermediate: CA | None) -> None:
         """Nothing else signs with the local anchor: the journal's roles are the default."""
 

@@ -48,6 +48,15 @@ class RecordStore(Protocol):
         """Names of the records directly in ``folder``."""
 
 
+def _owner(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return ""
+    mode = st.st_mode & 0o7777
+    return f"; owned by uid {st.st_uid} (this daemon runs as uid {os.geteuid()}), mode {mode:04o}"
+
+
 def check_key(key: str) -> list[str]:
     parts = key.split("/") if key else []
     if any(not _KEY_PART.match(p) for p in parts):
@@ -85,12 +94,25 @@ class FileRecordStore:
     def read(self, key: str) -> tuple[Record, int] | None:
         path = self.path(key)
         try:
-            doc = json.loads(path.read_bytes())
-            return doc["state"], int(doc["version"])
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise AnchorError(f"{path}: unreadable record ({type(exc).__name__})") from None
+        except OSError as exc:
+            raise AnchorError(f"{path}: cannot be read ({exc.strerror}){_owner(path)}") from None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise AnchorError(f"{path} is not valid JSON ({len(raw)} bytes; truncated?)") from None
+        if (
+            not isinstance(doc, dict)
+            or not isinstance(doc.get("state"), dict)
+            or not isinstance(doc.get("version"), int)
+        ):
+            raise AnchorError(
+                f"{path} is not a journal record (want an object with an integer 'version' "
+                f"and a 'state' object; found {type(doc).__name__})"
+            )
+        return doc["state"], doc["version"]
 
     def write(self, key: str, record: Record, version: int) -> int:
         path = self.path(key)
@@ -101,9 +123,24 @@ class FileRecordStore:
                 raise RecordConflict(f"{path}: version {stored}, expected {version}")
             for parent in reversed(path.relative_to(self.directory).parents[:-1]):
                 ensure_private_dir(self.directory / parent)
-            doc = {"version": version + 1, "state": record}
+            new = version + 1
+            if version == 0 and not key:
+                # A lost state.json must not restart its versions below what was
+                # published from it (publishers refuse an older generation).
+                new = max(new, self._high_water() + 1)
+            doc = {"version": new, "state": record}
             write_atomic(path, json.dumps(doc, indent=1).encode(), mode=0o600)
-        return version + 1
+            if not key:
+                write_atomic(self.directory / "state.version", f"{new}\n".encode(), mode=0o600)
+        return new
+
+    def _high_water(self) -> int:
+        """The highest version the main record ever had (kept beside it, in state.version)."""
+        try:
+            text = (self.directory / "state.version").read_text().strip()
+        except OSError:
+            return 0
+        return int(text) if text.isdigit() else 0
 
     def delete(self, key: str) -> None:
         with self._locked():

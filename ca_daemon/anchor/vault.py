@@ -549,17 +549,24 @@ class VaultKvStore:
 
     def write(self, key: str, record: Record, version: int) -> int:
         path = f"{self.mount}/data/{self._path(key)}"
-        body = {"options": {"cas": version}, "data": {"state": record}}
+        cas = version
+        if version == 0:
+            # "Does not exist" includes a secret whose latest version was deleted or
+            # destroyed: KV keeps counting, so the first write names that version.
+            cas = self._version(key)
+            if cas and self.read(key) is not None:
+                raise RecordConflict(f"{self.description}: {key or 'state'} exists (version {cas})")
+        body = {"options": {"cas": cas}, "data": {"state": record}}
         try:
             data = self.client.write(path, "save the state", body)
         except VaultInvalidRequest:
             # KV v2 says a check-and-set mismatch only in prose; decide by the version.
-            if self._version(key) != version:
+            if self._version(key) != cas:
                 raise RecordConflict(
                     f"{self.description}: {key or 'state'} changed since version {version}"
                 ) from None
             raise
-        return int(data.get("version") or version + 1)
+        return int(data.get("version") or cas + 1)
 
     def delete(self, key: str) -> None:
         path = f"{self.mount}/metadata/{self._path(key)}"

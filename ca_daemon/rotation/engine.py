@@ -17,18 +17,18 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
 
 from cryptography import x509
 
-from ca_daemon.anchor.base import CA, Anchor
+from ca_daemon.anchor.base import CA, Anchor, existing_cas
 from ca_daemon.config import Settings
 from ca_daemon.pki.bundle import bundle_hash
 from ca_daemon.pki.keys import generate_key, private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject, build_csr, capped_validity, check_profile
 from ca_daemon.publish.base import Publisher, PublishReport
-from ca_daemon.rotation.journal import Journal, JournalConflict, JournalError
+from ca_daemon.rotation.journal import Journal, JournalConflict, JournalError, rebuild_ca_record
 from ca_daemon.rotation.plan import (
     CREDENTIAL_STEPS,
     KONG,
@@ -48,6 +48,7 @@ from ca_daemon.rotation.plan import (
     Observations,
     PrepareRoot,
     Propagate,
+    RebuildJournal,
     RestartLinkerd,
     Retire,
     StartOperation,
@@ -147,6 +148,8 @@ def step_target(step: Step, settings: Settings) -> tuple[Kind, str, str]:
     match step:
         case CreateRoot(ref=ref):
             return Kind.TRUST_ANCHOR, ref, TRUST_ANCHOR
+        case RebuildJournal():
+            return Kind.TRUST_ANCHOR, "journal", TRUST_ANCHOR
         case PrepareRoot(ref=ref):
             return Kind.TRUST_ANCHOR, ref, ROTATION
         case Propagate() | ConfirmBundle() | RestartLinkerd() | StartRetiring() | Retire():
@@ -321,7 +324,9 @@ class Engine:
     def _advance(
         self, state: State, now: datetime, result: PassResult, failed: set[str]
     ) -> tuple[State, TrustWorld | None]:
-        observations = Observations(cluster=self.rollout is not None)
+        observations = Observations(
+            cluster=self.rollout is not None, anchor_cas=self._anchor_cas(state, result, failed)
+        )
         published: TrustWorld | None = None
         for _ in range(_MAX_ROUNDS):
             steps = [
@@ -377,6 +382,44 @@ class Engine:
         result.steps.append(StepResult(kind, name, action, step.reason))
         return replace(state, ca=record)
 
+    def _anchor_cas(self, state: State, result: PassResult, failed: set[str]) -> tuple[CA, ...]:
+        """The anchor's named CAs when the CA record is empty (lost, or a first start);
+        a backend that cannot tell stops the pass rather than risk a fresh root."""
+        if state.ca.roots or state.ca.serial:
+            return ()
+        try:
+            return tuple(existing_cas(self.anchor) or ())
+        except Exception as exc:
+            message = f"listing the CAs in {self.anchor.description}: {_describe(exc)}"
+            result.errors.append(message)
+            failed.add(TRUST_ANCHOR)
+            return ()
+
+    def _rebuild(self, step: RebuildJournal, state: State, now: datetime) -> CaRecord:
+        s = self.settings
+        lifetimes = [c.lifetime for c in s.kong.clients] if s.kong.enabled else []
+        if s.linkerd.enabled:
+            lifetimes.append(s.linkerd.issuer.lifetime)
+        # Linkerd's proxy certificates (24h) and the clock skew, as rotation.retire_delay.
+        keep = max(lifetimes, default=timedelta(0)) + timedelta(hours=24) + s.rotation.clock_skew
+        if isinstance(s.rotation.retire_delay, timedelta):
+            keep = max(keep, s.rotation.retire_delay)
+        record = rebuild_ca_record(step.cas, state.credentials(), now, keep)
+        roles = ", ".join(f"{r.ref} ({r.role.value})" for r in record.roots) or "none valid"
+        inters = ", ".join(f"{i.ref} under {i.root_ref}" for i in record.intermediates) or "none"
+        log.warning(
+            "JOURNAL REBUILT from %s: %s. Roots: %s; Kong intermediates: %s; %d surviving "
+            "credential record(s); next CA serial after %d; phase %s",
+            self.anchor.description,
+            step.reason,
+            roles,
+            inters,
+            len(list(state.credentials())),
+            record.serial,
+            record.phase.value,
+        )
+        return record
+
     def _save_ca(self, record: CaRecord) -> None:
         self._version = self.journal.save_ca(record, self._version)
 
@@ -384,6 +427,8 @@ class Engine:
         s = self.settings
         ca = state.ca
         match step:
+            case RebuildJournal():
+                return self._rebuild(step, state, now)
             case CreateRoot(ref=ref) | PrepareRoot(ref=ref):
                 validity = capped_validity(now, s.root.lifetime, None, s.rotation.clock_skew)
                 made = self.anchor.create_root(

@@ -12,21 +12,30 @@ state (everything in one document) is split into records on first load.
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from ca_daemon.anchor.base import AnchorError
+from ca_daemon.anchor.base import CA, AnchorError
 from ca_daemon.anchor.records import RecordConflict, RecordStore
 from ca_daemon.pki.bundle import BundleError
+from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.rotation.state import (
     KONG_PREFIX,
     LINKERD_ISSUER,
+    STATE_VERSION,
     CaRecord,
+    IntermediateEntry,
     IssuedEntry,
     KeyCodec,
+    Phase,
+    RootEntry,
+    RootRole,
+    Rotation,
     State,
     ca_from_json,
     ca_to_json,
@@ -39,6 +48,10 @@ log = logging.getLogger(__name__)
 
 CA_KEY = ""
 CREDENTIALS = "credentials"
+RECOVERY = (
+    "restore it from a backup, or move it aside so the next pass rebuilds the journal "
+    "from the anchor's named CAs (docs/recovery.md)"
+)
 
 
 class JournalError(Exception):
@@ -47,6 +60,20 @@ class JournalError(Exception):
 
 class JournalConflict(JournalError):
     """Someone else saved a newer record; reload and decide again."""
+
+
+class NewerJournal(JournalError):
+    """A record written by a newer ca-daemon: this one must not touch it."""
+
+
+def _check_version(data: Mapping[str, Any], what: str) -> None:
+    version = data.get("version")
+    if isinstance(version, int) and version > STATE_VERSION:
+        raise NewerJournal(
+            f"{what} has state version {version}, written by a newer ca-daemon (this one "
+            f"reads up to {STATE_VERSION}): run that release again, or restore the backup "
+            "taken before the upgrade; nothing was changed"
+        )
 
 
 @dataclass(frozen=True)
@@ -110,12 +137,20 @@ class Journal:
             if found is None:
                 return CaRecord(), 0
             data, version = found
+            _check_version(data, f"{self.description}: the CA record")
             if data.get("version") == 1:
                 self._migrate(data, version)
                 return self.load_ca()
             return ca_from_json(data), version
 
-        result: tuple[CaRecord, int] = self._guard("read the CA record", read)
+        try:
+            result: tuple[CaRecord, int] = self._guard("read the CA record", read)
+        except JournalConflict:
+            raise
+        except JournalError as exc:
+            if isinstance(exc, NewerJournal):
+                raise
+            raise JournalError(f"{exc}: {RECOVERY}") from None
         return result
 
     def load(self) -> Versioned:
@@ -126,11 +161,28 @@ class Journal:
         names: list[str] = self._guard("list credentials", lambda: self.store.list(CREDENTIALS))
         for name in names:
             key = _credential_id(name)
-            found = self._guard(f"read {key}", partial(self.store.read, f"{CREDENTIALS}/{name}"))
+            try:
+                found = self._guard(
+                    f"read {key}", partial(self.store.read, f"{CREDENTIALS}/{name}")
+                )
+            except JournalError as exc:
+                raise JournalError(
+                    f"{exc}: restore it from a backup, or delete it so that credential is "
+                    "issued anew (nothing is overwritten while it is unreadable)"
+                ) from None
             if found is None:
                 continue
             data, cred_version = found
-            entry = self._guard(f"read {key}", partial(credential_from_json, data, self._unseal))
+            _check_version(data, f"{self.description}: credential {key}")
+            try:
+                entry = self._guard(
+                    f"read {key}", partial(credential_from_json, data, self._unseal)
+                )
+            except JournalError as exc:
+                raise JournalError(
+                    f"{exc}: restore it from a backup, or delete it so that credential is "
+                    "issued anew (nothing is overwritten while it is unreadable)"
+                ) from None
             versions[key] = cred_version
             if key == LINKERD_ISSUER:
                 issuer = entry
@@ -175,3 +227,99 @@ class Journal:
             self.description,
             len(credentials),
         )
+
+
+# --- rebuilding a lost CA record from the anchor ------------------------------------------
+
+_NAMED = re.compile(r"^(root|kong)-([0-9]+)$")
+
+
+def _number(ref: str) -> int:
+    found = _NAMED.match(ref)
+    return int(found.group(2)) if found else 0
+
+
+def rebuild_ca_record(
+    cas: Iterable[CA],
+    credentials: Iterable[tuple[str, IssuedEntry]],
+    now: datetime,
+    keep_old_for: timedelta,
+) -> CaRecord:
+    """A CA record from the anchor's named CAs (``root-N``, ``kong-N``) and the credential
+    records that survived, for a journal whose CA record was lost.
+
+    The active root is the newest still-valid root that signed a surviving credential
+    (directly, or through its Kong intermediate), else the newest still-valid root. Every
+    other still-valid root stays trusted as ``retiring`` (phase retiring) until
+    ``keep_old_for`` from now or the last surviving credential under it expired,
+    whichever is later: nothing published under it drops out of the bundle. Each root
+    gets its newest still-valid Kong intermediate. ``serial`` is the highest N, so no
+    name is ever made twice. No still-valid root: no roots (a new one is created, under
+    a new name).
+    """
+    named = [ca for ca in cas if _NAMED.match(ca.ref)]
+    roots = sorted(
+        (ca for ca in named if ca.ref.startswith("root-") and directly_issued_by(ca.cert, ca.cert)),
+        key=lambda ca: _number(ca.ref),
+    )
+    valid_roots = [r for r in roots if r.cert.not_valid_after_utc > now]
+    intermediates: dict[str, CA] = {}
+    for ca in sorted((c for c in named if c.ref.startswith("kong-")), key=lambda c: _number(c.ref)):
+        if ca.cert.not_valid_after_utc <= now:
+            continue
+        for root in valid_roots:
+            if directly_issued_by(ca.cert, root.cert):
+                intermediates[root.ref] = ca  # the newest wins
+    creds = list(credentials)
+
+    def signed(root: CA) -> list[IssuedEntry]:
+        mine = {root.ref} | {i.ref for r, i in intermediates.items() if r == root.ref}
+        found = []
+        for _, entry in creds:
+            parent = entry.chain[0] if entry.chain else root.cert
+            if entry.signer_ref in mine and (
+                directly_issued_by(entry.cert, root.cert)
+                or (entry.chain and directly_issued_by(parent, root.cert))
+            ):
+                found.append(entry)
+        return found
+
+    in_use = [r for r in valid_roots if signed(r)]
+    serial = max((_number(ca.ref) for ca in named), default=0)
+    if not valid_roots:
+        return CaRecord(serial=serial, phase_since=now)
+    active = (in_use or valid_roots)[-1]
+    others = [r for r in valid_roots if r.ref != active.ref]
+    entries = [
+        RootEntry(r.ref, r.cert, RootRole.RETIRING if r in others else RootRole.ACTIVE, now)
+        for r in valid_roots
+    ]
+    inters = tuple(
+        IntermediateEntry(i.ref, i.cert, root_ref, now) for root_ref, i in intermediates.items()
+    )
+    if not others:
+        return CaRecord(
+            phase=Phase.STEADY,
+            phase_since=now,
+            serial=serial,
+            roots=tuple(entries),
+            intermediates=inters,
+        )
+    until = max(
+        [now + keep_old_for, *(e.cert.not_valid_after_utc for r in others for e in signed(r))]
+    )
+    rotation = Rotation(
+        started_at=now,
+        trigger="rebuild",
+        activated_at=now,
+        old_chain_until=until,
+        retire_after=until,
+    )
+    return CaRecord(
+        phase=Phase.RETIRING,
+        phase_since=now,
+        serial=serial,
+        roots=tuple(entries),
+        intermediates=inters,
+        rotation=rotation,
+    )

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from ca_daemon.anchor.base import CA
 from ca_daemon.config import KongClient, Settings
 from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem
 from ca_daemon.pki.profiles import Subject, subject_alt_names
@@ -59,6 +60,8 @@ class Observations:
     bundle: str | None = None  # hash of the bundle *every* publisher confirmed; else None
     pending_pods: tuple[str, ...] | None = None  # meshed Pods lagging; None: not checked
     cluster: bool = False  # Linkerd's workloads can be rolled and gated (Kubernetes)
+    # The anchor's named CAs, asked only while the CA record is empty (a lost journal).
+    anchor_cas: tuple[CA, ...] = ()
 
 
 # --- CA steps: one at a time, journal saved after each --------------------------------------
@@ -67,6 +70,15 @@ class Observations:
 @dataclass(frozen=True)
 class CreateRoot:
     ref: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RebuildJournal:
+    """The CA record is empty but the anchor holds named CAs: the journal was lost.
+    Rebuilt from them (and the surviving credential records), never a fresh root."""
+
+    cas: tuple[CA, ...]
     reason: str
 
 
@@ -159,6 +171,7 @@ class Wait:
 
 CaStep = (
     CreateRoot
+    | RebuildJournal
     | PrepareRoot
     | Propagate
     | ConfirmBundle
@@ -266,6 +279,10 @@ def plan(
     running = [o for o in ca.operations if o.state is OpState.RUNNING]
 
     root = ca.active_root
+    if root is None and not ca.roots and ca.serial == 0 and observations.anchor_cas:
+        names = ", ".join(c.ref for c in observations.anchor_cas)
+        why = f"the CA record is missing but the anchor holds {names}"
+        return [RebuildJournal(cas=observations.anchor_cas, reason=why)]
     if root is None:
         serial += 1
         steps.append(CreateRoot(ref=f"root-{serial}", reason="no trust anchor yet"))

@@ -1,0 +1,280 @@
+"""A lost or corrupt journal (docs/recovery.md): the daemon stops with a message that says
+what it found and how to recover, or rebuilds the journal from the anchor's named CAs —
+never a fresh root and a bundle without the roots in use."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ca_daemon.anchor.local import LocalAnchor
+from ca_daemon.pki.bundle import fingerprint
+from ca_daemon.pki.profiles import Subject, Validity
+from tests.fixtures.openbao import OpenBao
+from tests.fixtures.tools import unique
+from tests.integration.cli import ca_daemon
+from tests.integration.vault_helpers import bao_json, run_daemon, vault_config
+from tests.invariants import InvariantChecker, read_directory
+
+pytestmark = pytest.mark.integration
+
+
+def local_config(tmp_path: Path) -> Path:
+    doc = {
+        "anchor": {"local": {"dir": str(tmp_path / "data")}},
+        "publish": {"kubernetes": {"enabled": False}},
+        "kong": {"clients": [{"name": "payments", "common_name": "kong.payments.upstream"}]},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run_once(config: Path) -> tuple[int, str]:
+    result = ca_daemon("run", "--once", "--config", str(config), cwd=config.parent)
+    return result.returncode, result.stdout + result.stderr
+
+
+def accept_rebuilt_generation(config: Path, output: str, out: Path) -> tuple[int, str]:
+    """The publishers' fence refuses the rebuilt journal's lower version until the operator
+    removes the published generation marker (docs/recovery.md); until then the old,
+    complete bundle stays published. Then the next pass publishes the rebuilt world."""
+    marker = out / "..generation"
+    if "refusing to publish journal version" not in output:
+        return 0, output
+    check_published(out)
+    marker.unlink()
+    return run_once(config)
+
+
+def check_published(out: Path) -> None:
+    """Every published certificate chains to a root in every published bundle."""
+    checker = InvariantChecker(timedelta(0), timedelta(minutes=5))
+    checker.observe(datetime.now(UTC), read_directory(out))
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.is_symlink() and p.suffix != ".lock"
+    }
+
+
+@pytest.fixture
+def running_local(tmp_path: Path) -> Path:
+    config = local_config(tmp_path)
+    code, output = run_once(config)
+    assert code == 0, output
+    return config
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"\x00\xffnot json at all")
+
+
+def _not_object(path: Path) -> None:
+    path.write_text("[1, 2, 3]\n")
+
+
+def _newer(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    doc["state"]["version"] = 3
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (_truncate, "is not valid JSON"),
+        (_garbage, "is not valid JSON"),
+        (_not_object, "is not a journal record"),
+        (_newer, "written by a newer ca-daemon"),
+    ],
+    ids=["truncated", "not-json", "not-an-object", "newer-version"],
+)
+def test_a_corrupt_state_file_stops_the_pass_and_changes_nothing(
+    running_local: Path, damage: object, expected: str
+) -> None:
+    data = running_local.parent / "data"
+    state = data / "state.json"
+    assert callable(damage)
+    damage(state)
+    before = snapshot(data)
+    code, output = run_once(running_local)
+    assert code == 1, output
+    assert expected in output and str(state.parent) in output, output
+    if expected != "written by a newer ca-daemon":
+        assert "move it aside" in output and "restore it from a backup" in output
+    assert "CreateRoot" not in output and "RebuildJournal" not in output
+    assert snapshot(data) == before  # nothing written, nothing published
+    assert sorted(p.name for p in (data / "anchor").glob("root-*.crt")) == ["root-1.crt"]
+    check_published(data / "out")
+
+
+def test_a_corrupt_credential_record_is_an_error_and_is_not_overwritten(
+    running_local: Path,
+) -> None:
+    data = running_local.parent / "data"
+    record = data / "state.d" / "credentials" / "kong.payments.json"
+    _truncate(record)
+    damaged = record.read_bytes()
+    code, output = run_once(running_local)
+    assert code == 1, output
+    assert str(record) in output and "is not valid JSON" in output
+    assert "issued anew" in output
+    assert record.read_bytes() == damaged
+    check_published(data / "out")
+    # The documented recovery: delete it; the credential is issued anew.
+    record.unlink()
+    code, output = run_once(running_local)
+    assert code == 0, output
+    assert "IssueKongClient payments (missing): ok" in output or "IssueKongClient" in output
+    check_published(data / "out")
+
+
+def _extra_roots(data: Path, refs: list[str]) -> None:
+    """Roots made in the anchor but never used (as a prepared rotation leaves them)."""
+    anchor = LocalAnchor(data, (data / "passphrase").read_bytes().strip())
+    now = datetime.now(UTC)
+    for ref in refs:
+        anchor.create_root(
+            ref,
+            Subject("root.linkerd.cluster.local"),
+            "ec-p256",
+            Validity(now - timedelta(minutes=5), now + timedelta(days=300)),
+        )
+
+
+def test_a_deleted_state_file_is_rebuilt_from_the_anchor_keeping_the_root_in_use(
+    running_local: Path,
+) -> None:
+    data = running_local.parent / "data"
+    _extra_roots(data, ["root-3", "root-4", "root-5"])  # kong-2 is the intermediate
+    published_before = read_directory(data / "out")
+    roots_in_use = {fingerprint(r) for r in published_before.bundles["trust-bundle.pem"]}
+    (data / "state.json").unlink()
+
+    code, output = run_once(running_local)
+    assert "JOURNAL REBUILT" in output and "CreateRoot" not in output, output
+    assert "root-1 (active)" in output
+    code, _ = accept_rebuilt_generation(running_local, output, data / "out")
+    assert code == 0, output  # the root that signed the surviving credentials
+    assert sorted(p.name for p in (data / "anchor").glob("root-*.crt")) == [
+        "root-1.crt",
+        "root-3.crt",
+        "root-4.crt",
+        "root-5.crt",
+    ]
+    record = json.loads((data / "state.json").read_text())["state"]
+    roles = {r["ref"]: r["role"] for r in record["roots"]}
+    assert roles == {
+        "root-1": "active",
+        "root-3": "retiring",
+        "root-4": "retiring",
+        "root-5": "retiring",
+    }
+    assert record["serial"] == 5 and record["phase"] == "retiring"
+    published = read_directory(data / "out")
+    bundle = {fingerprint(r) for r in published.bundles["trust-bundle.pem"]}
+    assert roots_in_use <= bundle
+    check_published(data / "out")
+    # The next pass goes on from the rebuilt journal: nothing new, nothing dropped.
+    code, output = run_once(running_local)
+    assert code == 0, output
+    assert "JOURNAL REBUILT" not in output and "CreateRoot" not in output
+    check_published(data / "out")
+
+
+def test_a_journal_lost_entirely_keeps_every_valid_root_trusted(running_local: Path) -> None:
+    data = running_local.parent / "data"
+    _extra_roots(data, ["root-3"])
+    (data / "state.json").unlink()
+    for record in (data / "state.d").rglob("*.json"):
+        record.unlink()
+    code, output = run_once(running_local)
+    assert "JOURNAL REBUILT" in output and "CreateRoot" not in output, output
+    code, again = accept_rebuilt_generation(running_local, output, data / "out")
+    assert code == 0, again
+    published = read_directory(data / "out")
+    names = {r.subject.rfc4514_string() for r in published.bundles["trust-bundle.pem"]}
+    assert len(published.bundles["trust-bundle.pem"]) == 2, names  # root-1 and root-3
+    check_published(data / "out")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_state_records_owned_by_another_user_at_0644_are_repaired_not_lost(
+    running_local: Path,
+) -> None:
+    # The test runs as root (a daemon running as root reads any owner's file): the mode
+    # is what must be repaired, and nothing may be lost or rewritten.
+    data = running_local.parent / "data"
+    files = [data / "state.json", *sorted((data / "state.d").rglob("*.json"))]
+    for path in files:
+        os.chown(path, 12345, 12345)
+        path.chmod(0o644)
+    contents = {p: p.read_bytes() for p in files}
+    code, output = run_once(running_local)
+    assert code == 0, output
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        assert path.read_bytes() == contents[path] or path.name == "state.json"
+    assert "repaired the mode" in output
+    check_published(data / "out")
+
+
+def test_journal_records_at_mode_0644_are_repaired(running_local: Path) -> None:
+    data = running_local.parent / "data"
+    files = [data / "state.json", *sorted((data / "state.d").rglob("*.json"))]
+    for path in files:
+        path.chmod(0o644)
+    contents = {p: p.read_bytes() for p in files}
+    code, output = run_once(running_local)
+    assert code == 0, output
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        assert path.read_bytes() == contents[path]
+
+
+@pytest.mark.parametrize("how", ["metadata-delete", "delete-latest", "destroy-latest"])
+def test_a_deleted_kv_record_is_rebuilt_from_the_named_issuers(
+    openbao: OpenBao, tmp_path: Path, how: str
+) -> None:
+    prefix = unique("lost")
+    config = vault_config(tmp_path, openbao, prefix)
+    first = run_daemon(config, "run", "--once")
+    assert first.returncode == 0, first.stdout + first.stderr
+    out = tmp_path / "data" / "out"
+    before = {fingerprint(r) for r in read_directory(out).bundles["trust-bundle.pem"]}
+    path = f"secret/ca-daemon/{prefix}"
+    if how == "metadata-delete":
+        openbao.cli("kv", "metadata", "delete", path)
+    elif how == "delete-latest":
+        openbao.cli("kv", "delete", path)
+    else:
+        version = bao_json(openbao, "kv", "metadata", "get", path)["data"]["current_version"]
+        openbao.cli("kv", "destroy", f"-versions={version}", path)
+
+    again = run_daemon(config, "run", "--once")
+    output = again.stdout + again.stderr
+    assert "JOURNAL REBUILT" in output and "CreateRoot" not in output, output
+    code = again.returncode
+    if how == "metadata-delete":  # KV counts versions from 1 again: the fence refuses it
+        code, output = accept_rebuilt_generation(config, output, out)
+    assert code == 0, output
+    with openbao.http() as http:
+        info = http.request("LIST", f"/v1/{prefix}-root/issuers").json()["data"]["key_info"]
+    root_names = sorted(v["issuer_name"] for v in info.values())
+    assert root_names == ["root-1"], root_names  # never a second root, never a second root-1
+    after = {fingerprint(r) for r in read_directory(out).bundles["trust-bundle.pem"]}
+    assert before <= after
+    check_published(out)
