@@ -198,7 +198,17 @@ RBAC_CASES: dict[str, dict[str, Any]] = {
     },
     "gate-pods-restart-control-plane": {
         "linkerd": {"restart": "control-plane", "gate": "pods"},
-        "kong": {"clients": CLIENTS[:1]},
+        # Two Services (and Secrets) in one namespace: read with one LIST.
+        "kong": {
+            "clients": [
+                *CLIENTS[:1],
+                {
+                    "name": "refunds",
+                    "common_name": "kong.refunds.upstream",
+                    "service": "payments/refunds-api",
+                },
+            ]
+        },
     },
 }
 

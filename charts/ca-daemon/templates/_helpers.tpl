@@ -117,20 +117,29 @@ Output: JSON {"namespaces": {ns: [rules]}, "cluster": [rules]}.
 {{- range $target := (get $c "bundles" | default list) -}}
 {{- $_ := set $configmaps $target.namespace (append (get $configmaps $target.namespace | default list) $target.configmap) -}}
 {{- end -}}
+{{- /* A namespace with this many objects of one kind is read with one LIST (rbac.LIST_FROM). */ -}}
+{{- $listFrom := 2 -}}
 {{- $rules := dict -}}
 {{- range $ns, $names := $secrets -}}
+{{- $create := list "create" -}}
+{{- if ge (len ($names | uniq)) $listFrom -}}{{- $create = append $create "list" -}}{{- end -}}
 {{- $_ := set $rules $ns (concat (get $rules $ns | default list) (list
     (dict "apiGroups" (list "") "resources" (list "secrets") "verbs" (list "get" "update") "resourceNames" ($names | uniq | sortAlpha))
-    (dict "apiGroups" (list "") "resources" (list "secrets") "verbs" (list "create")))) -}}
+    (dict "apiGroups" (list "") "resources" (list "secrets") "verbs" $create))) -}}
 {{- end -}}
 {{- range $ns, $names := $configmaps -}}
+{{- $create := list "create" -}}
+{{- if ge (len ($names | uniq)) $listFrom -}}{{- $create = append $create "list" -}}{{- end -}}
 {{- $_ := set $rules $ns (concat (get $rules $ns | default list) (list
     (dict "apiGroups" (list "") "resources" (list "configmaps") "verbs" (list "get" "update") "resourceNames" ($names | uniq | sortAlpha))
-    (dict "apiGroups" (list "") "resources" (list "configmaps") "verbs" (list "create")))) -}}
+    (dict "apiGroups" (list "") "resources" (list "configmaps") "verbs" $create))) -}}
 {{- end -}}
 {{- range $ns, $names := $services -}}
 {{- $_ := set $rules $ns (append (get $rules $ns | default list)
     (dict "apiGroups" (list "") "resources" (list "services") "verbs" (list "get" "patch") "resourceNames" ($names | uniq | sortAlpha))) -}}
+{{- if ge (len ($names | uniq)) $listFrom -}}
+{{- $_ := set $rules $ns (append (get $rules $ns) (dict "apiGroups" (list "") "resources" (list "services") "verbs" (list "list"))) -}}
+{{- end -}}
 {{- end -}}
 {{- if $kongCaNs -}}
 {{- $_ := set $rules $kongCaNs (concat (get $rules $kongCaNs | default list) (list
