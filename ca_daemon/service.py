@@ -47,6 +47,7 @@ class DaemonService:
         self._leadership: Callable[[], Leadership] = Leadership
         self._lock = threading.Lock()
         self._last: PassResult | None = None
+        self._known: State | None = None  # the last state a pass loaded
         self._not_ready = "the first pass has not run yet"
         self._wake: Callable[[], None] = lambda: None
 
@@ -82,6 +83,7 @@ class DaemonService:
         self.metrics.observe(result, self.settings, now)
         with self._lock:
             self._last = result
+            self._known = result.state or self._known
             if result.state is not None and result.anchor_up:
                 self._not_ready = ""
             elif self._not_ready:
@@ -103,6 +105,7 @@ class DaemonService:
         self.metrics.observe_state(result.state, self.settings, now)
         with self._lock:
             self._last = result
+            self._known = result.state
             self._not_ready = ""  # configuration and journal loaded
         return result
 
@@ -117,9 +120,12 @@ class DaemonService:
         """The last pass's state with the CA record read afresh, so operations and the
         phase are current without reloading every credential."""
         with self._lock:
-            last = self._last
-        record, _ = self.engine.journal.load_ca()
-        base = last.state if last is not None and last.state is not None else State()
+            base = self._known or State()
+        try:
+            record, _ = self.engine.journal.load_ca()
+        except Exception as exc:  # the journal unreachable: what the last pass saw
+            log.warning("status from the last pass: %s", exc)
+            return base
         return replace(base, ca=record)
 
     def status(self) -> dict[str, Any]:

@@ -1,0 +1,214 @@
+"""Vault goes away under a running daemon: passes are retried sooner than the interval
+and then later and later (2s doubling, jittered, capped at ``check_interval``), the
+published credentials stay as they were, the failure shows in /metrics and
+/v1/status, and the work resumes by itself when Vault answers again.
+
+``ca-daemon run`` on real OpenBao (mounts and journal unique to the test), reached
+through a TCP relay this test owns: closing the relay (and every connection through
+it) is Vault down for the daemon; opening it again is Vault back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import socket
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+import yaml
+
+from ca_daemon.config import load_settings
+from tests.fixtures.openbao import OpenBao
+from tests.fixtures.tools import ServerProcess, free_port, log_tail, unique
+from tests.integration.cli import daemon_env
+
+pytestmark = pytest.mark.integration
+
+CHECK_INTERVAL = 10
+
+
+class Relay:
+    """A TCP relay from 127.0.0.1:``port`` to ``target``, that can be cut and restored."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Refuse new connections and reset the open ones (kept-alive ones too)."""
+        if self._listener is not None:
+            # close() alone leaves a thread blocked in accept() listening on Linux.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def _events(log: Path) -> list[dict[str, Any]]:
+    events = []
+    for line in log.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and "message" in event:
+            events.append(event)
+    return events
+
+
+def _at(event: dict[str, Any]) -> float:
+    return datetime.strptime(event["time"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+
+def _metric(url: str, name: str) -> float | None:
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rpartition(" ")[2])
+    return None
+
+
+def test_vault_down_retries_back_off_credentials_stay_and_work_resumes(
+    openbao: OpenBao, tmp_path: Path
+) -> None:
+    bao = urlparse(openbao.address)
+    relay = Relay((bao.hostname or "127.0.0.1", bao.port or 8200))
+    relay.open()
+    token_file = tmp_path / "vault-token"
+    token_file.write_text(openbao.token + "\n")
+    token_file.chmod(0o600)
+    mounts = unique("backoff")
+    # The issuer falls due 15s after it is issued: while Vault is down.
+    config = {
+        "anchor": {
+            "backend": "vault",
+            "local": {"dir": str(tmp_path / "data")},
+            "vault": {
+                "address": f"http://127.0.0.1:{relay.port}",
+                "auth": {"method": "token", "token_file": str(token_file)},
+                "root_mount": f"{mounts}-root",
+                "kong_mount": f"{mounts}-kong",
+                "state_path": f"ca-daemon/{mounts}",
+                "timeout": "3s",
+            },
+        },
+        "publish": {"kubernetes": {"enabled": False}, "directory": str(tmp_path / "out")},
+        "server": {"token_file": str(tmp_path / "api-token")},
+        "kong": {"enabled": False},
+        "linkerd": {"issuer": {"lifetime": "40s", "rotate_before": "25s"}},
+        "rotation": {"check_interval": f"{CHECK_INTERVAL}s", "clock_skew": "1s"},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = load_settings(path)
+    out = settings.publish_directory
+    env = daemon_env()
+    url = "http://" + env["CA_DAEMON_SERVER__ADDRESS"]
+    log = tmp_path / "daemon.log"
+    daemon = ServerProcess(
+        "ca-daemon run",
+        [sys.executable, "-m", "ca_daemon", "run", "--config", str(path)],
+        log_path=log,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        daemon.wait_ready(lambda: (out / "linkerd" / "tls.crt").exists(), timeout=60)
+        issued = (out / "linkerd" / "tls.crt").read_bytes()
+        daemon.wait_ready(lambda: _metric(url, "ca_daemon_anchor_up") == 1.0)
+
+        relay.cut()  # Vault down from the next pass on
+        cut_at = time.time()
+
+        def retries() -> list[dict[str, Any]]:
+            return [
+                e
+                for e in _events(log)
+                if e["message"].startswith("pass failed") and _at(e) >= cut_at
+            ]
+
+        daemon.wait_ready(lambda: len(retries()) >= 4, timeout=CHECK_INTERVAL + 30)
+        failed = retries()
+        times = [_at(e) for e in failed]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        # 2s, 4s, 8s, each jittered down by at most a fifth; then capped at the interval.
+        for gap, nominal in zip(gaps, (2, 4, 8), strict=False):
+            assert nominal * 0.8 - 0.2 <= gap <= nominal + 1.0, (gaps, log_tail(log))
+        assert gaps == sorted(gaps), gaps
+        assert [e["message"].split(" (")[1].split(" ")[0] for e in failed[:4]] == [
+            "1",
+            "2",
+            "3",
+            "4",
+        ]
+        assert "retrying in" in failed[0]["message"]
+        # Visible while it lasts, and nothing published was touched.
+        assert _metric(url, "ca_daemon_anchor_up") == 0.0
+        token = (tmp_path / "api-token").read_text().strip()
+        status = httpx.get(
+            f"{url}/v1/status", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ).json()
+        assert status["last_pass"]["ok"] is False and status["last_pass"]["errors"], status
+        assert (out / "linkerd" / "tls.crt").read_bytes() == issued
+
+        relay.open()  # Vault back: the next retry (at most the interval away) succeeds
+        restored = time.time()
+        daemon.wait_ready(
+            lambda: (out / "linkerd" / "tls.crt").read_bytes() != issued,
+            timeout=CHECK_INTERVAL + 10,
+        )
+        recovered = [e for e in _events(log) if e["message"].startswith("pass succeeded after")]
+        assert recovered and _at(recovered[-1]) - restored <= CHECK_INTERVAL + 1, recovered
+        assert _metric(url, "ca_daemon_anchor_up") == 1.0
+        # Back to the interval: no retry after the recovery.
+        time.sleep(3)
+        assert not [e for e in retries() if _at(e) > _at(recovered[-1])]
+    finally:
+        relay.cut()
+        daemon.stop()
