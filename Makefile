@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TESTENV_CACHE ?= $(or $(CA_DAEMON_TESTENV),$(HOME)/.cache/ca-daemon-testenv)
 
-.PHONY: run test lint testenv venv clean
+.PHONY: run test lint testenv venv clean bench
 
 $(BIN)/ca-daemon: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ testenv: venv
 
 test: lint testenv
 	PATH="$(TESTENV_CACHE)/bin:$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+
+# Every bench script, then bench/README.md and bench/scaling.png. BENCH_5000=1 adds
+# 5,000 clients (long); BENCH_SIZES=10,100 and BENCH_REPEAT=1 make it quick.
+bench: testenv
+	PATH="$(TESTENV_CACHE)/bin:$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.issuance
+	PATH="$(TESTENV_CACHE)/bin:$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.rotation
+	PATH="$(TESTENV_CACHE)/bin:$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.root
+	PATH="$(TESTENV_CACHE)/bin:$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.daemon
+	$(BIN)/python -m bench.report
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

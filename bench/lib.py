@@ -1,0 +1,244 @@
+"""What every bench script shares: the real servers (OpenBao dev, kube-apiserver +
+etcd, started as the test fixtures start them, outside pytest), the apiserver's own
+request counters, the machine description and the results files.
+
+Every figure is a ratio to a ceiling measured in the same run: these machines are
+shared and noisy, a ratio much less so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.fixtures.kube import Kube, _start_etcd  # noqa: E402
+from tests.fixtures.openbao import OpenBao  # noqa: E402
+from tests.fixtures.pki import issue, make_ca, rsa_key_pem  # noqa: E402
+from tests.fixtures.tools import ServerProcess, free_port, running  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+READS = {"GET", "LIST"}
+WRITES = {"POST", "PUT", "PATCH", "DELETE", "APPLY"}
+DAEMON_RESOURCES = {"secrets", "configmaps", "services"}
+
+
+def tool(name: str) -> str:
+    for d in (Path.home() / ".cache/ca-daemon-testenv/bin", ROOT / ".venv/bin"):
+        if (d / name).exists():
+            return str(d / name)
+    found = shutil.which(name)
+    if not found:
+        raise SystemExit(f"{name} not found: run `make testenv`")
+    return found
+
+
+def sizes(default: Sequence[int]) -> list[int]:
+    """Client counts: BENCH_SIZES=10,100 overrides; BENCH_5000=1 adds 5,000."""
+    if os.environ.get("BENCH_SIZES"):
+        out = [int(n) for n in os.environ["BENCH_SIZES"].split(",")]
+    else:
+        out = list(default)
+    if os.environ.get("BENCH_5000") and 5000 not in out:
+        out.append(5000)
+    return out
+
+
+def repeats() -> int:
+    return int(os.environ.get("BENCH_REPEAT", "2"))
+
+
+# --- servers ----------------------------------------------------------------------------
+
+
+@contextmanager
+def openbao(workdir: Path) -> Iterator[OpenBao]:
+    bao = tool("bao")
+    port = free_port()
+    token = secrets.token_hex(16)
+    address = f"http://127.0.0.1:{port}"
+    server = ServerProcess(
+        "bao server -dev",
+        [
+            bao,
+            "server",
+            "-dev",
+            f"-dev-root-token-id={token}",
+            f"-dev-listen-address=127.0.0.1:{port}",
+        ],
+        log_path=workdir / "bao.log",
+        env={**os.environ, "HOME": str(workdir)},
+    )
+    with running(server):
+        server.wait_ready(lambda: httpx.get(f"{address}/v1/sys/health").status_code == 200)
+        yield OpenBao(address=address, token=token, bao=bao)
+
+
+@contextmanager
+def kube(workdir: Path) -> Iterator[Kube]:
+    """tests/fixtures/kube.py's server, without pytest."""
+    ca = make_ca("kube-apiserver bench CA")
+    serving = issue(ca, "kube-apiserver", server=True, dns_names=("localhost",), ips=("127.0.0.1",))
+    ca_file, _ = ca.write(workdir, "ca")
+    serving_crt, serving_key = serving.write(workdir, "serving")
+    sa_key = workdir / "sa.key"
+    sa_key.write_bytes(rsa_key_pem())
+    admin_token = secrets.token_hex(24)
+    (workdir / "tokens.csv").write_text(f'{admin_token},admin,admin-uid,"system:masters"\n')
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    etcd_server, etcd_url = _start_etcd(tool("etcd"), workdir)
+    with running(etcd_server):
+        api = ServerProcess(
+            "kube-apiserver",
+            [
+                tool("kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                f"--secure-port={port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--cert-dir={workdir / 'certs'}",
+                f"--tls-cert-file={serving_crt}",
+                f"--tls-private-key-file={serving_key}",
+                "--authorization-mode=RBAC",
+                f"--token-auth-file={workdir / 'tokens.csv'}",
+                f"--service-account-issuer={url}",
+                f"--service-account-key-file={sa_key}",
+                f"--service-account-signing-key-file={sa_key}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--disable-admission-plugins=ServiceAccount",
+            ],
+            log_path=workdir / "kube-apiserver.log",
+        )
+        with running(api):
+            k = Kube(url, ca_file, admin_token, workdir / "admin.kubeconfig", workdir)
+            k.write_kubeconfig(admin_token, k.admin_kubeconfig)
+
+            def ready() -> bool:
+                with k.http() as http:
+                    return http.get("/readyz").status_code == 200
+
+            api.wait_ready(ready, timeout=120)
+            yield k
+
+
+@contextmanager
+def workdir(name: str) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as d:
+        yield Path(d)
+
+
+@contextmanager
+def servers(
+    name: str, want_kube: bool = True, want_bao: bool = True
+) -> Iterator[tuple[Path, Kube | None, OpenBao | None]]:
+    with ExitStack() as stack:
+        wd = stack.enter_context(workdir(name))
+        (wd / "kube").mkdir()
+        (wd / "bao").mkdir()
+        k = stack.enter_context(kube(wd / "kube")) if want_kube else None
+        b = stack.enter_context(openbao(wd / "bao")) if want_bao else None
+        yield wd, k, b
+
+
+# --- apiserver counters -----------------------------------------------------------------
+
+
+def requests(k: Kube, resources: set[str] = DAEMON_RESOURCES) -> Counter[tuple[str, str]]:
+    """(verb, resource) -> requests served so far, from apiserver_request_total."""
+    with k.http() as http:
+        response = http.get("/metrics")
+    response.raise_for_status()
+    counts: Counter[tuple[str, str]] = Counter()
+    for family in text_string_to_metric_families(response.text):
+        if family.name != "apiserver_request":
+            continue
+        for sample in family.samples:
+            if sample.name == "apiserver_request_total" and sample.labels["resource"] in resources:
+                counts[sample.labels["verb"], sample.labels["resource"]] += int(sample.value)
+    return counts
+
+
+def total(counts: Counter[tuple[str, str]], verbs: set[str]) -> int:
+    return sum(n for (verb, _), n in counts.items() if verb in verbs)
+
+
+def parallel(work: Callable[[int], Any], n: int, concurrency: int = 8) -> float:
+    """Run work(0..n-1) on `concurrency` threads; seconds taken."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for future in [pool.submit(work, i) for i in range(n)]:
+            future.result()
+    return time.perf_counter() - start
+
+
+def headless_services(k: Kube, names: Sequence[tuple[str, str]]) -> None:
+    """Services for Kong clients (headless: the apiserver's service IP range is small)."""
+    with k.http() as http:
+
+        def make(i: int) -> None:
+            ns, name = names[i]
+            body = {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"clusterIP": "None", "ports": [{"port": 443}]},
+            }
+            http.post(f"/api/v1/namespaces/{ns}/services", json=body).raise_for_status()
+
+        parallel(make, len(names))
+
+
+# --- results ----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "ram_gib": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+    }
+
+
+def save(name: str, command: str, rows: list[dict[str, Any]]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    doc = {
+        "command": command,
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rows": rows,
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    for row in rows:
+        print(json.dumps(row), flush=True)
