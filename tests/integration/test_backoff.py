@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -26,10 +26,18 @@ import httpx
 import pytest
 import yaml
 
+from ca_daemon.anchor.base import AnchorError
+from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config import load_settings
+from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.publish.kong_admin import KongAdminPublisher
+from ca_daemon.rotation.engine import Engine
+from ca_daemon.runtime import file_journal
+from tests.fakes.kong_admin import FakeKong, serve
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.tools import ServerProcess, free_port, log_tail, unique
 from tests.integration.cli import daemon_env
+from tests.unit.conftest import NOW
 
 pytestmark = pytest.mark.integration
 
@@ -212,3 +220,127 @@ def test_vault_down_retries_back_off_credentials_stay_and_work_resumes(
     finally:
         relay.cut()
         daemon.stop()
+
+
+# --- one target failing never blocks the other ----------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class _NoIssuerSigning:
+    """The local anchor, except that signing the Linkerd issuer (a CA) fails."""
+
+    def __init__(self, inner: LocalAnchor) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def sign_ca(self, *args: Any, **kwargs: Any) -> Any:
+        raise AnchorError("sign the Linkerd issuer: permission denied (injected)")
+
+
+def _containment_engine(
+    tmp_path: Path, kong_url: str, anchor_wrapper: Any = None
+) -> tuple[Engine, _Clock, Path]:
+    token_file = tmp_path / "kong-token"
+    token_file.write_text("kong-token\n")
+    renewal = {"lifetime": "48h", "rotate_before": "16h"}
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "anchor": {"local": {"dir": str(tmp_path / "data")}},
+                "publish": {"kubernetes": {"enabled": False}, "directory": str(tmp_path / "out")},
+                "linkerd": {"issuer": renewal},
+                "kong": {
+                    "delivery": "admin-api",
+                    "admin_api": {"url": kong_url, "token_file": str(token_file)},
+                    "clients": [
+                        {
+                            "name": "payments",
+                            "common_name": "kong.payments.upstream",
+                            "service": "payments-api",
+                            **renewal,
+                        }
+                    ],
+                },
+                "rotation": {"clock_skew": "0s", "jitter": 0.0},
+            }
+        )
+    )
+    settings = load_settings(path)
+    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
+    anchor: Any = LocalAnchor(settings.anchor.local.dir, passphrase)
+    if anchor_wrapper is not None:
+        anchor = anchor_wrapper(anchor)
+    clock = _Clock()
+    publishers = [
+        DirectoryPublisher(settings.publish_directory),
+        KongAdminPublisher(settings.kong),
+    ]
+    engine = Engine(settings, anchor, file_journal(settings, passphrase), publishers, clock=clock)
+    return engine, clock, settings.publish_directory
+
+
+def _kong_certs(kong: FakeKong) -> set[str]:
+    return {e["cert"] for e in kong.store.table("certificates").values()}
+
+
+def _fake_kong() -> Any:
+    fake = serve()
+    kong = fake.__enter__()
+    kong.store.token = "kong-token"
+    kong.store.clock = lambda: NOW
+    kong.store.add_service("payments-api", protocol="https")
+    return fake, kong
+
+
+def test_kong_admin_down_does_not_block_the_linkerd_issuer_renewal(tmp_path: Path) -> None:
+    fake, kong = _fake_kong()
+    try:
+        engine, clock, out = _containment_engine(tmp_path, kong.url)
+        first = engine.reconcile()
+        assert first.ok, first.errors
+        in_kong = _kong_certs(kong)
+    finally:
+        fake.__exit__(None, None, None)  # the Kong Admin API is gone
+    issuer = (out / "linkerd" / "tls.crt").read_bytes()
+    clock.now += timedelta(hours=33)  # the issuer and the Kong client are both due
+    result = engine.reconcile()
+    assert not result.ok and any("kong" in e.lower() for e in result.errors), result.errors
+    renewed = {s.action: s.ok for s in result.steps}
+    assert renewed.get("IssueLinkerdIssuer") is True, result.steps
+    assert (out / "linkerd" / "tls.crt").read_bytes() != issuer  # published all the same
+    state = engine.journal.load().state
+    assert state.linkerd_issuer is not None
+    assert state.linkerd_issuer.cert.not_valid_before_utc == clock.now
+    assert in_kong  # what Kong had is untouched (it was not there to change)
+
+
+def test_a_failing_issuer_signing_does_not_block_a_kong_client_renewal(tmp_path: Path) -> None:
+    fake, kong = _fake_kong()
+    try:
+        engine, clock, out = _containment_engine(tmp_path, kong.url)
+        first = engine.reconcile()
+        assert first.ok, first.errors
+        in_kong = _kong_certs(kong)
+        issuer = (out / "linkerd" / "tls.crt").read_bytes()
+        # The same data, through an anchor that cannot sign the issuer any more.
+        failing, _, _ = _containment_engine(tmp_path, kong.url, _NoIssuerSigning)
+        failing.clock = clock
+        clock.now += timedelta(hours=33)
+        result = failing.reconcile()
+        steps = {s.action: s.ok for s in result.steps}
+        assert steps.get("IssueLinkerdIssuer") is False, result.steps
+        assert steps.get("IssueKongClient") is True, result.steps
+        assert _kong_certs(kong) != in_kong  # the renewed client reached Kong
+        assert (out / "linkerd" / "tls.crt").read_bytes() == issuer  # the last valid one stays
+    finally:
+        fake.__exit__(None, None, None)
