@@ -41,7 +41,8 @@ run() {
 
 mounted() {  # secrets-engine path, e.g. pki-root/
   [[ ${DRY_RUN:-0} == 1 ]] && return 1
-  "$VAULT_CLI" secrets list -format=json | grep -q "\"$1/\""
+  # Not a pipe into grep -q: with pipefail, grep leaving early fails the pipeline.
+  grep -q "\"$1/\"" <<<"$("$VAULT_CLI" secrets list -format=json)"
 }
 
 for mount in "$ROOT_MOUNT" "$KONG_MOUNT"; do
@@ -61,7 +62,7 @@ run "$VAULT_CLI" write "$KONG_MOUNT/roles/kong-client" \
 # The policy names the default mounts; rename them in the file if you renamed them here.
 run "$VAULT_CLI" policy write "$POLICY" "$POLICY_FILE"
 
-if [[ ${DRY_RUN:-0} == 1 ]] || ! "$VAULT_CLI" auth list -format=json | grep -q "\"$AUTH_MOUNT/\""; then
+if [[ ${DRY_RUN:-0} == 1 ]] || ! grep -q "\"$AUTH_MOUNT/\"" <<<"$("$VAULT_CLI" auth list -format=json)"; then
   run "$VAULT_CLI" auth enable -path="$AUTH_MOUNT" kubernetes
 fi
 if [[ -n ${KUBERNETES_HOST:-} ]]; then
