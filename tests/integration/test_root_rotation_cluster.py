@@ -15,14 +15,11 @@ until activation and jumps ahead afterwards.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import httpx
 import hvac
 import hvac.exceptions
 import pytest
@@ -39,8 +36,7 @@ from ca_daemon.rotation.state import OpState, Phase, RootRole
 from ca_daemon.runtime import build_anchor_and_journal
 from tests.fixtures.kube import Kube
 from tests.fixtures.linkerd import LinkerdCheck
-from tests.fixtures.openbao import OpenBao
-from tests.fixtures.tools import ServerProcess, free_port, require_tool, running
+from tests.fixtures.openbao import OpenBao, own_openbao
 from tests.integration.cluster_rotation import (
     HOUR,
     LINKERD_DEPLOYMENTS,
@@ -315,25 +311,9 @@ class PolicyVault:
 
 @pytest.fixture(scope="module")
 def policy_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyVault]:
-    bao = require_tool("bao")
     workdir = tmp_path_factory.mktemp("policy-bao")
-    port, token = free_port(), secrets.token_hex(16)
-    address = f"http://127.0.0.1:{port}"
-    server = ServerProcess(
-        "bao server -dev (policy)",
-        [
-            bao,
-            "server",
-            "-dev",
-            f"-dev-root-token-id={token}",
-            f"-dev-listen-address=127.0.0.1:{port}",
-        ],
-        log_path=workdir / "bao.log",
-        env={**os.environ, "HOME": str(workdir)},
-    )
-    with running(server):
-        server.wait_ready(lambda: httpx.get(f"{address}/v1/sys/health").status_code == 200)
-        bao_cli = OpenBao(address=address, token=token, bao=bao).cli
+    with own_openbao(workdir, "bao (policy)") as server:
+        address, token, bao_cli = server.address, server.token, server.cli
         # The administrator's one-time set-up: mounts and role (what create_if_missing
         # does), the policy, an AppRole bound to it alone.
         admin = VaultAnchor(address=address, auth=VaultAuth(token=token))

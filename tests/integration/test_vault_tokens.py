@@ -8,15 +8,12 @@ Each test runs ``ca-daemon run`` for real against an OpenBao dev server of its o
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from cryptography import x509
@@ -24,8 +21,8 @@ from cryptography import x509
 from ca_daemon.anchor.vault import VaultClient, VaultPkiAnchor
 from ca_daemon.config import VaultAnchor, VaultAuth
 from tests.fixtures.kube import Kube
-from tests.fixtures.openbao import OpenBao
-from tests.fixtures.tools import ServerProcess, free_port, log_tail, require_tool, running, unique
+from tests.fixtures.openbao import OpenBao, own_openbao
+from tests.fixtures.tools import ServerProcess, log_tail, running, unique
 from tests.integration.cli import daemon_env
 
 pytestmark = pytest.mark.integration
@@ -37,26 +34,8 @@ CLIENT = "payments"
 @pytest.fixture(scope="module")
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
     """An OpenBao of this module's own, set up once as an administrator would."""
-    binary = require_tool("bao")
-    workdir = tmp_path_factory.mktemp("openbao-tokens")
-    port = free_port()
-    token = secrets.token_hex(16)
-    address = f"http://127.0.0.1:{port}"
-    server = ServerProcess(
-        "bao server -dev (tokens)",
-        [
-            binary,
-            "server",
-            "-dev",
-            f"-dev-root-token-id={token}",
-            f"-dev-listen-address=127.0.0.1:{port}",
-        ],
-        log_path=workdir / "bao.log",
-        env={**os.environ, "HOME": str(workdir)},
-    )
-    with running(server):
-        server.wait_ready(lambda: httpx.get(f"{address}/v1/sys/health").status_code == 200)
-        handle = OpenBao(address=address, token=token, bao=binary)
+    with own_openbao(tmp_path_factory.mktemp("openbao-tokens"), "bao (tokens)") as handle:
+        address, token = handle.address, handle.token
         admin = VaultAnchor(address=address, auth=VaultAuth(token=token))
         VaultPkiAnchor(VaultClient(admin)).check()  # mounts and the kong-client role
         handle.cli("policy", "write", "ca-daemon", str(POLICY))
