@@ -1,12 +1,13 @@
 """The Helm chart (charts/ca-daemon): lint and render clean, apply to a real kube-apiserver,
-grant exactly what `ca-daemon config rbac` grants, and let the daemon do a full pass as
-the chart's ServiceAccount while refusing it everything else."""
+grant exactly what `ca-daemon config rbac` grants, and let the daemon do a full pass and a
+root rotation as the chart's ServiceAccount while refusing it everything else."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,17 @@ import pytest
 import yaml
 
 from ca_daemon.config import load_settings
+from ca_daemon.kube import api_client
 from ca_daemon.rbac import manifests
+from ca_daemon.rotation.engine import Engine
+from ca_daemon.runtime import build_runtime
+from ca_daemon.verify import Thresholds
+from ca_daemon.verify_cluster import verify_cluster
 from tests.fixtures.helm import Helm
 from tests.fixtures.kube import Kube
 from tests.fixtures.tools import free_port, unique
 from tests.integration.cli import daemon_env
+from tests.integration.rotation_harness import Clock
 from tests.integration.test_kubernetes_publish import await_rbac
 
 pytestmark = pytest.mark.integration
@@ -342,7 +349,9 @@ def test_every_rendered_object_applies(helm: Helm, kube: Kube, tmp_path: Path) -
             assert http.get(_path(doc)).status_code == 200, _path(doc)
 
 
-def test_daemon_runs_as_the_charts_service_account(helm: Helm, kube: Kube, tmp_path: Path) -> None:
+def test_daemon_runs_as_the_charts_service_account(
+    helm: Helm, kube: Kube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ns, linkerd_ns, kong_ns, app_ns, bundle_ns = (
         unique(f"chart-{n}") for n in ("cad", "linkerd", "kong", "pay", "bundles")
     )
@@ -409,6 +418,9 @@ def test_daemon_runs_as_the_charts_service_account(helm: Helm, kube: Kube, tmp_p
         assert issuer.status_code == 200
         assert issuer.json()["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "ca-daemon"
 
+    # A whole root rotation, still as the chart's ServiceAccount (simulated clock).
+    _rotate_root_as(kubeconfig, config_file, monkeypatch)
+
     # And nothing else: a Secret the chart does not name, in a namespace it writes to.
     with kube.http() as http:
         http.post(
@@ -423,6 +435,38 @@ def test_daemon_runs_as_the_charts_service_account(helm: Helm, kube: Kube, tmp_p
             f"/api/v1/namespaces/{ns}/secrets",
         ):
             assert http.get(path).status_code == 403, path
+
+
+def _rotate_root_as(kubeconfig: Path, config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    settings = load_settings(config_file)
+    runtime = build_runtime(settings)
+    clock = Clock(datetime.now(UTC))
+    engine = Engine(
+        settings,
+        runtime.anchor,
+        runtime.journal,
+        runtime.publishers,
+        clock=clock,
+        rollout=runtime.rollout,
+    )
+    before = [r.ref for r in engine.journal.load().state.ca.roots]
+    engine.request_rotation("trust-anchor", "chart test")
+    actions: list[str] = []
+    for _ in range(200):
+        result = engine.reconcile()
+        assert result.ok, result.errors
+        assert result.state is not None
+        actions += [s.action for s in result.steps]
+        if "Retire" in actions:
+            break
+        clock.now += timedelta(hours=6)
+    assert "Activate" in actions and "Retire" in actions, actions
+    after = [r.ref for r in engine.journal.load().state.ca.roots]
+    assert len(after) == 1 and after != before
+    # What is published checks out as Linkerd and Kong would see it, at the clock's time.
+    report = verify_cluster(api_client(kubeconfig), settings, clock.now, Thresholds())
+    assert report.ok, report.problems
 
 
 # --- the PrometheusRule ------------------------------------------------------------------
