@@ -21,9 +21,14 @@ def load() -> dict[str, dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    keys = [k for k in rows[0] if k != "by_verb"]
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    """One table per kind of row (a script may measure several things)."""
+    lines: list[str] = []
+    for kind in dict.fromkeys(r["bench"] for r in rows):
+        same = [r for r in rows if r["bench"] == kind]
+        keys = [k for k in same[0] if k != "by_verb"]
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in same]
+        lines.append("")
     return lines
 
 
