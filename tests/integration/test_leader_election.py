@@ -156,8 +156,10 @@ class Pair:
 
     def observe(self) -> None:
         """Check the SPEC's invariants on what the cluster shows now."""
-        if self.cluster.secret(self.cluster.linkerd_ns, "linkerd-identity-issuer") is None:
-            return  # nothing published yet
+        c = self.cluster
+        trust = f"/api/v1/namespaces/{c.linkerd_ns}/configmaps/linkerd-identity-trust-roots"
+        if c.secret(c.linkerd_ns, "linkerd-identity-issuer") is None or c.get(trust) is None:
+            return  # the first publish is not complete yet (objects are written in parallel)
         self.checker.observe(datetime.now(UTC), self.cluster.read_cluster())
         self.observations += 1
 
