@@ -548,24 +548,27 @@ class VaultKvStore:
         return record, version
 
     def write(self, key: str, record: Record, version: int) -> int:
-        path = f"{self.mount}/data/{self._path(key)}"
-        cas = version
-        if version == 0:
-            # "Does not exist" includes a secret whose latest version was deleted or
-            # destroyed: KV keeps counting, so the first write names that version.
-            cas = self._version(key)
-            if cas and self.read(key) is not None:
-                raise RecordConflict(f"{self.description}: {key or 'state'} exists (version {cas})")
-        body = {"options": {"cas": cas}, "data": {"state": record}}
         try:
-            data = self.client.write(path, "save the state", body)
+            return self._write(key, record, version)
         except VaultInvalidRequest:
-            # KV v2 says a check-and-set mismatch only in prose; decide by the version.
-            if self._version(key) != cas:
-                raise RecordConflict(
-                    f"{self.description}: {key or 'state'} changed since version {version}"
-                ) from None
-            raise
+            pass
+        # KV v2 says a check-and-set mismatch only in prose; decide by the stored version.
+        current = self._version(key)
+        if version == 0 and current and self.read(key) is None:
+            # "Does not exist" includes a secret whose latest version was deleted or
+            # destroyed: KV keeps counting, so creating it names that version.
+            return self._write(key, record, current)
+        if current != version:
+            raise RecordConflict(
+                f"{self.description}: {key or 'state'} is at version {current}, expected {version}"
+            )
+        return self._write(key, record, version)  # a passing refusal: say it if it repeats
+
+    def _write(self, key: str, record: Record, cas: int) -> int:
+        """One write with ``cas``; the common case (a new or current record) costs one request."""
+        path = f"{self.mount}/data/{self._path(key)}"
+        body = {"options": {"cas": cas}, "data": {"state": record}}
+        data = self.client.write(path, "save the state", body)
         return int(data.get("version") or cas + 1)
 
     def delete(self, key: str) -> None:
