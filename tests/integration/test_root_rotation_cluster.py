@@ -412,6 +412,15 @@ def test_the_vault_policy_carries_a_whole_rotation(
         ("DELETE", "pki-root/issuer/root-1", None),
         ("POST", "pki-root/issuer/root-1", {"usage": "read-only"}),
         ("DELETE", "pki-kong/issuer/kong-2", None),
+        # No private key leaves Vault, or comes into it: no exported generation, no key
+        # read, no import.
+        ("POST", "pki-root/root/rotate/exported", {"common_name": "x"}),
+        ("POST", "pki-root/root/generate/exported", {"common_name": "x"}),
+        ("POST", "pki-kong/intermediate/generate/exported", {"common_name": "x"}),
+        ("GET", "pki-root/key/root-1", None),
+        ("GET", "pki-kong/key/kong-2", None),
+        ("POST", "pki-root/keys/import", {"pem_bundle": "x"}),
+        ("POST", "pki-kong/issue/kong-client", {"common_name": "x"}),
         # Default issuers only on the daemon's own two mounts.
         ("POST", "pki-other/config/issuers", {"default": "x"}),
         # The journal: its own records only, never the CA record's history.
