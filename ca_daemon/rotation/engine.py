@@ -298,6 +298,11 @@ class Engine:
             result.errors.append(f"loading state from {self.journal.description}: {exc}")
             return result
         state = loaded.state
+        # A request journaled after this pass's clock was read (or before a clock step
+        # back) must still count as done once re-issued now, or each round would re-issue
+        # it again: the pass decides as of the latest request it sees.
+        requested = [o.requested_at for o in state.ca.operations if o.open]
+        now = max([now, *requested])
         self._version = loaded.version
         self._credential_versions = dict(loaded.credential_versions)
         try:

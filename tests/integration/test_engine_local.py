@@ -249,3 +249,19 @@ def test_directory_follows_root_retirement(settings: Settings) -> None:
     report = publisher.publish(replace(world, roots=(new,)))
     assert f"kong/ca/{stable_id(old)}.pem" in report.changed
     assert {p.stem for p in ca_dir.glob("*.pem")} == {stable_id(new)}
+
+
+def test_a_request_journaled_after_the_pass_clock_is_carried_out_once(settings: Settings) -> None:
+    """A request saved a moment after the pass read its clock (or before a clock step
+    back) is re-issued once, not once per round until the pass gives up."""
+    engine = _engine(settings)
+    assert engine.reconcile(now=NOW).ok
+    later = NOW + timedelta(hours=1)
+    op = engine.request_rotation("kong", "test", now=later + timedelta(milliseconds=5))
+    result = engine.reconcile(now=later)
+    assert result.ok, result.errors
+    issued = [s.name for s in result.steps if s.action == "IssueKongClient"]
+    assert sorted(issued) == ["orders", "payments"]
+    record, _ = engine.journal.load_ca()
+    done = record.operation(op)
+    assert done is not None and done.state.value == "succeeded"
