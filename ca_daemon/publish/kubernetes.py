@@ -145,7 +145,7 @@ class KubernetesPublisher:
             report.changed += part.changed
             report.drifted += part.drifted
             report.errors.update(part.errors)
-        self._retire_kong_cas(desired, report, listed)
+        self._retire_kong_cas(desired, report, listed, world.generation)
         carriers = {o.ref for o in desired if o.role in _BUNDLE_ROLES}
         report.bundle_errors = [ref for ref in report.errors if ref in carriers]
         return report
@@ -366,7 +366,11 @@ class KubernetesPublisher:
         report.changed.append(patch.ref)
 
     def _retire_kong_cas(
-        self, desired: list[DesiredObject], report: PublishReport, listed: _Listed
+        self,
+        desired: list[DesiredObject],
+        report: PublishReport,
+        listed: _Listed,
+        generation: int,
     ) -> None:
         kong = self.settings.kong
         if not (kong.enabled and kong.delivery == "kubernetes"):
@@ -391,6 +395,14 @@ class KubernetesPublisher:
                 if name in keep:
                     continue
                 ref = f"secret/{kong.namespace}/{name}"
+                theirs = parse_generation((secret.metadata.annotations or {}).get(GENERATION))
+                if generation and theirs[0] > generation:
+                    # Written from a newer journal (another replica leads): not ours to drop.
+                    report.errors[ref] = (
+                        f"{ref} comes from journal generation {theirs[0]}, newer than this "
+                        f"pass's {generation}; not deleting it"
+                    )
+                    continue
                 call(f"delete {ref}", self.core.delete_namespaced_secret, name, kong.namespace)
                 self._written.discard(ref)
                 report.changed.append(f"{ref} (deleted: root retired)")

@@ -7,15 +7,19 @@ refused; and a journal write that changes nothing published must not rewrite obj
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from ca_daemon.kube import api_client
+from ca_daemon.publish.k8s_objects import kong_ca_secret_name
 from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.world import desired_world
 from tests.fixtures.kube import Kube
 from tests.integration.test_kubernetes_publish import make_cluster
+from tests.unit.conftest import self_signed_root
 
 pytestmark = pytest.mark.integration
 
@@ -63,3 +67,23 @@ def test_a_stale_writer_is_refused_and_no_write_is_needless(kube: Kube, tmp_path
     # What it would not change anyway is left alone too (same content, no write).
     orders = c.secret(c.kong_ns, "kong-upstream-orders")
     assert orders["metadata"]["resourceVersion"] == untouched["metadata"]["resourceVersion"]
+
+
+def test_a_stale_writer_does_not_delete_a_newer_root_s_kong_ca(kube: Kube, tmp_path: Path) -> None:
+    c = make_cluster(kube, tmp_path, "fenceca")
+    assert c.run("run", "--once").returncode == 0
+    loaded = c.engine().journal.load()
+    stale = desired_world(
+        loaded.state, c.settings, loaded.version, dict(loaded.credential_versions)
+    )
+    # A newer writer (the leader, mid-rotation) publishes a second root's Kong CA Secret.
+    _, next_root = self_signed_root("next", now=datetime.now(UTC))
+    newer = replace(stale, roots=(*stale.roots, next_root), generation=loaded.version + 3)
+    publisher = KubernetesPublisher(c.settings, api_client(c.kubeconfig))
+    assert publisher.publish(newer).errors == {}
+    name = kong_ca_secret_name(next_root)
+    assert c.secret(c.kong_ns, name) is not None
+    # The stale writer's world lacks that root: it must leave the Secret alone, and say so.
+    report = KubernetesPublisher(c.settings, api_client(c.kubeconfig)).publish(stale)
+    assert "not deleting it" in report.errors[f"secret/{c.kong_ns}/{name}"]
+    assert c.secret(c.kong_ns, name) is not None
