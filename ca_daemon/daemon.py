@@ -89,7 +89,13 @@ def run_forever(
     backoff = Backoff(min(BACKOFF_START.total_seconds(), interval), interval)
     loop: Scheduler = scheduler or BlockingScheduler(timezone=UTC)
 
+    in_pass = threading.Lock()
+
     def tick() -> None:
+        with in_pass:
+            _tick()
+
+    def _tick() -> None:
         result = service.tick()
         if elector is not None:
             metrics.leader.set(1 if service.leadership.leader else 0)
@@ -136,7 +142,12 @@ def run_forever(
         loop.start()
     finally:
         if elector is not None:
-            elector.stop(release=True)  # a standby takes over at its next retry
+            # The scheduler does not wait for the pass in flight; the Lease is handed over
+            # only once it ended, or a standby would run beside it.
+            finished = in_pass.acquire(
+                timeout=settings.leader_election.lease_duration.total_seconds() * 4
+            )
+            elector.stop(release=finished)  # a standby takes over at its next retry
         if server is not None:
             server.stop()
         # In-process callers (tests, an embedding program) get their handlers back.
