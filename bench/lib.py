@@ -23,14 +23,13 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fixtures.kube import Kube, _start_etcd  # noqa: E402
-from tests.fixtures.openbao import OpenBao  # noqa: E402
+from tests.fixtures.openbao import OpenBao, own_openbao  # noqa: E402
 from tests.fixtures.pki import issue, make_ca, rsa_key_pem  # noqa: E402
 from tests.fixtures.tools import ServerProcess, free_port, running  # noqa: E402
 
@@ -70,25 +69,9 @@ def repeats() -> int:
 
 @contextmanager
 def openbao(workdir: Path) -> Iterator[OpenBao]:
-    bao = tool("bao")
-    port = free_port()
-    token = secrets.token_hex(16)
-    address = f"http://127.0.0.1:{port}"
-    server = ServerProcess(
-        "bao server -dev",
-        [
-            bao,
-            "server",
-            "-dev",
-            f"-dev-root-token-id={token}",
-            f"-dev-listen-address=127.0.0.1:{port}",
-        ],
-        log_path=workdir / "bao.log",
-        env={**os.environ, "HOME": str(workdir)},
-    )
-    with running(server):
-        server.wait_ready(lambda: httpx.get(f"{address}/v1/sys/health").status_code == 200)
-        yield OpenBao(address=address, token=token, bao=bao)
+    tool("bao")  # a clear error outside pytest when it is missing
+    with own_openbao(workdir) as server:
+        yield server
 
 
 @contextmanager
