@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from cryptography import x509
 
@@ -24,6 +25,12 @@ class TrustWorld:
     # The journal's CA-record version this world was derived from (0: not known), so a
     # publisher can refuse to go back to an older one than it already published.
     generation: int = field(default=0, compare=False)
+    # The journal's epoch: a new one starts whenever a lost journal is rebuilt.
+    epoch: int = field(default=0, compare=False)
+    # When every publisher last accepted a whole world, and since when the CA part of this
+    # one has stood (the phase began): see published_before().
+    published_at: datetime | None = field(default=None, compare=False)
+    phase_since: datetime | None = field(default=None, compare=False)
     # Each credential's record version ("linkerd-issuer", "kong/<name>"), for the same
     # purpose per published object.
     versions: Mapping[str, int] = field(default_factory=dict, compare=False)
@@ -56,5 +63,28 @@ def desired_world(
             {n: e for n, e in state.kong_clients.items() if n in configured} if kong else {}
         ),
         generation=generation,
+        epoch=state.ca.epoch,
+        published_at=state.ca.published_at,
+        phase_since=state.ca.phase_since,
         versions=dict(versions or {}),
     )
+
+
+def published_before(world: TrustWorld, credential: IssuedEntry | None) -> bool:
+    """Whether a full publish (journaled, so any replica knows it) already carried the
+    object made of ``credential`` (None: of the CA part, which changes with the phase)."""
+    if world.published_at is None:
+        return False
+    since = credential.issued if credential is not None else world.phase_since
+    return since is None or since <= world.published_at
+
+
+def newest_content(world: TrustWorld) -> datetime | None:
+    """The latest moment anything in ``world`` came to be: once a full publish at or after
+    it is journaled, every object of the world counts as published."""
+    moments = [e.issued for e in world.kong_clients.values()]
+    if world.linkerd_issuer is not None:
+        moments.append(world.linkerd_issuer.issued)
+    if world.phase_since is not None:
+        moments.append(world.phase_since)
+    return max(moments, default=None)

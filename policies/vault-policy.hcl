@@ -41,8 +41,10 @@ path "pki-kong/issuers" {
 
 # Root rotation: at activation the new root and its Kong intermediate become the
 # mounts' default issuers (for anyone else signing there; the daemon names its issuer).
+# Reading the root mount's default tells a journal rebuilt after a loss which root was
+# active.
 path "pki-root/config/issuers" {
-  capabilities = ["update"]
+  capabilities = ["read", "update"]
 }
 path "pki-kong/config/issuers" {
   capabilities = ["update"]

@@ -11,7 +11,7 @@ creating a CA and recording it in the journal never leaves two.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from cryptography import x509
@@ -28,6 +28,9 @@ class AnchorError(Exception):
 class CA:
     ref: str
     cert: x509.Certificate
+    # The backend's default issuer (set at each activation): from ``existing_cas`` only, so
+    # a journal rebuilt from the anchor knows which root was active.
+    default: bool = field(default=False, compare=False)
 
 
 class Anchor(Protocol):

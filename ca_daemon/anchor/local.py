@@ -37,6 +37,8 @@ from ca_daemon.pki.keys import (
 from ca_daemon.pki.profiles import Kind, Subject, Validity, sign_certificate
 
 _REF = re.compile(r"^[a-z0-9][-a-z0-9]*$")
+# The ref of the active root, noted at each activation (as Vault's default issuer).
+DEFAULT_ROOT = "default-root"
 log = logging.getLogger(__name__)
 
 
@@ -214,11 +216,21 @@ class LocalAnchor:
                     f"{self.description}: CA certificate {cert_path} is unreadable "
                     f"({type(exc).__name__})"
                 ) from None
-            found.append(CA(ref, cert))
+            found.append(CA(ref, cert, default=ref == self._default_root()))
         return found
 
+    def _default_root(self) -> str | None:
+        try:
+            text = (self._dir / DEFAULT_ROOT).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return text if _REF.match(text) else None
+
     def set_default(self, root: CA, intermediate: CA | None) -> None:
-        """Nothing else signs with the local anchor: the journal's roles are the default."""
+        """Nothing else signs with the local anchor; the active root is noted all the same,
+        so a journal rebuilt after a loss knows which root was active."""
+        ensure_private_dir(self._dir)
+        write_atomic(self._dir / DEFAULT_ROOT, f"{root.ref}\n".encode(), mode=0o644)
 
     def _store(self, ref: str, cert: x509.Certificate, key_pem: bytes) -> CA:
         cert_path, key_path = self._paths(ref)

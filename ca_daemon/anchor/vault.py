@@ -401,6 +401,7 @@ class VaultPkiAnchor:
                 listed = self.client.request("LIST", f"{mount}/issuers", f"list issuers on {mount}")
             except VaultNotFound:  # no issuer at all yet
                 continue
+            default = self._default_issuer(mount) if mount == self.cfg.root_mount else None
             info = ((listed or {}).get("data") or {}).get("key_info") or {}
             for issuer_id, meta in sorted(info.items()):
                 name = (meta or {}).get("issuer_name") or ""
@@ -408,8 +409,19 @@ class VaultPkiAnchor:
                     continue  # not one the daemon named
                 ca = self._existing(mount, issuer_id)
                 if ca is not None:
-                    found.append(CA(name, ca.cert))
+                    found.append(CA(name, ca.cert, default=issuer_id == default))
         return found
+
+    def _default_issuer(self, mount: str) -> str | None:
+        """The id of ``mount``'s default issuer; None when Vault will not say."""
+        try:
+            data = self.client.read(
+                f"{mount}/config/issuers", f"read the default issuer of {mount}"
+            )
+        except AnchorError as exc:  # a policy from before this was read: rebuild without it
+            log.warning("%s; a rebuilt journal cannot tell which root was active", exc)
+            return None
+        return str((data or {}).get("default") or "") or None
 
     def create_root(self, ref: str, subject: Subject, key_type: KeyType, validity: Validity) -> CA:
         mount = self.cfg.root_mount

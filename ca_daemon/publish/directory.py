@@ -24,6 +24,7 @@ from pathlib import Path
 from ca_daemon.files import DIR_MODE, write_tree_atomic
 from ca_daemon.pki.bundle import render_pem, stable_id
 from ca_daemon.publish.base import PublishReport
+from ca_daemon.publish.generation import UNKNOWN, format_generation, generation_of, parse_generation
 from ca_daemon.world import TrustWorld
 
 KEY_MODE = 0o600
@@ -67,27 +68,27 @@ class DirectoryPublisher:
         refused = self._refusal()
         if refused is not None:
             return PublishReport(target=self.description, errors={str(self.root): refused})
-        if world.generation <= 0:  # not derived from a journal (tests, tools)
+        ours = generation_of(world)
+        if ours == UNKNOWN:  # not derived from a journal (tests, tools)
             changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
             return PublishReport(target=self.description, changed=changed)
         fd = os.open(self.root / GENERATION, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, CERT_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # the check and the swap, one process at a time
-            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            published = int(text) if text.isdigit() else 0
-            if world.generation < published:
+            published = parse_generation(os.pread(fd, 64, 0).decode("ascii", "replace"))
+            if ours < published:
                 return PublishReport(
                     target=self.description,
                     errors={
-                        GENERATION: f"refusing to publish journal version {world.generation}: "
-                        f"version {published} is already published (a newer pass published "
-                        f"first; if the journal was reset on purpose, remove "
-                        f"{self.root / GENERATION})"
+                        GENERATION: f"refusing to publish journal generation "
+                        f"{format_generation(ours)}: {format_generation(published)} is already "
+                        f"published (a newer pass published first; if the journal was reset on "
+                        f"purpose, remove {self.root / GENERATION})"
                     },
                 )
-            if world.generation > published:
+            if ours > published:
                 os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{world.generation}\n".encode(), 0)
+                os.pwrite(fd, f"{format_generation(ours)}\n".encode(), 0)
             changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
         finally:
             os.close(fd)

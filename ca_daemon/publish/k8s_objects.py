@@ -20,7 +20,8 @@ from cryptography import x509
 
 from ca_daemon.config import Settings
 from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem, stable_id
-from ca_daemon.world import TrustWorld
+from ca_daemon.publish.generation import UNKNOWN, Generation, generation_of
+from ca_daemon.world import TrustWorld, published_before
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "ca-daemon"
@@ -30,8 +31,9 @@ NOT_AFTER = "ca-daemon.io/not-after"
 # Hash of the data the daemon wrote: lets any later reader (even after a restart) see
 # that someone else changed the data since.
 CONTENT = "ca-daemon.io/content-sha256"
-# "<CA record version>.<credential record version>" the object was derived from: a
-# writer holding an older journal view (a deposed leader) must not overwrite it.
+# "<epoch>.<CA record version>.<credential record version>" the object was derived from
+# (ca_daemon/publish/generation.py): a writer holding an older journal view (a deposed
+# leader) must not overwrite it.
 GENERATION = "ca-daemon.io/generation"
 
 TLS_SECRET = "kubernetes.io/tls"
@@ -60,8 +62,10 @@ class DesiredObject:
     type: str | None = None  # Secrets only
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
-    # (CA record version, credential record version); (0, 0) when not from a journal.
-    generation: tuple[int, int] = (0, 0)
+    generation: Generation = UNKNOWN
+    # The journal says a full publish already carried this object: missing now, it was
+    # deleted (drift), whichever replica published it.
+    published: bool = False
 
     @property
     def ref(self) -> str:
@@ -99,11 +103,13 @@ def _object(
     type_: str | None = None,
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
-    generation: tuple[int, int] = (0, 0),
+    generation: Generation = UNKNOWN,
+    published: bool = False,
 ) -> DesiredObject:
     sha, not_after = identity
     return DesiredObject(
         generation=generation,
+        published=published,
         kind=kind,
         namespace=namespace,
         name=name,
@@ -143,7 +149,8 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
     )
     objects: list[DesiredObject] = []
     linkerd = settings.linkerd
-    ca_only = (world.generation, 0)
+    ca_only = generation_of(world)
+    ca_published = published_before(world, None)
     if world.linkerd_issuer is not None:
         issuer = world.linkerd_issuer
         objects.append(
@@ -159,7 +166,8 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                 },
                 _cert_identity(issuer.cert),
                 type_=TLS_SECRET,
-                generation=(world.generation, world.versions.get("linkerd-issuer", 0)),
+                generation=generation_of(world, "linkerd-issuer"),
+                published=published_before(world, issuer),
             )
         )
     if settings.linkerd.enabled:
@@ -172,6 +180,7 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                 {"ca-bundle.crt": bundle},
                 bundle_identity,
                 generation=ca_only,
+                published=ca_published,
             )
         )
     kong = settings.kong
@@ -197,7 +206,8 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                     },
                     _cert_identity(entry.cert),
                     type_=TLS_SECRET,
-                    generation=(world.generation, world.versions.get(f"kong/{client.name}", 0)),
+                    generation=generation_of(world, f"kong/{client.name}"),
+                    published=published_before(world, entry),
                 )
             )
         for root in world.roots:
@@ -213,6 +223,7 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                     labels={KONG_CA_LABEL: "true"},
                     annotations={INGRESS_CLASS: "kong"},
                     generation=ca_only,
+                    published=ca_published,
                 )
             )
     for target in settings.bundles:
@@ -225,21 +236,10 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                 {target.key: bundle},
                 bundle_identity,
                 generation=ca_only,
+                published=ca_published,
             )
         )
     return objects
-
-
-def format_generation(generation: tuple[int, int]) -> str:
-    return f"{generation[0]}.{generation[1]}"
-
-
-def parse_generation(text: str | None) -> tuple[int, int]:
-    """The generation an object carries; (0, 0) when it has none (or an unreadable one)."""
-    ca, _, credential = (text or "").partition(".")
-    if not (ca.isdigit() and (credential.isdigit() or not credential)):
-        return (0, 0)
-    return int(ca), int(credential or 0)
 
 
 def desired_service_patches(world: TrustWorld, settings: Settings) -> list[ServicePatch]:

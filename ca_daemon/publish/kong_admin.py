@@ -35,11 +35,21 @@ import httpx
 from ca_daemon.config import KongClient, KongConfig
 from ca_daemon.pki.bundle import KONG_ID_NAMESPACE, render_pem, stable_id
 from ca_daemon.publish.base import PublishReport
+from ca_daemon.publish.generation import (
+    UNKNOWN,
+    Generation,
+    format_generation,
+    generation_of,
+    parse_generation,
+)
 from ca_daemon.world import TrustWorld
 
 MANAGED_TAG = "managed-by-ca-daemon"
 ROOT_TAG = "ca-daemon-root"
 CLIENT_TAG_PREFIX = "ca-daemon-client-"
+# The journal generation an entity was written from (ca_daemon/publish/generation.py): a
+# writer holding an older journal (a deposed leader) must not overwrite or delete it.
+GENERATION_TAG_PREFIX = "ca-daemon-generation:"
 TOKEN_HEADER = "Kong-Admin-Token"
 # Kong accepts client_certificate (and ca_certificates, tls_verify) only on these protocols.
 TLS_PROTOCOLS = ("https", "tls")
@@ -62,6 +72,19 @@ class Desired:
     ca_certificates: dict[str, Entity]  # CA Certificate id → every field we PUT
     services: dict[str, str]  # Kong Service name or id → Certificate id it must use
     problems: dict[str, str] = field(default_factory=dict)  # object → why it cannot be met
+    generation: Generation = UNKNOWN  # of the CA part of the world
+
+
+def _generation_tags(generation: Generation) -> list[str]:
+    return [] if generation == UNKNOWN else [GENERATION_TAG_PREFIX + format_generation(generation)]
+
+
+def entity_generation(entity: Mapping[str, Any] | None) -> Generation:
+    """The generation tag a live entity carries; UNKNOWN when none."""
+    for tag in (entity or {}).get("tags") or []:
+        if isinstance(tag, str) and tag.startswith(GENERATION_TAG_PREFIX):
+            return parse_generation(tag.removeprefix(GENERATION_TAG_PREFIX))
+    return UNKNOWN
 
 
 def desired_entities(world: TrustWorld, clients: Sequence[KongClient]) -> Desired:
@@ -73,12 +96,17 @@ def desired_entities(world: TrustWorld, clients: Sequence[KongClient]) -> Desire
             # twin someone added) cannot outlive a rotation of the primary one.
             "cert_alt": None,
             "key_alt": None,
-            "tags": [MANAGED_TAG, f"{CLIENT_TAG_PREFIX}{name}"],
+            "tags": [
+                MANAGED_TAG,
+                f"{CLIENT_TAG_PREFIX}{name}",
+                *_generation_tags(generation_of(world, f"kong/{name}")),
+            ],
         }
         for name, issued in sorted(world.kong_clients.items())
     }
+    ca_tags = _generation_tags(generation_of(world))
     ca_certificates = {
-        stable_id(root): {"cert": render_pem([root]), "tags": [MANAGED_TAG, ROOT_TAG]}
+        stable_id(root): {"cert": render_pem([root]), "tags": [MANAGED_TAG, ROOT_TAG, *ca_tags]}
         for root in world.roots
     }
     wanted: dict[str, list[str]] = {}
@@ -96,7 +124,7 @@ def desired_entities(world: TrustWorld, clients: Sequence[KongClient]) -> Desire
             )
         else:
             services[service] = client_certificate_id(names[0])
-    return Desired(certificates, ca_certificates, services, problems)
+    return Desired(certificates, ca_certificates, services, problems, generation_of(world))
 
 
 def _comparable(entity: Mapping[str, Any] | None, fields: Sequence[str]) -> dict[str, Any] | None:
@@ -109,7 +137,8 @@ def _comparable(entity: Mapping[str, Any] | None, fields: Sequence[str]) -> dict
         if isinstance(value, str):
             value = value.strip()
         elif name == "tags":
-            value = sorted(value or [])
+            # The generation alone changing is no reason to write: it fences, it is not content.
+            value = sorted(t for t in value or [] if not str(t).startswith(GENERATION_TAG_PREFIX))
         view[name] = value
     return view
 
@@ -307,8 +336,10 @@ class _Pass:
         self.report = report
         self.last = last
         self._services: list[Entity] | None = None
+        self._generation: Generation = UNKNOWN
 
     def run(self, desired: Desired) -> None:
+        self._generation = desired.generation
         # Trust first, then the certificates, then what points at them, then removals.
         for ca_id, body in desired.ca_certificates.items():
             self._guarded(f"ca_certificate/{ca_id}", self._put_ca, ca_id, body)
@@ -367,10 +398,14 @@ class _Pass:
 
     def _put_certificate(self, cert_id: str, body: Entity) -> None:
         obj = f"certificate/{cert_id}"
-        live = _comparable(self.admin.get(f"/certificates/{cert_id}"), _CERT_FIELDS)
+        entity = self.admin.get(f"/certificates/{cert_id}")
+        live = _comparable(entity, _CERT_FIELDS)
         want = _comparable(body, _CERT_FIELDS)
         assert want is not None
         if self._settle(obj, live, want):
+            theirs, ours = entity_generation(entity), entity_generation(body)
+            if ours != UNKNOWN and theirs > ours:
+                raise KongRefused(_newer(obj, theirs, ours, "overwriting"))
             self.admin.write("PUT", f"/certificates/{cert_id}", body)
             self._wrote(obj, want)
 
@@ -419,7 +454,9 @@ class _Pass:
                 for s in self._all_services()
                 if ca_id in (s.get("ca_certificates") or [])
             ]
-            self._remove(f"ca_certificate/{ca_id}", f"/ca_certificates/{ca_id}", "root", users)
+            self._remove(
+                f"ca_certificate/{ca_id}", f"/ca_certificates/{ca_id}", "root", users, entity
+            )
 
     def _retire_clients(self, keep: set[str]) -> None:
         for entity in self._ours("certificates", CLIENT_TAG_PREFIX):
@@ -431,9 +468,17 @@ class _Pass:
                 for s in self._all_services()
                 if (s.get("client_certificate") or {}).get("id") == cert_id
             ]
-            self._remove(f"certificate/{cert_id}", f"/certificates/{cert_id}", "client", users)
+            self._remove(
+                f"certificate/{cert_id}", f"/certificates/{cert_id}", "client", users, entity
+            )
 
-    def _remove(self, obj: str, path: str, what: str, users: list[str]) -> None:
+    def _remove(
+        self, obj: str, path: str, what: str, users: list[str], entity: Mapping[str, Any]
+    ) -> None:
+        theirs = entity_generation(entity)
+        if self._generation != UNKNOWN and theirs[:2] > self._generation[:2]:
+            self.report.errors[obj] = _newer(obj, theirs, self._generation, "deleting")
+            return
         if users:
             # Deleting it would break those Services' upstream TLS; wait for them to move.
             field_name = "ca_certificates" if what == "root" else "client_certificate"
@@ -450,3 +495,11 @@ class _Pass:
             return
         self.last.pop(obj, None)
         self.report.changed.append(f"{obj} (deleted)")
+
+
+def _newer(obj: str, theirs: Generation, ours: Generation, doing: str) -> str:
+    return (
+        f"{obj} was written from journal generation {format_generation(theirs)}, newer than "
+        f"this pass's {format_generation(ours)} (another replica leads now?); not {doing} it. "
+        f"If the journal was restored on purpose, remove its {GENERATION_TAG_PREFIX} tag"
+    )

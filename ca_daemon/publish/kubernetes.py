@@ -35,6 +35,13 @@ from kubernetes.client import rest
 from ca_daemon.config import Settings
 from ca_daemon.kube import KubeConflict, KubeError, call
 from ca_daemon.publish.base import PublishReport
+from ca_daemon.publish.generation import (
+    UNKNOWN,
+    Generation,
+    format_generation,
+    generation_of,
+    parse_generation,
+)
 from ca_daemon.publish.k8s_objects import (
     CONTENT,
     GENERATION,
@@ -47,8 +54,6 @@ from ca_daemon.publish.k8s_objects import (
     content_hash,
     desired_objects,
     desired_service_patches,
-    format_generation,
-    parse_generation,
     warning_event,
 )
 from ca_daemon.rbac import LIST_FROM
@@ -97,7 +102,7 @@ class _KindApi:
 def _fence(obj: DesiredObject, live: Any) -> None:
     """Refuse to overwrite an object derived from a newer journal than this pass's: a
     deposed leader that resumes must not take the world back."""
-    if obj.generation == (0, 0):
+    if obj.generation == UNKNOWN:
         return
     live_generation = parse_generation((live.metadata.annotations or {}).get(GENERATION))
     if live_generation > obj.generation:
@@ -117,7 +122,9 @@ class KubernetesPublisher:
         self.description = "kubernetes"
         self.concurrency = settings.publish.kubernetes.concurrency
         _pool_at_least(api, self.concurrency)
-        # Objects this process created or updated: one found missing later was deleted.
+        # Objects this process created or updated or saw in place, beside those the journal
+        # says a full publish carried (DesiredObject.published): one found missing later was
+        # deleted.
         self._written: set[str] = set()
 
     # --- the pass ----------------------------------------------------------------------------
@@ -145,7 +152,7 @@ class KubernetesPublisher:
             report.changed += part.changed
             report.drifted += part.drifted
             report.errors.update(part.errors)
-        self._retire_kong_cas(desired, report, listed, world.generation)
+        self._retire_kong_cas(desired, report, listed, generation_of(world))
         carriers = {o.ref for o in desired if o.role in _BUNDLE_ROLES}
         report.bundle_errors = [ref for ref in report.errors if ref in carriers]
         return report
@@ -229,7 +236,7 @@ class KubernetesPublisher:
             "labels": {**labels, **obj.labels},
             "annotations": {**annotations, **obj.annotations},
         }
-        if obj.generation > (0, 0):
+        if obj.generation != UNKNOWN:
             metadata["annotations"][GENERATION] = format_generation(obj.generation)
         if live is not None:
             metadata["resourceVersion"] = live.metadata.resource_version
@@ -261,6 +268,9 @@ class KubernetesPublisher:
             )
         return None
 
+    def _was_published(self, obj: DesiredObject) -> bool:
+        return obj.published or obj.ref in self._written
+
     def _reconcile_guarded(
         self, obj: DesiredObject, report: PublishReport, listed: _Listed
     ) -> None:
@@ -273,7 +283,7 @@ class KubernetesPublisher:
         """The object as the pass's LIST saw it; a GET when it was not listed, or when
         this process wrote it and the LIST (by label) no longer returns it."""
         found = listed.get((obj.kind, obj.namespace))
-        if found is None or (obj.name not in found and obj.ref in self._written):
+        if found is None or (obj.name not in found and self._was_published(obj)):
             return self._read(obj)
         return found.get(obj.name)
 
@@ -281,7 +291,7 @@ class KubernetesPublisher:
         for attempt in range(_ATTEMPTS):
             live = self._first_read(obj, listed) if attempt == 0 else self._read(obj)
             if live is None:
-                if obj.ref in self._written:
+                if self._was_published(obj):
                     report.drifted.append(f"{obj.ref} (deleted)")
                     self._event(obj, None, "DriftRepaired", f"{obj.ref} was deleted; recreated")
                 create = self._api(obj.kind).create
@@ -370,7 +380,7 @@ class KubernetesPublisher:
         desired: list[DesiredObject],
         report: PublishReport,
         listed: _Listed,
-        generation: int,
+        generation: Generation,
     ) -> None:
         kong = self.settings.kong
         if not (kong.enabled and kong.delivery == "kubernetes"):
@@ -396,11 +406,11 @@ class KubernetesPublisher:
                     continue
                 ref = f"secret/{kong.namespace}/{name}"
                 theirs = parse_generation((secret.metadata.annotations or {}).get(GENERATION))
-                if generation and theirs[0] > generation:
+                if generation != UNKNOWN and theirs[:2] > generation[:2]:
                     # Written from a newer journal (another replica leads): not ours to drop.
                     report.errors[ref] = (
-                        f"{ref} comes from journal generation {theirs[0]}, newer than this "
-                        f"pass's {generation}; not deleting it"
+                        f"{ref} comes from journal generation {format_generation(theirs)}, "
+                        f"newer than this pass's {format_generation(generation)}; not deleting it"
                     )
                     continue
                 call(f"delete {ref}", self.core.delete_namespaced_secret, name, kong.namespace)

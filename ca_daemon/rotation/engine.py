@@ -75,9 +75,12 @@ from ca_daemon.rotation.state import (
     State,
     client_key,
 )
-from ca_daemon.world import TrustWorld, desired_world
+from ca_daemon.world import TrustWorld, desired_world, newest_content
 
 log = logging.getLogger(__name__)
+
+# Steps that issue a certificate from the anchor.
+_ISSUING = (CreateRoot, PrepareRoot, IssueKongIntermediate, IssueLinkerdIssuer, IssueKongClient)
 
 # Each round executes a step or publishes; a root rotation needs at most a dozen in
 # one pass. Reaching this means plan() is not converging: a bug, reported as an error.
@@ -230,6 +233,7 @@ class Engine:
         self.rollout = rollout
         self._version = 0
         self._credential_versions: dict[str, int] = {}
+        self._last_state: State | None = None  # as last loaded: what is due if a load fails
 
     # --- manual requests ------------------------------------------------------------------
 
@@ -296,8 +300,11 @@ class Engine:
             loaded = self.journal.load()
         except Exception as exc:
             result.errors.append(f"loading state from {self.journal.description}: {exc}")
+            if self._last_state is not None:  # Vault down is journal and anchor down at once
+                self._note_blocked(self._last_state, now, result)
             return result
         state = loaded.state
+        self._last_state = state
         # A request journaled after this pass's clock was read (or before a clock step
         # back) must still count as done once re-issued now, or each round would re-issue
         # it again: the pass decides as of the latest request it sees.
@@ -316,15 +323,27 @@ class Engine:
         if result.anchor_up:
             state, published = self._advance(state, now, result, failed)
         if published is None and state.ca.active_root is not None:
-            self._publish(
-                desired_world(state, self.settings, self._version, self._credential_versions),
-                state,
-                now,
-                result,
-            )
+            world = desired_world(state, self.settings, self._version, self._credential_versions)
+            _, accepted = self._publish(world, state, now, result)
+            if accepted and result.anchor_up:
+                state = self._note_published(state, world, now, result)
         state = self._fail_operations(state, now, result)
+        if not result.anchor_up:
+            self._note_blocked(state, now, result)
         result.state = state
         return result
+
+    def _note_blocked(self, state: State, now: datetime, result: PassResult) -> None:
+        """With the anchor down nothing is tried, yet what was due is a failure (counted in
+        ca_daemon_rotations_total): an outage must not look like a quiet pass. Operations are
+        left running; they complete once the anchor is back."""
+        why = result.errors[0] if result.errors else "the trust anchor is unavailable"
+        observations = Observations(cluster=self.rollout is not None)
+        for step in plan(state, now, self.settings, observations):
+            if not isinstance(step, _ISSUING):
+                continue
+            kind, name, _ = step_target(step, self.settings)
+            result.steps.append(StepResult(kind, name, type(step).__name__, step.reason, why))
 
     def _advance(
         self, state: State, now: datetime, result: PassResult, failed: set[str]
@@ -358,8 +377,10 @@ class Engine:
             world = desired_world(state, self.settings, self._version, self._credential_versions)
             if world == published:
                 return state, published
-            observations = self._publish(world, state, now, result)
+            observations, accepted = self._publish(world, state, now, result)
             state = self._record_pending(state, observations.pending_pods, result)
+            if accepted:
+                state = self._note_published(state, world, now, result)
             published = world
         result.errors.append(f"the pass did not settle in {_MAX_ROUNDS} rounds; stopped")
         return state, published
@@ -441,6 +462,8 @@ class Engine:
                 )
                 _require(Kind.TRUST_ANCHOR, made.cert, None)
                 if isinstance(step, CreateRoot):
+                    # Noted in the anchor too: a journal rebuilt after a loss finds it there.
+                    self.anchor.set_default(CA(made.ref, made.cert), None)
                     entry = RootEntry(made.ref, made.cert, RootRole.ACTIVE, now)
                     return replace(
                         ca,
@@ -592,6 +615,8 @@ class Engine:
             )
             return key, entry, version
 
+        created = False
+
         issuer = state.linkerd_issuer
         clients = dict(state.kong_clients)
         with ThreadPoolExecutor(max_workers=self.settings.rotation.concurrency) as pool:
@@ -608,6 +633,7 @@ class Engine:
                     result.errors.append(f"{kind.value} {name}: {message}")
                     failed.add(target)
                     continue
+                created = created or (entry is not None and not self._credential_versions.get(key))
                 self._credential_versions[key] = version
                 if key == LINKERD_ISSUER:
                     issuer = entry
@@ -617,7 +643,13 @@ class Engine:
                     clients[name] = entry
                 log.info("%s %s: %s", action, name, step.reason)
                 result.steps.append(StepResult(kind, name, action, step.reason))
-        return replace(state, linkerd_issuer=issuer, kong_clients=clients)
+        state = replace(state, linkerd_issuer=issuer, kong_clients=clients)
+        if created:
+            # A record made anew starts again at version 1, below what an object published
+            # from the record it replaces (a client dropped and re-added, a corrupt record
+            # removed) may carry. Saving the CA record moves the generation past it.
+            state = self._record(state, state.ca, result, "moving the journal generation on")
+        return state
 
     def _issue(self, step: CredentialStep, state: State, now: datetime) -> IssuedEntry:
         s = self.settings
@@ -651,11 +683,13 @@ class Engine:
 
     def _publish(
         self, world: TrustWorld, state: State, now: datetime, result: PassResult
-    ) -> Observations:
+    ) -> tuple[Observations, bool]:
+        """Publish ``world`` everywhere; also whether every publisher accepted all of it."""
         observed = Observations(cluster=self.rollout is not None)
         if not self._still_current(result):
-            return observed
+            return observed, False
         confirmed = True
+        accepted = True
         for publisher in self.publishers:
             try:
                 report = publisher.publish(world)
@@ -663,6 +697,7 @@ class Engine:
                 log.error("publishing to %s failed: %s", publisher.description, exc)
                 report = PublishReport(publisher.description, errors={"*": _describe(exc)})
             confirmed = confirmed and report.bundle_confirmed
+            accepted = accepted and not report.errors
             result.reports.append(report)
             changed = result.published.setdefault(publisher.description, [])
             changed += report.changed
@@ -675,11 +710,27 @@ class Engine:
             for obj, error in report.errors.items():
                 result.errors.append(f"publish to {report.target}: {obj}: {error}")
         bundle = bundle_hash(world.bundle_pem)
-        return Observations(
+        observations = Observations(
             bundle=bundle if confirmed else None,
             pending_pods=self._pending_pods(world, state, bundle, result),
             cluster=self.rollout is not None,
         )
+        return observations, accepted
+
+    def _note_published(
+        self, state: State, world: TrustWorld, now: datetime, result: PassResult
+    ) -> State:
+        """Journal that every object of ``world`` is out, once per new content (a steady
+        pass writes nothing): the replica that leads next can then tell an object deleted
+        by someone from one never published."""
+        newest = newest_content(world)
+        noted = state.ca.published_at
+        if newest is None or (noted is not None and noted >= newest):
+            return state
+        # Never before the content itself (another replica's clock may be ahead of ours),
+        # or every pass would note it again.
+        record = replace(state.ca, published_at=max(now, newest))
+        return self._record(state, record, result, "noting what is published")
 
     def _still_current(self, result: PassResult) -> bool:
         """Whether the CA record is still the version this pass decided on. Another writer

@@ -66,6 +66,10 @@ class NewerJournal(JournalError):
     """A record written by a newer ca-daemon: this one must not touch it."""
 
 
+class RebuildRefused(JournalError):
+    """A lost journal cannot be rebuilt safely from what the anchor holds."""
+
+
 def _check_version(data: Mapping[str, Any], what: str) -> None:
     version = data.get("version")
     if isinstance(version, int) and version > STATE_VERSION:
@@ -248,14 +252,19 @@ def rebuild_ca_record(
     """A CA record from the anchor's named CAs (``root-N``, ``kong-N``) and the credential
     records that survived, for a journal whose CA record was lost.
 
-    The active root is the newest still-valid root that signed a surviving credential
-    (directly, or through its Kong intermediate), else the newest still-valid root. Every
+    The active root is the anchor's default issuer (every activation makes the new root
+    the default), else the newest still-valid root that signed a surviving credential
+    (directly, or through its Kong intermediate), else the only still-valid root. With
+    several valid roots and none of that evidence the rebuild is refused: the newest may
+    be a prepared root no verifier trusts yet, the oldest one retired long ago, and
+    issuing under the wrong one is an outage. Every
     other still-valid root stays trusted as ``retiring`` (phase retiring) until
     ``keep_old_for`` from now or the last surviving credential under it expired,
     whichever is later: nothing published under it drops out of the bundle. Each root
     gets its newest still-valid Kong intermediate. ``serial`` is the highest N, so no
     name is ever made twice. No still-valid root: no roots (a new one is created, under
-    a new name).
+    a new name). The record starts a new ``epoch`` (``now`` in seconds): the store's
+    versions may have restarted, and what is published from here must still be newer.
     """
     named = [ca for ca in cas if _NAMED.match(ca.ref)]
     roots = sorted(
@@ -286,9 +295,22 @@ def rebuild_ca_record(
 
     in_use = [r for r in valid_roots if signed(r)]
     serial = max((_number(ca.ref) for ca in named), default=0)
+    epoch = max(1, int(now.timestamp()))
     if not valid_roots:
-        return CaRecord(serial=serial, phase_since=now)
-    active = (in_use or valid_roots)[-1]
+        return CaRecord(serial=serial, phase_since=now, epoch=epoch)
+    defaults = [r for r in valid_roots if r.default]
+    if defaults or in_use or len(valid_roots) == 1:
+        active = (defaults or in_use or valid_roots)[-1]
+    else:
+        raise RebuildRefused(
+            f"the journal is lost and the anchor holds {len(valid_roots)} valid roots "
+            f"({', '.join(r.ref for r in valid_roots)}) with no sign of which was active: "
+            "it is not the default issuer and no surviving credential chains to it. "
+            "Nothing was changed. Name the root that signs today (the one in every "
+            "published bundle since longest): with Vault, make it the default issuer of the "
+            "root mount (config/issuers); with the local anchor, write its name into "
+            "anchor/default-root. See docs/recovery.md"
+        )
     others = [r for r in valid_roots if r.ref != active.ref]
     entries = [
         RootEntry(r.ref, r.cert, RootRole.RETIRING if r in others else RootRole.ACTIVE, now)
@@ -304,6 +326,7 @@ def rebuild_ca_record(
             serial=serial,
             roots=tuple(entries),
             intermediates=inters,
+            epoch=epoch,
         )
     until = max(
         [now + keep_old_for, *(e.cert.not_valid_after_utc for r in others for e in signed(r))]
@@ -322,4 +345,5 @@ def rebuild_ca_record(
         roots=tuple(entries),
         intermediates=inters,
         rotation=rotation,
+        epoch=epoch,
     )

@@ -137,6 +137,13 @@ class CaRecord:
     intermediates: tuple[IntermediateEntry, ...] = ()
     rotation: Rotation | None = None
     operations: tuple[Operation, ...] = ()
+    # Starts anew (the time, in seconds) whenever a lost journal is rebuilt: store versions
+    # restart then, and what is published from the rebuilt journal must still count as newer.
+    epoch: int = 0
+    # The last pass every publisher accepted in full: an object derived from a credential
+    # issued (or a phase entered) before then was published, so finding it missing is drift
+    # whichever replica published it.
+    published_at: datetime | None = None
 
     def root(self, role: RootRole) -> RootEntry | None:
         return next((r for r in self.roots if r.role is role), None)
@@ -338,6 +345,8 @@ def ca_to_json(record: CaRecord) -> dict[str, Any]:
         ],
         "rotation": _rotation_to_json(record.rotation) if record.rotation else None,
         "operations": [_operation_to_json(o) for o in record.operations],
+        "epoch": record.epoch,
+        "published_at": _iso(record.published_at),
     }
 
 
@@ -369,6 +378,8 @@ def ca_from_json(data: Mapping[str, Any]) -> CaRecord:
         ),
         rotation=_rotation_from_json(rotation) if rotation else None,
         operations=tuple(_operation_from_json(o) for o in data.get("operations", [])),
+        epoch=int(data.get("epoch") or 0),
+        published_at=_time(data.get("published_at")),
     )
 
 

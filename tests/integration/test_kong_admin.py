@@ -452,3 +452,39 @@ def test_run_once_with_admin_api_delivery_publishes_to_kong(tmp_path: Path) -> N
             assert service is not None
             assert service["client_certificate"] == {"id": cert_id(name)}
         assert len(fake.store.ca_certificates) == 1
+
+
+def test_a_stale_writer_does_not_take_kong_back(tmp_path: Path, kong: FakeKong) -> None:
+    """Every entity carries the journal generation it was written from (a tag): a deposed
+    leader resuming with the world it had derived before overwrites no newer client
+    certificate and deletes no newer root's CA certificate (stand-in Kong, see the module)."""
+    setup = _setup(tmp_path, kong)
+    assert setup.engine.reconcile(now=NOW).ok
+    loaded = setup.engine.journal.load()
+    stale = desired_world(
+        loaded.state, setup.settings, loaded.version, dict(loaded.credential_versions)
+    )
+    setup.engine.request_rotation("kong/payments", "test", now=NOW.replace(hour=13))
+    assert setup.engine.reconcile(now=NOW.replace(hour=13, minute=1)).ok
+    payments = cert_id("payments")
+    renewed = dict(kong.store.certificates[payments])
+    assert any(t.startswith("ca-daemon-generation:") for t in renewed["tags"])
+    # The leader, mid-rotation, also trusts a second root.
+    _, next_root = self_signed_root("next")
+    current = setup.engine.journal.load()
+    newer = replace(
+        desired_world(
+            current.state, setup.settings, current.version, dict(current.credential_versions)
+        ),
+        roots=(*stale.roots, next_root),
+    )
+    assert KongAdminPublisher(setup.settings.kong).publish(newer).errors == {}
+    assert stable_id(next_root) in kong.store.ca_certificates
+    writes = len(kong.store.writes)
+
+    report = KongAdminPublisher(setup.settings.kong).publish(stale)
+    assert "newer than this pass's" in report.errors[f"certificate/{payments}"]
+    assert "newer than this pass's" in report.errors[f"ca_certificate/{stable_id(next_root)}"]
+    assert kong.store.certificates[payments] == renewed
+    assert stable_id(next_root) in kong.store.ca_certificates
+    assert kong.store.writes[writes:] == []
