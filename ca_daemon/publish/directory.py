@@ -86,10 +86,11 @@ class DirectoryPublisher:
                         f"purpose, remove {self.root / GENERATION})"
                     },
                 )
-            if ours > published:
+            changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
+            # Moved on only with the content: a pass that changes nothing writes nothing.
+            if changed and ours > published:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{format_generation(ours)}\n".encode(), 0)
-            changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
         finally:
             os.close(fd)
         return PublishReport(target=self.description, changed=changed)

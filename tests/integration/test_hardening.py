@@ -29,6 +29,7 @@ from ca_daemon.pki.bundle import certificate_pem, stable_id
 from ca_daemon.pki.keys import load_private_key, private_key_pem
 from ca_daemon.pki.profiles import Subject, Validity
 from ca_daemon.publish.directory import GENERATION, DirectoryPublisher
+from ca_daemon.publish.generation import parse_generation
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.runtime import build_engine, file_journal
 from ca_daemon.verify import verify_published
@@ -391,23 +392,30 @@ def test_the_directory_publisher_refuses_an_older_journal_version(
     settings = load_settings(None)  # the embedded default, in the copy
     data, out = copy / DATA, copy / DATA / "out"
     loaded = file_journal(settings, (data / "passphrase").read_bytes().strip()).load()
-    recorded = int((out / GENERATION).read_text())
-    assert recorded == loaded.version > 0
-    world = desired_world(loaded.state, settings, loaded.version)
+    epoch, recorded, _ = parse_generation((out / GENERATION).read_text())
+    # Published from the version before the journal noted that publish (published_at).
+    assert epoch == 0 and recorded == loaded.version - 1 > 0
+    world = desired_world(loaded.state, settings, recorded)
     before = _snapshot(out)
 
     older = replace(world, kong_clients={}, generation=recorded - 1)
     report = DirectoryPublisher(out).publish(older)
     assert report.errors == {
-        GENERATION: f"refusing to publish journal version {recorded - 1}: version {recorded} "
+        GENERATION: f"refusing to publish journal generation 0.{recorded - 1}.0: 0.{recorded}.0 "
         f"is already published (a newer pass published first; if the journal was reset on "
         f"purpose, remove {out / GENERATION})"
     }
     assert _snapshot(out) == before  # the client is still published
 
-    newer = replace(world, generation=recorded + 1)
+    # A newer journal with nothing new to publish leaves even the marker alone...
+    same = replace(world, generation=recorded + 1)
+    report = DirectoryPublisher(out).publish(same)
+    assert (report.changed, report.errors) == ([], {})
+    assert _snapshot(out) == before
+    # ...and moves it on with new content.
+    newer = replace(world, kong_clients={}, generation=recorded + 1)
     assert DirectoryPublisher(out).publish(newer).errors == {}
-    assert (out / GENERATION).read_text() == f"{recorded + 1}\n"
+    assert (out / GENERATION).read_text() == f"0.{recorded + 1}.0\n"
 
 
 def test_run_once_behind_what_is_published_refuses_to_publish(
@@ -415,11 +423,12 @@ def test_run_once_behind_what_is_published_refuses_to_publish(
 ) -> None:
     copy = _copy(published, tmp_path)
     generation = copy / DATA / "out" / GENERATION
-    ahead = int(generation.read_text()) + 10  # as if another process were ahead
+    epoch, version, _ = parse_generation(generation.read_text())
+    ahead = f"{epoch}.{version + 10}.0"  # as if another process were ahead
     generation.write_text(f"{ahead}\n")
     run = ca_daemon("run", "--once", cwd=copy)
     assert run.returncode == 1
-    assert f"version {ahead} is already published" in run.stderr
+    assert f"{ahead} is already published" in run.stderr
 
 
 # --- point 5: what verify must catch ---------------------------------------------------------
