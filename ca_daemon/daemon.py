@@ -101,6 +101,8 @@ def run_forever(
             metrics.leader.set(1 if service.leadership.leader else 0)
         failed_before = backoff.failures
         delay = backoff.after(result.ok)
+        metrics.consecutive_failures.set(backoff.failures)
+        metrics.backoff.set(delay or 0)
         if delay is not None:
             log.warning("pass failed (%d in a row); retrying in %.1fs", backoff.failures, delay)
             at = datetime.now(UTC) + timedelta(seconds=delay)

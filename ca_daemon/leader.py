@@ -1,18 +1,26 @@
 """Leader election on a ``coordination.k8s.io/v1`` Lease, as client-go's leaderelection.
 
 One Lease, ``leader_election.lease`` in the daemon's namespace. A candidate takes it
-when it is absent, released (empty holder) or expired (``renewTime +
-leaseDurationSeconds`` before now), incrementing ``leaseTransitions`` on a takeover;
-the holder renews it every ``retry_period``. Every write carries the resourceVersion
-it read, so of two candidates one wins and the other gets a 409. A leader that could
-not renew within ``renew_deadline`` stops leading: ``is_leader`` is judged on the
-monotonic clock at the moment it is asked, so a process paused past its lease (SIGSTOP)
-does not act on its first breath after resuming. On SIGTERM the holder releases the
-Lease (empty holder, 1s duration: client-go's ReleaseOnCancel) so a standby takes over
-at its next retry rather than after a whole lease.
+when it is absent, released (empty holder) or expired, incrementing ``leaseTransitions``
+on a takeover; the holder renews it every ``retry_period``. Every write carries the
+resourceVersion it read, so of two candidates one wins and the other gets a 409.
 
-``decide`` is the pure part: what to write, given the Lease read, the time and who we
-are.
+Expiry is judged on this process's monotonic clock only, never on the times in the
+Lease (another host wrote them, and its clock may be off by any amount): a candidate
+remembers the record it last read and when, locally, that record last changed; another
+holder's Lease has expired once it stayed unchanged for ``lease_duration`` of our time.
+A process that has just started therefore waits a whole ``lease_duration`` before it
+takes over a Lease it finds held, as client-go does.
+
+A leader stops leading as soon as it reads the Lease held by someone else, and
+otherwise when it could not renew within ``renew_deadline``: ``is_leader`` is judged on
+the monotonic clock at the moment it is asked, so a process paused past its lease
+(SIGSTOP) does not act on its first breath after resuming. On SIGTERM the holder
+releases the Lease (empty holder, 1s duration: client-go's ReleaseOnCancel) so a
+standby takes over at its next retry rather than after a whole lease.
+
+``decide`` is the pure part: what to write and what to remember, given the Lease read,
+what was remembered of earlier reads, the local time and who we are.
 """
 
 from __future__ import annotations
@@ -62,42 +70,69 @@ class LeaseRecord:
     transitions: int = 0
     resource_version: str | None = None
 
-    def expired(self, now: datetime) -> bool:
-        if not self.holder or self.renew_time is None:
-            return True
-        return self.renew_time + timedelta(seconds=self.duration_seconds) < now
+
+@dataclass(frozen=True)
+class Observed:
+    """A Lease as last read, and ``at``: the local monotonic time it was first read so."""
+
+    record: LeaseRecord
+    at: float
+
+
+def observe(last: Observed | None, current: LeaseRecord, now: float) -> Observed:
+    """``last`` while the record is the same; a changed one is observed afresh at ``now``.
+
+    Every write changes the resourceVersion (and a renewal the renewTime), so a holder
+    that keeps renewing keeps resetting the observation, however wrong its clock is.
+    """
+    if last is not None and last.record == current:
+        return last
+    return Observed(current, now)
 
 
 @dataclass(frozen=True)
 class Decision:
     """``create`` or ``update`` ``lease`` (ours afterwards), or ``wait``: ``lease`` is held
-    by someone else."""
+    by someone else. ``observed``: what to remember of this read (None: no Lease)."""
 
     action: Literal["create", "update", "wait"]
     lease: LeaseRecord | None
+    observed: Observed | None = None
 
 
 def decide(
-    current: LeaseRecord | None, now: datetime, identity: str, duration: timedelta
+    current: LeaseRecord | None,
+    observed: Observed | None,
+    now: float,
+    wall: datetime,
+    identity: str,
+    duration: timedelta,
 ) -> Decision:
-    """What a candidate ``identity`` writes at ``now``, having read ``current``."""
+    """What a candidate ``identity`` writes, having read ``current`` at local monotonic
+    time ``now``, ``observed`` being what it remembered from its earlier reads.
+
+    ``wall`` only goes into the record (acquireTime/renewTime, for people reading the
+    Lease); no decision depends on it. Another holder's Lease is expired once the
+    record stayed unchanged for our own ``duration``, as client-go judges it.
+    """
     seconds = max(1, int(duration.total_seconds()))
     if current is None:
-        return Decision("create", LeaseRecord(identity, seconds, now, now, 0))
+        return Decision("create", LeaseRecord(identity, seconds, wall, wall, 0))
+    seen = observe(observed, current, now)
     if current.holder == identity:
-        renewed = replace(current, duration_seconds=seconds, renew_time=now)
-        return Decision("update", renewed)
-    if current.expired(now):
-        taken = replace(
-            current,
-            holder=identity,
-            duration_seconds=seconds,
-            acquire_time=now,
-            renew_time=now,
-            transitions=current.transitions + 1,
-        )
-        return Decision("update", taken)
-    return Decision("wait", current)
+        renewed = replace(current, duration_seconds=seconds, renew_time=wall)
+        return Decision("update", renewed, seen)
+    if current.holder and now <= seen.at + duration.total_seconds():
+        return Decision("wait", current, seen)
+    taken = replace(
+        current,
+        holder=identity,
+        duration_seconds=seconds,
+        acquire_time=wall,
+        renew_time=wall,
+        transitions=current.transitions + 1,
+    )
+    return Decision("update", taken, seen)
 
 
 def released(current: LeaseRecord, now: datetime) -> LeaseRecord:
@@ -236,6 +271,7 @@ class LeaderElector:
         self._lock = threading.Lock()
         self._renewed_at: float | None = None  # monotonic time of the last renewal we won
         self._holder: str | None = None  # the holder last seen
+        self._observed: Observed | None = None  # the Lease last read (the thread's own)
         self._lease: LeaseRecord | None = None  # ours, as last written
         self._reported: tuple[bool, str | None] | None = None
         self._stop = threading.Event()
@@ -263,18 +299,24 @@ class LeaderElector:
         """Read the Lease and take or renew it if we may; True when we lead afterwards."""
         try:
             current = self.store.read()
-            decision = decide(current, self._wall(), self.identity, self.lease_duration)
+            # Between the read and any write: another's record is seen no earlier than it
+            # was written, and our own renewal counts from before anyone else can see it.
+            now = self._monotonic()
+            decision = decide(
+                current, self._observed, now, self._wall(), self.identity, self.lease_duration
+            )
+            self._observed = decision.observed
+            assert decision.lease is not None
             if decision.action == "wait":
-                assert decision.lease is not None
                 with self._lock:
-                    self._holder = decision.lease.holder or None
+                    # Held by someone else: we stop leading now, not at renew_deadline.
+                    self._renewed_at = None
+                    self._holder = decision.lease.holder
             else:
-                assert decision.lease is not None
-                started = self._monotonic()
                 stored = self.store.write(decision.action, decision.lease)
+                self._observed = Observed(stored, now)
                 with self._lock:
-                    # Counted from before the write: the lease may be that much older.
-                    self._renewed_at = started
+                    self._renewed_at = now
                     self._holder = self.identity
                     self._lease = stored
                 if current is None or current.holder != self.identity:
@@ -299,7 +341,13 @@ class LeaderElector:
                 return
             was_leading = self._reported is not None and self._reported[0]
             self._reported = now
-        if was_leading and not leading:
+        if was_leading and not leading and now[1] not in (None, self.identity):
+            log.warning(
+                "lost leadership of %s: it is held by %s; standing by",
+                self.store.description,
+                now[1],
+            )
+        elif was_leading and not leading:
             log.warning(
                 "lost leadership of %s (not renewed within %.0fs); standing by",
                 self.store.description,

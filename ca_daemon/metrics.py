@@ -91,6 +91,18 @@ class Metrics:
         self.operations = Gauge(
             "ca_daemon_operations", "Manual operations by state.", ("state",), registry=r
         )
+        # Set by the daemon's loop after every pass (a pass is all of one check's work).
+        self.consecutive_failures = Gauge(
+            "ca_daemon_consecutive_failures",
+            "Passes that failed in a row; 0 once one succeeds.",
+            registry=r,
+        )
+        self.backoff = Gauge(
+            "ca_daemon_backoff_seconds",
+            "Delay before the retry of a failed pass; 0 when the next pass is at the usual "
+            "check_interval.",
+            registry=r,
+        )
         self.build_info = Gauge(
             "ca_daemon_build_info", "Build information.", ("version",), registry=r
         )

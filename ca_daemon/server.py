@@ -7,9 +7,11 @@
 | GET  /metrics                 | none   | Prometheus text format                              |
 | GET  /v1/status               | bearer | roots, issuers, clients, rotation, leader           |
 | POST /v1/rotate               | bearer | 202 {"operation": id}; 400/401/403/409/413/503      |
-| GET  /v1/operations/{id}      | bearer | the operation's progress and result                 |
+| GET  /v1/operations/{id}      | bearer | the operation's progress and result; 404/503        |
 
-Every call to ``/v1`` is written to the audit log, accepted or refused.
+Every call to ``/v1`` is written to the audit log, accepted or refused. A journal that
+cannot be read or written is a 503 naming it (``journal``), as for a standby: a later
+call may succeed.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from starlette.routing import Route
 from ca_daemon.api_auth import Authenticator, Decision
 from ca_daemon.audit import AuditLog, AuditRecord
 from ca_daemon.rotation.engine import RotationInProgress, UnknownTarget
-from ca_daemon.service import DaemonService
+from ca_daemon.service import DaemonService, JournalUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,10 @@ class Api:
         note["caller"] = (await self._authorize(request, write=False)).user
         op_id = request.path_params["op_id"]
         note["operation"] = op_id
-        view = await run_in_threadpool(self.service.operation, op_id)
+        try:
+            view = await run_in_threadpool(self.service.operation, op_id)
+        except JournalUnavailable as exc:
+            raise _Refused(503, str(exc), journal=exc.journal) from None
         if view is None:
             raise _Refused(404, f"no operation {op_id}")
         return JSONResponse(view)
@@ -190,6 +195,8 @@ class Api:
             raise _Refused(400, str(exc)) from None
         except RotationInProgress as exc:
             raise _Refused(409, str(exc)) from None
+        except JournalUnavailable as exc:
+            raise _Refused(503, str(exc), journal=exc.journal) from None
         note["operation"] = op_id
         return JSONResponse({"operation": op_id}, status_code=202)
 

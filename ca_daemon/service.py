@@ -17,6 +17,7 @@ from typing import Any
 from ca_daemon.config import Settings
 from ca_daemon.metrics import Metrics
 from ca_daemon.rotation.engine import Engine, PassResult, step_target
+from ca_daemon.rotation.journal import JournalError
 from ca_daemon.rotation.plan import ROOT_TARGETS, Observations, Wait, plan
 from ca_daemon.rotation.state import Operation, OpState, State
 from ca_daemon.status import operation_view, status_view
@@ -30,6 +31,17 @@ class Leadership:
 
     leader: bool = True
     holder: str | None = None
+
+
+class JournalUnavailable(Exception):
+    """The journal could not be read or written just now; ``journal`` names it.
+
+    The API answers 503: a later call may well succeed, and nothing was changed.
+    """
+
+    def __init__(self, journal: str, error: JournalError) -> None:
+        super().__init__(f"journal unavailable: {error}")  # the error names the journal
+        self.journal = journal
 
 
 class DaemonService:
@@ -143,7 +155,16 @@ class DaemonService:
         return view
 
     def operation(self, op_id: str) -> dict[str, Any] | None:
-        record, _ = self.engine.journal.load_ca()
+        """The operation as journaled (raises JournalUnavailable).
+
+        Unlike status, never from the last pass: an operation's state is what the
+        caller waits on, and an old one would look like no progress, or a result that
+        is not the latest.
+        """
+        try:
+            record, _ = self.engine.journal.load_ca()
+        except JournalError as exc:
+            raise JournalUnavailable(self.engine.journal.description, exc) from None
         op = record.operation(op_id)
         if op is None:
             return None
@@ -157,8 +178,12 @@ class DaemonService:
         return view
 
     def request(self, target: str, reason: str) -> str:
-        """Journal the request (raises engine.RequestError), then wake the loop."""
-        op_id = self.engine.request_rotation(target, reason)
+        """Journal the request (raises engine.RequestError, JournalUnavailable), then
+        wake the loop."""
+        try:
+            op_id = self.engine.request_rotation(target, reason)
+        except JournalError as exc:
+            raise JournalUnavailable(self.engine.journal.description, exc) from None
         self._wake()
         return op_id
 

@@ -1,7 +1,8 @@
 """The HTTP API served by real uvicorn on loopback: every status code, and its audit line.
 
 The daemon's parts are the embedded default's (local anchor, files); the Kubernetes
-authentication case runs against the real kube-apiserver.
+authentication case runs against the real kube-apiserver, and the unreachable journal
+is a real OpenBao's KV, stopped under the running API.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from ca_daemon.runtime import build_engine
 from ca_daemon.server import ServerThread, build_app
 from ca_daemon.service import DaemonService, Leadership
 from tests.fixtures.kube import Kube
+from tests.fixtures.openbao import own_openbao
 from tests.fixtures.tools import free_port, unique
 from tests.integration.rotation_harness import Clock
 from tests.integration.test_root_rotation_local import T0, short_lifetimes
@@ -52,11 +55,16 @@ class Served:
         return [json.loads(line) for line in self.audit_file.read_text().splitlines()]
 
 
-def _serve(tmp_path: Path, auth: Authenticator | None = None) -> Iterator[Served]:
+def _serve(
+    tmp_path: Path,
+    auth: Authenticator | None = None,
+    config_doc: dict[str, Any] | None = None,
+    start: datetime = T0,
+) -> Iterator[Served]:
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(short_lifetimes(tmp_path)))
+    config.write_text(yaml.safe_dump(config_doc or short_lifetimes(tmp_path)))
     settings = load_settings(config)
-    clock = Clock(T0)
+    clock = Clock(start)
     engine = build_engine(settings)
     engine.clock = clock
     service = DaemonService(settings, engine, Metrics(), clock)
@@ -219,6 +227,66 @@ def test_root_rotation_conflict_dry_run_and_standby(served: Served) -> None:
         assert http.get("/v1/status").json()["leader"] == "ca-daemon-7d9f-b"
     statuses = [line["status"] for line in served.audit()]
     assert statuses == [200, 202, 409, 202, 503, 200]
+
+
+def test_an_unreachable_journal_is_a_503_naming_it(tmp_path: Path) -> None:
+    """OpenBao (anchor and journal) stopped under the running API: operations and
+    requests answer 503 naming the journal, status falls back to the last pass."""
+    with own_openbao(tmp_path, "bao (journal)") as bao:
+        token_file = tmp_path / "vault-token"
+        token_file.write_text(bao.token + "\n")
+        token_file.chmod(0o600)
+        config = short_lifetimes(tmp_path, kong={"enabled": False})
+        config["anchor"] = {
+            "backend": "vault",
+            "local": {"dir": str(tmp_path / "data")},  # the API token's default home
+            "vault": {
+                "address": bao.address,
+                "auth": {"method": "token", "token_file": str(token_file)},
+                "timeout": "3s",
+            },
+        }
+        gen = _serve(tmp_path, config_doc=config, start=datetime.now(UTC))
+        served = next(gen)
+        try:
+            assert served.service.tick().ok
+            with served.client(served.token) as http:
+                accepted = http.post("/v1/rotate", json={"target": "linkerd-issuer"})
+                assert accepted.status_code == 202, accepted.text
+                op_id = accepted.json()["operation"]
+                assert http.get(f"/v1/operations/{op_id}").status_code == 200
+        except BaseException:
+            gen.close()
+            raise
+    try:  # OpenBao is gone from here on
+        journal = served.service.engine.journal.description
+        with served.client(served.token) as http:
+            gone = http.get(f"/v1/operations/{op_id}")
+            refused = http.post("/v1/rotate", json={"target": "trust-anchor"})
+            status = http.get("/v1/status")
+    finally:
+        gen.close()
+    for response in (gone, refused):
+        assert response.status_code == 503, response.text
+        body = response.json()
+        assert body["journal"] == journal and journal.startswith("Vault KV")
+        assert body["error"].startswith(f"journal unavailable: {journal}: read the CA record")
+        assert bao.address.removeprefix("http://") in body["error"]  # names the server
+    assert status.status_code == 200  # from the last pass
+    assert [r["name"] for r in status.json()["roots"]] == ["root-1"]
+    lines = served.audit()
+    assert [(line["path"], line["status"]) for line in lines] == [
+        ("/v1/rotate", 202),
+        (f"/v1/operations/{op_id}", 200),
+        (f"/v1/operations/{op_id}", 503),
+        ("/v1/rotate", 503),
+        ("/v1/status", 200),
+    ]
+    assert lines[2]["operation"] == op_id and lines[3]["target"] == "trust-anchor"
+    assert all(line["result"] == gone.json()["error"] for line in lines[2:3])
+    assert lines[3]["result"] == refused.json()["error"]
+    text = served.audit_file.read_text() + gone.text + refused.text
+    assert bao.token not in text and served.token not in text
 
 
 def _minutes(n: int) -> Any:

@@ -1,7 +1,8 @@
 """Vault goes away under a running daemon: passes are retried sooner than the interval
 and then later and later (2s doubling, jittered, capped at ``check_interval``), the
-published credentials stay as they were, the failure shows in /metrics and
-/v1/status, and the work resumes by itself when Vault answers again.
+published credentials stay as they were, the failure and the backoff show in /metrics
+(``ca_daemon_consecutive_failures``, ``ca_daemon_backoff_seconds``) and /v1/status, and
+the work resumes by itself when Vault answers again.
 
 ``ca-daemon run`` on real OpenBao (mounts and journal unique to the test), reached
 through a TCP relay this test owns: closing the relay (and every connection through
@@ -115,6 +116,17 @@ def _at(event: dict[str, Any]) -> float:
     return datetime.strptime(event["time"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
 
 
+FAILURES = "ca_daemon_consecutive_failures"
+BACKOFF = "ca_daemon_backoff_seconds"
+
+
+def _retry_line(message: str) -> tuple[float, float]:
+    """(failures in a row, delay) from "pass failed (N in a row); retrying in D.Ds"."""
+    in_a_row = message.split(" (", 1)[1].split(" ", 1)[0]
+    delay = message.rsplit("retrying in ", 1)[1].removesuffix("s")
+    return float(in_a_row), float(delay)
+
+
 def _metric(url: str, name: str) -> float | None:
     for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -170,6 +182,7 @@ def test_vault_down_retries_back_off_credentials_stay_and_work_resumes(
         daemon.wait_ready(lambda: (out / "linkerd" / "tls.crt").exists(), timeout=60)
         issued = (out / "linkerd" / "tls.crt").read_bytes()
         daemon.wait_ready(lambda: _metric(url, "ca_daemon_anchor_up") == 1.0)
+        assert _metric(url, FAILURES) == 0.0 and _metric(url, BACKOFF) == 0.0
 
         relay.cut()  # Vault down from the next pass on
         cut_at = time.time()
@@ -196,6 +209,22 @@ def test_vault_down_retries_back_off_credentials_stay_and_work_resumes(
             "4",
         ]
         assert "retrying in" in failed[0]["message"]
+        # The gauges say what the last retry line says: how many in a row, how long.
+        shown: list[tuple[str, float | None, float | None]] = []
+
+        def gauges_agree_with_the_log() -> bool:
+            last = retries()[-1]["message"]
+            failures, backoff = _metric(url, FAILURES), _metric(url, BACKOFF)
+            shown[:] = [(last, failures, backoff)]
+            if retries()[-1]["message"] != last or failures is None or backoff is None:
+                return False  # a retry in between: look again
+            in_a_row, delay = _retry_line(last)
+            return failures == in_a_row and abs(backoff - delay) <= 0.05  # logged as %.1f
+
+        daemon.wait_ready(gauges_agree_with_the_log, timeout=CHECK_INTERVAL + 5)
+        ((_, failures, backoff),) = shown
+        assert failures is not None and failures >= 4, shown
+        assert backoff is not None and 0 < backoff <= CHECK_INTERVAL, shown
         # Visible while it lasts, and nothing published was touched.
         assert _metric(url, "ca_daemon_anchor_up") == 0.0
         token = (tmp_path / "api-token").read_text().strip()
@@ -214,6 +243,9 @@ def test_vault_down_retries_back_off_credentials_stay_and_work_resumes(
         recovered = [e for e in _events(log) if e["message"].startswith("pass succeeded after")]
         assert recovered and _at(recovered[-1]) - restored <= CHECK_INTERVAL + 1, recovered
         assert _metric(url, "ca_daemon_anchor_up") == 1.0
+        # Set after the pass that published: wait for it, then both are back to 0.
+        daemon.wait_ready(lambda: _metric(url, FAILURES) == 0.0, timeout=5)
+        assert _metric(url, BACKOFF) == 0.0
         # Back to the interval: no retry after the recovery.
         time.sleep(3)
         assert not [e for e in retries() if _at(e) > _at(recovered[-1])]

@@ -341,7 +341,8 @@ def test_kill_9_of_the_leader_mid_rotation_the_standby_takes_over_and_completes_
         return False
 
     p.until("taken over", new_leader, timeout=30)
-    # Expired a lease_duration after the last renewal; seen at the standby's next retry.
+    # Expired a lease_duration (of the standby's clock) after the standby saw the last
+    # renewal, itself up to a retry after it was written; taken at the next retry.
     assert took_over[0] <= LEASE_DURATION + RETRY_PERIOD + CHECK_INTERVAL + 1.0, took_over
     assert p.lease_spec()["leaseTransitions"] == transitions + 1
 

@@ -15,50 +15,94 @@ from ca_daemon.leader import (
     LeaderElector,
     LeaseRecord,
     LostRace,
+    Observed,
     decide,
     new_identity,
+    observe,
     released,
 )
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 DURATION = timedelta(seconds=15)
+T = 5000.0  # the local monotonic clock, in seconds
 
 
-def _held(holder: str, renewed: datetime, transitions: int = 3) -> LeaseRecord:
-    return LeaseRecord(holder, 15, NOW - timedelta(hours=1), renewed, transitions, "41")
+def _held(holder: str, renewed: datetime, transitions: int = 3, rv: str = "41") -> LeaseRecord:
+    return LeaseRecord(holder, 15, NOW - timedelta(hours=1), renewed, transitions, rv)
+
+
+def _at(
+    now: float, current: LeaseRecord | None, observed: Observed | None = None
+) -> tuple[str, Observed | None]:
+    """decide() for "me" at local time ``now`` (the wall clock fixed at NOW)."""
+    d = decide(current, observed, now, NOW, "me", DURATION)
+    return d.action, d.observed
 
 
 def test_an_absent_lease_is_created_ours() -> None:
-    d = decide(None, NOW, "me", DURATION)
+    d = decide(None, None, T, NOW, "me", DURATION)
     assert d.action == "create"
     assert d.lease == LeaseRecord("me", 15, NOW, NOW, 0, None)
 
 
 def test_our_lease_is_renewed_keeping_acquire_time_and_transitions() -> None:
     current = _held("me", NOW - timedelta(seconds=2))
-    d = decide(current, NOW, "me", DURATION)
+    d = decide(current, None, T, NOW, "me", DURATION)
     assert d.action == "update"
     assert d.lease == replace(current, renew_time=NOW)
     assert d.lease is not None and d.lease.resource_version == "41"  # optimistic concurrency
 
 
-def test_a_live_lease_of_another_is_waited_for() -> None:
-    current = _held("other", NOW - timedelta(seconds=15))  # exactly at its end: still held
-    assert decide(current, NOW, "me", DURATION).action == "wait"
-    assert decide(current, NOW, "me", DURATION).lease == current
+def test_another_holders_lease_expires_a_lease_duration_after_we_saw_it_change() -> None:
+    current = _held("other", NOW)
+    action, seen = _at(T, current)  # first seen now: a whole lease to wait
+    assert action == "wait" and seen == Observed(current, T)
+    action, later = _at(T + 15, current, seen)  # exactly at its end: still held
+    assert action == "wait" and later == seen
+    d = decide(current, seen, T + 15.5, NOW, "me", DURATION)
+    assert d.action == "update"
+    assert d.lease == LeaseRecord("me", 15, NOW, NOW, 4, "41")
 
 
 @pytest.mark.parametrize(
-    "current",
-    [
-        _held("other", NOW - timedelta(seconds=16)),  # expired
-        _held("", NOW - timedelta(seconds=1)),  # released
-        replace(_held("other", NOW), renew_time=None),
-    ],
-    ids=["expired", "released", "never-renewed"],
+    "renewed",
+    [NOW - timedelta(days=365), NOW + timedelta(days=365)],
+    ids=["far-past", "far-future"],
 )
-def test_an_expired_or_released_lease_is_taken_over(current: LeaseRecord) -> None:
-    d = decide(current, NOW, "me", DURATION)
+def test_the_holders_clock_does_not_matter_only_whether_the_record_changes(
+    renewed: datetime,
+) -> None:
+    """Its renewTime a year off either way: while it keeps renewing it stays the
+    holder's, and once it stops it is taken over a lease_duration later, not sooner."""
+    current, seen = _held("other", renewed), None
+    now = T
+    for n in range(10):  # renewing every 10s, with its skewed clock
+        current = _held("other", renewed + timedelta(seconds=10 * n), rv=str(100 + n))
+        action, seen = _at(now, current, seen)
+        assert action == "wait", n
+        now += 10
+    assert seen == Observed(current, now - 10)
+    # It stops renewing: held for a lease_duration from when we saw its last renewal.
+    assert _at(now - 10 + 15, current, seen)[0] == "wait"
+    assert _at(now - 10 + 15.1, current, seen)[0] == "update"
+
+
+def test_a_changed_record_resets_the_observation() -> None:
+    first = _held("other", NOW)
+    seen = observe(None, first, T)
+    assert observe(seen, first, T + 14) is seen  # the same record: the first sighting counts
+    # Renewed (new resourceVersion), even with the very same renewTime: seen afresh.
+    renewed = replace(first, resource_version="42")
+    assert observe(seen, renewed, T + 14) == Observed(renewed, T + 14)
+    assert _at(T + 20, renewed, seen)[0] == "wait"  # 20s after the first, 6s after the change
+    assert _at(T + 20, first, seen)[0] == "update"  # unchanged for 20s: expired
+    # Another holder: a new record too.
+    other = replace(first, holder="third")
+    assert _at(T + 20, other, seen) == ("wait", Observed(other, T + 20))
+
+
+def test_a_released_lease_is_taken_over_at_once() -> None:
+    d = decide(_held("", NOW - timedelta(seconds=1)), None, T, NOW, "me", DURATION)
     assert d.action == "update"
     assert d.lease == LeaseRecord("me", 15, NOW, NOW, 4, "41")
 
@@ -66,7 +110,7 @@ def test_an_expired_or_released_lease_is_taken_over(current: LeaseRecord) -> Non
 def test_release_empties_the_holder_with_a_one_second_lease() -> None:
     r = released(_held("me", NOW), NOW)
     assert (r.holder, r.duration_seconds, r.transitions) == ("", 1, 3)
-    assert decide(r, NOW, "other", DURATION).action == "update"
+    assert decide(r, None, T, NOW, "other", DURATION).action == "update"
 
 
 def test_identities_are_the_hostname_and_a_random_suffix(
@@ -149,12 +193,45 @@ def test_two_candidates_one_leads_then_the_other_takes_over_an_expired_lease() -
     assert len(store.writes) == writes
 
 
+def test_a_leader_that_reads_the_lease_held_by_another_stops_leading_at_once() -> None:
+    store, clocks = MemoryLease(), Clocks()
+    changes: list[tuple[bool, str | None]] = []
+    a = _elector(store, "a", clocks)
+    a.on_change = lambda leader, holder: changes.append((leader, holder))
+    assert a.try_acquire_or_renew()
+    assert store.lease is not None
+    # Someone else wrote the Lease (a's writes were delayed, an operator edited it...).
+    store.lease = replace(store.lease, holder="b", resource_version="99")
+    clocks.advance(0.5)  # well within a's renew deadline
+    writes = len(store.writes)
+    assert not a.try_acquire_or_renew()
+    assert not a.is_leader() and a.holder() == "b"
+    assert changes == [(True, "a"), (False, "b")]
+    assert len(store.writes) == writes  # and it leaves b's Lease alone
+
+
+def test_a_fresh_candidate_waits_a_whole_lease_for_a_holder_it_never_saw_renew() -> None:
+    """It cannot tell how old the record is from the holder's renewTime, only from its
+    own observation, so it waits lease_duration from its first read."""
+    store, clocks = MemoryLease(), Clocks()
+    stale = LeaseRecord("gone", 4, NOW - timedelta(days=1), NOW - timedelta(days=1), 7, None)
+    store.write("create", stale)
+    b = _elector(store, "b", clocks)
+    assert not b.try_acquire_or_renew()
+    clocks.advance(4)
+    assert not b.try_acquire_or_renew()
+    clocks.advance(0.5)
+    assert b.try_acquire_or_renew()
+    assert store.lease is not None and store.lease.holder == "b"
+    assert store.lease.transitions == 8
+
+
 def test_a_write_from_a_stale_read_loses_the_race() -> None:
     store, clocks = MemoryLease(), Clocks()
     a, b = _elector(store, "a", clocks), _elector(store, "b", clocks)
-    assert a.try_acquire_or_renew()
+    assert a.try_acquire_or_renew() and not b.try_acquire_or_renew()
     stale = store.lease
-    clocks.advance(10)
+    clocks.advance(10)  # b saw it 10s ago, unchanged since: expired
     assert b.try_acquire_or_renew()
     store.lease, kept = stale, store.lease  # a's read sees the old object...
     assert kept is not None
