@@ -78,6 +78,7 @@ from ca_daemon.world import TrustWorld
 from tests.fakes.kong_admin import KongStore
 from tests.fixtures.kube import Kube
 from tests.fixtures.linkerd import LinkerdCheck
+from tests.fixtures.tools import unique
 from tests.integration.cluster_rotation import (
     HOUR,
     VAULT_BACKDATE,
@@ -751,9 +752,58 @@ def _renewal(w: World) -> None:
     assert issued and all(at == w.clock.now for at in issued), issued
 
 
-# --- a known gap ------------------------------------------------------------------------------
+# --- known gaps: a Vault fault before a due renewal, on the smallest daemon -------------------
 
 VAULT_KINDS = ("openbao-stopped", "openbao-sealed", "token-revoked")
+
+
+def _failed_pass_with_vault_down(
+    kind: str, bao: RaftOpenBao, workdir: Path
+) -> tuple[Metrics, list[str]]:
+    """Vault only (directory publishing): bootstrap, then, with the Linkerd issuer due, one
+    pass with the fault on. Returns the metrics and the status's errors of that pass."""
+    mounts = unique(f"gap-{kind[:10]}")
+    token_file = workdir / "vault-token"
+    write_token_file(token_file, bao.create_token())
+    config = workdir / "config.yaml"
+    vault = {
+        "address": bao.address,
+        "auth": {"method": "token", "token_file": str(token_file)},
+        "root_mount": f"{mounts}-root",
+        "kong_mount": f"{mounts}-kong",
+        "state_path": f"ca-daemon/{mounts}",
+    }
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "anchor": {"backend": "vault", "vault": vault, "local": {"dir": str(workdir)}},
+                "publish": {"kubernetes": {"enabled": False}, "directory": str(workdir / "out")},
+                "kong": {"enabled": False},
+            }
+        )
+    )
+    settings = load_settings(config)
+    anchor, journal = build_anchor_and_journal(settings)
+    clock = Clock(wall_clock())
+    out = DirectoryPublisher(settings.publish_directory)
+    engine = Engine(settings, anchor, journal, [out], clock=clock)
+    metrics = Metrics()
+    service = DaemonService(settings, engine, metrics, clock)
+    assert service.tick().ok
+    fault: Fault = {
+        "openbao-stopped": lambda: OpenBaoStopped(bao),
+        "openbao-sealed": lambda: OpenBaoSealed(bao),
+        "token-revoked": lambda: TokenRevoked(bao, token_file),
+    }[kind]()
+    issuer = settings.linkerd.issuer
+    clock.now += issuer.lifetime - issuer.rotate_before / 2  # the issuer is due
+    fault.inject()
+    try:
+        assert not service.tick().ok
+        errors: list[str] = service.status()["last_pass"]["errors"]
+    finally:
+        fault.heal()
+    return metrics, errors
 
 
 @pytest.mark.xfail(
@@ -767,48 +817,20 @@ def test_a_vault_fault_before_a_due_renewal_counts_a_failed_rotation(
     kind: str, bao: RaftOpenBao, tmp_path: Path
 ) -> None:
     """The renewal cell's missing half: the issuer is due, Vault is down before the pass."""
-    mounts = f"gap-{kind[:10]}-{tmp_path.name[-6:]}"
-    token_file = tmp_path / "vault-token"
-    write_token_file(token_file, bao.create_token())
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "anchor": {
-                    "backend": "vault",
-                    "local": {"dir": str(tmp_path / "data")},
-                    "vault": {
-                        "address": bao.address,
-                        "auth": {"method": "token", "token_file": str(token_file)},
-                        "root_mount": f"{mounts}-root",
-                        "kong_mount": f"{mounts}-kong",
-                        "state_path": f"ca-daemon/{mounts}",
-                    },
-                },
-                "publish": {"kubernetes": {"enabled": False}, "directory": str(tmp_path / "out")},
-                "kong": {"enabled": False},
-            }
-        )
-    )
-    settings = load_settings(config)
-    anchor, journal = build_anchor_and_journal(settings)
-    clock = Clock(wall_clock())
-    engine = Engine(
-        settings, anchor, journal, [DirectoryPublisher(settings.publish_directory)], clock=clock
-    )
-    metrics = Metrics()
-    service = DaemonService(settings, engine, metrics, clock)
-    assert service.tick().ok
-    fault: Fault = {
-        "openbao-stopped": lambda: OpenBaoStopped(bao),
-        "openbao-sealed": lambda: OpenBaoSealed(bao),
-        "token-revoked": lambda: TokenRevoked(bao, token_file),
-    }[kind]()
-    clock.now += settings.linkerd.issuer.lifetime - settings.linkerd.issuer.rotate_before / 2
-    fault.inject()
-    try:
-        result = service.tick()
-    finally:
-        fault.heal()
-    assert not result.ok
+    metrics, _ = _failed_pass_with_vault_down(kind, bao, tmp_path)
     assert metric(metrics, "ca_daemon_rotations_total", result="failure") > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Journal.load_ca appends its lost-journal advice (restore from a backup, or move "
+    "the journal aside) to every error, also when the store is merely unavailable",
+)
+@pytest.mark.parametrize("kind", VAULT_KINDS)
+def test_a_vault_outage_is_not_reported_as_a_lost_journal(
+    kind: str, bao: RaftOpenBao, tmp_path: Path
+) -> None:
+    """Moving a healthy journal aside because Vault was sealed would make the next pass
+    rebuild it from the anchor: an outage must not be answered with that advice."""
+    _, errors = _failed_pass_with_vault_down(kind, bao, tmp_path)
+    assert errors and not any("move it aside" in e for e in errors), errors
