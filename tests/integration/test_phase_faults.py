@@ -26,10 +26,12 @@ harness of tests/integration/cluster_rotation.py: Vault on raft storage, the rea
 kube-apiserver, the pods gate, a clock that follows the wall clock until activation and
 jumps ahead after. In every cell: what is published (read back from the apiserver and
 the Kong stand-in) keeps the previous credentials and satisfies tests/invariants.py and
-Linkerd's checks after every pass; the failure shows in ``/v1/status``'s ``last_pass``
-and in ``/metrics`` (``ca_daemon_anchor_up`` 0 for a Vault fault, else
-``ca_daemon_publish_errors_total`` rising); no token or key shows anywhere; and once the
-fault is removed the next pass does the work (renewed, or the rotation moved on).
+Linkerd's checks after every pass; the failure shows in the status's ``last_pass``
+(``DaemonService.status``, what ``GET /v1/status`` serves) and in the metrics text (the
+registry ``/metrics`` renders: ``ca_daemon_anchor_up`` 0 for a Vault fault, else
+``ca_daemon_publish_errors_total`` rising); no token or key shows there or in the log;
+and once the fault is removed the next pass does the work (renewed, or the rotation
+moved on).
 
 The hooks that time the ``propagating, publishing`` and ``activated`` faults only call
 ``inject`` at that point and then hand every call on unchanged.
@@ -403,6 +405,7 @@ class World:
         return {
             "publish_errors": self.metric("ca_daemon_publish_errors_total"),
             "rotation_failures": self.metric("ca_daemon_rotations_total", result="failure"),
+            "anchor_up": self.metric("ca_daemon_anchor_up"),
         }
 
     def record(self) -> CaRecord:
@@ -541,12 +544,21 @@ def assert_failure_visible(w: World, marks: dict[str, float]) -> None:
     errors = " | ".join(last["errors"]).lower()
     assert w.fault.symptom in errors, errors
     if w.fault.vault:
-        assert w.metric("ca_daemon_anchor_up") == 0
+        assert (marks["anchor_up"], w.metric("ca_daemon_anchor_up")) == (1, 0)
     else:
         assert w.metric("ca_daemon_publish_errors_total") > marks["publish_errors"]
     shown = json.dumps(status) + generate_latest(w.metrics.registry).decode()
     for secret in w.secrets():
         assert secret not in shown
+
+
+def recovered(w: World) -> None:
+    """The pass after the fault was removed: it succeeds, and says so."""
+    result = w.tick()
+    assert result.ok, result.errors
+    assert w.metric("ca_daemon_anchor_up") == 1
+    last = w.service.status()["last_pass"]
+    assert last == {"ok": True, "errors": []}, last
 
 
 def assert_kept(w: World, before: dict[str, str], after: dict[str, str], moment: str) -> None:
@@ -656,15 +668,15 @@ def _propagating_publishing(w: World, old_ref: str) -> None:
     assert record.phase is Phase.PROPAGATING and record.rotation is not None
     assert record.rotation.confirmed_at is None  # held: the propagation clock never started
     follow_wall_clock(w.clock)
-    result = w.tick()
-    assert result.ok, result.errors
+    recovered(w)
     record = w.record()
     assert record.rotation is not None and record.rotation.confirmed_at is not None
     assert record.rotation.confirmed_at >= healed_at  # it starts only now
     assert record.rotation.restarted
     nxt = record.root(RootRole.NEXT)
     assert nxt is not None
-    assert roots_in_bundle(w) == [fingerprint(record.roots[0].cert), fingerprint(nxt.cert)]
+    bundle = roots_in_bundle(w)
+    assert len(bundle) == 2 and set(bundle) == {fingerprint(r.cert) for r in record.roots}
     assert w.cluster.vault.default_issuer(w.cluster.root_mount) == old_ref
 
 
@@ -700,6 +712,8 @@ def _activate_with_fault(w: World) -> tuple[dict[str, str], dict[str, float]]:
     else:
         raise AssertionError("the rotation never activated")
     assert [s.ok for s in result.steps if s.action == "Activate"] == [True], result.steps
+    # That pass found the anchor up (the fault came later): from here it must drop.
+    marks["anchor_up"] = w.metric("ca_daemon_anchor_up")
     return before, marks
 
 
@@ -711,8 +725,7 @@ def _activated(w: World, old_ref: str, before: dict[str, str], marks: dict[str, 
     assert_kept(w, before, w.snapshot(), ACTIVATED)
 
     w.heal()
-    result = w.tick()
-    assert result.ok, result.errors
+    recovered(w)
     record = w.record()
     assert record.phase is Phase.RETIRING, record.phase
     assert record.rotation is not None and record.rotation.activated_at is not None
@@ -741,8 +754,7 @@ def _renewal(w: World) -> None:
         assert after["k8s/credential/issuer"] != before["k8s/credential/issuer"]
 
     w.heal()
-    result = w.tick()
-    assert result.ok, result.errors
+    recovered(w)
     renewed = w.snapshot()
     credentials = [k for k in before if "/credential/" in k]
     assert len(credentials) == 1 + len(w.cluster.clients), credentials
