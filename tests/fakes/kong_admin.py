@@ -417,16 +417,18 @@ class FakeKong:
 
 @contextmanager
 def serve(
-    store: KongStore | None = None, tls: tuple[Path, Path] | None = None
+    store: KongStore | None = None, tls: tuple[Path, Path] | None = None, port: int = 0
 ) -> Iterator[FakeKong]:
     """Serve a fake Kong Admin API on a free loopback port for the duration of the block.
 
     ``tls`` is (certificate file, key file) to serve HTTPS, as a production Admin API does.
+    ``port`` (with the same ``store``) brings a stopped stand-in back where it was, as a
+    restarted Kong comes back on its address with its database intact.
     """
     store = store or KongStore()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     certfile, keyfile = tls if tls else (None, None)
     config = uvicorn.Config(
