@@ -31,6 +31,10 @@ class RecordConflict(AnchorError):
     """The record changed since it was read (check-and-set failed): reload, decide again."""
 
 
+class RecordInvalid(AnchorError):
+    """The store answered, and what it holds is not a journal record (truncated, edited)."""
+
+
 class RecordStore(Protocol):
     description: str
 
@@ -102,13 +106,15 @@ class FileRecordStore:
         try:
             doc = json.loads(raw)
         except ValueError:
-            raise AnchorError(f"{path} is not valid JSON ({len(raw)} bytes; truncated?)") from None
+            raise RecordInvalid(
+                f"{path} is not valid JSON ({len(raw)} bytes; truncated?)"
+            ) from None
         if (
             not isinstance(doc, dict)
             or not isinstance(doc.get("state"), dict)
             or not isinstance(doc.get("version"), int)
         ):
-            raise AnchorError(
+            raise RecordInvalid(
                 f"{path} is not a journal record (want an object with an integer 'version' "
                 f"and a 'state' object; found {type(doc).__name__})"
             )

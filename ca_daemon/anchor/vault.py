@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_daemon.anchor.base import CA, AnchorError
-from ca_daemon.anchor.records import Record, RecordConflict, check_key
+from ca_daemon.anchor.records import Record, RecordConflict, RecordInvalid, check_key
 from ca_daemon.config import VaultAnchor
 from ca_daemon.pki.bundle import parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
@@ -556,7 +556,7 @@ class VaultKvStore:
         version = int((data.get("metadata") or {}).get("version") or 0)
         record = data["data"].get("state")
         if not isinstance(record, dict):
-            raise AnchorError(f"{self.description}: {key or 'state'}: no state in the secret")
+            raise RecordInvalid(f"{self.description}: {key or 'state'}: no state in the secret")
         return record, version
 
     def write(self, key: str, record: Record, version: int) -> int:

@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 from ca_daemon.anchor.base import CA, AnchorError
-from ca_daemon.anchor.records import RecordConflict, RecordStore
+from ca_daemon.anchor.records import RecordConflict, RecordInvalid, RecordStore
 from ca_daemon.pki.bundle import BundleError
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.rotation.state import (
@@ -60,6 +60,15 @@ class JournalError(Exception):
 
 class JournalConflict(JournalError):
     """Someone else saved a newer record; reload and decide again."""
+
+
+class JournalCorrupt(JournalError):
+    """The store answered with something that is not a valid record."""
+
+
+class JournalUnavailable(JournalError):
+    """The store did not answer (down, sealed, refusing the token): nothing is known of
+    the records, so nothing about them may be advised or done."""
 
 
 class NewerJournal(JournalError):
@@ -126,10 +135,12 @@ class Journal:
             return action()
         except RecordConflict as exc:
             raise JournalConflict(str(exc)) from None
+        except RecordInvalid as exc:
+            raise JournalCorrupt(f"{self.description}: {what}: {exc}") from None
         except AnchorError as exc:
-            raise JournalError(f"{self.description}: {what}: {exc}") from None
+            raise JournalUnavailable(f"{self.description}: {what}: {exc}") from None
         except (KeyError, ValueError, TypeError, BundleError) as exc:
-            raise JournalError(
+            raise JournalCorrupt(
                 f"{self.description}: {what}: invalid content ({type(exc).__name__}: {exc})"
             ) from None
 
@@ -149,12 +160,10 @@ class Journal:
 
         try:
             result: tuple[CaRecord, int] = self._guard("read the CA record", read)
-        except JournalConflict:
-            raise
-        except JournalError as exc:
-            if isinstance(exc, NewerJournal):
-                raise
-            raise JournalError(f"{exc}: {RECOVERY}") from None
+        except JournalCorrupt as exc:
+            # Only for a record that is there and invalid: advising to move aside a journal
+            # the store merely did not serve (Vault down) would throw a healthy one away.
+            raise JournalCorrupt(f"{exc}: {RECOVERY}") from None
         return result
 
     def load(self) -> Versioned:
@@ -169,8 +178,8 @@ class Journal:
                 found = self._guard(
                     f"read {key}", partial(self.store.read, f"{CREDENTIALS}/{name}")
                 )
-            except JournalError as exc:
-                raise JournalError(
+            except JournalCorrupt as exc:
+                raise JournalCorrupt(
                     f"{exc}: restore it from a backup, or delete it so that credential is "
                     "issued anew (nothing is overwritten while it is unreadable)"
                 ) from None
@@ -182,8 +191,8 @@ class Journal:
                 entry = self._guard(
                     f"read {key}", partial(credential_from_json, data, self._unseal)
                 )
-            except JournalError as exc:
-                raise JournalError(
+            except JournalCorrupt as exc:
+                raise JournalCorrupt(
                     f"{exc}: restore it from a backup, or delete it so that credential is "
                     "issued anew (nothing is overwritten while it is unreadable)"
                 ) from None
