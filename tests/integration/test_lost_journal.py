@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -337,4 +338,40 @@ def test_several_roots_and_no_sign_of_the_active_one_stop_the_rebuild(
     code, output = run_once(running_local)
     assert code == 0, output
     assert "root-1 (active)" in output and "root-3 (retiring)" in output, output
+    check_published(data / "out")
+
+
+def test_a_journal_lost_after_activation_keeps_the_new_root_active(tmp_path: Path) -> None:
+    """Activation notes the new root as the local anchor's default (anchor/default-root,
+    as Vault's default issuer): a journal lost entirely after it is rebuilt around the new
+    root, not refused, and nothing is issued under the old one again."""
+    config = local_config(tmp_path)
+    doc = yaml.safe_load(config.read_text())
+    doc["rotation"] = {"propagation_delay": "1s"}
+    config.write_text(yaml.safe_dump(doc))
+    code, output = run_once(config)
+    assert code == 0, output
+    data = tmp_path / "data"
+    engine = build_engine(load_settings(config))
+    engine.request_rotation("trust-anchor", "test")
+    for _ in range(10):
+        assert engine.reconcile().ok
+        record, _ = engine.journal.load_ca()
+        if record.phase.value == "retiring":
+            break
+        time.sleep(0.5)
+    assert record.phase.value == "retiring", record.phase
+    active = record.active_root
+    assert active is not None and active.ref != "root-1"
+    assert (data / "anchor" / DEFAULT_ROOT).read_text().strip() == active.ref
+    (data / "state.json").unlink()
+    for path in (data / "state.d").rglob("*.json"):
+        path.unlink()
+
+    code, output = run_once(config)
+    assert code == 0, output
+    assert f"{active.ref} (active)" in output and "root-1 (retiring)" in output, output
+    published = read_directory(data / "out")
+    assert published.issuer is not None
+    assert directly_issued_by(published.issuer, active.cert)
     check_published(data / "out")
