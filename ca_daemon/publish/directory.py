@@ -68,8 +68,7 @@ class DirectoryPublisher:
         if refused is not None:
             return PublishReport(target=self.description, errors={str(self.root): refused})
         if world.generation <= 0:  # not derived from a journal (tests, tools)
-            changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
-            return PublishReport(target=self.description, changed=changed)
+            return self._write(world)
         fd = os.open(self.root / GENERATION, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, CERT_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # the check and the swap, one process at a time
@@ -88,10 +87,16 @@ class DirectoryPublisher:
             if world.generation > published:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{world.generation}\n".encode(), 0)
-            changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
+            return self._write(world)
         finally:
             os.close(fd)
-        return PublishReport(target=self.description, changed=changed)
+
+    def _write(self, world: TrustWorld) -> PublishReport:
+        # Published files are never read back into the journal: whatever someone put in
+        # their place (not PEM, another key, an expired certificate, 5 MB of anything) is
+        # replaced from the journal and reported as drift.
+        tree = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
+        return PublishReport(target=self.description, changed=tree.changed, drifted=tree.edited)
 
     def _refusal(self) -> str | None:
         """Why ``root`` is not ours to publish into; creates it (0755) when missing.

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import os
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,12 +43,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from ca_daemon.config import ConfigError, load_settings
+from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
+from ca_daemon.config import ConfigError, Settings, load_settings
 from ca_daemon.metrics import Metrics
+from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
+from ca_daemon.runtime import file_journal
+from ca_daemon.verify import verify_directory
 from ca_daemon.world import TrustWorld, desired_world
 from tests.fixtures.kube import Kube
 from tests.integration.cli import ca_daemon
+from tests.integration.test_directory_atomic import documented_files
 from tests.integration.test_kubernetes_publish import Cluster, make_cluster
 
 pytestmark = pytest.mark.integration
@@ -156,13 +163,26 @@ EVERYWHERE = ("issuer", "trust-roots", "client")
     [
         *((g, EVERYWHERE) for g in sorted(GARBAGE) if g != "not-utf8"),
         pytest.param("not-utf8", ("trust-roots",), id="not-utf8-configmap"),
-        pytest.param("not-utf8", EVERYWHERE, id="not-utf8", marks=NOT_UTF8_SECRET),
     ],
 )
 def test_a_published_object_edited_into_garbage_is_restored_and_reported(
     edge_cluster: Cluster, garbage: str, where: tuple[str, ...]
 ) -> None:
-    c = edge_cluster
+    _garbage_is_restored_and_reported(edge_cluster, garbage, where)
+
+
+@NOT_UTF8_SECRET
+def test_secret_bytes_that_are_not_utf8_are_restored_and_reported(
+    kube: Kube, tmp_path: Path
+) -> None:
+    # A cluster of its own: while this fails, the garbage stays and blocks every pass.
+    c = make_cluster(kube, tmp_path, "edgeutf")
+    first = c.run("run", "--once")
+    assert first.returncode == 0, first.stdout + first.stderr
+    _garbage_is_restored_and_reported(c, "not-utf8", EVERYWHERE)
+
+
+def _garbage_is_restored_and_reported(c: Cluster, garbage: str, where: tuple[str, ...]) -> None:
     engine = c.engine()
     assert engine.reconcile().ok
     world, versions = _world(engine)
@@ -411,3 +431,186 @@ def test_a_bundle_namespace_that_does_not_exist_fails_that_object_only(
     assert c.secret(c.linkerd_ns, "linkerd-identity-issuer") is not None
     assert c.secret(c.app_ns, "kong-upstream-payments") is not None
     assert c.configmap(c.bundle_ns, "upstream-trust") is not None
+
+
+# --- 5 MB: what can really be that big ---------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def test_a_5mb_configmap_cannot_exist_and_one_near_the_limit_is_repaired(
+    edge_cluster: Cluster,
+) -> None:
+    c = edge_cluster
+    engine = c.engine()
+    assert engine.reconcile().ok
+    roots = f"/api/v1/namespaces/{c.linkerd_ns}/configmaps/linkerd-identity-trust-roots"
+    before = c.get(roots)
+    with c.kube.http() as http:
+        refused = http.patch(
+            roots,
+            json={"data": {"ca-bundle.crt": "A" * (5 * MIB)}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+    # The apiserver refuses any ConfigMap over 1 MiB of data: "a 5 MB ConfigMap" is
+    # never something the daemon reads.
+    assert refused.status_code in (413, 422), refused.text
+    assert c.get(roots)["data"] == before["data"]
+
+    # Replaced with one just under the limit: a bundle of garbage and an extra key.
+    near = {"ca-bundle.crt": "B" * (MIB // 2), "padding": "C" * (MIB // 2 - 4096)}
+    _patch(c.kube, roots, {"data": near})
+    result = engine.reconcile()
+    assert result.ok, result.errors
+    (report,) = result.reports
+    ref = f"configmap/{c.linkerd_ns}/linkerd-identity-trust-roots"
+    assert f"{ref} (keys changed: ca-bundle.crt, padding)" in report.drifted, report.drifted
+    assert c.get(roots)["data"] == before["data"]
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Settings:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "anchor": {"local": {"dir": str(tmp_path / "data")}},
+                "publish": {"kubernetes": {"enabled": False}},
+                "kong": {
+                    "clients": [
+                        {"name": "payments", "common_name": "kong.payments.upstream"},
+                        {"name": "orders", "common_name": "kong.orders.upstream"},
+                    ]
+                },
+            }
+        )
+    )
+    return load_settings(path)
+
+
+def _local_engine(settings: Settings) -> Engine:
+    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
+    return Engine(
+        settings,
+        LocalAnchor(settings.anchor.local.dir, passphrase),
+        file_journal(settings, passphrase),
+        [DirectoryPublisher(settings.publish_directory)],
+    )
+
+
+def _published(out: Path) -> dict[str, bytes]:
+    return {rel: (out / rel).read_bytes() for rel in documented_files(out)}
+
+
+def _published_an_hour_ago(out: Path) -> None:
+    """Move the published version's clock back instead of waiting: file times have a
+    coarse granularity, and an edit in the same tick as the publish looks like ours."""
+    hour_ago = int((dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).timestamp() * 1e9)
+    version = out / os.readlink(out / "..data")
+    for dirpath, dirs, names in os.walk(version):
+        for name in [*dirs, *names]:
+            os.utime(Path(dirpath) / name, ns=(hour_ago, hour_ago), follow_symlinks=False)
+    for path in (version, out / "..data"):
+        os.utime(path, ns=(hour_ago, hour_ago), follow_symlinks=False)
+
+
+# --- the directory publisher: its files edited into garbage ----------------------------------
+
+
+@pytest.mark.parametrize("garbage", sorted(GARBAGE))
+def test_a_published_file_edited_into_garbage_is_restored_and_reported(
+    local: Settings, garbage: str
+) -> None:
+    engine = _local_engine(local)
+    assert engine.reconcile().ok
+    out = local.publish_directory
+    world, versions = _world(engine)
+    before = _published(out)
+    _published_an_hour_ago(out)
+    cert, key = GARBAGE[garbage]()
+    (out / "linkerd/tls.crt").write_bytes(cert)  # in place, as an editor or `cat >` does
+    (out / "linkerd/tls.key").write_bytes(key)
+    # The bundle, replaced by a new file (as `cp new old` over a symlink does not: this
+    # is `mv`), and a client's certificate in place.
+    planted = out / "..data/trust-bundle.pem"
+    (out / "..planted").write_bytes(cert)
+    os.replace(out / "..planted", planted)
+    (out / "kong/clients/payments/tls.crt").write_bytes(cert)
+    (root_file,) = (out / "kong/ca").iterdir()
+    root_file.unlink()
+    # Other work in the same pass: a renewal that must not wait for the garbage.
+    engine.request_rotation("kong/orders", "test")
+
+    metrics = Metrics()
+    result = engine.reconcile()
+    metrics.observe(result, local, dt.datetime.now(dt.UTC))
+    assert result.ok, result.errors
+    (report,) = result.reports
+    drifted = {
+        "linkerd/tls.crt (changed)",
+        "linkerd/tls.key (changed)",
+        "trust-bundle.pem (changed)",
+        "kong/clients/payments/tls.crt (changed)",
+        f"kong/ca/{root_file.name} (deleted)",
+    }
+    assert drifted <= set(report.drifted), report.drifted
+    for entry in drifted:
+        target = entry.split(" ")[0]
+        assert metrics.registry.get_sample_value("ca_daemon_drift", {"target": target}) == 1
+    after = _published(out)
+    renewed = {"kong/clients/orders/tls.crt", "kong/clients/orders/tls.key"}
+    assert {rel for rel in after if after[rel] != before.get(rel)} == renewed
+    assert verify_directory(out, dt.datetime.now(dt.UTC)).ok
+
+    after_world, after_versions = _world(engine)
+    assert {k: v for k, v in after_versions.items() if k != "kong/orders"} == {
+        k: v for k, v in versions.items() if k != "kong/orders"
+    }
+    unchanged = {k: v for k, v in _credentials(world).items() if not k.startswith("kong/orders")}
+    assert unchanged.items() <= _credentials(after_world).items()
+
+    quiet = engine.reconcile()
+    assert quiet.ok and quiet.reports[0].drifted == [] and quiet.reports[0].changed == []
+
+
+def test_a_5mb_file_in_the_directory_is_replaced_without_being_read(local: Settings) -> None:
+    engine = _local_engine(local)
+    assert engine.reconcile().ok
+    out = local.publish_directory
+    loaded = engine.journal.load()
+    world = desired_world(loaded.state, local, loaded.version, dict(loaded.credential_versions))
+    before = _published(out)
+    _published_an_hour_ago(out)
+    big = out / "kong/clients/payments/tls.crt"
+    with big.open("wb") as handle:
+        for _ in range(5):
+            handle.write(b"A" * MIB)
+    tracemalloc.start()
+    try:
+        report = DirectoryPublisher(out).publish(world)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.errors == {}
+    assert "kong/clients/payments/tls.crt (changed)" in report.drifted
+    assert _published(out) == before
+    # The 5 MB are never read: a file of the wrong size is replaced unseen.
+    assert peak < MIB, peak
+
+
+def test_a_fifo_in_place_of_a_published_file_does_not_hang_the_pass(local: Settings) -> None:
+    engine = _local_engine(local)
+    assert engine.reconcile().ok
+    out = local.publish_directory
+    before = _published(out)
+    _published_an_hour_ago(out)
+    fifo = out / "linkerd/tls.crt"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    # A subprocess with a timeout: a pass blocked in open() on the FIFO fails the test
+    # instead of hanging it.
+    config = local.anchor.local.dir.parent / "config.yaml"
+    result = ca_daemon("run", "--once", "--config", str(config), cwd=config.parent)
+    assert result.returncode == 0, result.stderr
+    assert "linkerd/tls.crt (changed)" in result.stderr
+    assert _published(out) == before
