@@ -49,12 +49,16 @@ class RecordStore(Protocol):
 
 
 def _owner(path: Path) -> str:
+    """Who owns ``path`` and how to fix it, for an error about reading it."""
     try:
         st = path.stat()
     except OSError:
         return ""
-    mode = st.st_mode & 0o7777
-    return f"; owned by uid {st.st_uid} (this daemon runs as uid {os.geteuid()}), mode {mode:04o}"
+    mode, me = st.st_mode & 0o7777, os.geteuid()
+    found = f"; owned by uid {st.st_uid} (this daemon runs as uid {me}), mode {mode:04o}"
+    if st.st_uid != me:
+        return f"{found}: give it to this daemon's user (chown {me} {path}; chmod 0600 {path})"
+    return f"{found}: make it readable by its owner (chmod 0600 {path})"
 
 
 def check_key(key: str) -> list[str]:

@@ -31,8 +31,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
+import shutil
+import sys
+import tempfile
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -614,3 +617,125 @@ def test_a_fifo_in_place_of_a_published_file_does_not_hang_the_pass(local: Setti
     assert result.returncode == 0, result.stderr
     assert "linkerd/tls.crt (changed)" in result.stderr
     assert _published(out) == before
+
+
+# --- the journal's files: mode 0644, another owner --------------------------------------------
+
+DAEMON_UID, OTHER_UID = 10001, 10002
+
+
+def _run_once_as(uid: int, config: Path, logs: Path) -> tuple[int, str]:
+    """``ca-daemon run --once`` as ``uid``, in a child forked from this process.
+
+    A forked child, not a new interpreter: this test's interpreter lives under a home
+    directory other users cannot enter. Everything the pass imports is imported before
+    the privileges are dropped.
+    """
+    import encodings.utf_8_sig  # noqa: F401  (the YAML loader's, imported on first use)
+
+    import ca_daemon.cli as cli
+    import ca_daemon.daemon
+    import ca_daemon.datalock
+    import ca_daemon.runtime
+    import ca_daemon.status  # noqa: F401  (imported before the uid changes)
+
+    with logs.open("wb") as out:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 70
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(out.fileno(), 2)
+                # pytest's capture replaced these objects: write where the fds now go.
+                sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                os.environ.pop("KUBECONFIG", None)
+                code = cli.main(["run", "--once", "--config", str(config)])
+            except BaseException as exc:  # report anything, then leave
+                os.write(2, f"child failed: {exc!r}\n".encode())
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), logs.read_text()
+
+
+@pytest.fixture
+def unprivileged(tmp_path: Path) -> Iterator[Path]:
+    """A data directory owned by DAEMON_UID, its first pass run as that user; yields the
+    configuration file."""
+    if os.geteuid() != 0:
+        pytest.skip("running the daemon as another user needs root")
+    base = Path(tempfile.mkdtemp(prefix="ca-daemon-edge-"))
+    try:
+        base.chmod(0o755)
+        config = base / "config.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "anchor": {"local": {"dir": str(base / "data")}},
+                    "publish": {"kubernetes": {"enabled": False}},
+                    "kong": {"clients": [{"name": "payments", "common_name": "kong.payments"}]},
+                }
+            )
+        )
+        (base / "data").mkdir(mode=0o700)
+        os.chown(base / "data", DAEMON_UID, DAEMON_UID)
+        code, output = _run_once_as(DAEMON_UID, config, tmp_path / "first.log")
+        assert code == 0, output
+        yield config
+    finally:
+        shutil.rmtree(base)
+
+
+def _owned_by_another_user(path: Path, mode: int) -> None:
+    os.chown(path, OTHER_UID, OTHER_UID)
+    path.chmod(mode)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o644])
+@pytest.mark.parametrize("record", ["state.json", "state.d/credentials/linkerd-issuer.json"])
+def test_a_journal_file_another_user_owns_stops_the_pass_naming_owner_and_fix(
+    unprivileged: Path, tmp_path: Path, record: str, mode: int
+) -> None:
+    data = unprivileged.parent / "data"
+    path = data / record
+    _owned_by_another_user(path, mode)
+    content = path.read_bytes()
+    out = data / "out"
+    published = _published(out)
+
+    code, output = _run_once_as(DAEMON_UID, unprivileged, tmp_path / "run.log")
+    assert code == 1, output
+    assert "Traceback" not in output and "child failed" not in output, output
+    assert str(path) in output, output
+    assert f"owned by uid {OTHER_UID}" in output and f"runs as uid {DAEMON_UID}" in output
+    assert f"chown {DAEMON_UID} {path}" in output, output
+    # Nothing lost, nothing changed: not the file, not its owner, not what is published.
+    assert path.read_bytes() == content
+    assert (path.stat().st_uid, path.stat().st_mode & 0o777) == (OTHER_UID, mode)
+    assert _published(out) == published
+
+    # The fix the message gives works.
+    os.chown(path, DAEMON_UID, DAEMON_UID)
+    path.chmod(0o600)
+    code, output = _run_once_as(DAEMON_UID, unprivileged, tmp_path / "fixed.log")
+    assert code == 0, output
+
+
+def test_a_journal_file_of_its_own_at_0644_is_tightened_with_a_warning(
+    unprivileged: Path, tmp_path: Path
+) -> None:
+    data = unprivileged.parent / "data"
+    path = data / "state.json"
+    path.chmod(0o644)
+    content = path.read_bytes()
+    code, output = _run_once_as(DAEMON_UID, unprivileged, tmp_path / "run.log")
+    assert code == 0, output
+    assert f"repaired the mode of a secret: {path}: was mode 0644" in output, output
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_bytes() == content
