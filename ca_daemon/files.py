@@ -97,7 +97,7 @@ def write_tree_atomic(
     existing = set(_walk_files(current)) if current is not None else set()
     same = {rel for rel in files.keys() & existing if _holds(current, rel, files[rel])}
     changed = sorted((files.keys() - same) | (existing - files.keys()))
-    edited = _edited_since_published(root, current, changed, existing) if changed else []
+    edited = _edited_since_published(root, current, changed, files.keys(), existing)
     if changed:
         new = _write_version(root, files, current, same)
         _swap_data(root, new)
@@ -149,18 +149,22 @@ def _holds(version: Path | None, rel: str, want: tuple[bytes, int]) -> bool:
 
 
 def _edited_since_published(
-    root: Path, current: Path | None, changed: Collection[str], existing: Collection[str]
+    root: Path,
+    current: Path | None,
+    changed: Collection[str],
+    wanted: Collection[str],
+    existing: Collection[str],
 ) -> list[str]:
     """Which of ``changed`` another writer touched in ``current`` after it was published."""
-    if current is None:
+    if current is None or not changed:
         return []
     published = os.lstat(root / DATA).st_mtime_ns
     edited = []
     for rel in changed:
-        if rel in existing:
-            what, path = "changed", f"{current}/{rel}"
-        else:  # missing from the version: deleted if its directory was modified since
+        if rel not in existing:  # missing: deleted if its directory was modified since
             what, path = "deleted", f"{current}/{rel.rpartition('/')[0]}"
+        else:
+            what, path = ("changed" if rel in wanted else "added"), f"{current}/{rel}"
         try:
             if os.lstat(path).st_mtime_ns > published:
                 edited.append(f"{rel} ({what})")

@@ -17,9 +17,8 @@ was decided (docs/recovery.md, "Bad input at the edges", says the same for opera
   the field); the rules are pinned here against the real apiserver's answers.
 - "A 5 MB ConfigMap" cannot exist: the apiserver refuses a ConfigMap (or Secret) over
   1 MiB of data (pinned below). The real cases are a managed ConfigMap replaced by one
-  near that limit (repaired like any drift, read one LIST page at a time) and a 5 MB
-  file planted in the directory target (replaced without being read: a file of the
-  wrong size is never opened for its content).
+  near that limit (repaired like any drift) and a 5 MB file planted in the directory
+  target (replaced without being read: a file of the wrong size is never read).
 - The journal's files (``state.json``, ``state.d/**``) at mode 0644 are tightened to
   0600 with a warning; files another user owns, when the daemon cannot read or repair
   them, stop the pass (exit 1) naming the path, the owner, the mode and the fix, and
@@ -541,6 +540,10 @@ def test_a_published_file_edited_into_garbage_is_restored_and_reported(
     (out / "kong/clients/payments/tls.crt").write_bytes(cert)
     (root_file,) = (out / "kong/ca").iterdir()
     root_file.unlink()
+    # verify names what Linkerd and Kong would refuse, and does not trip over it.
+    found = verify_directory(out, dt.datetime.now(dt.UTC))
+    assert not found.ok
+    assert any("linkerd" in p for p in found.problems), found.problems
     # Other work in the same pass: a renewal that must not wait for the garbage.
     engine.request_rotation("kong/orders", "test")
 
@@ -601,7 +604,7 @@ def test_a_5mb_file_in_the_directory_is_replaced_without_being_read(local: Setti
     assert peak < MIB, peak
 
 
-def test_a_fifo_in_place_of_a_published_file_does_not_hang_the_pass(local: Settings) -> None:
+def test_a_fifo_or_a_directory_in_place_of_a_published_file_is_replaced(local: Settings) -> None:
     engine = _local_engine(local)
     assert engine.reconcile().ok
     out = local.publish_directory
@@ -610,12 +613,19 @@ def test_a_fifo_in_place_of_a_published_file_does_not_hang_the_pass(local: Setti
     fifo = out / "linkerd/tls.crt"
     fifo.unlink()
     os.mkfifo(fifo)
+    directory = out / "kong/clients/payments/tls.key"
+    directory.unlink()
+    directory.mkdir()
+    (directory / "inside").write_bytes(b"x")
     # A subprocess with a timeout: a pass blocked in open() on the FIFO fails the test
     # instead of hanging it.
     config = local.anchor.local.dir.parent / "config.yaml"
     result = ca_daemon("run", "--once", "--config", str(config), cwd=config.parent)
     assert result.returncode == 0, result.stderr
     assert "linkerd/tls.crt (changed)" in result.stderr
+    # A directory where a file was: the file is gone, and something was added.
+    assert "kong/clients/payments/tls.key (deleted)" in result.stderr
+    assert "kong/clients/payments/tls.key/inside (added)" in result.stderr
     assert _published(out) == before
 
 
