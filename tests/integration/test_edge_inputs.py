@@ -53,10 +53,16 @@ from ca_daemon.rotation.engine import Engine
 from ca_daemon.runtime import file_journal
 from ca_daemon.verify import verify_directory
 from ca_daemon.world import TrustWorld, desired_world
+from tests.fakes.kong_admin import FakeKong, serve
 from tests.fixtures.kube import Kube
 from tests.integration.cli import ca_daemon
 from tests.integration.test_directory_atomic import documented_files
+from tests.integration.test_kong_admin import CLIENTS as KONG_CLIENTS
+from tests.integration.test_kong_admin import TOKEN as KONG_TOKEN
+from tests.integration.test_kong_admin import _setup as kong_setup
+from tests.integration.test_kong_admin import cert_id as kong_cert_id
 from tests.integration.test_kubernetes_publish import Cluster, make_cluster
+from tests.unit.conftest import NOW
 
 pytestmark = pytest.mark.integration
 
@@ -163,7 +169,7 @@ EVERYWHERE = ("issuer", "trust-roots", "client")
 @pytest.mark.parametrize(
     ("garbage", "where"),
     [
-        *((g, EVERYWHERE) for g in sorted(GARBAGE) if g != "not-utf8"),
+        *(pytest.param(g, EVERYWHERE, id=g) for g in sorted(GARBAGE) if g != "not-utf8"),
         pytest.param("not-utf8", ("trust-roots",), id="not-utf8-configmap"),
     ],
 )
@@ -514,6 +520,46 @@ def _published_an_hour_ago(out: Path) -> None:
             os.utime(Path(dirpath) / name, ns=(hour_ago, hour_ago), follow_symlinks=False)
     for path in (version, out / "..data"):
         os.utime(path, ns=(hour_ago, hour_ago), follow_symlinks=False)
+
+
+# --- Kong Admin API (stand-in): entities edited into garbage -----------------------------------
+
+
+@pytest.fixture
+def kong_admin() -> Iterator[FakeKong]:
+    """The Kong stand-in (tests/fakes/kong_admin.py): no Kong runs here."""
+    with serve() as fake:
+        fake.store.token = KONG_TOKEN
+        fake.store.clock = lambda: NOW
+        for service in KONG_CLIENTS.values():
+            fake.store.add_service(service, protocol="https")
+        yield fake
+
+
+@pytest.mark.parametrize("garbage", ["rsa", "ed25519", "expired"])
+def test_a_kong_certificate_edited_into_garbage_is_restored_and_reported(
+    tmp_path: Path, kong_admin: FakeKong, garbage: str
+) -> None:
+    """Kong itself refuses a Certificate that is not PEM or whose key does not match, but
+    takes another key type or an expired certificate: those are what someone can leave
+    in an entity. With the Kong stand-in."""
+    setup = kong_setup(tmp_path, kong_admin, token=KONG_TOKEN)
+    assert setup.engine.reconcile(now=NOW).ok
+    store = kong_admin.store
+    payments, orders = kong_cert_id("payments"), kong_cert_id("orders")
+    wanted = {k: dict(v) for k, v in store.certificates.items()}
+    cert, key = GARBAGE[garbage]()
+    store.certificates[payments].update(cert=cert.decode(), key=key.decode())
+    # Other work in the same pass: a renewal that must not wait for the garbage.
+    setup.engine.request_rotation("kong/orders", "test", now=NOW.replace(minute=30))
+
+    result = setup.engine.reconcile(now=NOW.replace(hour=13))
+    assert result.ok, result.errors
+    (report,) = result.reports
+    assert report.drifted == [f"certificate/{payments}"]
+    assert store.certificates[payments]["cert"] == wanted[payments]["cert"]
+    assert store.certificates[payments]["key"] == wanted[payments]["key"]
+    assert store.certificates[orders]["cert"] != wanted[orders]["cert"]  # renewed meanwhile
 
 
 # --- the directory publisher: its files edited into garbage ----------------------------------
