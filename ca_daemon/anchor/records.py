@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +62,30 @@ def _owner(path: Path) -> str:
     return f"{found}: make it readable by its owner (chmod 0600 {path})"
 
 
+def _read_regular(path: Path) -> bytes:
+    """The file's bytes; AnchorError for a FIFO, device or directory in a record's place
+    (O_NONBLOCK: opening a FIFO must not block the pass until someone writes to it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise AnchorError(f"{path} is not a regular file ({_file_type(mode)})")
+        return handle.read()
+
+
+def _file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return f"mode {mode:o}"
+
+
 def check_key(key: str) -> list[str]:
     parts = key.split("/") if key else []
     if any(not _KEY_PART.match(p) for p in parts):
@@ -98,7 +123,7 @@ class FileRecordStore:
     def read(self, key: str) -> tuple[Record, int] | None:
         path = self.path(key)
         try:
-            raw = path.read_bytes()
+            raw = _read_regular(path)
         except FileNotFoundError:
             return None
         except OSError as exc:

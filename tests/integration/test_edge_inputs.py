@@ -712,6 +712,32 @@ def test_verify_names_a_fifo_in_place_of_a_published_file(local: Settings) -> No
     assert f"{fifo}" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("record", ["state.json", "state.d/credentials/linkerd-issuer.json"])
+def test_a_fifo_in_place_of_a_journal_file_stops_the_pass_instead_of_hanging_it(
+    local: Settings, record: str
+) -> None:
+    engine = _local_engine(local)
+    assert engine.reconcile().ok
+    data = local.anchor.local.dir
+    out = local.publish_directory
+    published = _published(out)
+    path = data / record
+    aside = path.with_name(path.name + ".aside")
+    path.rename(aside)
+    os.mkfifo(path)
+    config = data.parent / "config.yaml"
+    result = ca_daemon("run", "--once", "--config", str(config), cwd=config.parent)
+    assert result.returncode == 1, result.stderr
+    assert f"{path} is not a regular file (a FIFO)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _published(out) == published
+    # Put back, the journal is whole again: nothing was written meanwhile.
+    path.unlink()
+    aside.rename(path)
+    again = ca_daemon("run", "--once", "--config", str(config), cwd=config.parent)
+    assert again.returncode == 0, again.stderr
+
+
 # --- the journal's files: mode 0644, another owner --------------------------------------------
 
 DAEMON_UID, OTHER_UID = 10001, 10002
