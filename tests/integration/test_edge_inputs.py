@@ -14,7 +14,8 @@ was decided (docs/recovery.md, "Bad input at the edges", says the same for opera
 - Names Kubernetes would refuse: every name and key the configuration gives or derives
   (namespaces, Secret and ConfigMap names, Service names, ConfigMap keys, Kong client
   names) follows the apiserver's own rules at ``config check`` / start-up (exit 2 naming
-  the field); the rules are pinned here against the real apiserver's answers.
+  the field); the rules are pinned here against the real apiserver's answers. What
+  only the cluster can refuse (a namespace that does not exist) fails that object alone.
 - "A 5 MB ConfigMap" cannot exist: the apiserver refuses a ConfigMap (or Secret) over
   1 MiB of data (pinned below). The real cases are a managed ConfigMap replaced by one
   near that limit (repaired like any drift) and a 5 MB file planted in the directory
@@ -22,7 +23,10 @@ was decided (docs/recovery.md, "Bad input at the edges", says the same for opera
 - The journal's files (``state.json``, ``state.d/**``) at mode 0644 are tightened to
   0600 with a warning; files another user owns, when the daemon cannot read or repair
   them, stop the pass (exit 1) naming the path, the owner, the mode and the fix, and
-  are left exactly as they were.
+  are left exactly as they were. A FIFO in the place of a published or journal file
+  never blocks a pass.
+- Kong Admin API delivery is tested against the Kong stand-in (tests/fakes/kong_admin.py):
+  no Kong runs here.
 """
 
 from __future__ import annotations
