@@ -14,6 +14,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 DATA = "..data"
@@ -57,10 +58,18 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
 # --- a whole directory, atomically ----------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TreeChanges:
+    changed: list[str]
+    # Entries of the version that was current which someone else changed, replaced,
+    # added or deleted after it was published (and which this write replaced).
+    edited: list[str]
+
+
 def write_tree_atomic(
     root: Path, files: Mapping[str, tuple[bytes, int]], managed: Collection[str]
-) -> list[str]:
-    """Make ``root`` hold exactly ``files`` (relative path → content, mode); return what changed.
+) -> TreeChanges:
+    """Make ``root`` hold exactly ``files`` (relative path → content, mode); say what changed.
 
     Layout, as the kubelet's AtomicWriter (pkg/volume/util/atomic_writer.go):
 
@@ -77,12 +86,18 @@ def write_tree_atomic(
     ``managed`` names the top-level entries this tree owns: one of them that ``files``
     no longer has is removed, also when an older flat layout left it as a real file or
     directory.
+
+    Someone else's edit is told from a change of our own by time: nothing of ours in a
+    version is modified after ``..data`` was made to point to it, so an entry modified
+    later (or a directory whose entries were, for a deleted file) was edited by another
+    writer. A file whose size or type differs is never read, however large it is.
     """
     root.mkdir(parents=True, exist_ok=True)
     current = _current_version(root)
     existing = set(_walk_files(current)) if current is not None else set()
     same = {rel for rel in files.keys() & existing if _holds(current, rel, files[rel])}
     changed = sorted((files.keys() - same) | (existing - files.keys()))
+    edited = _edited_since_published(root, current, changed, files.keys(), existing)
     if changed:
         new = _write_version(root, files, current, same)
         _swap_data(root, new)
@@ -90,7 +105,7 @@ def write_tree_atomic(
     top = {rel.split("/", 1)[0] for rel in files}
     changed += _link_top_level(root, top, set(managed) - top)
     _remove_old_versions(root, keep=current)
-    return changed
+    return TreeChanges(changed, edited)
 
 
 def _current_version(root: Path) -> Path | None:
@@ -121,7 +136,8 @@ def _holds(version: Path | None, rel: str, want: tuple[bytes, int]) -> bool:
         return False
     content, mode = want
     try:
-        fd = os.open(f"{version}/{rel}", os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO put in a file's place must not hang the pass in open().
+        fd = os.open(f"{version}/{rel}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     with os.fdopen(fd, "rb") as handle:
@@ -130,6 +146,31 @@ def _holds(version: Path | None, rel: str, want: tuple[bytes, int]) -> bool:
             return False
         # The size first: a changed certificate is read no further.
         return st.st_size == len(content) and handle.read() == content
+
+
+def _edited_since_published(
+    root: Path,
+    current: Path | None,
+    changed: Collection[str],
+    wanted: Collection[str],
+    existing: Collection[str],
+) -> list[str]:
+    """Which of ``changed`` another writer touched in ``current`` after it was published."""
+    if current is None or not changed:
+        return []
+    published = os.lstat(root / DATA).st_mtime_ns
+    edited = []
+    for rel in changed:
+        if rel not in existing:  # missing: deleted if its directory was modified since
+            what, path = "deleted", f"{current}/{rel.rpartition('/')[0]}"
+        else:
+            what, path = ("changed" if rel in wanted else "added"), f"{current}/{rel}"
+        try:
+            if os.lstat(path).st_mtime_ns > published:
+                edited.append(f"{rel} ({what})")
+        except OSError:  # its directory is not there either: new in this write
+            pass
+    return edited
 
 
 def _write_version(

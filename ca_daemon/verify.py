@@ -6,6 +6,7 @@ a sentence naming the file and what is wrong, never quoting key material.
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -213,13 +214,27 @@ def check_kong_cas(cas: Mapping[str, bytes], roots: list[x509.Certificate], repo
 
 
 def _read(path: Path, report: Report) -> bytes | None:
+    # Non-blocking, and only a regular file: a FIFO put in a file's place must be named,
+    # not waited on forever.
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         report.problems.append(f"{path}: missing")
+        return None
     except OSError as exc:
         report.problems.append(f"{path}: unreadable ({exc.strerror})")
-    return None
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            report.problems.append(f"{path}: not a regular file")
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as exc:
+        report.problems.append(f"{path}: unreadable ({exc.strerror})")
+        return None
+    finally:
+        os.close(fd)
 
 
 def _private(path: Path, report: Report) -> None:
@@ -297,7 +312,11 @@ def verify_directory(
 
     kong = root / "kong"
     if kong.is_dir():
-        cas = {p.stem: p.read_bytes() for p in sorted((kong / "ca").glob("*.pem"))}
+        cas = {
+            p.stem: data
+            for p in sorted((kong / "ca").glob("*.pem"))
+            if (data := _read(p, report)) is not None
+        }
         check_kong_cas(cas, roots, report)
         clients = kong / "clients"
         published = set()

@@ -140,9 +140,14 @@ def repair_secret_modes(directory: Path, extra: Iterable[Path] = ()) -> list[str
         try:
             os.chmod(path, mode & ~0o077)
         except OSError as exc:
+            owner, me = path.stat().st_uid, os.geteuid()
+            fix = f"chmod {want:04o} {path}"
+            if owner != me:
+                fix = f"give it to this daemon's user: chown {me} {path}; {fix}"
             raise AnchorError(
-                f"{path} is open to other users (mode {mode:04o}) and cannot be repaired "
-                f"({exc.strerror}): refusing to use it; make it {want:04o}"
+                f"{path} is open to other users (mode {mode:04o}, owned by uid {owner}; this "
+                f"daemon runs as uid {me}) and cannot be repaired ({exc.strerror}): "
+                f"refusing to use it; {fix}"
             ) from None
         repaired.append(
             f"{path}: was mode {mode:04o}, open to other users; now {mode & ~0o077:04o}"

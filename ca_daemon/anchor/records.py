@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,12 +54,40 @@ class RecordStore(Protocol):
 
 
 def _owner(path: Path) -> str:
+    """Who owns ``path`` and how to fix it, for an error about reading it."""
     try:
         st = path.stat()
     except OSError:
         return ""
-    mode = st.st_mode & 0o7777
-    return f"; owned by uid {st.st_uid} (this daemon runs as uid {os.geteuid()}), mode {mode:04o}"
+    mode, me = st.st_mode & 0o7777, os.geteuid()
+    found = f"; owned by uid {st.st_uid} (this daemon runs as uid {me}), mode {mode:04o}"
+    if st.st_uid != me:
+        return f"{found}: give it to this daemon's user (chown {me} {path}; chmod 0600 {path})"
+    return f"{found}: make it readable by its owner (chmod 0600 {path})"
+
+
+def _read_regular(path: Path) -> bytes:
+    """The file's bytes; AnchorError for a FIFO, device or directory in a record's place
+    (O_NONBLOCK: opening a FIFO must not block the pass until someone writes to it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise AnchorError(f"{path} is not a regular file ({_file_type(mode)})")
+        return handle.read()
+
+
+def _file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return f"mode {mode:o}"
 
 
 def check_key(key: str) -> list[str]:
@@ -98,7 +127,7 @@ class FileRecordStore:
     def read(self, key: str) -> tuple[Record, int] | None:
         path = self.path(key)
         try:
-            raw = path.read_bytes()
+            raw = _read_regular(path)
         except FileNotFoundError:
             return None
         except OSError as exc:

@@ -70,8 +70,7 @@ class DirectoryPublisher:
             return PublishReport(target=self.description, errors={str(self.root): refused})
         ours = generation_of(world)
         if ours == UNKNOWN:  # not derived from a journal (tests, tools)
-            changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
-            return PublishReport(target=self.description, changed=changed)
+            return self._write(world)
         fd = os.open(self.root / GENERATION, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, CERT_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # the check and the swap, one process at a time
@@ -86,14 +85,21 @@ class DirectoryPublisher:
                         f"purpose, remove {self.root / GENERATION})"
                     },
                 )
-            changed = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
+            report = self._write(world)
             # Moved on only with the content: a pass that changes nothing writes nothing.
-            if changed and ours > published:
+            if report.changed and ours > published:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{format_generation(ours)}\n".encode(), 0)
+            return report
         finally:
             os.close(fd)
-        return PublishReport(target=self.description, changed=changed)
+
+    def _write(self, world: TrustWorld) -> PublishReport:
+        # Published files are never read back into the journal: whatever someone put in
+        # their place (not PEM, another key, an expired certificate, 5 MB of anything) is
+        # replaced from the journal and reported as drift.
+        tree = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
+        return PublishReport(target=self.description, changed=tree.changed, drifted=tree.edited)
 
     def _refusal(self) -> str | None:
         """Why ``root`` is not ours to publish into; creates it (0755) when missing.

@@ -73,7 +73,9 @@ _BUNDLE_ROLES = {Role.LINKERD_ISSUER, Role.LINKERD_TRUST_ROOTS, Role.KONG_CA, Ro
 
 
 def _decode(data: Mapping[str, str] | None) -> dict[str, str]:
-    return {k: base64.b64decode(v).decode() for k, v in (data or {}).items()}
+    # Someone may have put bytes that are not text there: that is drift to repair, not a
+    # reason to stop publishing.
+    return {k: base64.b64decode(v).decode(errors="replace") for k, v in (data or {}).items()}
 
 
 def _encode(data: Mapping[str, str]) -> dict[str, str]:
