@@ -62,6 +62,7 @@ from tests.fakes.kong_admin import FakeKong, serve
 from tests.fixtures.kube import Kube
 from tests.integration.cli import ca_daemon, daemon_env
 from tests.integration.test_directory_atomic import documented_files
+from tests.integration.test_engine_local import two_clients
 from tests.integration.test_kong_admin import CLIENTS as KONG_CLIENTS
 from tests.integration.test_kong_admin import TOKEN as KONG_TOKEN
 from tests.integration.test_kong_admin import _setup as kong_setup
@@ -483,22 +484,7 @@ def test_a_5mb_configmap_cannot_exist_and_one_near_the_limit_is_repaired(
 
 @pytest.fixture
 def local(tmp_path: Path) -> Settings:
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "anchor": {"local": {"dir": str(tmp_path / "data")}},
-                "publish": {"kubernetes": {"enabled": False}},
-                "kong": {
-                    "clients": [
-                        {"name": "payments", "common_name": "kong.payments.upstream"},
-                        {"name": "orders", "common_name": "kong.orders.upstream"},
-                    ]
-                },
-            }
-        )
-    )
-    return load_settings(path)
+    return two_clients(tmp_path)
 
 
 def _local_engine(settings: Settings) -> Engine:

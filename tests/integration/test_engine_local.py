@@ -26,8 +26,8 @@ from tests.unit.conftest import NOW, self_signed_root
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def two_clients(tmp_path: Path) -> Settings:
+    """The embedded default's local anchor and directory with two Kong clients."""
     path = tmp_path / "config.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -44,6 +44,11 @@ def settings(tmp_path: Path) -> Settings:
         )
     )
     return load_settings(path)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return two_clients(tmp_path)
 
 
 def _engine(settings: Settings, anchor_cls: type[LocalAnchor] = LocalAnchor) -> Engine:
