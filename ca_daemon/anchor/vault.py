@@ -34,6 +34,7 @@ from ca_daemon.pki.bundle import parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.keys import KeyType
 from ca_daemon.pki.profiles import Subject, Validity
+from ca_daemon.ratelimit import limiter
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class VaultClient:
             timeout=timeout,
             pool_size=pool_size,
         )
+        # Waited on by every request below (logins and renewals are not counted).
+        self.limiter = limiter(cfg.qps, cfg.burst)
         self._logged_in = False
         self._lock = threading.RLock()
         self._generation = 0  # bumped on every new token: a racing thread does not log in twice
@@ -290,6 +293,8 @@ class VaultClient:
     def request(self, method: str, path: str, what: str, body: dict[str, Any] | None = None) -> Any:
         seen = self._ensure_token()
         url = f"v1/{path}"
+        if self.limiter is not None:
+            self.limiter.acquire()
 
         def call() -> Any:
             return self.http.request(method, url, self.hvac.token, body)
