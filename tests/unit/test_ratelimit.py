@@ -3,7 +3,10 @@ clock the tests move (no test waits for real time)."""
 
 from __future__ import annotations
 
+import itertools
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,41 @@ def test_a_bad_limit_exits_2_naming_the_field(
     assert any(
         line.strip().startswith(f"{field}:") for line in capsys.readouterr().err.splitlines()
     )
+
+
+def test_racing_threads_never_get_more_than_the_rate_makes() -> None:
+    # A clock that moves a step on every reading: tokens trickle in while 8 threads
+    # compete for them, and thread switches are forced as often as the interpreter can.
+    ticks = itertools.count()
+    step, qps, burst = 0.001, 250.0, 3
+    bucket = TokenBucket(qps=qps, burst=burst, clock=lambda: next(ticks) * step)
+    granted: list[int] = []
+
+    def grab() -> None:
+        granted.append(sum(bucket.try_acquire() for _ in range(20_000)))
+
+    race(grab)
+    made = burst + (next(ticks) - 1) * step * qps  # tokens the rate produced until the end
+    assert made - 1 <= sum(granted) <= made
+
+    # Waiting callers: each reservation is one token of debt; the last one waits for all.
+    ticks = itertools.count()
+    waits: list[float] = []
+    bucket = TokenBucket(qps=qps, burst=burst, clock=lambda: next(ticks) * step, sleep=waits.append)
+    race(lambda: [bucket.acquire() for _ in range(5_000)])
+    made = burst + (next(ticks) - 1) * step * qps
+    assert max(waits) == pytest.approx((8 * 5_000 - made) / qps, abs=1 / qps)
+
+
+def race(work: Callable[[], object]) -> None:
+    """``work`` on 8 threads, with thread switches forced as often as possible."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
