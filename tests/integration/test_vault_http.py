@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from ca_daemon.anchor.vault_http import VaultHttp
 from ca_daemon.config import VaultAnchor, VaultAuth
 from tests.fixtures.nginx import NginxFactory
 from tests.fixtures.openbao import OpenBao
+from tests.fixtures.pki import issue, make_ca
 from tests.fixtures.tools import free_port, unique
 
 pytestmark = pytest.mark.integration
@@ -77,3 +79,36 @@ def test_errors_are_the_ones_the_caller_acts_on(openbao: OpenBao) -> None:
     with pytest.raises(AnchorError, match=r"unreachable \(NewConnectionError\)") as caught:
         vault.request("GET", "sys/mounts", "list secret engines")
     assert openbao.token not in str(caught.value)
+
+
+def test_tls_is_verified_against_ca_cert_decided_once(
+    openbao: OpenBao, nginx_factory: NginxFactory, tmp_path: Path
+) -> None:
+    """Vault behind TLS (a real nginx terminating it in front of the real OpenBao): the
+    daemon's requests trust exactly ``anchor.vault.ca_cert``."""
+    ca = make_ca("vault test CA")
+    serving = issue(ca, "vault", server=True, ips=("127.0.0.1",))
+    ca_file, _ = ca.write(tmp_path, "ca")
+    crt, key = serving.write(tmp_path, "serving")
+    port = free_port()
+    nginx_factory(
+        f"""server {{
+            listen 127.0.0.1:{port} ssl;
+            ssl_certificate {crt};
+            ssl_certificate_key {key};
+            location / {{ proxy_pass {openbao.address}; }}
+        }}"""
+    )
+    address = f"https://127.0.0.1:{port}"
+    auth = VaultAuth(token=openbao.token)
+    trusted = VaultClient(VaultAnchor(address=address, auth=auth, ca_cert=ca_file))
+    path = f"secret/data/{unique('tls')}"
+    assert trusted.write(path, "write", {"options": {"cas": 0}, "data": {"state": {}}})
+    assert trusted.read(path, "read") is not None
+
+    other_ca, _ = make_ca("some other CA").write(tmp_path, "other")
+    wrong = VaultClient(VaultAnchor(address=address, auth=auth, ca_cert=other_ca))
+    # Logged in over the trusted wire, then a wire that trusts another CA: refused.
+    trusted.http = wrong.http
+    with pytest.raises(AnchorError, match=r"unreachable \(SSLError\)"):
+        trusted.request("GET", "sys/mounts", "list secret engines")
