@@ -135,7 +135,7 @@ def main() -> None:
                     }
                 )
                 print(rows[-1], flush=True)
-    save("issuance", "make bench-issuance  (.venv/bin/python -m bench.issuance)", rows)
+    save("issuance", ".venv/bin/python -m bench.issuance", rows)
 
 
 if __name__ == "__main__":

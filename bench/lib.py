@@ -60,6 +60,9 @@ def sizes(default: Sequence[int]) -> list[int]:
     return out
 
 
+BENCH_KNOBS = ("BENCH_SIZES", "BENCH_REPEAT", "BENCH_5000")
+
+
 def repeats() -> int:
     return int(os.environ.get("BENCH_REPEAT", "2"))
 
@@ -216,8 +219,10 @@ def machine() -> dict[str, Any]:
 
 def save(name: str, command: str, rows: list[dict[str, Any]]) -> None:
     RESULTS.mkdir(exist_ok=True)
+    # The sizes and repeats are part of the command that produced the figures.
+    knobs = " ".join(f"{k}={os.environ[k]}" for k in BENCH_KNOBS if os.environ.get(k))
     doc = {
-        "command": command,
+        "command": f"{knobs} {command}".strip(),
         "machine": machine(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "rows": rows,

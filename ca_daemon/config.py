@@ -242,6 +242,10 @@ class VaultAnchor(Section):
     state_path: str = "ca-daemon/state"
     create_if_missing: bool = True
     timeout: Duration = timedelta(seconds=10)
+    # Client-side limit on requests to Vault (token bucket, as client-go's QPS/Burst);
+    # 0: none beyond rotation.concurrency in flight.
+    qps: float = Field(default=0, ge=0)
+    burst: int = Field(default=20, ge=1)
 
     @field_validator("address")
     @classmethod
@@ -416,6 +420,10 @@ class PublishKubernetes(Section):
     enabled: bool | None = None  # None: auto (in-cluster or KUBECONFIG)
     # Writes (create/replace/patch) in flight toward the apiserver at once.
     concurrency: int = Field(default=8, ge=1, le=64)
+    # Client-side limit on requests to the apiserver (client-go's QPS/Burst semantics);
+    # 0: none beyond the concurrency (the apiserver's Priority and Fairness still applies).
+    qps: float = Field(default=0, ge=0)
+    burst: int = Field(default=20, ge=1)
 
 
 class PublishConfig(Section):

@@ -92,7 +92,7 @@ def build_anchor_and_journal(settings: Settings, *, create: bool = True) -> tupl
         return anchor, file_journal(settings, passphrase, read_only=not create)
     vault = settings.anchor.vault
     env_token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
-    client = VaultClient(vault, env_token=env_token)
+    client = VaultClient(vault, env_token=env_token, pool_size=settings.rotation.concurrency)
     store: RecordStore = VaultKvStore(client, vault.kv_mount, vault.state_path)
     if not create:
         store = ReadOnlyStore(store)

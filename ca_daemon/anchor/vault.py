@@ -28,11 +28,13 @@ from cryptography.hazmat.primitives import serialization
 
 from ca_daemon.anchor.base import CA, AnchorError
 from ca_daemon.anchor.records import Record, RecordConflict, RecordInvalid, check_key
+from ca_daemon.anchor.vault_http import VaultHttp, VaultUnreachable
 from ca_daemon.config import VaultAnchor
 from ca_daemon.pki.bundle import parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.keys import KeyType
 from ca_daemon.pki.profiles import Subject, Validity
+from ca_daemon.ratelimit import limiter
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,9 @@ class VaultClient:
     token no longer looks itself up is answered by one new login and one retry. A
     ``token_file`` is re-read when it changes (a Vault Agent sidecar rewrites it).
     One lock guards login and renewal; the token never appears in a log or error.
+
+    Logins, lookups and renewals go through hvac; every other request through one
+    pooled connection set (``vault_http``) sized to the work's concurrency.
     """
 
     def __init__(
@@ -103,17 +108,25 @@ class VaultClient:
         cfg: VaultAnchor,
         env_token: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        pool_size: int = 8,
     ) -> None:
         self.cfg = cfg
         self._env_token = env_token
         self._clock = clock
         verify: bool | str = str(cfg.ca_cert) if cfg.ca_cert else True
+        timeout = cfg.timeout.total_seconds()
         self.hvac = hvac.Client(
-            url=cfg.address,
-            namespace=cfg.namespace,
-            verify=verify,
-            timeout=int(cfg.timeout.total_seconds()),
+            url=cfg.address, namespace=cfg.namespace, verify=verify, timeout=int(timeout)
         )
+        self.http = VaultHttp(
+            cfg.address,
+            namespace=cfg.namespace,
+            ca_cert=str(cfg.ca_cert) if cfg.ca_cert else None,
+            timeout=timeout,
+            pool_size=pool_size,
+        )
+        # Waited on by every request below (logins and renewals are not counted).
+        self.limiter = limiter(cfg.qps, cfg.burst)
         self._logged_in = False
         self._lock = threading.RLock()
         self._generation = 0  # bumped on every new token: a racing thread does not log in twice
@@ -271,25 +284,20 @@ class VaultClient:
             raise AnchorError(f"{where}: {what}: not authenticated ({_first_error(exc)})") from None
         except hvac.exceptions.VaultError as exc:
             raise AnchorError(f"{where}: {what}: {_first_error(exc)}") from None
-        except requests.exceptions.RequestException as exc:
+        except (requests.exceptions.RequestException, VaultUnreachable) as exc:
+            kind = str(exc) if isinstance(exc, VaultUnreachable) else type(exc).__name__
             raise AnchorError(
-                f"{where}: {what}: unreachable ({type(exc).__name__}) — is the address right "
-                f"and the server up?"
+                f"{where}: {what}: unreachable ({kind}) — is the address right and the server up?"
             ) from None
 
     def request(self, method: str, path: str, what: str, body: dict[str, Any] | None = None) -> Any:
         seen = self._ensure_token()
-        url = f"/v1/{path}"
+        url = f"v1/{path}"
+        if self.limiter is not None:
+            self.limiter.acquire()
 
         def call() -> Any:
-            if method == "PATCH":
-                return self.hvac.adapter.request(
-                    "PATCH",
-                    url,
-                    json=body,
-                    headers={"Content-Type": "application/merge-patch+json"},
-                )
-            return self.hvac.adapter.request(method, url, json=body)
+            return self.http.request(method, url, self.hvac.token, body)
 
         try:
             return self._guard(what, call)

@@ -56,6 +56,7 @@ from ca_daemon.publish.k8s_objects import (
     desired_service_patches,
     warning_event,
 )
+from ca_daemon.ratelimit import limit_kubernetes_client, limiter
 from ca_daemon.rbac import LIST_FROM
 from ca_daemon.world import TrustWorld
 
@@ -124,6 +125,9 @@ class KubernetesPublisher:
         self.description = "kubernetes"
         self.concurrency = settings.publish.kubernetes.concurrency
         _pool_at_least(api, self.concurrency)
+        k8s = settings.publish.kubernetes
+        self.limiter = limiter(k8s.qps, k8s.burst)
+        limit_kubernetes_client(api, self.limiter)
         # Objects this process created or updated or saw in place, beside those the journal
         # says a full publish carried (DesiredObject.published): one found missing later was
         # deleted.
