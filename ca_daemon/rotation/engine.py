@@ -234,6 +234,8 @@ class Engine:
         self._version = 0
         self._credential_versions: dict[str, int] = {}
         self._last_state: State | None = None  # as last loaded: what is due if a load fails
+        # By name: a scan per issue would make a batch of N clients cost N².
+        self._clients = {c.name: c for c in settings.kong.clients}
 
     # --- manual requests ------------------------------------------------------------------
 
@@ -671,7 +673,7 @@ class Engine:
         inter = state.ca.active_intermediate
         if inter is None:
             raise IssuanceError("no Kong intermediate to sign with")
-        client = next(c for c in s.kong.clients if c.name == step.name)
+        client = self._clients[step.name]
         validity = capped_validity(now, client.lifetime, inter.cert.not_valid_after_utc, skew)
         subject = client_subject(client)
         signer = CA(inter.ref, inter.cert)

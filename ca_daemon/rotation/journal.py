@@ -15,6 +15,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 CA_KEY = ""
 CREDENTIALS = "credentials"
+# Credential records read at once by a load.
+READ_CONCURRENCY = 8
 RECOVERY = (
     "restore it from a backup, or move it aside so the next pass rebuilds the journal "
     "from the anchor's named CAs (docs/recovery.md)"
@@ -172,30 +175,14 @@ class Journal:
         clients: dict[str, IssuedEntry] = {}
         versions: dict[str, int] = {}
         names: list[str] = self._guard("list credentials", lambda: self.store.list(CREDENTIALS))
-        for name in names:
-            key = _credential_id(name)
-            try:
-                found = self._guard(
-                    f"read {key}", partial(self.store.read, f"{CREDENTIALS}/{name}")
-                )
-            except JournalCorrupt as exc:
-                raise JournalCorrupt(
-                    f"{exc}: restore it from a backup, or delete it so that credential is "
-                    "issued anew (nothing is overwritten while it is unreadable)"
-                ) from None
-            if found is None:
+        # One record per credential: read them in parallel, or a pass over thousands of
+        # clients waits for thousands of round trips to Vault one after the other.
+        with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:
+            found = list(pool.map(self._load_credential, names))
+        for loaded in found:
+            if loaded is None:
                 continue
-            data, cred_version = found
-            _check_version(data, f"{self.description}: credential {key}")
-            try:
-                entry = self._guard(
-                    f"read {key}", partial(credential_from_json, data, self._unseal)
-                )
-            except JournalCorrupt as exc:
-                raise JournalCorrupt(
-                    f"{exc}: restore it from a backup, or delete it so that credential is "
-                    "issued anew (nothing is overwritten while it is unreadable)"
-                ) from None
+            key, entry, cred_version = loaded
             versions[key] = cred_version
             if key == LINKERD_ISSUER:
                 issuer = entry
@@ -203,6 +190,22 @@ class Journal:
                 clients[key.removeprefix(KONG_PREFIX)] = entry
         state = State(ca=record, linkerd_issuer=issuer, kong_clients=clients)
         return Versioned(state, version, versions)
+
+    def _load_credential(self, name: str) -> tuple[str, IssuedEntry, int] | None:
+        key = _credential_id(name)
+        try:
+            found = self._guard(f"read {key}", partial(self.store.read, f"{CREDENTIALS}/{name}"))
+            if found is None:
+                return None
+            data, cred_version = found
+            _check_version(data, f"{self.description}: credential {key}")
+            entry = self._guard(f"read {key}", partial(credential_from_json, data, self._unseal))
+        except JournalCorrupt as exc:
+            raise JournalCorrupt(
+                f"{exc}: restore it from a backup, or delete it so that credential is "
+                "issued anew (nothing is overwritten while it is unreadable)"
+            ) from None
+        return key, entry, cred_version
 
     # --- writing ------------------------------------------------------------------------
 
