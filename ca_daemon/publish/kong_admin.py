@@ -364,22 +364,21 @@ class _Pass:
         live: Mapping[str, Any] | None,
         want: Mapping[str, Any],
         *,
-        content_addressed: bool = False,
+        known: bool = False,
     ) -> bool:
         """Note drift on ``obj`` and return whether it must be written.
 
         Drift is a live entity that is not what this process last wrote there (a rotation
-        changes ``want``, not the live entity). An id derived from the content itself (a
-        root's CA certificate) can only ever hold that content, so any difference is drift,
-        even on a first pass after a restart.
+        changes ``want``, not the live entity). When what the entity must hold is ``known``
+        without that memory, any difference is drift, even on a first pass after a restart
+        or a failover: an id derived from the content itself (a root's CA certificate), or
+        an entity tagged with the very credential generation this pass would write.
         """
         if live == want:
             self.last[obj] = _digest(want)
             return False
         remembered = self.last.get(obj)
-        if (remembered is not None and remembered != _digest(live)) or (
-            content_addressed and live is not None
-        ):
+        if (remembered is not None and remembered != _digest(live)) or (known and live is not None):
             self.report.drifted.append(obj)
         return True
 
@@ -392,7 +391,7 @@ class _Pass:
         live = _comparable(self.admin.get(f"/ca_certificates/{ca_id}"), _CA_FIELDS)
         want = _comparable(body, _CA_FIELDS)
         assert want is not None
-        if self._settle(obj, live, want, content_addressed=True):
+        if self._settle(obj, live, want, known=True):
             self.admin.write("PUT", f"/ca_certificates/{ca_id}", body)
             self._wrote(obj, want)
 
@@ -402,8 +401,11 @@ class _Pass:
         live = _comparable(entity, _CERT_FIELDS)
         want = _comparable(body, _CERT_FIELDS)
         assert want is not None
-        if self._settle(obj, live, want):
-            theirs, ours = entity_generation(entity), entity_generation(body)
+        theirs, ours = entity_generation(entity), entity_generation(body)
+        # Written for this very credential (same epoch and record version): whatever
+        # differs now was changed by someone else, whichever replica wrote it.
+        same = ours != UNKNOWN and (theirs[0], theirs[2]) == (ours[0], ours[2])
+        if self._settle(obj, live, want, known=same):
             if ours != UNKNOWN and theirs > ours:
                 raise KongRefused(_newer(obj, theirs, ours, "overwriting"))
             self.admin.write("PUT", f"/certificates/{cert_id}", body)

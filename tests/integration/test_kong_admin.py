@@ -488,3 +488,22 @@ def test_a_stale_writer_does_not_take_kong_back(tmp_path: Path, kong: FakeKong) 
     assert kong.store.certificates[payments] == renewed
     assert stable_id(next_root) in kong.store.ca_certificates
     assert kong.store.writes[writes:] == []
+
+
+def test_an_edited_certificate_is_drift_for_a_fresh_process_too(
+    tmp_path: Path, kong: FakeKong
+) -> None:
+    """No memory of the last write is needed to see someone else's edit: the entity is
+    tagged with the credential generation it was written for (stand-in Kong)."""
+    setup = _setup(tmp_path, kong)
+    assert setup.engine.reconcile(now=NOW).ok
+    payments = cert_id("payments")
+    published = dict(kong.store.certificates[payments])
+    orders = dict(kong.store.certificates[cert_id("orders")])
+    kong.store.certificates[payments] = {**published, "cert": orders["cert"], "key": orders["key"]}
+
+    fresh = _setup(tmp_path, kong)  # another process: nothing remembered
+    result = fresh.engine.reconcile(now=NOW.replace(minute=5))
+    assert result.ok, result.errors
+    assert _report(result).drifted == [f"certificate/{payments}"]
+    assert kong.store.certificates[payments]["cert"] == published["cert"]
