@@ -15,8 +15,21 @@ from ca_daemon.config import Settings
 POLL_SECONDS = 1.0
 
 
+# How long `rotate --wait` keeps polling through a daemon that answers 503 (its journal
+# unavailable, no leader) or cannot be reached, before it gives up.
+TRANSIENT_SECONDS = 300.0
+
+
 class ApiError(Exception):
     """The daemon could not be reached, or refused; the message says which and why."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # None: not reached at all
+
+    @property
+    def transient(self) -> bool:
+        return self.status is None or self.status == 503
 
 
 def default_url(settings: Settings) -> str:
@@ -61,7 +74,10 @@ class Client:
         except ValueError:
             data = {"error": response.text.strip()[:300]}
         if response.status_code >= 400:
-            raise ApiError(f"{method} {path}: {response.status_code}: {data.get('error', data)}")
+            raise ApiError(
+                f"{method} {path}: {response.status_code}: {data.get('error', data)}",
+                response.status_code,
+            )
         return data
 
     def status(self) -> dict[str, Any]:
@@ -83,10 +99,27 @@ class Client:
         say: Callable[[str], None],
         sleep: Callable[[float], None] = time.sleep,
     ) -> dict[str, Any]:
-        """Poll the operation until it ends, saying each change of progress once."""
+        """Poll the operation until it ends, saying each change of progress once.
+
+        The operation is journaled, so a daemon that is briefly unavailable (a failover, a
+        Vault restart) is waited for, up to TRANSIENT_SECONDS in a row.
+        """
         last = ""
+        waited = 0.0
         while True:
-            view = self.operation(op_id)
+            try:
+                view = self.operation(op_id)
+            except ApiError as exc:
+                if not exc.transient or waited >= TRANSIENT_SECONDS:
+                    raise
+                line = f"{exc}; still waiting"
+                if line != last:
+                    say(line)
+                    last = line
+                sleep(POLL_SECONDS)
+                waited += POLL_SECONDS
+                continue
+            waited = 0.0
             line = _progress(view)
             if line != last:
                 say(line)

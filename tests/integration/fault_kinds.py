@@ -124,6 +124,10 @@ class RaftOpenBao:
     def revoke(self, token: str) -> None:
         self.cli("token", "revoke", token)
 
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop()

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from ca_daemon.api_auth import Authenticator, KubernetesAuth, StaticTokenAuth, ensure_token_file
+from ca_daemon.api_client import Client
 from ca_daemon.audit import AuditLog
 from ca_daemon.config import ServerSar, Settings, load_settings
 from ca_daemon.metrics import Metrics
@@ -32,6 +33,7 @@ from ca_daemon.service import DaemonService, Leadership
 from tests.fixtures.kube import Kube
 from tests.fixtures.openbao import own_openbao
 from tests.fixtures.tools import free_port, unique
+from tests.integration.fault_kinds import RaftOpenBao
 from tests.integration.rotation_harness import Clock
 from tests.integration.test_root_rotation_local import T0, short_lifetimes
 
@@ -364,3 +366,47 @@ def test_kubernetes_auth_against_the_real_apiserver(kube: Kube, tmp_path: Path) 
         assert operator not in text and bystander not in text
     finally:
         gen.close()
+
+
+def test_rotate_wait_sees_the_operation_through_a_vault_restart(tmp_path: Path) -> None:
+    """`rotate --wait` polls a journaled operation: while the journal's Vault is down the
+    daemon answers 503, and the wait goes on until the operation ends. A real OpenBao on
+    raft storage is killed and restarted on the same data."""
+    bao = RaftOpenBao(tmp_path / "bao")
+    try:
+        token_file = tmp_path / "vault-token"
+        token_file.write_text(bao.create_token() + "\n")
+        token_file.chmod(0o600)
+        config = short_lifetimes(tmp_path, kong={"enabled": False})
+        config["anchor"] = {
+            "backend": "vault",
+            "local": {"dir": str(tmp_path / "data")},
+            "vault": {
+                "address": bao.address,
+                "auth": {"method": "token", "token_file": str(token_file)},
+                "timeout": "3s",
+            },
+        }
+        gen = _serve(tmp_path, config_doc=config, start=datetime.now(UTC))
+        served = next(gen)
+        try:
+            assert served.service.tick().ok
+            client = Client(served.url, served.token)
+            op_id = client.rotate("linkerd-issuer", "test", dry_run=False)["operation"]
+            bao.kill()
+            said: list[str] = []
+
+            def back(_: float) -> None:  # between polls: Vault returns, a pass runs
+                if bao.running:
+                    return
+                bao.start()
+                bao.unseal()
+                assert served.service.tick().ok
+
+            view = client.follow(op_id, said.append, sleep=back)
+        finally:
+            gen.close()
+    finally:
+        bao.stop()
+    assert view["state"] == "succeeded", view
+    assert any("503" in line and "still waiting" in line for line in said), said
