@@ -231,23 +231,29 @@ def test_root_rotation_conflict_dry_run_and_standby(served: Served) -> None:
     assert statuses == [200, 202, 409, 202, 503, 200]
 
 
+def _vault_journal_config(tmp_path: Path, address: str, token: str) -> dict[str, Any]:
+    """Linkerd only, with the anchor and the journal in the Vault at ``address``."""
+    token_file = tmp_path / "vault-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    config = short_lifetimes(tmp_path, kong={"enabled": False})
+    config["anchor"] = {
+        "backend": "vault",
+        "local": {"dir": str(tmp_path / "data")},  # the API token's default home
+        "vault": {
+            "address": address,
+            "auth": {"method": "token", "token_file": str(token_file)},
+            "timeout": "3s",
+        },
+    }
+    return config
+
+
 def test_an_unreachable_journal_is_a_503_naming_it(tmp_path: Path) -> None:
     """OpenBao (anchor and journal) stopped under the running API: operations and
     requests answer 503 naming the journal, status falls back to the last pass."""
     with own_openbao(tmp_path, "bao (journal)") as bao:
-        token_file = tmp_path / "vault-token"
-        token_file.write_text(bao.token + "\n")
-        token_file.chmod(0o600)
-        config = short_lifetimes(tmp_path, kong={"enabled": False})
-        config["anchor"] = {
-            "backend": "vault",
-            "local": {"dir": str(tmp_path / "data")},  # the API token's default home
-            "vault": {
-                "address": bao.address,
-                "auth": {"method": "token", "token_file": str(token_file)},
-                "timeout": "3s",
-            },
-        }
+        config = _vault_journal_config(tmp_path, bao.address, bao.token)
         gen = _serve(tmp_path, config_doc=config, start=datetime.now(UTC))
         served = next(gen)
         try:
@@ -374,19 +380,7 @@ def test_rotate_wait_sees_the_operation_through_a_vault_restart(tmp_path: Path) 
     raft storage is killed and restarted on the same data."""
     bao = RaftOpenBao(tmp_path / "bao")
     try:
-        token_file = tmp_path / "vault-token"
-        token_file.write_text(bao.create_token() + "\n")
-        token_file.chmod(0o600)
-        config = short_lifetimes(tmp_path, kong={"enabled": False})
-        config["anchor"] = {
-            "backend": "vault",
-            "local": {"dir": str(tmp_path / "data")},
-            "vault": {
-                "address": bao.address,
-                "auth": {"method": "token", "token_file": str(token_file)},
-                "timeout": "3s",
-            },
-        }
+        config = _vault_journal_config(tmp_path, bao.address, bao.create_token())
         gen = _serve(tmp_path, config_doc=config, start=datetime.now(UTC))
         served = next(gen)
         try:
