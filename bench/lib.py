@@ -11,32 +11,26 @@ from __future__ import annotations
 import json
 import os
 import platform
-import secrets
 import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fixtures.kube import Kube, _start_etcd  # noqa: E402
+from tests.fixtures.kube import (  # noqa: E402
+    Kube,
+    own_kube,
+)
 from tests.fixtures.openbao import OpenBao, own_openbao  # noqa: E402
-from tests.fixtures.pki import issue, make_ca, rsa_key_pem  # noqa: E402
-from tests.fixtures.tools import ServerProcess, free_port, running  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-READS = {"GET", "LIST"}
-WRITES = {"POST", "PUT", "PATCH", "DELETE", "APPLY"}
-DAEMON_RESOURCES = {"secrets", "configmaps", "services"}
 
 
 def tool(name: str) -> str:
@@ -80,49 +74,8 @@ def openbao(workdir: Path) -> Iterator[OpenBao]:
 @contextmanager
 def kube(workdir: Path) -> Iterator[Kube]:
     """tests/fixtures/kube.py's server, without pytest."""
-    ca = make_ca("kube-apiserver bench CA")
-    serving = issue(ca, "kube-apiserver", server=True, dns_names=("localhost",), ips=("127.0.0.1",))
-    ca_file, _ = ca.write(workdir, "ca")
-    serving_crt, serving_key = serving.write(workdir, "serving")
-    sa_key = workdir / "sa.key"
-    sa_key.write_bytes(rsa_key_pem())
-    admin_token = secrets.token_hex(24)
-    (workdir / "tokens.csv").write_text(f'{admin_token},admin,admin-uid,"system:masters"\n')
-    port = free_port()
-    url = f"https://127.0.0.1:{port}"
-    etcd_server, etcd_url = _start_etcd(tool("etcd"), workdir)
-    with running(etcd_server):
-        api = ServerProcess(
-            "kube-apiserver",
-            [
-                tool("kube-apiserver"),
-                f"--etcd-servers={etcd_url}",
-                f"--secure-port={port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--cert-dir={workdir / 'certs'}",
-                f"--tls-cert-file={serving_crt}",
-                f"--tls-private-key-file={serving_key}",
-                "--authorization-mode=RBAC",
-                f"--token-auth-file={workdir / 'tokens.csv'}",
-                f"--service-account-issuer={url}",
-                f"--service-account-key-file={sa_key}",
-                f"--service-account-signing-key-file={sa_key}",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--disable-admission-plugins=ServiceAccount",
-            ],
-            log_path=workdir / "kube-apiserver.log",
-        )
-        with running(api):
-            k = Kube(url, ca_file, admin_token, workdir / "admin.kubeconfig", workdir)
-            k.write_kubeconfig(admin_token, k.admin_kubeconfig)
-
-            def ready() -> bool:
-                with k.http() as http:
-                    return http.get("/readyz").status_code == 200
-
-            api.wait_ready(ready, timeout=120)
-            yield k
+    with own_kube(workdir, tool("etcd"), tool("kube-apiserver")) as server:
+        yield server
 
 
 @contextmanager
@@ -145,25 +98,6 @@ def servers(
 
 
 # --- apiserver counters -----------------------------------------------------------------
-
-
-def requests(k: Kube, resources: set[str] = DAEMON_RESOURCES) -> Counter[tuple[str, str]]:
-    """(verb, resource) -> requests served so far, from apiserver_request_total."""
-    with k.http() as http:
-        response = http.get("/metrics")
-    response.raise_for_status()
-    counts: Counter[tuple[str, str]] = Counter()
-    for family in text_string_to_metric_families(response.text):
-        if family.name != "apiserver_request":
-            continue
-        for sample in family.samples:
-            if sample.name == "apiserver_request_total" and sample.labels["resource"] in resources:
-                counts[sample.labels["verb"], sample.labels["resource"]] += int(sample.value)
-    return counts
-
-
-def total(counts: Counter[tuple[str, str]], verbs: set[str]) -> int:
-    return sum(n for (verb, _), n in counts.items() if verb in verbs)
 
 
 def parallel(work: Callable[[int], Any], n: int, concurrency: int = 8) -> float:

@@ -20,28 +20,15 @@ import base64
 import time
 from typing import Any
 
-import yaml
-
-from bench.issuance import CONCURRENCY, raw_sign
-from bench.lib import (
-    READS,
-    WRITES,
-    headless_services,
-    parallel,
-    repeats,
-    requests,
-    save,
-    servers,
-    sizes,
-    total,
-)
-from ca_daemon.config import Settings, load_settings
+from bench.issuance import CONCURRENCY, raw_sign, vault_settings
+from bench.lib import headless_services, parallel, repeats, save, servers, sizes
+from ca_daemon.config import Settings
 from ca_daemon.kube import api_client
 from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.rbac import manifests
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.runtime import build_anchor_and_journal
-from tests.fixtures.kube import Kube
+from tests.fixtures.kube import READS, WRITES, Kube, api_requests, total
 from tests.fixtures.openbao import OpenBao
 
 MAX_NAMESPACES = 10
@@ -55,23 +42,14 @@ def setup(wd: Any, k: Kube, bao: OpenBao, n: int) -> tuple[Settings, list[str], 
         k.create_namespace(ns)
     services = [(namespaces[i % len(namespaces)], f"api-{i:04d}") for i in range(n)]
     headless_services(k, services)
-    token_file = wd / f"{tag}-vault-token"
-    token_file.write_text(bao.token + "\n")
-    config = {
-        "anchor": {
-            "backend": "vault",
-            "vault": {
-                "address": bao.address,
-                "auth": {"method": "token", "token_file": str(token_file)},
-                "root_mount": f"{tag}-root",
-                "kong_mount": f"{tag}-kong",
-                "state_path": f"ca-daemon/{tag}",
-            },
-        },
-        "publish": {"kubernetes": {"enabled": True}},
-        "rotation": {"concurrency": CONCURRENCY},
-        "linkerd": {"namespace": linkerd_ns},
-        "kong": {
+    settings = vault_settings(
+        wd,
+        bao,
+        tag,
+        n,
+        publish={"kubernetes": {"enabled": True}},
+        linkerd={"namespace": linkerd_ns},
+        kong={
             "namespace": kong_ns,
             "clients": [
                 {
@@ -82,10 +60,7 @@ def setup(wd: Any, k: Kube, bao: OpenBao, n: int) -> tuple[Settings, list[str], 
                 for i, (ns, name) in enumerate(services)
             ],
         },
-    }
-    path = wd / f"{tag}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    settings = load_settings(path)
+    )
     k.create_service_account(sa_ns, "ca-daemon")
     for doc in manifests(settings, sa_ns, "ca-daemon"):
         k.apply(doc)
@@ -136,12 +111,12 @@ def raw_secrets(k: Kube, ns: str, n: int, verb: str) -> float:
 
 
 def timed(engine: Engine, k: Kube) -> tuple[float, float, Any, Any]:
-    before = requests(k)
+    before = api_requests(k)
     cpu, start = time.process_time(), time.perf_counter()
     result = engine.reconcile()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert result.ok, result.errors[:3]
-    return seconds, cpu, result, requests(k) - before
+    return seconds, cpu, result, api_requests(k) - before
 
 
 def main() -> None:

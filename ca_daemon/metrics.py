@@ -13,15 +13,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ca_daemon import __version__
 from ca_daemon.config import Settings
 from ca_daemon.rotation.engine import PassResult
+from ca_daemon.rotation.plan import ISSUING_STEPS
 from ca_daemon.rotation.state import OpState, Phase, State
 from ca_daemon.status import status_view
 from ca_daemon.world import bundle_roots
 
 CERT_LABELS = ("kind", "name", "state")
 # Steps that issue a certificate: what ca_daemon_rotations_total counts.
-ISSUING_ACTIONS = frozenset(
-    {"CreateRoot", "PrepareRoot", "IssueKongIntermediate", "IssueLinkerdIssuer", "IssueKongClient"}
-)
+ISSUING_ACTIONS = frozenset(step.__name__ for step in ISSUING_STEPS)
 
 
 class Metrics:

@@ -31,6 +31,7 @@ from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.rotation.journal import Journal, JournalConflict, JournalError, rebuild_ca_record
 from ca_daemon.rotation.plan import (
     CREDENTIAL_STEPS,
+    ISSUING_STEPS,
     KONG,
     KONG_INTERMEDIATE,
     ROOT_TARGETS,
@@ -78,9 +79,6 @@ from ca_daemon.rotation.state import (
 from ca_daemon.world import TrustWorld, desired_world, newest_content
 
 log = logging.getLogger(__name__)
-
-# Steps that issue a certificate from the anchor.
-_ISSUING = (CreateRoot, PrepareRoot, IssueKongIntermediate, IssueLinkerdIssuer, IssueKongClient)
 
 # Each round executes a step or publishes; a root rotation needs at most a dozen in
 # one pass. Reaching this means plan() is not converging: a bug, reported as an error.
@@ -342,7 +340,7 @@ class Engine:
         why = result.errors[0] if result.errors else "the trust anchor is unavailable"
         observations = Observations(cluster=self.rollout is not None)
         for step in plan(state, now, self.settings, observations):
-            if not isinstance(step, _ISSUING):
+            if not isinstance(step, ISSUING_STEPS):
                 continue
             kind, name, _ = step_target(step, self.settings)
             result.steps.append(StepResult(kind, name, type(step).__name__, step.reason, why))

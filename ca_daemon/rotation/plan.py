@@ -186,6 +186,14 @@ CaStep = (
 CredentialStep = IssueLinkerdIssuer | IssueKongClient | DropKongClient
 Step = CaStep | CredentialStep | Wait
 CREDENTIAL_STEPS = (IssueLinkerdIssuer, IssueKongClient, DropKongClient)
+# Steps that issue a certificate from the anchor: what ca_daemon_rotations_total counts.
+ISSUING_STEPS = (
+    CreateRoot,
+    PrepareRoot,
+    IssueKongIntermediate,
+    IssueLinkerdIssuer,
+    IssueKongClient,
+)
 
 
 def renew_at(cert: x509.Certificate, rotate_before: timedelta, jitter: float) -> datetime:

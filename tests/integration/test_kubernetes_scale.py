@@ -3,12 +3,10 @@ object: counted by the real kube-apiserver itself (``apiserver_request_total``).
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from ca_daemon.config import load_settings
 from ca_daemon.kube import api_client
@@ -16,7 +14,7 @@ from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.rbac import manifests
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.runtime import build_anchor_and_journal
-from tests.fixtures.kube import Kube
+from tests.fixtures.kube import READS, WRITES, Kube, api_requests, total
 from tests.fixtures.tools import unique
 from tests.integration.test_kubernetes_publish import await_rbac
 
@@ -24,30 +22,6 @@ pytestmark = pytest.mark.integration
 
 CLIENTS = 200
 NAMESPACES = 4
-# What the daemon reads and writes; the apiserver's own traffic (leases, endpoints) is not.
-_RESOURCES = {"secrets", "configmaps", "services"}
-_READS = {"GET", "LIST"}
-_WRITES = {"POST", "PUT", "PATCH", "DELETE", "APPLY"}
-
-
-def requests(kube: Kube) -> Counter[tuple[str, str]]:
-    """(verb, resource) -> requests served so far, from the apiserver's /metrics."""
-    with kube.http() as http:
-        response = http.get("/metrics")
-    response.raise_for_status()
-    counts: Counter[tuple[str, str]] = Counter()
-    for family in text_string_to_metric_families(response.text):
-        if family.name != "apiserver_request":
-            continue
-        for sample in family.samples:
-            labels = sample.labels
-            if sample.name == "apiserver_request_total" and labels["resource"] in _RESOURCES:
-                counts[labels["verb"], labels["resource"]] += int(sample.value)
-    return counts
-
-
-def total(counts: Counter[tuple[str, str]], verbs: set[str]) -> int:
-    return sum(n for (verb, _), n in counts.items() if verb in verbs)
 
 
 def test_a_steady_pass_reads_each_namespace_once_and_writes_nothing(
@@ -98,26 +72,26 @@ def test_a_steady_pass_reads_each_namespace_once_and_writes_nothing(
     publisher = KubernetesPublisher(settings, api_client(kube.write_kubeconfig(token)))
     engine = Engine(settings, anchor, journal, [publisher])
 
-    before = requests(kube)
+    before = api_requests(kube)
     first = engine.reconcile()
     assert first.ok, first.errors[:5]
-    created = requests(kube) - before
+    created = api_requests(kube) - before
     (report,) = first.reports
     assert report.errors == {}
     # Every write is one changed object: 200 Secrets, their 200 Services annotated, the
     # Kong CA, Linkerd's issuer and trust roots.
     assert len(report.changed) == 2 * CLIENTS + 3
-    assert total(created, _WRITES) == len(report.changed), created
+    assert total(created, WRITES) == len(report.changed), created
 
-    before = requests(kube)
+    before = api_requests(kube)
     steady = engine.reconcile()
-    after = requests(kube)
+    after = api_requests(kube)
     assert steady.ok and steady.reports[0].changed == []
     counts = after - before
-    assert total(counts, _WRITES) == 0, counts
+    assert total(counts, WRITES) == 0, counts
     # One LIST of Secrets and one of Services per client namespace; by name the one
     # issuer, trust roots and Kong CA; the Kong CA Secrets listed by label. Not ~400.
-    reads = total(counts, _READS)
+    reads = total(counts, READS)
     assert reads <= 3 * (NAMESPACES + 2), counts
     assert counts["LIST", "secrets"] >= NAMESPACES, counts
     assert counts["GET", "secrets"] <= 2, counts

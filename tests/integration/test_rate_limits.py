@@ -17,10 +17,9 @@ from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.ratelimit import TokenBucket
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.runtime import build_anchor_and_journal
-from tests.fixtures.kube import Kube
+from tests.fixtures.kube import Kube, api_requests, total
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.tools import unique
-from tests.integration.test_kubernetes_scale import requests, total
 
 pytestmark = pytest.mark.integration
 
@@ -62,9 +61,9 @@ def test_the_publisher_waits_for_the_apiserver_limit_on_every_request(
     waits = freeze(publisher.limiter)
     engine = Engine(settings, anchor, journal, [publisher])
 
-    before = requests(kube)
+    before = api_requests(kube)
     result = engine.reconcile()
-    served = total(requests(kube) - before, _ALL)
+    served = total(api_requests(kube) - before, _ALL)
     assert result.ok, result.errors[:3]
     assert len(result.reports[0].changed) == CLIENTS + 3  # the Secrets, Kong CA, Linkerd's 2
     # Every request the apiserver served took a token: the burst at once, then each one
