@@ -196,15 +196,20 @@ class MemoryJournal(Journal):
         self._ca, self._ca_version = record, version + 1
         return self._ca_version
 
-    def save_credential(self, key: str, entry: IssuedEntry | None, version: int) -> int:
-        current = self._credentials.get(key)
-        if (current[1] if current else 0) != version:
-            raise JournalConflict(f"{key}: version {current[1] if current else 0}, not {version}")
-        if entry is None:
-            self._credentials.pop(key, None)
-            return 0
-        self._credentials[key] = (entry, version + 1)
-        return version + 1
+    def save_credentials(
+        self, shard: str, version: int, changes: Mapping[str, IssuedEntry | None]
+    ) -> tuple[int, dict[str, int]]:
+        # A forecast has one writer: shards need no check-and-set here.
+        revisions: dict[str, int] = {}
+        for key, entry in changes.items():
+            current = self._credentials.get(key)
+            if entry is None:
+                self._credentials.pop(key, None)
+                revisions[key] = 0
+            else:
+                revisions[key] = (current[1] if current else 0) + 1
+                self._credentials[key] = (entry, revisions[key])
+        return version + 1, revisions
 
 
 # --- the simulated anchor, publisher and rollout -----------------------------------------
@@ -674,18 +679,19 @@ def load_state(settings: Settings) -> State:
 
         return build_anchor_and_journal(settings, create=False)[1].load().state
     from ca_daemon.anchor.records import FileRecordStore
-    from ca_daemon.rotation.journal import CA_KEY, CREDENTIALS
+    from ca_daemon.rotation.journal import CA_KEY, LEGACY_CREDENTIALS, SHARD_FOLDER
 
     source = FileRecordStore(settings.anchor.local.dir)
     records: dict[str, tuple[Record, int]] = {}
     found = source.read(CA_KEY)
     if found is not None:
         records[CA_KEY] = found
-        for name in source.list(CREDENTIALS):  # none in a version-1 state
-            key = f"{CREDENTIALS}/{name}"
-            if (record := source.read(key)) is not None:
-                records[key] = record
-    # A version-1 state (one document) is split by the journal, here in memory.
+        for folder in (SHARD_FOLDER, LEGACY_CREDENTIALS):  # none in a version-1 state
+            for name in source.list(folder):
+                key = f"{folder}/{name}"
+                if (record := source.read(key)) is not None:
+                    records[key] = record
+    # An older state is moved into shards by the journal, here in memory.
     return Journal(_CopiedStore(source.description, records)).load().state
 
 

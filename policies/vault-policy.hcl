@@ -65,17 +65,25 @@ path "pki-kong/issuer/+/sign/kong-client" {
   capabilities = ["update"]
 }
 
-# The rotation journal (KV v2, written with check-and-set): the CA record, and one
-# record per issued credential below it, listed on start and removed when a Kong
-# client leaves the configuration. Metadata is read to tell a check-and-set conflict.
+# The rotation journal (KV v2, written with check-and-set): the CA record, and the
+# issued credentials in 64 shard records below it (listed and read on every pass).
+# Metadata is read to tell a check-and-set conflict.
 path "secret/data/ca-daemon/state" {
   capabilities = ["create", "read", "update"]
 }
 path "secret/metadata/ca-daemon/state" {
   capabilities = ["read"]
 }
-path "secret/data/ca-daemon/state/credentials/*" {
+path "secret/data/ca-daemon/state/shards/*" {
   capabilities = ["create", "read", "update"]
+}
+path "secret/metadata/ca-daemon/state/shards/*" {
+  capabilities = ["read", "list"]
+}
+# An earlier release kept one record per credential here: read once, moved into the
+# shards and removed on upgrade. Nothing is written here any more.
+path "secret/data/ca-daemon/state/credentials/*" {
+  capabilities = ["read"]
 }
 path "secret/metadata/ca-daemon/state/credentials/*" {
   capabilities = ["read", "list", "delete"]

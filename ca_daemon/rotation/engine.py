@@ -230,7 +230,8 @@ class Engine:
         self.clock = clock
         self.rollout = rollout
         self._version = 0
-        self._credential_versions: dict[str, int] = {}
+        self._credential_versions: dict[str, int] = {}  # revisions
+        self._shard_versions: dict[str, int] = {}
         self._last_state: State | None = None  # as last loaded: what is due if a load fails
         # By name: a scan per issue would make a batch of N clients cost N².
         self._clients = {c.name: c for c in settings.kong.clients}
@@ -312,6 +313,7 @@ class Engine:
         now = max([now, *requested])
         self._version = loaded.version
         self._credential_versions = dict(loaded.credential_versions)
+        self._shard_versions = dict(loaded.shard_versions)
         try:
             self.anchor.check()
             result.anchor_up = True
@@ -605,49 +607,73 @@ class Engine:
         result: PassResult,
         failed: set[str],
     ) -> State:
-        """Issue every due credential with bounded concurrency; one record written each."""
+        """Issue every due credential with bounded concurrency, and journal each shard
+        once, as soon as its last credential is issued (the issuing of the next shards
+        goes on meanwhile)."""
+        by_shard: dict[str, list[CredentialStep]] = {}
+        for step in steps:
+            by_shard.setdefault(self.journal.shard_of(_credential_key(step)), []).append(step)
 
-        def work(step: CredentialStep) -> tuple[str, IssuedEntry | None, int]:
-            key = _credential_key(step)
-            entry = None if isinstance(step, DropKongClient) else self._issue(step, state, now)
-            version = self.journal.save_credential(
-                key, entry, self._credential_versions.get(key, 0)
-            )
-            return key, entry, version
+        def work(step: CredentialStep) -> IssuedEntry | None:
+            return None if isinstance(step, DropKongClient) else self._issue(step, state, now)
+
+        def fail(step: CredentialStep, exc: BaseException) -> None:
+            kind, name, target = step_target(step, self.settings)
+            action = type(step).__name__
+            message = _describe(exc)  # contained per credential: the others go on
+            log.error("%s %s failed: %s", action, name, message)
+            result.steps.append(StepResult(kind, name, action, step.reason, message))
+            result.errors.append(f"{kind.value} {name}: {message}")
+            failed.add(target)
 
         created = False
-
         issuer = state.linkerd_issuer
         clients = dict(state.kong_clients)
         with ThreadPoolExecutor(max_workers=self.settings.rotation.concurrency) as pool:
-            futures = [(step, pool.submit(work, step)) for step in steps]
-            for step, future in futures:
-                kind, name, target = step_target(step, self.settings)
-                action = type(step).__name__
-                try:
-                    key, entry, version = future.result()
-                except Exception as exc:  # contained per credential: the others go on
-                    message = _describe(exc)
-                    log.error("%s %s failed: %s", action, name, message)
-                    result.steps.append(StepResult(kind, name, action, step.reason, message))
-                    result.errors.append(f"{kind.value} {name}: {message}")
-                    failed.add(target)
+            # Submitted shard by shard, so shards complete one after another.
+            futures = {
+                shard: [(step, pool.submit(work, step)) for step in group]
+                for shard, group in by_shard.items()
+            }
+            for shard, group_futures in futures.items():
+                issued: list[tuple[CredentialStep, IssuedEntry | None]] = []
+                for step, future in group_futures:
+                    try:
+                        issued.append((step, future.result()))
+                    except Exception as exc:
+                        fail(step, exc)
+                if not issued:
                     continue
-                created = created or (entry is not None and not self._credential_versions.get(key))
-                self._credential_versions[key] = version
-                if key == LINKERD_ISSUER:
-                    issuer = entry
-                elif entry is None:
-                    clients.pop(name, None)
-                else:
-                    clients[name] = entry
-                log.info("%s %s: %s", action, name, step.reason)
-                result.steps.append(StepResult(kind, name, action, step.reason))
+                changes = {_credential_key(step): entry for step, entry in issued}
+                try:
+                    version, revisions = self.journal.save_credentials(
+                        shard, self._shard_versions.get(shard, 0), changes
+                    )
+                except Exception as exc:
+                    for step, _ in issued:
+                        fail(step, exc)
+                    continue
+                self._shard_versions[shard] = version
+                for step, entry in issued:
+                    key = _credential_key(step)
+                    kind, name, _ = step_target(step, self.settings)
+                    created = created or (
+                        entry is not None and not self._credential_versions.get(key)
+                    )
+                    self._credential_versions[key] = revisions[key]
+                    if key == LINKERD_ISSUER:
+                        issuer = entry
+                    elif entry is None:
+                        clients.pop(name, None)
+                    else:
+                        clients[name] = entry
+                    log.info("%s %s: %s", type(step).__name__, name, step.reason)
+                    result.steps.append(StepResult(kind, name, type(step).__name__, step.reason))
         state = replace(state, linkerd_issuer=issuer, kong_clients=clients)
         if created:
-            # A record made anew starts again at version 1, below what an object published
-            # from the record it replaces (a client dropped and re-added, a corrupt record
-            # removed) may carry. Saving the CA record moves the generation past it.
+            # A credential made anew starts again at revision 1, below what an object
+            # published from the one it replaces (a client dropped and re-added, a corrupt
+            # shard removed) may carry. Saving the CA record moves the generation past it.
             state = self._record(state, state.ca, result, "moving the journal generation on")
         return state
 

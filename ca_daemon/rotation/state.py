@@ -1,10 +1,11 @@
-"""The persisted trust state: the CA record, and one record per issued credential.
+"""The persisted trust state: the CA record, and the issued credentials.
 
 The CA record is small and changes rarely: the roots with their roles, the Kong
 intermediate of each root, the root-rotation phase with the times that decide it,
 and the queue of manual requests (as SPIRE's CA manager keeps its slots). Issued
-credentials (the Linkerd issuer, each Kong client) live in records of their own,
-so renewing one writes one small record, whatever the number of clients.
+credentials (the Linkerd issuer, each Kong client) live apart from it, in the
+journal's shard records, so renewing a few writes a few shards, whatever the number
+of clients.
 
 Everything published is derived from this state, so a deleted or edited object can
 always be rebuilt, and a crash resumes from it.
@@ -22,7 +23,7 @@ from cryptography import x509
 
 from ca_daemon.pki.bundle import certificate_pem, normalize, parse_pem_certificates
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 # Finished manual operations kept for `GET /v1/operations/{id}`; older ones are dropped.
 KEEP_FINISHED_OPERATIONS = 50
 
@@ -384,8 +385,8 @@ def ca_from_json(data: Mapping[str, Any]) -> CaRecord:
 
 
 def migrate_v1(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Split a version-1 state (one document holding every key) into the version-2
-    CA record and credential records. Pure: keys stay sealed exactly as they were."""
+    """Split a version-1 state (one document holding every key) into the current CA
+    record and one document per credential. Pure: keys stay sealed exactly as they were."""
     if data.get("version") != 1:
         raise ValueError(f"not a version 1 state: {data.get('version')!r}")
     inter = data.get("kong_intermediate")

@@ -21,6 +21,7 @@ from cryptography import x509
 from ca_daemon.datalock import LOCK_NAME, DataDirBusy, owning
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.keys import key_matches_certificate, load_private_key
+from tests.fixtures.journal_files import credential_docs
 from tests.integration.cli import ca_daemon, daemon_env
 
 pytestmark = pytest.mark.integration
@@ -53,10 +54,9 @@ def check_one_ca(workdir: Path) -> None:
     for key_path in data.glob("anchor/*.key"):
         cert = x509.load_pem_x509_certificate(key_path.with_suffix(".crt").read_bytes())
         assert key_matches_certificate(load_private_key(key_path.read_bytes(), passphrase), cert)
-    records = list((data / "state.d" / "credentials").glob("*.json"))
-    assert len(records) == 2  # the Linkerd issuer and the example client
-    for record in records:
-        doc = json.loads(record.read_text())["state"]
+    docs = credential_docs(data)
+    assert sorted(docs) == ["kong/example", "linkerd-issuer"]
+    for doc in docs.values():
         cert = x509.load_pem_x509_certificate(doc["cert"].encode())
         assert key_matches_certificate(load_private_key(doc["key"].encode(), passphrase), cert)
     state = json.loads((data / "state.json").read_text())["state"]

@@ -55,6 +55,8 @@ from ca_daemon.config import ConfigError, Settings, load_settings
 from ca_daemon.metrics import Metrics
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
+from ca_daemon.rotation.journal import shard_of
+from ca_daemon.rotation.state import LINKERD_ISSUER
 from ca_daemon.runtime import file_journal
 from ca_daemon.verify import verify_directory
 from ca_daemon.world import TrustWorld, desired_world
@@ -689,7 +691,7 @@ def test_verify_names_a_fifo_in_place_of_a_published_file(local: Settings) -> No
     assert f"{fifo}" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("record", ["state.json", "state.d/credentials/linkerd-issuer.json"])
+@pytest.mark.parametrize("record", ["state.json", f"state.d/{shard_of(LINKERD_ISSUER)}.json"])
 def test_a_fifo_in_place_of_a_journal_file_stops_the_pass_instead_of_hanging_it(
     local: Settings, record: str
 ) -> None:
@@ -794,7 +796,7 @@ def _owned_by_another_user(path: Path, mode: int) -> None:
 
 
 @pytest.mark.parametrize("mode", [0o600, 0o644])
-@pytest.mark.parametrize("record", ["state.json", "state.d/credentials/linkerd-issuer.json"])
+@pytest.mark.parametrize("record", ["state.json", f"state.d/{shard_of(LINKERD_ISSUER)}.json"])
 def test_a_journal_file_another_user_owns_stops_the_pass_naming_owner_and_fix(
     unprivileged: Path, tmp_path: Path, record: str, mode: int
 ) -> None:

@@ -20,6 +20,7 @@ from ca_daemon.rotation.engine import Engine
 from ca_daemon.runtime import file_journal
 from ca_daemon.verify import verify_directory
 from ca_daemon.world import desired_world
+from tests.fixtures.journal_files import credential_docs, shard_files
 from tests.integration.test_directory_atomic import documented_files
 from tests.unit.conftest import NOW, self_signed_root
 
@@ -90,18 +91,13 @@ def test_first_pass_issues_everything_second_does_nothing(settings: Settings) ->
     assert (settings.anchor.local.dir / "state.json").read_bytes() == state_before
 
 
-def _credential_files(settings: Settings) -> dict[str, Path]:
-    folder = settings.anchor.local.dir / "state.d" / "credentials"
-    return {p.stem: p for p in folder.glob("*.json")}
-
-
 def test_state_files_are_private_and_hold_no_plain_key(settings: Settings) -> None:
     assert _engine(settings).reconcile(now=NOW).ok
     state_file = settings.anchor.local.dir / "state.json"
-    credentials = _credential_files(settings)
-    assert sorted(credentials) == ["kong.orders", "kong.payments", "linkerd-issuer"]
+    data = settings.anchor.local.dir
+    assert sorted(credential_docs(data)) == ["kong/orders", "kong/payments", "linkerd-issuer"]
     texts = []
-    for path in [state_file, *credentials.values()]:
+    for path in [state_file, *shard_files(data)]:
         assert path.stat().st_mode & 0o777 == 0o600
         texts.append(path.read_text())
     text = "".join(texts)
@@ -155,7 +151,7 @@ def test_unusable_certificate_from_the_anchor_is_not_published(settings: Setting
     result = _engine(settings, _BadIssuer).reconcile(now=NOW)
     assert any(e.startswith("linkerd-issuer") and "not a CA" in e for e in result.errors)
     assert not (settings.publish_directory / "linkerd" / "tls.crt").exists()
-    assert sorted(_credential_files(settings)) == ["kong.orders", "kong.payments"]
+    assert sorted(credential_docs(settings.anchor.local.dir)) == ["kong/orders", "kong/payments"]
 
 
 class _CrashAfterRoot(LocalAnchor):

@@ -31,6 +31,7 @@ from ca_daemon.pki.profiles import Subject, Validity
 from ca_daemon.publish.directory import GENERATION, DirectoryPublisher
 from ca_daemon.publish.generation import parse_generation
 from ca_daemon.rotation.engine import Engine
+from ca_daemon.rotation.journal import shard_of
 from ca_daemon.runtime import build_engine, file_journal
 from ca_daemon.verify import verify_published
 from ca_daemon.world import desired_world
@@ -191,8 +192,8 @@ SECRETS = [
     "anchor/root-1.key",
     "anchor/kong-2.key",
     "state.json",
-    "state.d/credentials/linkerd-issuer.json",
-    "state.d/credentials/kong.example.json",
+    f"state.d/{shard_of('linkerd-issuer')}.json",
+    f"state.d/{shard_of('kong/example')}.json",
     "passphrase",
     "api-token",
 ]
@@ -228,7 +229,7 @@ def test_a_secret_readable_by_others_is_reported_then_repaired(
     assert_no_secret(verify.stdout + verify.stderr + run.stdout + run.stderr, copy)
 
 
-@pytest.mark.parametrize("rel", ["anchor", "state.d", "state.d/credentials"])
+@pytest.mark.parametrize("rel", ["anchor", "state.d", "state.d/shards"])
 def test_a_private_directory_open_to_others_is_reported_then_repaired(
     published: Path, tmp_path: Path, rel: str
 ) -> None:
@@ -268,7 +269,7 @@ def test_modes_do_not_depend_on_the_umask(tmp_path: Path, umask: int) -> None:
     )
     assert run.returncode == 0, run.stderr
     modes = _modes(tmp_path)
-    private = [".", "anchor", "state.d", "state.d/credentials"]
+    private = [".", "anchor", "state.d", "state.d/shards"]
     assert {rel: modes[rel] for rel in private} == dict.fromkeys(private, 0o700)
     secrets = ["passphrase", "state.json", "daemon.lock", "state.lock"]
     secrets += [r for r in modes if r.endswith((".key", ".json"))]

@@ -21,6 +21,7 @@ import pytest
 from ca_daemon.kube import api_client
 from ca_daemon.publish.k8s_objects import kong_ca_secret_name
 from ca_daemon.publish.kubernetes import KubernetesPublisher
+from ca_daemon.rotation.journal import shard_of
 from ca_daemon.world import desired_world
 from tests.fixtures.kube import Kube
 from tests.integration.test_kubernetes_publish import make_cluster
@@ -122,7 +123,7 @@ def test_a_re_created_credential_record_is_not_locked_out(kube: Kube, tmp_path: 
     before = c.secret(c.app_ns, "kong-upstream-payments")
     assert _generation(before)[1] == engine.journal.load_ca()[1]
     assert _generation(before)[2] >= 3
-    engine.journal.store.delete("credentials/kong.payments")
+    engine.journal.store.delete(shard_of("kong/payments"))
 
     result = engine.reconcile()
     assert result.ok, result.errors

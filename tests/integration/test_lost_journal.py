@@ -18,7 +18,9 @@ from ca_daemon.config import load_settings
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.profiles import Subject, Validity
+from ca_daemon.rotation.state import STATE_VERSION
 from ca_daemon.runtime import build_engine
+from tests.fixtures.journal_files import shard_path
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.tools import unique
 from tests.integration.cli import ca_daemon
@@ -80,7 +82,7 @@ def _not_object(path: Path) -> None:
 
 def _newer(path: Path) -> None:
     doc = json.loads(path.read_text())
-    doc["state"]["version"] = 3
+    doc["state"]["version"] = STATE_VERSION + 1
     path.write_text(json.dumps(doc))
 
 
@@ -117,7 +119,7 @@ def test_a_corrupt_credential_record_is_an_error_and_is_not_overwritten(
     running_local: Path,
 ) -> None:
     data = running_local.parent / "data"
-    record = data / "state.d" / "credentials" / "kong.payments.json"
+    record = shard_path(data, "kong/payments")
     _truncate(record)
     damaged = record.read_bytes()
     code, output = run_once(running_local)
@@ -301,8 +303,8 @@ def test_a_journal_lost_mid_rotation_keeps_signing_with_the_default_root(
     record, _ = engine.journal.load_ca()
     assert record.phase.value == "propagating", record.phase  # waits out the delay now
     path = f"secret/ca-daemon/{prefix}"
-    for name in bao_json(openbao, "kv", "list", f"{path}/credentials"):
-        openbao.cli("kv", "metadata", "delete", f"{path}/credentials/{name}")
+    for name in bao_json(openbao, "kv", "list", f"{path}/shards"):
+        openbao.cli("kv", "metadata", "delete", f"{path}/shards/{name}")
     openbao.cli("kv", "metadata", "delete", path)
 
     again = run_daemon(config, "run", "--once")

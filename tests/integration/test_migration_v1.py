@@ -1,8 +1,9 @@
-"""Upgrading from state version 1 keeps the root and every issued certificate.
+"""Upgrading from state version 1 or 2 keeps the root and every issued certificate.
 
-tests/data/state-v1 was written by the previous release (one state.json holding every
-certificate and key, a flat out/ directory). The new version splits it into a CA record
-and one record per credential, re-issues nothing, and keeps publishing the same chain.
+tests/data/state-v1 was written by an earlier release (one state.json holding every
+certificate and key, a flat out/ directory); version 2 kept one record per credential.
+The current version moves them into a CA record and shard records, re-issues nothing,
+and keeps publishing the same chain.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from typing import Any
 
 import pytest
 
+from ca_daemon.anchor.records import FileRecordStore
 from ca_daemon.anchor.vault import VaultClient, VaultKvStore
 from ca_daemon.config import VaultAnchor, VaultAuth
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.pki.keys import load_private_key, private_key_pem
-from ca_daemon.rotation.journal import Journal
+from ca_daemon.rotation.journal import Journal, shard_of
+from ca_daemon.rotation.state import STATE_VERSION
+from tests.fixtures.journal_files import credential_docs, shard_files
 from tests.fixtures.openbao import OpenBao
 from tests.integration.cli import ca_daemon
 
@@ -71,15 +75,15 @@ def test_upgrade_keeps_the_root_and_every_certificate(tmp_path: Path) -> None:
     assert _published(data / "out") == before
 
     record = json.loads((data / "state.json").read_text())["state"]
-    assert record["version"] == 2
-    assert "PRIVATE KEY" not in json.dumps(record)  # keys moved to their own records
+    assert record["version"] == STATE_VERSION
+    assert "PRIVATE KEY" not in json.dumps(record)  # keys moved to the shard records
     assert [r["ref"] for r in record["roots"]] == ["root-1"]
     assert [i["ref"] for i in record["intermediates"]] == ["kong-2"]
-    credentials = sorted(p.name for p in (data / "state.d" / "credentials").glob("*.json"))
-    assert credentials == ["kong.orders.json", "kong.payments.json", "linkerd-issuer.json"]
-    for path in (data / "state.d" / "credentials").glob("*.json"):
+    docs = credential_docs(data)
+    assert sorted(docs) == ["kong/orders", "kong/payments", "linkerd-issuer"]
+    assert all("BEGIN ENCRYPTED PRIVATE KEY" in doc["key"] for doc in docs.values())
+    for path in shard_files(data):
         assert path.stat().st_mode & 0o777 == 0o600
-        assert "BEGIN ENCRYPTED PRIVATE KEY" in path.read_text()
 
     verify = ca_daemon("verify", "--config", str(config), cwd=tmp_path)
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -113,8 +117,54 @@ def test_vault_journal_migrates_a_version_1_document(openbao: OpenBao, tmp_path:
     assert fingerprint(state.linkerd_issuer.cert) == _v1_fingerprints({"state": v1})["issuer"]
     assert loaded.version == 2  # version 1 was the old document
     stored = admin.read(f"kv-migrate/data/{path}", "read")
-    assert stored is not None and stored["data"]["state"]["version"] == 2
-    listed = admin.request("LIST", f"kv-migrate/metadata/{path}/credentials/", "list")
-    assert sorted(listed["data"]["keys"]) == ["kong.orders", "kong.payments", "linkerd-issuer"]
-    # A second load sees version 2 and migrates nothing again.
+    assert stored is not None and stored["data"]["state"]["version"] == STATE_VERSION
+    listed = admin.request("LIST", f"kv-migrate/metadata/{path}/shards/", "list")
+    wanted = {shard_of(k) for k in ("kong/orders", "kong/payments", "linkerd-issuer")}
+    assert {f"shards/{k}" for k in listed["data"]["keys"]} == wanted
+    # A second load sees the current version and migrates nothing again.
     assert journal.load().version == 2
+
+
+def _as_version_2(data: Path, record_version: int) -> dict[str, dict[str, Any]]:
+    """Lay a current journal out as version 2 wrote it: the CA record at version 2 and one
+    record per credential (each at ``record_version``), no shards. The documents moved."""
+    store = FileRecordStore(data)
+    docs = credential_docs(data)
+    found = store.read("")
+    assert found is not None
+    store.write("", {**found[0], "version": 2}, found[1])
+    for key, doc in docs.items():
+        legacy = {k: v for k, v in doc.items() if k != "revision"} | {"version": 2}
+        name = f"credentials/{key.replace('/', '.')}"
+        for version in range(record_version):
+            store.write(name, legacy, version)
+    for path in shard_files(data):
+        path.unlink()
+    return docs
+
+
+def test_upgrade_from_version_2_moves_each_record_into_its_shard(tmp_path: Path) -> None:
+    data, config = _v1_copy(tmp_path)
+    assert ca_daemon("run", "--once", "--config", str(config), cwd=tmp_path).returncode == 0
+    before = _published(data / "out")
+    docs = _as_version_2(data, record_version=4)
+    assert not shard_files(data) and len(list(data.glob("state.d/credentials/*.json"))) == 3
+
+    run = ca_daemon("run", "--once", "--config", str(config), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Issue" not in run.stdout and "CreateRoot" not in run.stdout, run.stdout
+    assert _published(data / "out") == before
+    assert json.loads((data / "state.json").read_text())["state"]["version"] == STATE_VERSION
+    migrated = credential_docs(data)
+    assert sorted(migrated) == sorted(docs)
+    for key, doc in migrated.items():
+        # Sealed keys are moved as they were; the record's version becomes the revision,
+        # so no published generation goes backwards.
+        assert (doc["key"], doc["cert"], doc["revision"]) == (
+            docs[key]["key"],
+            docs[key]["cert"],
+            4,
+        )
+    assert not list(data.glob("state.d/credentials/*.json"))  # the old records are gone
+    verify = ca_daemon("verify", "--config", str(config), cwd=tmp_path)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
