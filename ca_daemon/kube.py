@@ -59,10 +59,25 @@ def describe(exc: Exception, what: str) -> KubeError:
     return KubeError(f"{what}: {exc}")
 
 
-def call(what: str, fn: Any, *args: Any, missing_ok: bool = False, **kwargs: Any) -> Any:
+def call(
+    what: str, fn: Any, *args: Any, missing_ok: bool = False, raw: bool = False, **kwargs: Any
+) -> Any:
     """Run one API call with a timeout. With ``missing_ok`` a 404 returns None; every
-    other failure is a KubeError (KubeConflict for 409)."""
+    other failure is a KubeError (KubeConflict for 409). With ``raw`` the answer is the
+    decoded JSON, not the client's models: building a model per object costs more CPU
+    than the request itself when a LIST returns thousands, or when a write's answer is
+    thrown away."""
     try:
+        if raw:
+            response = fn(*args, _request_timeout=REQUEST_TIMEOUT, _preload_content=False, **kwargs)
+            try:
+                body = response.read()
+            finally:
+                response.release_conn()
+            try:
+                return json.loads(body) if body else None
+            except ValueError:
+                raise KubeError(f"{what}: the API server's answer is not JSON") from None
         return fn(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
     except ApiException as exc:
         if exc.status == 404 and missing_ok:

@@ -83,6 +83,42 @@ def _encode(data: Mapping[str, str]) -> dict[str, str]:
     return {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
 
 
+@dataclass(frozen=True)
+class LiveMeta:
+    name: str
+    uid: str | None
+    resource_version: str | None
+    labels: dict[str, str] | None
+    annotations: dict[str, str] | None
+
+
+@dataclass(frozen=True)
+class Live:
+    """An object as the API server returned it: only the fields the publisher reads,
+    from the JSON (``call(raw=True)``), with the client's attribute names."""
+
+    metadata: LiveMeta
+    type: str | None
+    data: dict[str, str] | None
+
+
+def _live(doc: Mapping[str, Any] | None) -> Live | None:
+    if doc is None:
+        return None
+    meta = doc.get("metadata") or {}
+    return Live(
+        LiveMeta(
+            name=meta.get("name", ""),
+            uid=meta.get("uid"),
+            resource_version=meta.get("resourceVersion"),
+            labels=meta.get("labels"),
+            annotations=meta.get("annotations"),
+        ),
+        type=doc.get("type"),
+        data=doc.get("data"),
+    )
+
+
 def live_data(kind: str, live: Any) -> dict[str, str]:
     return _decode(live.data) if kind == "Secret" else dict(live.data or {})
 
@@ -182,10 +218,12 @@ class KubernetesPublisher:
             page_kw = dict(kw, limit=_PAGE)
             if token:
                 page_kw["_continue"] = token
-            page = call(what, fn, namespace, **page_kw)
-            for item in page.items or []:
-                found[item.metadata.name] = item
-            token = getattr(page.metadata, "_continue", None) if page.metadata else None
+            page = call(what, fn, namespace, raw=True, **page_kw) or {}
+            for item in page.get("items") or []:
+                live = _live(item)
+                assert live is not None
+                found[live.metadata.name] = live
+            token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return found
 
@@ -231,7 +269,9 @@ class KubernetesPublisher:
 
     def _read(self, obj: DesiredObject) -> Any:
         read = self._api(obj.kind).read
-        return call(f"read {obj.ref}", read, obj.name, obj.namespace, missing_ok=True)
+        return _live(
+            call(f"read {obj.ref}", read, obj.name, obj.namespace, missing_ok=True, raw=True)
+        )
 
     def _body(self, obj: DesiredObject, live: Any) -> dict[str, Any]:
         labels = dict((live.metadata.labels if live else None) or {})
@@ -302,7 +342,9 @@ class KubernetesPublisher:
                     self._event(obj, None, "DriftRepaired", f"{obj.ref} was deleted; recreated")
                 create = self._api(obj.kind).create
                 try:
-                    call(f"create {obj.ref}", create, obj.namespace, self._body(obj, None))
+                    call(
+                        f"create {obj.ref}", create, obj.namespace, self._body(obj, None), raw=True
+                    )
                 except KubeConflict:
                     continue  # created meanwhile: read it and compare
                 self._written.add(obj.ref)
@@ -331,7 +373,14 @@ class KubernetesPublisher:
                 self._event(obj, live, "DriftRepaired", f"keys {', '.join(changed)} restored")
             replace = self._api(obj.kind).replace
             try:
-                call(f"update {obj.ref}", replace, obj.name, obj.namespace, self._body(obj, live))
+                call(
+                    f"update {obj.ref}",
+                    replace,
+                    obj.name,
+                    obj.namespace,
+                    self._body(obj, live),
+                    raw=True,
+                )
             except KubeConflict:
                 continue
             self._written.add(obj.ref)
@@ -357,12 +406,15 @@ class KubernetesPublisher:
         if found is not None:
             live = found.get(patch.name)
         else:
-            live = call(
-                what,
-                self.core.read_namespaced_service,
-                patch.name,
-                patch.namespace,
-                missing_ok=True,
+            live = _live(
+                call(
+                    what,
+                    self.core.read_namespaced_service,
+                    patch.name,
+                    patch.namespace,
+                    missing_ok=True,
+                    raw=True,
+                )
             )
         if live is None:
             raise KubeError(
@@ -378,6 +430,7 @@ class KubernetesPublisher:
             patch.namespace,
             {"metadata": {"annotations": dict(patch.annotations)}},
             _content_type="application/merge-patch+json",
+            raw=True,
         )
         report.changed.append(patch.ref)
 
@@ -403,9 +456,14 @@ class KubernetesPublisher:
                     s for s in known.values() if (s.metadata.labels or {}).get(ROLE) == Role.KONG_CA
                 ]
             else:
-                secrets = call(
-                    what, self.core.list_namespaced_secret, kong.namespace, label_selector=selector
-                ).items
+                page = call(
+                    what,
+                    self.core.list_namespaced_secret,
+                    kong.namespace,
+                    label_selector=selector,
+                    raw=True,
+                )
+                secrets = [_live(item) for item in (page or {}).get("items") or []]
             for secret in secrets:
                 name = secret.metadata.name
                 if name in keep:
@@ -419,7 +477,13 @@ class KubernetesPublisher:
                         f"newer than this pass's {format_generation(generation)}; not deleting it"
                     )
                     continue
-                call(f"delete {ref}", self.core.delete_namespaced_secret, name, kong.namespace)
+                call(
+                    f"delete {ref}",
+                    self.core.delete_namespaced_secret,
+                    name,
+                    kong.namespace,
+                    raw=True,
+                )
                 self._written.discard(ref)
                 report.changed.append(f"{ref} (deleted: root retired)")
         except KubeError as exc:
@@ -442,7 +506,13 @@ class KubernetesPublisher:
             metadata, involved, reason, message, datetime.now(UTC), socket.gethostname()
         )
         try:
-            call(f"event on {obj.ref}", self.core.create_namespaced_event, obj.namespace, body)
+            call(
+                f"event on {obj.ref}",
+                self.core.create_namespaced_event,
+                obj.namespace,
+                body,
+                raw=True,
+            )
         except KubeError as exc:
             log.warning("could not record event %s on %s: %s", reason, obj.ref, exc)
 

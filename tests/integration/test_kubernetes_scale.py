@@ -10,6 +10,7 @@ import yaml
 
 from ca_daemon.config import load_settings
 from ca_daemon.kube import api_client
+from ca_daemon.publish import kubernetes as kubernetes_publisher
 from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.rbac import manifests
 from ca_daemon.rotation.engine import Engine
@@ -25,7 +26,7 @@ NAMESPACES = 4
 
 
 def test_a_steady_pass_reads_each_namespace_once_and_writes_nothing(
-    kube: Kube, tmp_path: Path
+    kube: Kube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     namespaces = [unique(f"scale-{i}") for i in range(NAMESPACES)]
     linkerd_ns, kong_ns, sa_ns = (unique(f"scale-{n}") for n in ("linkerd", "kong", "cad"))
@@ -94,5 +95,17 @@ def test_a_steady_pass_reads_each_namespace_once_and_writes_nothing(
     reads = total(counts, READS)
     assert reads <= 3 * (NAMESPACES + 2), counts
     assert counts["LIST", "secrets"] >= NAMESPACES, counts
+    assert counts["GET", "secrets"] <= 2, counts
+    assert counts["GET", "services"] == 0, counts
+
+    # Pages: with 7 objects a page, every namespace's 50 Secrets come in 8 LISTs that
+    # follow the continue token; none is missed (and read again by name), none written.
+    monkeypatch.setattr(kubernetes_publisher, "_PAGE", 7)
+    before = api_requests(kube)
+    paged = engine.reconcile()
+    counts = api_requests(kube) - before
+    assert paged.ok and paged.reports[0].changed == [], paged.errors[:3]
+    assert total(counts, WRITES) == 0, counts
+    assert counts["LIST", "secrets"] >= NAMESPACES * -(-CLIENTS // NAMESPACES // 7), counts
     assert counts["GET", "secrets"] <= 2, counts
     assert counts["GET", "services"] == 0, counts
