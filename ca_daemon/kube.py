@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +26,61 @@ class KubeConflict(KubeError):
     """The object changed since it was read (409): re-read and decide again."""
 
 
+# How often the client's token hook may run (see throttled).
+REFRESH_EVERY = 1.0
+
+
+def throttled(
+    hook: Callable[[Any], None],
+    every: float = REFRESH_EVERY,
+    clock: Callable[[], float] = time.monotonic,
+) -> Callable[[Any], None]:
+    """The kubeconfig and in-cluster loaders install a hook that runs before every
+    request: it re-reads an expired token, and sets the host, TLS files and proxy on the
+    configuration again each time (the host setter scans the environment for proxies).
+    Thousands of writes a pass spent more CPU in it than in their own requests; at most
+    once a second still picks a rotated token up within a second."""
+    lock = threading.Lock()
+    last: float | None = None
+
+    def run(configuration: Any) -> None:
+        nonlocal last
+        now = clock()
+        with lock:
+            if last is not None and now - last < every:
+                return
+            last = now
+        hook(configuration)
+
+    return run
+
+
+def _throttle_refresh(api: client.ApiClient) -> client.ApiClient:
+    configuration = api.configuration
+    hook = getattr(configuration, "refresh_api_key_hook", None)
+    if hook is None:
+        return api
+    limited = throttled(hook)
+
+    def refresh(target: Any) -> None:
+        limited(target)
+        # The loader's hook installs itself again each time it runs.
+        target.refresh_api_key_hook = refresh
+
+    configuration.refresh_api_key_hook = refresh
+    return api
+
+
 def api_client(kubeconfig: Path | None = None) -> client.ApiClient:
     """In-cluster configuration when running in a Pod, else the kubeconfig (or KUBECONFIG)."""
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        return client.ApiClient(configuration)
+        return _throttle_refresh(client.ApiClient(configuration))
     path = str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG")
     try:
         api: client.ApiClient = config.new_client_from_config(config_file=path)  # type: ignore[no-untyped-call]
-        return api
+        return _throttle_refresh(api)
     except (config.ConfigException, OSError) as exc:
         raise KubeError(f"cannot load kubeconfig {path or '~/.kube/config'}: {exc}") from None
 

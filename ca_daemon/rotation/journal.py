@@ -224,6 +224,10 @@ class Journal:
                     issuer = entry
                 else:
                     clients[key.removeprefix(KONG_PREFIX)] = entry
+        # Only the keys still journaled stay cached: renewals must not grow it forever.
+        sealed = {doc["key"].encode() for _, shard in shards for doc in shard.docs.values()}
+        with self._lock:
+            self._unsealed = {k: v for k, v in self._unsealed.items() if k in sealed}
         state = State(ca=record, linkerd_issuer=issuer, kong_clients=clients)
         return Versioned(state, version, revisions, shard_versions)
 

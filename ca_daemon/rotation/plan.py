@@ -17,6 +17,7 @@ under the old chain can still be valid) → steady with the new root alone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -202,8 +203,23 @@ def renew_at(cert: x509.Certificate, rotate_before: timedelta, jitter: float) ->
     The stretch comes from the certificate's fingerprint, so it is stable across runs and
     replicas while still spreading many certificates' renewals apart.
     """
-    spread = int(fingerprint(cert)[:8], 16) / 0xFFFFFFFF
-    return cert.not_valid_after_utc - rotate_before * (1 + jitter * spread)
+    return cert.not_valid_after_utc - rotate_before * (1 + jitter * _spread(cert))
+
+
+# A plan looks at every certificate on every pass; what it derives from one never
+# changes. Bounded: a few entries per credential, old ones fall out.
+_PER_CERTIFICATE = 16384
+
+
+@functools.lru_cache(maxsize=_PER_CERTIFICATE)
+def _spread(cert: x509.Certificate) -> float:
+    return int(fingerprint(cert)[:8], 16) / 0xFFFFFFFF
+
+
+@functools.lru_cache(maxsize=_PER_CERTIFICATE)
+def _names(cert: x509.Certificate) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    have = subject_alt_names(cert)
+    return have.common_name, tuple(sorted(have.dns_names)), tuple(sorted(have.uris))
 
 
 def root_due_at(root: x509.Certificate, settings: Settings) -> datetime:
@@ -247,11 +263,10 @@ def _looks_like_hostname(name: str) -> bool:
 
 
 def _same_subject(cert: x509.Certificate, want: Subject) -> bool:
-    have = subject_alt_names(cert)
-    return (
-        have.common_name == want.common_name
-        and sorted(have.dns_names) == sorted(want.dns_names)
-        and sorted(have.uris) == sorted(want.uris)
+    return _names(cert) == (
+        want.common_name,
+        tuple(sorted(want.dns_names)),
+        tuple(sorted(want.uris)),
     )
 
 

@@ -211,3 +211,14 @@ def test_an_engine_batch_writes_each_touched_shard_once(
     assert {k for k in counted if k.startswith("shards/")} == shards
     assert all(counted[s] == 1 for s in shards), counted
     assert len(engine.journal.load().state.kong_clients) == 300
+
+
+def test_only_keys_still_journaled_stay_cached() -> None:
+    journal = Journal(DictStore())
+    key = client_key("payments")
+    shard = shard_of(key)
+    version = 0
+    for _ in range(5):  # five renewals of one client
+        version, _ = journal.save_credentials(shard, version, {key: _entry("payments")})
+    journal.load()
+    assert len(journal._unsealed) == 1
