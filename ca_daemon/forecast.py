@@ -179,10 +179,10 @@ class MemoryJournal(Journal):
                 clients[key.removeprefix(KONG_PREFIX)] = entry
         return State(ca=self._ca, linkerd_issuer=issuer, kong_clients=clients)
 
-    def load_ca(self) -> tuple[CaRecord, int]:
+    def load_ca(self, migrate: bool = True) -> tuple[CaRecord, int]:
         return self._ca, self._ca_version
 
-    def load(self) -> Versioned:
+    def load(self, migrate: bool = True) -> Versioned:
         if self.view is None:
             items = list(self._credentials.items())
         else:

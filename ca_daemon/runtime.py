@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ca_daemon.anchor.base import Anchor
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase, read_passphrase
-from ca_daemon.anchor.records import FileRecordStore, Record, RecordConflict, RecordStore
+from ca_daemon.anchor.records import FileRecordStore, ReadOnlyStore, RecordStore
 from ca_daemon.anchor.vault import VaultClient, VaultKvStore, VaultPkiAnchor
 from ca_daemon.config import Settings
 from ca_daemon.kube import api_client
@@ -45,40 +45,6 @@ def file_journal(settings: Settings, passphrase: bytes, *, read_only: bool = Fal
     if read_only:
         store = ReadOnlyStore(store)
     return Journal(store, seal, unseal)
-
-
-class ReadOnlyStore:
-    """A record store whose writes stay in memory: what a read-only command loads through.
-
-    Loading may rewrite records (a version-1 state is split on first load); a command
-    that must not write sees the result without anything reaching the disk.
-    """
-
-    def __init__(self, store: RecordStore) -> None:
-        self._store = store
-        self.description = store.description
-        self._written: dict[str, tuple[Record, int] | None] = {}
-
-    def read(self, key: str) -> tuple[Record, int] | None:
-        return self._written[key] if key in self._written else self._store.read(key)
-
-    def write(self, key: str, record: Record, version: int) -> int:
-        current = self.read(key)
-        if (current[1] if current else 0) != version:
-            raise RecordConflict(f"{key!r}: version {current[1] if current else 0}, not {version}")
-        self._written[key] = (record, version + 1)
-        return version + 1
-
-    def delete(self, key: str) -> None:
-        self._written[key] = None
-
-    def list(self, folder: str) -> list[str]:
-        prefix = f"{folder}/"
-        names = set(self._store.list(folder))
-        for key, found in self._written.items():
-            if key.startswith(prefix) and "/" not in key[len(prefix) :]:
-                (names.add if found else names.discard)(key[len(prefix) :])
-        return sorted(names)
 
 
 def build_anchor_and_journal(settings: Settings, *, create: bool = True) -> tuple[Anchor, Journal]:

@@ -106,7 +106,7 @@ class DaemonService:
         """Not the leader: no engine, no publishing; status and metrics from the journal."""
         result = PassResult()
         try:
-            result.state = self.engine.journal.load().state
+            result.state = self.engine.journal.load(migrate=False).state
         except Exception as exc:
             result.errors.append(f"loading state from {self.engine.journal.description}: {exc}")
             log.warning("standby: %s", result.errors[-1])
@@ -134,7 +134,7 @@ class DaemonService:
         with self._lock:
             base = self._known or State()
         try:
-            record, _ = self.engine.journal.load_ca()
+            record, _ = self.engine.journal.load_ca(migrate=False)
         except Exception as exc:  # the journal unreachable: what the last pass saw
             log.warning("status from the last pass: %s", exc)
             return base
@@ -162,7 +162,7 @@ class DaemonService:
         is not the latest.
         """
         try:
-            record, _ = self.engine.journal.load_ca()
+            record, _ = self.engine.journal.load_ca(migrate=False)
         except JournalError as exc:
             raise JournalUnavailable(self.engine.journal.description, exc) from None
         op = record.operation(op_id)

@@ -186,3 +186,37 @@ class FileRecordStore:
         if not base.is_dir():
             return []
         return sorted(p.stem for p in base.glob("*.json"))
+
+
+class ReadOnlyStore:
+    """A record store whose writes stay in memory: what a read-only command loads through.
+
+    Loading may rewrite records (a version-1 state is split on first load); a command
+    that must not write sees the result without anything reaching the disk.
+    """
+
+    def __init__(self, store: RecordStore) -> None:
+        self._store = store
+        self.description = store.description
+        self._written: dict[str, tuple[Record, int] | None] = {}
+
+    def read(self, key: str) -> tuple[Record, int] | None:
+        return self._written[key] if key in self._written else self._store.read(key)
+
+    def write(self, key: str, record: Record, version: int) -> int:
+        current = self.read(key)
+        if (current[1] if current else 0) != version:
+            raise RecordConflict(f"{key!r}: version {current[1] if current else 0}, not {version}")
+        self._written[key] = (record, version + 1)
+        return version + 1
+
+    def delete(self, key: str) -> None:
+        self._written[key] = None
+
+    def list(self, folder: str) -> list[str]:
+        prefix = f"{folder}/"
+        names = set(self._store.list(folder))
+        for key, found in self._written.items():
+            if key.startswith(prefix) and "/" not in key[len(prefix) :]:
+                (names.add if found else names.discard)(key[len(prefix) :])
+        return sorted(names)

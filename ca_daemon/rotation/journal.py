@@ -31,7 +31,7 @@ from functools import partial
 from typing import Any
 
 from ca_daemon.anchor.base import CA, AnchorError
-from ca_daemon.anchor.records import RecordConflict, RecordInvalid, RecordStore
+from ca_daemon.anchor.records import ReadOnlyStore, RecordConflict, RecordInvalid, RecordStore
 from ca_daemon.pki.bundle import BundleError
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.rotation.state import (
@@ -87,6 +87,10 @@ class JournalUnavailable(JournalError):
 
 class NewerJournal(JournalError):
     """A record written by a newer ca-daemon: this one must not touch it."""
+
+
+class MigrationRefused(JournalCorrupt):
+    """A record of an older layout cannot be moved: the move is not started."""
 
 
 class RebuildRefused(JournalError):
@@ -159,6 +163,8 @@ class Journal:
         # By shard: a load re-parses only the shards whose version moved.
         self._shards: dict[str, _Shard] = {}
         self._lock = threading.Lock()
+        self._migration = threading.Lock()
+        self._leftovers_checked = False
 
     shard_of = staticmethod(shard_of)
 
@@ -187,7 +193,16 @@ class Journal:
 
     # --- reading ------------------------------------------------------------------------
 
-    def load_ca(self) -> tuple[CaRecord, int]:
+    def load_ca(self, migrate: bool = True) -> tuple[CaRecord, int]:
+        """The CA record and its version. An older layout is moved into shards first, by
+        a writer (``migrate``); any other reader (a standby, the status API) sees it
+        moved in memory only, so a rolling upgrade never has two processes moving it."""
+        try:
+            return self._load_ca(migrate)
+        except _OlderLayout:
+            return self._in_memory().load_ca()
+
+    def _load_ca(self, migrate: bool) -> tuple[CaRecord, int]:
         def read() -> tuple[CaRecord, int]:
             found = self.store.read(CA_KEY)
             if found is None:
@@ -195,23 +210,41 @@ class Journal:
             data, version = found
             _check_version(data, f"{self.description}: the CA record")
             if data.get("version") in (1, 2):
+                if not migrate:
+                    raise _OlderLayout
                 self._migrate(data, version)
-                return self.load_ca()
+                return self._load_ca(migrate)
+            if migrate and not self._leftovers_checked:
+                self._leftovers_checked = True
+                self._remove_legacy()
             return ca_from_json(data), version
 
         try:
             result: tuple[CaRecord, int] = self._guard("read the CA record", read)
+        except MigrationRefused:
+            raise
         except JournalCorrupt as exc:
             # Only for a record that is there and invalid: advising to move aside a journal
             # the store merely did not serve (Vault down) would throw a healthy one away.
             raise JournalCorrupt(f"{exc}: {RECOVERY}") from None
         return result
 
-    def load(self) -> Versioned:
-        record, version = self.load_ca()
+    def _in_memory(self) -> Journal:
+        """This journal over a store whose writes stay in memory: the older layout moved
+        there, nothing written."""
+        return Journal(ReadOnlyStore(self.store), self._seal, self._unseal_raw)
+
+    def load(self, migrate: bool = True) -> Versioned:
+        try:
+            record, version = self._load_ca(migrate)
+        except _OlderLayout:
+            return self._in_memory().load()
         names: list[str] = self._guard("list credentials", lambda: self.store.list(SHARD_FOLDER))
         with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:
             shards = list(pool.map(self._load_shard, (f"{SHARD_FOLDER}/{n}" for n in names)))
+        with self._lock:  # a shard deleted since must not come back from the cache
+            listed = {name for name, _ in shards}
+            self._shards = {k: v for k, v in self._shards.items() if k in listed}
         issuer: IssuedEntry | None = None
         clients: dict[str, IssuedEntry] = {}
         revisions: dict[str, int] = {}
@@ -240,7 +273,12 @@ class Journal:
             _check_version(data, f"{self.description}: {name}")
             with self._lock:
                 cached = self._shards.get(name)
-            if cached is not None and cached.version == version:
+            # Versions restart when a shard is deleted: the content must match too.
+            if (
+                cached is not None
+                and cached.version == version
+                and cached.docs == data.get("credentials")
+            ):
                 return name, cached
             shard = self._guard(f"read {name}", partial(self._parse_shard, data, version))
         except JournalCorrupt as exc:
@@ -299,7 +337,10 @@ class Journal:
                 entries.pop(key, None)
                 revisions[key] = 0
                 continue
-            revision = base.revision(key) + 1
+            # Above the shard's own version too: a shard restored from a backup brings older
+            # revisions back, and what is written after it must still be newer than
+            # anything published before.
+            revision = max(base.revision(key), version) + 1
             docs[key] = {**credential_to_json(entry, self._seal), "revision": revision}
             entries[key] = entry
             revisions[key] = revision
@@ -316,44 +357,90 @@ class Journal:
 
     def _migrate(self, data: dict[str, Any], version: int) -> None:
         """Version 1 or 2 → 3: the shards first, then the CA record (check-and-set on the
-        old version), then the version-2 records; a crash anywhere only repeats it. Keys
-        stay sealed exactly as they were; a version-2 record's version becomes the
-        credential's revision, so nothing published looks older than before."""
-        credentials: dict[str, dict[str, Any]] = {}
-        legacy: list[str] = []
-        if data.get("version") == 1:
-            ca, split = migrate_v1(data)
-            credentials = {key: {**doc, "revision": 1} for key, doc in split.items()}
-        else:
-            ca = {**data, "version": STATE_VERSION}
-            legacy = self.store.list(LEGACY_CREDENTIALS)
-            for name in legacy:
-                read = self.store.read(f"{LEGACY_CREDENTIALS}/{name}")
-                if read is not None:
-                    doc, cred_version = read
-                    credentials[_legacy_id(name)] = {
-                        **doc,
-                        "version": STATE_VERSION,
-                        "revision": cred_version,
-                    }
-        by_shard: dict[str, dict[str, dict[str, Any]]] = {}
-        for key, doc in credentials.items():
-            by_shard.setdefault(shard_of(key), {})[key] = doc
-        for shard, docs in by_shard.items():
-            found = self.store.read(shard)
-            stored = (found[0].get("credentials") or {}) if found else {}
-            self.store.write(shard, _shard_record({**stored, **docs}), found[1] if found else 0)
-        self.store.write(CA_KEY, ca, version)
-        for name in legacy:
-            self.store.delete(f"{LEGACY_CREDENTIALS}/{name}")
+        old version), then the version-2 records are removed; a crash anywhere only
+        repeats it. Every credential is checked before anything is written; keys stay
+        sealed exactly as they were; a version-2 record's version becomes the credential's
+        revision, so nothing published looks older than before."""
+        with self._migration:
+            found = self.store.read(CA_KEY)
+            if found is None or found[1] != version:
+                return  # moved on meanwhile (this process's other thread): read it again
+            credentials: dict[str, dict[str, Any]] = {}
+            if data.get("version") == 1:
+                ca, split = migrate_v1(data)
+                for key, doc in split.items():
+                    credentials[key] = self._checked(key, {**doc, "revision": 1}, "state")
+            else:
+                ca = {**data, "version": STATE_VERSION}
+                for name in self.store.list(LEGACY_CREDENTIALS):
+                    read = self.store.read(f"{LEGACY_CREDENTIALS}/{name}")
+                    if read is not None:
+                        key = _legacy_id(name)
+                        credentials[key] = self._legacy_doc(name, *read)
+            self._merge_into_shards(credentials)
+            self.store.write(CA_KEY, ca, version)
+            self._remove_legacy()
         log.info(
-            "%s: migrated the state from version %s to %d (%d credentials in %d shards)",
+            "%s: migrated the state from version %s to %d (%d credentials)",
             self.description,
             data.get("version"),
             STATE_VERSION,
             len(credentials),
-            len(by_shard),
         )
+
+    def _checked(self, key: str, doc: dict[str, Any], where: str) -> dict[str, Any]:
+        """``doc`` when it is a credential this release can load; else RecordInvalid
+        naming it (and nothing is moved)."""
+        try:
+            if key != LINKERD_ISSUER and not key.startswith(KONG_PREFIX):
+                raise ValueError(f"unknown credential id {key!r}")
+            credential_from_json(doc, self._unseal)
+        except (KeyError, ValueError, TypeError, AttributeError, BundleError) as exc:
+            raise MigrationRefused(
+                f"{self.description}: {where}: not a credential record "
+                f"({type(exc).__name__}: {exc}); nothing was moved: restore it from a backup, "
+                "or delete it so that credential is issued anew"
+            ) from None
+        return doc
+
+    def _legacy_doc(self, name: str, doc: dict[str, Any], version: int) -> dict[str, Any]:
+        where = f"{LEGACY_CREDENTIALS}/{name}"
+        moved = {**doc, "version": STATE_VERSION, "revision": version}
+        return self._checked(_legacy_id(name), moved, where)
+
+    def _merge_into_shards(self, docs: Mapping[str, dict[str, Any]]) -> None:
+        """Write ``docs`` into their shards; where a shard already holds a credential at
+        the same or a higher revision (moved before, then renewed), that one stays."""
+        by_shard: dict[str, dict[str, dict[str, Any]]] = {}
+        for key, doc in docs.items():
+            by_shard.setdefault(shard_of(key), {})[key] = doc
+        for shard, moved in by_shard.items():
+            found = self.store.read(shard)
+            stored = (found[0].get("credentials") or {}) if found else {}
+            merged = dict(stored)
+            for key, doc in moved.items():
+                if key not in merged or int(merged[key]["revision"]) < int(doc["revision"]):
+                    merged[key] = doc
+            if found is None or merged != stored:
+                self.store.write(shard, _shard_record(merged), found[1] if found else 0)
+
+    def _remove_legacy(self) -> None:
+        """Remove the version-2 records left after a move. One renewed since it was moved
+        (by a writer of the previous release still finishing its pass) is moved again
+        first: its version, and so its revision, is higher."""
+        names = self.store.list(LEGACY_CREDENTIALS)
+        docs = {}
+        for name in names:
+            read = self.store.read(f"{LEGACY_CREDENTIALS}/{name}")
+            if read is not None:
+                docs[_legacy_id(name)] = self._legacy_doc(name, *read)
+        self._merge_into_shards(docs)
+        for name in names:
+            self.store.delete(f"{LEGACY_CREDENTIALS}/{name}")
+
+
+class _OlderLayout(Exception):
+    """The stored CA record is an older layout, and this reader must not move it."""
 
 
 # --- rebuilding a lost CA record from the anchor ------------------------------------------

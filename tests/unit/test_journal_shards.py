@@ -23,9 +23,17 @@ from ca_daemon.rotation.journal import (
     Journal,
     JournalConflict,
     JournalCorrupt,
+    MigrationRefused,
     shard_of,
 )
-from ca_daemon.rotation.state import IssuedEntry, client_key
+from ca_daemon.rotation.state import (
+    STATE_VERSION,
+    CaRecord,
+    IssuedEntry,
+    ca_to_json,
+    client_key,
+    credential_to_json,
+)
 from ca_daemon.runtime import file_journal
 from tests.unit.conftest import NOW, self_signed_root
 
@@ -222,3 +230,90 @@ def test_only_keys_still_journaled_stay_cached() -> None:
         version, _ = journal.save_credentials(shard, version, {key: _entry("payments")})
     journal.load()
     assert len(journal._unsealed) == 1
+
+
+# --- older layouts, read and moved ---------------------------------------------------------
+
+
+def _version_2(store: DictStore, entries: dict[str, IssuedEntry], record_version: int) -> None:
+    """What the previous release wrote: the CA record at state version 2, one record per
+    credential (each written ``record_version`` times)."""
+    store.write("", {**ca_to_json(CaRecord()), "version": 2}, 0)
+    for key, entry in entries.items():
+        doc = {**credential_to_json(entry), "version": 2}
+        for version in range(record_version):
+            store.write(f"credentials/{key.replace('/', '.')}", doc, version)
+
+
+def test_a_reader_that_must_not_write_sees_an_older_layout_moved_in_memory() -> None:
+    store = DictStore()
+    entries = {client_key("payments"): _entry("payments"), "linkerd-issuer": _entry("issuer")}
+    _version_2(store, entries, record_version=3)
+    before = dict(store.records)
+    loaded = Journal(store).load(migrate=False)
+    assert sorted(loaded.state.credentials()) == sorted(entries.items(), key=lambda kv: kv[0])
+    assert dict(loaded.credential_versions) == dict.fromkeys(entries, 3)
+    assert Journal(store).load_ca(migrate=False)[0] == CaRecord()
+    assert store.records == before  # nothing moved, nothing written
+
+
+def test_a_writer_moves_an_older_layout_and_a_record_renewed_since_is_moved_again() -> None:
+    store = DictStore()
+    key = client_key("payments")
+    _version_2(store, {key: _entry("payments")}, record_version=3)
+    journal = Journal(store)
+    assert journal.load().credential_versions == {key: 3}
+    assert store.list("credentials") == []
+    assert store.read("")[0]["version"] == STATE_VERSION  # type: ignore[index]
+    # A writer of the previous release, finishing its pass, renewed the record after it
+    # was moved: the next process's first load moves that one too, newest first.
+    renewed = _entry("payments-renewed")
+    doc = {**credential_to_json(renewed), "version": 2}
+    store.records[f"credentials/{key.replace('/', '.')}"] = (doc, 4)
+    later = Journal(store).load()
+    assert later.credential_versions == {key: 4}
+    assert later.state.kong_clients["payments"].cert == renewed.cert
+    assert store.list("credentials") == []
+
+
+def test_a_record_of_an_older_layout_that_cannot_be_read_stops_the_move() -> None:
+    store = DictStore()
+    _version_2(store, {client_key("payments"): _entry("payments")}, record_version=1)
+    store.records["credentials/kong.orders"] = ({"version": 2, "cert": "garbage"}, 1)
+    before = dict(store.records)
+    with pytest.raises(MigrationRefused, match=r"credentials/kong\.orders.*nothing was moved"):
+        Journal(store).load()
+    assert store.records == before
+
+
+def test_a_shard_deleted_and_made_again_at_the_same_version_is_read_afresh() -> None:
+    store = DictStore()
+    key = client_key("payments")
+    shard = shard_of(key)
+    journal = Journal(store)
+    journal.save_credentials(shard, 0, {key: _entry("first")})
+    assert journal.load().shard_versions == {shard: 1}
+    store.delete(shard)
+    second = _entry("second")
+    Journal(store).save_credentials(shard, 0, {key: second})  # version 1 again
+    assert journal.load().state.kong_clients["payments"].cert == second.cert
+
+
+def test_after_a_shard_is_restored_from_a_backup_new_revisions_outrank_the_old() -> None:
+    store = DictStore()
+    key = client_key("payments")
+    shard = shard_of(key)
+    journal = Journal(store)
+    version = 0
+    backup = None
+    for i in range(6):
+        if i == 2:
+            backup = store.records[shard][0]
+        version, revisions = journal.save_credentials(shard, version, {key: _entry(f"r{i}")})
+    highest = revisions[key]
+    assert backup is not None
+    store.write(shard, backup, version)  # the operator restores the older content
+    loaded = journal.load()
+    assert loaded.credential_versions[key] < highest  # the restored one, older
+    _, revisions = journal.save_credentials(shard, loaded.shard_versions[shard], {key: _entry("x")})
+    assert revisions[key] > highest
