@@ -19,6 +19,7 @@ moved into shards on first load.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -131,10 +132,11 @@ def _plain(data: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class _Shard:
-    """A shard as last read or written: the stored documents (so an unchanged credential
-    is never sealed or encoded again) and what they parse to."""
+    """A shard as last read or written: each credential's stored text (so an unchanged
+    one is never sealed or encoded again), its document and what it parses to."""
 
     version: int
+    stored: Mapping[str, str]
     docs: Mapping[str, Mapping[str, Any]]
     entries: Mapping[str, IssuedEntry]
 
@@ -143,11 +145,18 @@ class _Shard:
         return int(doc["revision"]) if doc else 0
 
 
-_EMPTY = _Shard(0, {}, {})
+_EMPTY = _Shard(0, {}, {}, {})
 
 
-def _shard_record(docs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    return {"version": STATE_VERSION, "credentials": dict(docs)}
+def _encode(doc: Mapping[str, Any]) -> str:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
+def _shard_record(stored: Mapping[str, str]) -> dict[str, Any]:
+    # Each credential is one JSON text, not an object: OpenBao refuses a request body with
+    # more than 1,000 strings (max_request_json_strings), and a credential as an object
+    # is a dozen of them, so ~80 would already be too many. As text, 2 each.
+    return {"version": STATE_VERSION, "credentials": dict(stored)}
 
 
 class Journal:
@@ -277,7 +286,7 @@ class Journal:
             if (
                 cached is not None
                 and cached.version == version
-                and cached.docs == data.get("credentials")
+                and cached.stored == data.get("credentials")
             ):
                 return name, cached
             shard = self._guard(f"read {name}", partial(self._parse_shard, data, version))
@@ -291,16 +300,21 @@ class Journal:
         return name, shard
 
     def _parse_shard(self, data: Mapping[str, Any], version: int) -> _Shard:
-        docs = data["credentials"]
-        if not isinstance(docs, dict):
+        stored = data["credentials"]
+        if not isinstance(stored, dict):
             raise TypeError("'credentials' is not an object")
+        docs = {}
         entries = {}
-        for key, doc in docs.items():
+        for key, text in stored.items():
             if key != LINKERD_ISSUER and not key.startswith(KONG_PREFIX):
                 raise ValueError(f"unknown credential {key!r}")
+            if not isinstance(text, str):
+                raise TypeError(f"{key} is not a JSON text")
+            doc = json.loads(text)
             int(doc["revision"])
+            docs[key] = doc
             entries[key] = credential_from_json(doc, self._unseal)
-        return _Shard(version, docs, entries)
+        return _Shard(version, stored, docs, entries)
 
     # --- writing ------------------------------------------------------------------------
 
@@ -326,6 +340,7 @@ class Journal:
                     f"{self.description}: {shard} is at version {stored}, expected {version}"
                 )
             base = _EMPTY if found is None else self._parse_shard(*found)
+        stored = dict(base.stored)
         docs = dict(base.docs)
         entries = dict(base.entries)
         revisions: dict[str, int] = {}
@@ -333,6 +348,7 @@ class Journal:
             if shard_of(key) != shard:
                 raise ValueError(f"{key} does not belong in {shard}")
             if entry is None:
+                stored.pop(key, None)
                 docs.pop(key, None)
                 entries.pop(key, None)
                 revisions[key] = 0
@@ -342,12 +358,15 @@ class Journal:
             # anything published before.
             revision = max(base.revision(key), version) + 1
             docs[key] = {**credential_to_json(entry, self._seal), "revision": revision}
+            stored[key] = _encode(docs[key])
             entries[key] = entry
             revisions[key] = revision
         what = f"save {', '.join(sorted(changes)[:3])}{' …' if len(changes) > 3 else ''}"
-        new: int = self._guard(what, lambda: self.store.write(shard, _shard_record(docs), version))
+        new: int = self._guard(
+            what, lambda: self.store.write(shard, _shard_record(stored), version)
+        )
         with self._lock:
-            self._shards[shard] = _Shard(new, docs, entries)
+            self._shards[shard] = _Shard(new, stored, docs, entries)
             for key, entry in changes.items():
                 if entry is not None:
                     self._unsealed[docs[key]["key"].encode()] = entry.key_pem
@@ -419,8 +438,9 @@ class Journal:
             stored = (found[0].get("credentials") or {}) if found else {}
             merged = dict(stored)
             for key, doc in moved.items():
-                if key not in merged or int(merged[key]["revision"]) < int(doc["revision"]):
-                    merged[key] = doc
+                there = json.loads(merged[key]) if key in merged else None
+                if there is None or int(there["revision"]) < int(doc["revision"]):
+                    merged[key] = _encode(doc)
             if found is None or merged != stored:
                 self.store.write(shard, _shard_record(merged), found[1] if found else 0)
 

@@ -232,3 +232,22 @@ def test_two_vault_journals_on_one_path_cannot_both_save(openbao: OpenBao) -> No
     one.save_ca(loaded_one, v_one)
     with pytest.raises(JournalConflict):
         two.save_ca(loaded_two, v_two)
+
+
+def test_a_full_shard_stays_within_openbao_s_json_limits(openbao: OpenBao) -> None:
+    """OpenBao refuses a request body with over 1,000 strings (max_request_json_strings,
+    on by default): 300 credentials in one shard, more than 20,000 clients would put
+    there, are one write it accepts, and read back whole."""
+    from ca_daemon.rotation.journal import shard_of
+    from ca_daemon.rotation.state import client_key
+    from tests.unit.test_journal_shards import _entry
+
+    keys = [k for k in (client_key(f"c{i}") for i in range(40000)) if shard_of(k) == "shards/00"]
+    changes = {key: _entry(key[5:]) for key in keys[:300]}
+    path = f"ca-daemon/{unique('full-shard')}"
+    journal = Journal(_vault_store(openbao, path))
+    version, revisions = journal.save_credentials("shards/00", 0, changes)
+    assert version == 1 and set(revisions) == set(changes)
+    loaded = Journal(_vault_store(openbao, path)).load()
+    assert len(loaded.state.kong_clients) == 300
+    assert all(loaded.state.kong_clients[k[5:]].cert == e.cert for k, e in changes.items())

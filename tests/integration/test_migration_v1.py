@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,14 @@ import pytest
 
 from ca_daemon.anchor.records import FileRecordStore
 from ca_daemon.anchor.vault import VaultClient, VaultKvStore
-from ca_daemon.config import VaultAnchor, VaultAuth
+from ca_daemon.config import VaultAnchor, VaultAuth, load_settings
+from ca_daemon.metrics import Metrics
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.pki.keys import load_private_key, private_key_pem
 from ca_daemon.rotation.journal import Journal, shard_of
 from ca_daemon.rotation.state import STATE_VERSION
+from ca_daemon.runtime import build_engine
+from ca_daemon.service import DaemonService, Leadership
 from tests.fixtures.journal_files import credential_docs, shard_files
 from tests.fixtures.openbao import OpenBao
 from tests.integration.cli import ca_daemon
@@ -168,3 +172,30 @@ def test_upgrade_from_version_2_moves_each_record_into_its_shard(tmp_path: Path)
     assert not list(data.glob("state.d/credentials/*.json"))  # the old records are gone
     verify = ca_daemon("verify", "--config", str(config), cwd=tmp_path)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_standby_reads_an_older_layout_without_moving_it(tmp_path: Path) -> None:
+    """A rolling upgrade: the new release's standby shows the state from the version-2
+    records but writes nothing; only the leader's pass moves them."""
+    data, config = _v1_copy(tmp_path)
+    assert ca_daemon("run", "--once", "--config", str(config), cwd=tmp_path).returncode == 0
+    docs = _as_version_2(data, record_version=2)
+    files = {p: p.read_bytes() for p in data.glob("state*") if p.is_file()}
+    files |= {p: p.read_bytes() for p in data.glob("state.d/**/*.json")}
+    settings = load_settings(config)
+    service = DaemonService(settings, build_engine(settings), Metrics(), lambda: datetime.now(UTC))
+    service.leadership = Leadership(leader=False, holder="the-old-release")
+    standby = service.tick()
+    assert standby.ok, standby.errors
+    assert standby.state is not None
+    assert sorted(k for k, _ in standby.state.credentials()) == sorted(docs)
+    assert service.status()["phase"] == "steady"
+    after = {p: p.read_bytes() for p in data.glob("state*") if p.is_file()}
+    after |= {p: p.read_bytes() for p in data.glob("state.d/**/*.json")}
+    assert after == files  # nothing moved, nothing written
+
+    service.leadership = Leadership(leader=True)
+    assert service.tick().ok
+    assert json.loads((data / "state.json").read_text())["state"]["version"] == STATE_VERSION
+    assert sorted(credential_docs(data)) == sorted(docs)
+    assert not list(data.glob("state.d/credentials/*.json"))
