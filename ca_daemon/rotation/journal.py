@@ -14,7 +14,7 @@ so renewing one client never makes its shard neighbours look changed.
 The engine saves the state *before* it publishes anything derived from it; a crash
 between the two is repaired by publishing again from the saved state. Older states
 (version 1: everything in one document; version 2: one record per credential) are
-moved into shards on first load.
+moved into shards by the first writer's load; other readers see them moved in memory.
 """
 
 from __future__ import annotations
