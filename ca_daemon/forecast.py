@@ -640,8 +640,8 @@ def forecast(state: State, settings: Settings, start: datetime, until: datetime)
 
 
 class _CopiedStore:
-    """Records copied out of the real store into memory; writes (a version-1 state is
-    split on first load) stay here."""
+    """Records copied out of the real store into memory; writes (an older layout is
+    moved into shards on first load) stay here."""
 
     def __init__(self, description: str, records: Mapping[str, tuple[Record, int]]) -> None:
         self.description = description

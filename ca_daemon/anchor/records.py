@@ -191,7 +191,7 @@ class FileRecordStore:
 class ReadOnlyStore:
     """A record store whose writes stay in memory: what a read-only command loads through.
 
-    Loading may rewrite records (a version-1 state is split on first load); a command
+    Loading may rewrite records (an older layout is moved into shards); a command
     that must not write sees the result without anything reaching the disk.
     """
 

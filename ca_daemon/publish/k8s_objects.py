@@ -31,7 +31,7 @@ NOT_AFTER = "ca-daemon.io/not-after"
 # Hash of the data the daemon wrote: lets any later reader (even after a restart) see
 # that someone else changed the data since.
 CONTENT = "ca-daemon.io/content-sha256"
-# "<epoch>.<CA record version>.<credential record version>" the object was derived from
+# "<epoch>.<CA record version>.<credential revision>" the object was derived from
 # (ca_daemon/publish/generation.py): a writer holding an older journal view (a deposed
 # leader) must not overwrite it.
 GENERATION = "ca-daemon.io/generation"

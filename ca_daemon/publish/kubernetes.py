@@ -102,9 +102,7 @@ class Live:
     data: dict[str, str] | None
 
 
-def _live(doc: Mapping[str, Any] | None) -> Live | None:
-    if doc is None:
-        return None
+def _live(doc: Mapping[str, Any]) -> Live:
     meta = doc.get("metadata") or {}
     return Live(
         LiveMeta(
@@ -221,7 +219,6 @@ class KubernetesPublisher:
             page = call(what, fn, namespace, raw=True, **page_kw) or {}
             for item in page.get("items") or []:
                 live = _live(item)
-                assert live is not None
                 found[live.metadata.name] = live
             token = (page.get("metadata") or {}).get("continue")
             if not token:
@@ -269,9 +266,8 @@ class KubernetesPublisher:
 
     def _read(self, obj: DesiredObject) -> Any:
         read = self._api(obj.kind).read
-        return _live(
-            call(f"read {obj.ref}", read, obj.name, obj.namespace, missing_ok=True, raw=True)
-        )
+        found = call(f"read {obj.ref}", read, obj.name, obj.namespace, missing_ok=True, raw=True)
+        return None if found is None else _live(found)
 
     def _body(self, obj: DesiredObject, live: Any) -> dict[str, Any]:
         labels = dict((live.metadata.labels if live else None) or {})
@@ -406,16 +402,15 @@ class KubernetesPublisher:
         if found is not None:
             live = found.get(patch.name)
         else:
-            live = _live(
-                call(
-                    what,
-                    self.core.read_namespaced_service,
-                    patch.name,
-                    patch.namespace,
-                    missing_ok=True,
-                    raw=True,
-                )
+            doc = call(
+                what,
+                self.core.read_namespaced_service,
+                patch.name,
+                patch.namespace,
+                missing_ok=True,
+                raw=True,
             )
+            live = None if doc is None else _live(doc)
         if live is None:
             raise KubeError(
                 f"{what}: Service not found; create it or fix kong.clients[].service "
@@ -456,14 +451,10 @@ class KubernetesPublisher:
                     s for s in known.values() if (s.metadata.labels or {}).get(ROLE) == Role.KONG_CA
                 ]
             else:
-                page = call(
-                    what,
-                    self.core.list_namespaced_secret,
-                    kong.namespace,
-                    label_selector=selector,
-                    raw=True,
+                listed_now = self._list(
+                    what, self.core.list_namespaced_secret, kong.namespace, label_selector=selector
                 )
-                secrets = [_live(item) for item in (page or {}).get("items") or []]
+                secrets = list(listed_now.values())
             for secret in secrets:
                 name = secret.metadata.name
                 if name in keep:

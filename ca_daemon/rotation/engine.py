@@ -28,7 +28,13 @@ from ca_daemon.pki.bundle import bundle_hash
 from ca_daemon.pki.keys import generate_key, private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject, build_csr, capped_validity, check_profile
 from ca_daemon.publish.base import Publisher, PublishReport
-from ca_daemon.rotation.journal import Journal, JournalConflict, JournalError, rebuild_ca_record
+from ca_daemon.rotation.journal import (
+    Journal,
+    JournalConflict,
+    JournalError,
+    rebuild_ca_record,
+    shard_of,
+)
 from ca_daemon.rotation.plan import (
     CREDENTIAL_STEPS,
     ISSUING_STEPS,
@@ -612,7 +618,7 @@ class Engine:
         goes on meanwhile)."""
         by_shard: dict[str, list[CredentialStep]] = {}
         for step in steps:
-            by_shard.setdefault(self.journal.shard_of(_credential_key(step)), []).append(step)
+            by_shard.setdefault(shard_of(_credential_key(step)), []).append(step)
 
         def work(step: CredentialStep) -> IssuedEntry | None:
             return None if isinstance(step, DropKongClient) else self._issue(step, state, now)

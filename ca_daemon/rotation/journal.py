@@ -133,16 +133,12 @@ def _plain(data: bytes) -> bytes:
 @dataclass(frozen=True)
 class _Shard:
     """A shard as last read or written: each credential's stored text (so an unchanged
-    one is never sealed or encoded again), its document and what it parses to."""
+    one is never unsealed, sealed or encoded again), its revision and what it parses to."""
 
     version: int
     stored: Mapping[str, str]
-    docs: Mapping[str, Mapping[str, Any]]
+    revisions: Mapping[str, int]
     entries: Mapping[str, IssuedEntry]
-
-    def revision(self, credential: str) -> int:
-        doc = self.docs.get(credential)
-        return int(doc["revision"]) if doc else 0
 
 
 _EMPTY = _Shard(0, {}, {}, {})
@@ -166,25 +162,13 @@ class Journal:
         self.store = store
         self.description = store.description
         self._seal = seal
-        self._unseal_raw = unseal
-        # Unsealing may be slow (key derivation); a key's sealed text never changes.
-        self._unsealed: dict[bytes, bytes] = {}
-        # By shard: a load re-parses only the shards whose version moved.
+        self._unseal = unseal
+        # By shard: a load re-parses only the shards that moved, and in those only the
+        # credentials that did (unsealing may be slow: key derivation).
         self._shards: dict[str, _Shard] = {}
         self._lock = threading.Lock()
         self._migration = threading.Lock()
         self._leftovers_checked = False
-
-    shard_of = staticmethod(shard_of)
-
-    def _unseal(self, sealed: bytes) -> bytes:
-        with self._lock:
-            cached = self._unsealed.get(sealed)
-        if cached is None:
-            cached = self._unseal_raw(sealed)
-            with self._lock:
-                self._unsealed[sealed] = cached
-        return cached
 
     def _guard(self, what: str, action: Callable[[], Any]) -> Any:
         try:
@@ -241,7 +225,7 @@ class Journal:
     def _in_memory(self) -> Journal:
         """This journal over a store whose writes stay in memory: the older layout moved
         there, nothing written."""
-        return Journal(ReadOnlyStore(self.store), self._seal, self._unseal_raw)
+        return Journal(ReadOnlyStore(self.store), self._seal, self._unseal)
 
     def load(self, migrate: bool = True) -> Versioned:
         try:
@@ -261,15 +245,11 @@ class Journal:
         for name, shard in shards:
             shard_versions[name] = shard.version
             for key, entry in shard.entries.items():
-                revisions[key] = shard.revision(key)
+                revisions[key] = shard.revisions[key]
                 if key == LINKERD_ISSUER:
                     issuer = entry
                 else:
                     clients[key.removeprefix(KONG_PREFIX)] = entry
-        # Only the keys still journaled stay cached: renewals must not grow it forever.
-        sealed = {doc["key"].encode() for _, shard in shards for doc in shard.docs.values()}
-        with self._lock:
-            self._unsealed = {k: v for k, v in self._unsealed.items() if k in sealed}
         state = State(ca=record, linkerd_issuer=issuer, kong_clients=clients)
         return Versioned(state, version, revisions, shard_versions)
 
@@ -289,7 +269,7 @@ class Journal:
                 and cached.stored == data.get("credentials")
             ):
                 return name, cached
-            shard = self._guard(f"read {name}", partial(self._parse_shard, data, version))
+            shard = self._guard(f"read {name}", partial(self._parse_shard, data, version, cached))
         except JournalCorrupt as exc:
             raise JournalCorrupt(
                 f"{exc}: restore it from a backup, or delete it so the credentials it holds "
@@ -299,22 +279,29 @@ class Journal:
             self._shards[name] = shard
         return name, shard
 
-    def _parse_shard(self, data: Mapping[str, Any], version: int) -> _Shard:
+    def _parse_shard(
+        self, data: Mapping[str, Any], version: int, previous: _Shard | None = None
+    ) -> _Shard:
+        """The shard in ``data``; a credential stored exactly as in ``previous`` is taken
+        from there, not parsed and unsealed again."""
         stored = data["credentials"]
         if not isinstance(stored, dict):
             raise TypeError("'credentials' is not an object")
-        docs = {}
+        before = previous or _EMPTY
+        revisions = {}
         entries = {}
         for key, text in stored.items():
             if key != LINKERD_ISSUER and not key.startswith(KONG_PREFIX):
                 raise ValueError(f"unknown credential {key!r}")
             if not isinstance(text, str):
                 raise TypeError(f"{key} is not a JSON text")
+            if before.stored.get(key) == text:
+                revisions[key], entries[key] = before.revisions[key], before.entries[key]
+                continue
             doc = json.loads(text)
-            int(doc["revision"])
-            docs[key] = doc
+            revisions[key] = int(doc["revision"])
             entries[key] = credential_from_json(doc, self._unseal)
-        return _Shard(version, stored, docs, entries)
+        return _Shard(version, stored, revisions, entries)
 
     # --- writing ------------------------------------------------------------------------
 
@@ -334,14 +321,14 @@ class Journal:
             base = self._shards.get(shard, _EMPTY)
         if base.version != version:
             found = self._guard(f"read {shard}", partial(self.store.read, shard))
-            stored = found[1] if found else 0
-            if stored != version:
+            current = found[1] if found else 0
+            if current != version:
                 raise JournalConflict(
-                    f"{self.description}: {shard} is at version {stored}, expected {version}"
+                    f"{self.description}: {shard} is at version {current}, expected {version}"
                 )
-            base = _EMPTY if found is None else self._parse_shard(*found)
+            base = _EMPTY if found is None else self._parse_shard(found[0], found[1], base)
         stored = dict(base.stored)
-        docs = dict(base.docs)
+        all_revisions = dict(base.revisions)
         entries = dict(base.entries)
         revisions: dict[str, int] = {}
         for key, entry in changes.items():
@@ -349,27 +336,23 @@ class Journal:
                 raise ValueError(f"{key} does not belong in {shard}")
             if entry is None:
                 stored.pop(key, None)
-                docs.pop(key, None)
+                all_revisions.pop(key, None)
                 entries.pop(key, None)
                 revisions[key] = 0
                 continue
             # Above the shard's own version too: a shard restored from a backup brings older
             # revisions back, and what is written after it must still be newer than
             # anything published before.
-            revision = max(base.revision(key), version) + 1
-            docs[key] = {**credential_to_json(entry, self._seal), "revision": revision}
-            stored[key] = _encode(docs[key])
+            revision = max(base.revisions.get(key, 0), version) + 1
+            stored[key] = _encode({**credential_to_json(entry, self._seal), "revision": revision})
+            all_revisions[key] = revisions[key] = revision
             entries[key] = entry
-            revisions[key] = revision
         what = f"save {', '.join(sorted(changes)[:3])}{' …' if len(changes) > 3 else ''}"
         new: int = self._guard(
             what, lambda: self.store.write(shard, _shard_record(stored), version)
         )
         with self._lock:
-            self._shards[shard] = _Shard(new, stored, docs, entries)
-            for key, entry in changes.items():
-                if entry is not None:
-                    self._unsealed[docs[key]["key"].encode()] = entry.key_pem
+            self._shards[shard] = _Shard(new, stored, all_revisions, entries)
         return new, revisions
 
     # --- migration ----------------------------------------------------------------------

@@ -60,16 +60,16 @@ from ca_daemon.rotation.state import LINKERD_ISSUER
 from ca_daemon.runtime import file_journal
 from ca_daemon.verify import verify_directory
 from ca_daemon.world import TrustWorld, desired_world
-from tests.fakes.kong_admin import FakeKong, serve
+from tests.fakes.kong_admin import FakeKong
 from tests.fixtures.kube import Kube
 from tests.integration.cli import ca_daemon, daemon_env
 from tests.integration.test_directory_atomic import documented_files
 from tests.integration.test_engine_local import two_clients
-from tests.integration.test_kong_admin import CLIENTS as KONG_CLIENTS
 from tests.integration.test_kong_admin import TOKEN as KONG_TOKEN
 from tests.integration.test_kong_admin import _setup as kong_setup
 from tests.integration.test_kong_admin import cert_id as kong_cert_id
-from tests.integration.test_kubernetes_publish import Cluster, make_cluster
+from tests.integration.test_kong_admin import kong_stand_in
+from tests.integration.test_kubernetes_publish import Cluster, make_cluster, published_cluster
 from tests.unit.conftest import NOW
 
 pytestmark = pytest.mark.integration
@@ -120,10 +120,7 @@ GARBAGE: dict[str, Callable[[], Garbage]] = {
 
 @pytest.fixture(scope="module")
 def edge_cluster(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    c = make_cluster(kube, tmp_path_factory.mktemp("edge-k8s"), "edge")
-    first = c.run("run", "--once")
-    assert first.returncode == 0, first.stdout + first.stderr
-    return c
+    return published_cluster(kube, tmp_path_factory.mktemp("edge-k8s"), "edge")
 
 
 def _b64(data: bytes) -> str:
@@ -521,11 +518,7 @@ def _published_an_hour_ago(out: Path) -> None:
 @pytest.fixture
 def kong_admin() -> Iterator[FakeKong]:
     """The Kong stand-in (tests/fakes/kong_admin.py): no Kong runs here."""
-    with serve() as fake:
-        fake.store.token = KONG_TOKEN
-        fake.store.clock = lambda: NOW
-        for service in KONG_CLIENTS.values():
-            fake.store.add_service(service, protocol="https")
+    with kong_stand_in() as fake:
         yield fake
 
 

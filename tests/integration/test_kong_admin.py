@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,20 @@ class Setup:
     publisher: KongAdminPublisher
 
 
-@pytest.fixture
-def kong() -> Iterator[FakeKong]:
+@contextmanager
+def kong_stand_in() -> Iterator[FakeKong]:
+    """The Kong stand-in (no Kong runs here) with the token and the clients' Services."""
     with serve() as fake:
         fake.store.token = TOKEN
         fake.store.clock = lambda: NOW
         for service in CLIENTS.values():
             fake.store.add_service(service, protocol="https")
+        yield fake
+
+
+@pytest.fixture
+def kong() -> Iterator[FakeKong]:
+    with kong_stand_in() as fake:
         yield fake
 
 

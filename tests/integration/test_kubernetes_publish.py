@@ -163,12 +163,17 @@ def make_cluster(kube: Kube, workdir: Path, prefix: str) -> Cluster:
     return Cluster(kube, workdir, config, kubeconfig, token, linkerd_ns, kong_ns, app_ns, bundle_ns)
 
 
-@pytest.fixture(scope="module")
-def cluster(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    c = make_cluster(kube, tmp_path_factory.mktemp("k8s"), "pub")
+def published_cluster(kube: Kube, workdir: Path, prefix: str) -> Cluster:
+    """make_cluster, then a first `run --once` that publishes everything."""
+    c = make_cluster(kube, workdir, prefix)
     first = c.run("run", "--once")
     assert first.returncode == 0, first.stdout + first.stderr
     return c
+
+
+@pytest.fixture(scope="module")
+def cluster(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    return published_cluster(kube, tmp_path_factory.mktemp("k8s"), "pub")
 
 
 def _managed(obj: Any) -> None:

@@ -221,15 +221,18 @@ def test_an_engine_batch_writes_each_touched_shard_once(
     assert len(engine.journal.load().state.kong_clients) == 300
 
 
-def test_only_keys_still_journaled_stay_cached() -> None:
-    journal = Journal(DictStore())
-    key = client_key("payments")
-    shard = shard_of(key)
-    version = 0
-    for _ in range(5):  # five renewals of one client
-        version, _ = journal.save_credentials(shard, version, {key: _entry("payments")})
-    journal.load()
-    assert len(journal._unsealed) == 1
+def test_a_shard_that_moved_unseals_only_the_credentials_that_changed() -> None:
+    store, calls = DictStore(), Counter[str]()
+    one, two = _two_in_one_shard()
+    shard = shard_of(one)
+    Journal(store).save_credentials(shard, 0, {one: _entry("a"), two: _entry("b")})
+    reader = Journal(store, unseal=_counting(calls, "unseal"))
+    reader.load()
+    assert calls["unseal"] == 2
+    for version in range(1, 6):  # another writer renews one of them five times
+        Journal(store).save_credentials(shard, version, {one: _entry(f"a{version}")})
+        reader.load()
+    assert calls["unseal"] == 2 + 5  # the other one was never unsealed again
 
 
 # --- older layouts, read and moved ---------------------------------------------------------
