@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench.lib import parallel, repeats, save, servers, sizes
-from ca_daemon.config import Settings, load_settings
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.runtime import build_anchor_and_journal
 from tests.fixtures.openbao import OpenBao
 
 CONCURRENCY = 8

@@ -22,12 +22,12 @@ from typing import Any
 
 from bench.issuance import CONCURRENCY, raw_sign, vault_settings
 from bench.lib import headless_services, parallel, repeats, save, servers, sizes
-from ca_daemon.config import Settings
-from ca_daemon.kube import api_client
+from ca_daemon.config.settings import Settings
+from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.publish.kubernetes import KubernetesPublisher
-from ca_daemon.rbac import manifests
+from ca_daemon.report.rbac import manifests
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.runtime import build_anchor_and_journal
+from ca_daemon.util.kube import api_client
 from tests.fixtures.kube import READS, WRITES, Kube, api_requests, total
 from tests.fixtures.openbao import OpenBao
 

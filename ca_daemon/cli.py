@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from ca_daemon import __version__, forecast
-from ca_daemon.config import ConfigError, Settings, effective_config, load_settings
+from ca_daemon import __version__
+from ca_daemon.config.settings import ConfigError, Settings, effective_config, load_settings
+from ca_daemon.report import forecast
 from ca_daemon.rotation.engine import PassResult
 
 if TYPE_CHECKING:
-    from ca_daemon.api_client import Client as ApiClient
+    from ca_daemon.api.client import Client as ApiClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -123,7 +124,8 @@ def _owned(settings: Settings, wait: float) -> AbstractContextManager[None]:
     """The local data directory's lock; the Vault journal is guarded by check-and-set."""
     if settings.anchor.backend != "local":
         return nullcontext()
-    from ca_daemon.datalock import owning
+    # local import: start-up time, each command loads only what it runs
+    from ca_daemon.service.datalock import owning
 
     return owning(
         settings.anchor.local.dir, wait=wait, say=lambda line: print(line, file=sys.stderr)
@@ -131,7 +133,8 @@ def _owned(settings: Settings, wait: float) -> AbstractContextManager[None]:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from ca_daemon.datalock import DataDirBusy
+    # local import: start-up time, each command loads only what it runs
+    from ca_daemon.service.datalock import DataDirBusy
 
     try:
         with _owned(settings, ONCE_LOCK_WAIT if args.once else 0.0):
@@ -142,9 +145,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
+    # local import: start-up time, each command loads only what it runs
     from ca_daemon.daemon import run_forever
-    from ca_daemon.runtime import build_engine
-    from ca_daemon.status import expired
+    from ca_daemon.report.status import expired
+    from ca_daemon.service.wiring import build_engine
 
     engine = build_engine(settings)
     if args.once:
@@ -161,7 +165,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _client(args: argparse.Namespace, settings: Settings) -> ApiClient:
-    from ca_daemon.api_client import Client, default_url, read_token
+    # local import: start-up time, each command loads only what it runs
+    from ca_daemon.api.client import Client, default_url, read_token
 
     return Client(
         args.url or default_url(settings), read_token(args.token_file or settings.api_token_file)
@@ -169,7 +174,8 @@ def _client(args: argparse.Namespace, settings: Settings) -> ApiClient:
 
 
 def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
-    from ca_daemon.api_client import ApiError
+    # local import: start-up time, each command loads only what it runs
+    from ca_daemon.api.client import ApiError
 
     try:
         client = _client(args, settings)
@@ -193,8 +199,9 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _remote_status(args: argparse.Namespace, settings: Settings) -> int:
-    from ca_daemon.api_client import ApiError
-    from ca_daemon.status import render_table
+    # local import: start-up time, each command loads only what it runs
+    from ca_daemon.api.client import ApiError
+    from ca_daemon.report.status import render_table
 
     try:
         view = _client(args, settings).status()
@@ -208,11 +215,12 @@ def _remote_status(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.url:
         return _remote_status(args, settings)
+    # local import: start-up time, each command loads only what it runs
     from ca_daemon.anchor.base import AnchorError
     from ca_daemon.anchor.local import NoState
-    from ca_daemon.rotation.journal import JournalError
-    from ca_daemon.runtime import build_anchor_and_journal
-    from ca_daemon.status import expired, render_table, status_view, waiting_for, warnings
+    from ca_daemon.journal.journal import JournalError
+    from ca_daemon.journal.open import build_anchor_and_journal
+    from ca_daemon.report.status import expired, render_table, status_view, waiting_for, warnings
 
     try:  # read-only: never creates a passphrase, never saves
         _, journal = build_anchor_and_journal(settings, create=False)
@@ -235,13 +243,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from ca_daemon.verify import Thresholds, verify_published
+    # local import: start-up time, each command loads only what it runs
+    from ca_daemon.report.verify import Thresholds, verify_published
 
     thresholds = Thresholds.from_settings(settings)
     now = datetime.now(UTC)
     if args.kubeconfig is not None or (args.dir is None and settings.kubernetes_enabled):
-        from ca_daemon.kube import KubeError, api_client
-        from ca_daemon.verify_cluster import verify_cluster
+        # local import: start-up time, each command loads only what it runs
+        from ca_daemon.report.verify_cluster import verify_cluster
+        from ca_daemon.util.kube import KubeError, api_client
 
         where = "cluster"
         try:
@@ -262,7 +272,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     if args.config_command == "rbac":
-        from ca_daemon.rbac import manifests
+        # local import: start-up time, each command loads only what it runs
+        from ca_daemon.report.rbac import manifests
 
         namespace, _, name = args.service_account.rpartition("/")
         if not namespace or not name:
@@ -276,11 +287,13 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from ca_daemon import logs
+    # local import: start-up time, each command loads only what it runs
+    from ca_daemon.util import logs
 
     logs.configure()
     if args.command == "config" and args.config_command == "schema":
-        from ca_daemon import schema
+        # local import: start-up time, each command loads only what it runs
+        from ca_daemon.report import schema
 
         print(
             schema.dumps(schema.values_schema() if args.helm_values else schema.config_schema()),

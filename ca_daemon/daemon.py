@@ -11,18 +11,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from ca_daemon.config import Settings
-from ca_daemon.metrics import Metrics
+from ca_daemon.api.audit import AuditLog
+from ca_daemon.api.auth import StaticTokenAuth, authenticator, ensure_token_file
+from ca_daemon.api.server import ServerThread, build_app
+from ca_daemon.config.settings import Settings
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.server import ServerThread
-from ca_daemon.service import DaemonService, Leadership
-
-if TYPE_CHECKING:
-    from ca_daemon.leader import LeaderElector
+from ca_daemon.service.leader import LeaderElector, build_elector
+from ca_daemon.service.metrics import Metrics
+from ca_daemon.service.service import DaemonService, Leadership
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,8 @@ def run_forever(
 
 def _elector(settings: Settings, service: DaemonService, metrics: Metrics) -> LeaderElector | None:
     """The Lease elector when leader election is on (else this process leads)."""
-    from ca_daemon.leader import build_elector, election_enabled
 
-    if not election_enabled(settings):
+    if not settings.leader_election_enabled:
         metrics.leader.set(1)
         return None
     metrics.leader.set(0)
@@ -185,9 +184,6 @@ def _elector(settings: Settings, service: DaemonService, metrics: Metrics) -> Le
 
 
 def _start_server(settings: Settings, service: DaemonService, address: str) -> ServerThread:
-    from ca_daemon.api_auth import StaticTokenAuth, authenticator, ensure_token_file
-    from ca_daemon.audit import AuditLog
-    from ca_daemon.server import build_app
 
     auth = authenticator(settings)
     if isinstance(auth, StaticTokenAuth):

@@ -2,7 +2,7 @@
 # One-time Vault/OpenBao set-up for ca-daemon, run by an administrator (docs/vault.md).
 #
 # Creates what the daemon would otherwise create itself with anchor.vault.create_if_missing
-# (the same mounts and the same kong-client role parameters as ca_daemon/anchor/vault.py),
+# (the same mounts and the same kong-client role parameters as ca_daemon/anchor/vault/pki.py),
 # the least-privilege policy (policies/vault-policy.hcl) and a Kubernetes auth role bound
 # to the chart's ServiceAccount, with audience `vault` (the chart's vault.audience).
 # Afterwards set anchor.vault.create_if_missing=false in the chart's values.
@@ -31,7 +31,7 @@ SA_NAMESPACE=${SA_NAMESPACE:-ca-daemon}
 SA_NAME=${SA_NAME:-ca-daemon}
 AUDIENCE=${AUDIENCE:-vault}
 TOKEN_TTL=${TOKEN_TTL:-1h}
-MAX_TTL=876000h   # MOUNT_MAX_TTL in ca_daemon/anchor/vault.py
+MAX_TTL=876000h   # MOUNT_MAX_TTL in ca_daemon/anchor/vault/pki.py
 HERE=$(cd "$(dirname "$0")" && pwd)
 POLICY_FILE=${POLICY_FILE:-$HERE/../policies/vault-policy.hcl}
 

@@ -23,7 +23,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca_daemon.anchor.base import CA, AnchorError
-from ca_daemon.files import ensure_private_dir, write_atomic
 from ca_daemon.pki.bundle import certificate_pem
 from ca_daemon.pki.keys import (
     KeyMaterialError,
@@ -35,6 +34,7 @@ from ca_daemon.pki.keys import (
     private_key_pem,
 )
 from ca_daemon.pki.profiles import Kind, Subject, Validity, sign_certificate
+from ca_daemon.util.files import ensure_private_dir, write_atomic
 
 _REF = re.compile(r"^[a-z0-9][-a-z0-9]*$")
 # The ref of the active root, noted at each activation (as Vault's default issuer).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ca_daemon.world import TrustWorld
+from ca_daemon.model.world import TrustWorld
 
 
 @dataclass

@@ -21,11 +21,11 @@ import os
 import stat
 from pathlib import Path
 
-from ca_daemon.files import DIR_MODE, write_tree_atomic
+from ca_daemon.model.generation import UNKNOWN, format_generation, generation_of, parse_generation
+from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import render_pem, stable_id
 from ca_daemon.publish.base import PublishReport
-from ca_daemon.publish.generation import UNKNOWN, format_generation, generation_of, parse_generation
-from ca_daemon.world import TrustWorld
+from ca_daemon.util.files import DIR_MODE, write_tree_atomic
 
 KEY_MODE = 0o600
 CERT_MODE = 0o644

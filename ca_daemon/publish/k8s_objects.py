@@ -18,11 +18,14 @@ from typing import Any
 
 from cryptography import x509
 
-from ca_daemon.config import Settings
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.generation import UNKNOWN, Generation, generation_of
+from ca_daemon.model.world import TrustWorld, published_before
 from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem, stable_id
-from ca_daemon.publish.generation import UNKNOWN, Generation, generation_of
-from ca_daemon.world import TrustWorld, published_before
 
+# A namespace with this many objects of one kind to publish is read with one LIST (and the
+# RBAC that `config rbac` prints grants `list` there).
+LIST_FROM = 2
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "ca-daemon"
 ROLE = "ca-daemon.io/role"
@@ -32,7 +35,7 @@ NOT_AFTER = "ca-daemon.io/not-after"
 # that someone else changed the data since.
 CONTENT = "ca-daemon.io/content-sha256"
 # "<epoch>.<CA record version>.<credential revision>" the object was derived from
-# (ca_daemon/publish/generation.py): a writer holding an older journal view (a deposed
+# (ca_daemon/model/generation.py): a writer holding an older journal view (a deposed
 # leader) must not overwrite it.
 GENERATION = "ca-daemon.io/generation"
 

@@ -32,22 +32,22 @@ from typing import Any
 
 import httpx
 
-from ca_daemon.config import KongClient, KongConfig
-from ca_daemon.pki.bundle import KONG_ID_NAMESPACE, render_pem, stable_id
-from ca_daemon.publish.base import PublishReport
-from ca_daemon.publish.generation import (
+from ca_daemon.config.settings import KongClient, KongConfig
+from ca_daemon.model.generation import (
     UNKNOWN,
     Generation,
     format_generation,
     generation_of,
     parse_generation,
 )
-from ca_daemon.world import TrustWorld
+from ca_daemon.model.world import TrustWorld
+from ca_daemon.pki.bundle import KONG_ID_NAMESPACE, render_pem, stable_id
+from ca_daemon.publish.base import PublishReport
 
 MANAGED_TAG = "managed-by-ca-daemon"
 ROOT_TAG = "ca-daemon-root"
 CLIENT_TAG_PREFIX = "ca-daemon-client-"
-# The journal generation an entity was written from (ca_daemon/publish/generation.py): a
+# The journal generation an entity was written from (ca_daemon/model/generation.py): a
 # writer holding an older journal (a deposed leader) must not overwrite or delete it.
 GENERATION_TAG_PREFIX = "ca-daemon-generation:"
 TOKEN_HEADER = "Kong-Admin-Token"

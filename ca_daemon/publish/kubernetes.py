@@ -8,7 +8,7 @@ re-reading on a 409. Nothing is written when nothing changed.
 Reading is one LIST per (namespace, kind) with the ``managed-by=ca-daemon`` selector
 (and one per namespace for the Services to annotate), not one GET per object: a steady
 pass with thousands of clients makes a handful of requests. A (namespace, kind) with
-fewer than ``rbac.LIST_FROM`` objects is read by name (one request either way), so
+fewer than ``LIST_FROM`` objects is read by name (one request either way), so
 its Role need not allow ``list`` there. A name the LIST did not
 return is created; a 409 on that create (an unlabelled object of that name, or one
 made meanwhile) re-reads it with a GET and decides as before. A name this process
@@ -32,19 +32,20 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client import rest
 
-from ca_daemon.config import Settings
-from ca_daemon.kube import KubeConflict, KubeError, call
-from ca_daemon.publish.base import PublishReport
-from ca_daemon.publish.generation import (
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.generation import (
     UNKNOWN,
     Generation,
     format_generation,
     generation_of,
     parse_generation,
 )
+from ca_daemon.model.world import TrustWorld
+from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.k8s_objects import (
     CONTENT,
     GENERATION,
+    LIST_FROM,
     MANAGED_BY,
     MANAGER,
     ROLE,
@@ -56,9 +57,8 @@ from ca_daemon.publish.k8s_objects import (
     desired_service_patches,
     warning_event,
 )
-from ca_daemon.ratelimit import limit_kubernetes_client, limiter
-from ca_daemon.rbac import LIST_FROM
-from ca_daemon.world import TrustWorld
+from ca_daemon.util.kube import KubeConflict, KubeError, call
+from ca_daemon.util.ratelimit import limit_kubernetes_client, limiter
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Deciding and carrying out what the trust world must look like: plan, journal, engine."""
+"""Deciding and carrying out what the trust world must look like: plan and engine."""

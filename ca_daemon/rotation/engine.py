@@ -23,18 +23,33 @@ from typing import Literal, Protocol
 from cryptography import x509
 
 from ca_daemon.anchor.base import CA, Anchor, existing_cas
-from ca_daemon.config import Settings
-from ca_daemon.pki.bundle import bundle_hash
-from ca_daemon.pki.keys import generate_key, private_key_pem
-from ca_daemon.pki.profiles import Kind, Subject, build_csr, capped_validity, check_profile
-from ca_daemon.publish.base import Publisher, PublishReport
-from ca_daemon.rotation.journal import (
+from ca_daemon.config.settings import Settings
+from ca_daemon.journal.journal import (
     Journal,
     JournalConflict,
     JournalError,
     rebuild_ca_record,
     shard_of,
 )
+from ca_daemon.model.state import (
+    LINKERD_ISSUER,
+    CaRecord,
+    IntermediateEntry,
+    IssuedEntry,
+    Operation,
+    OpState,
+    Phase,
+    RootEntry,
+    RootRole,
+    Rotation,
+    State,
+    client_key,
+)
+from ca_daemon.model.world import TrustWorld, desired_world, newest_content
+from ca_daemon.pki.bundle import bundle_hash
+from ca_daemon.pki.keys import generate_key, private_key_pem
+from ca_daemon.pki.profiles import Kind, Subject, build_csr, capped_validity, check_profile
+from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.rotation.plan import (
     CREDENTIAL_STEPS,
     ISSUING_STEPS,
@@ -68,21 +83,6 @@ from ca_daemon.rotation.plan import (
     plan,
     retire_after,
 )
-from ca_daemon.rotation.state import (
-    LINKERD_ISSUER,
-    CaRecord,
-    IntermediateEntry,
-    IssuedEntry,
-    Operation,
-    OpState,
-    Phase,
-    RootEntry,
-    RootRole,
-    Rotation,
-    State,
-    client_key,
-)
-from ca_daemon.world import TrustWorld, desired_world, newest_content
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from ca_daemon.anchor.base import CA
-from ca_daemon.config import KongClient, Settings
-from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem
-from ca_daemon.pki.profiles import Subject, subject_alt_names
-from ca_daemon.rotation.state import (
+from ca_daemon.config.settings import KongClient, Settings
+from ca_daemon.model.state import (
     KONG_PREFIX,
     LINKERD_ISSUER,
     IntermediateEntry,
@@ -41,6 +39,8 @@ from ca_daemon.rotation.state import (
     client_key,
     trusted_roots,
 )
+from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem
+from ca_daemon.pki.profiles import Subject, subject_alt_names
 
 TRUST_ANCHOR = "trust-anchor"
 KONG_INTERMEDIATE = "kong-intermediate"

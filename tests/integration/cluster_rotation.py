@@ -28,18 +28,18 @@ import httpx
 import yaml
 from cryptography import x509
 
-from ca_daemon.config import Settings, load_settings
-from ca_daemon.kube import api_client
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.journal import Journal
+from ca_daemon.journal.open import build_anchor_and_journal
+from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import bundle_hash, fingerprint, parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.publish.linkerd_rollout import RESTARTED_AT, LinkerdRollout
-from ca_daemon.rbac import manifests
+from ca_daemon.report.rbac import manifests
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.journal import Journal
-from ca_daemon.runtime import build_anchor_and_journal
-from ca_daemon.world import TrustWorld
+from ca_daemon.util.kube import api_client
 from tests.fixtures.kube import Kube
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.fixtures.tools import unique

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from ca_daemon.model.world import TrustWorld
 from ca_daemon.publish.base import Publisher, PublishReport
-from ca_daemon.world import TrustWorld
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.invariants import InvariantChecker, Published
 

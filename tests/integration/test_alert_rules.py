@@ -17,13 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ca_daemon.anchor.base import AnchorError
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config import Settings, embedded_default, load_settings
-from ca_daemon.metrics import Metrics
+from ca_daemon.config.settings import Settings, embedded_default, load_settings
+from ca_daemon.journal.open import file_journal
+from ca_daemon.model.world import TrustWorld
 from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.runtime import file_journal
-from ca_daemon.world import TrustWorld
+from ca_daemon.service.metrics import Metrics
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ca_daemon.config import load_settings
-from ca_daemon.metrics import Metrics
-from ca_daemon.runtime import build_engine
+from ca_daemon.config.settings import load_settings
+from ca_daemon.service.metrics import Metrics
+from ca_daemon.service.wiring import build_engine
 from tests.fixtures.openbao import own_openbao
 from tests.fixtures.tools import unique
 from tests.integration.vault_helpers import vault_config

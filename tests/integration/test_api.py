@@ -21,15 +21,15 @@ import httpx
 import pytest
 import yaml
 
-from ca_daemon.api_auth import Authenticator, KubernetesAuth, StaticTokenAuth, ensure_token_file
-from ca_daemon.api_client import Client
-from ca_daemon.audit import AuditLog
-from ca_daemon.config import ServerSar, Settings, load_settings
-from ca_daemon.metrics import Metrics
-from ca_daemon.rbac import manifests
-from ca_daemon.runtime import build_engine
-from ca_daemon.server import ServerThread, build_app
-from ca_daemon.service import DaemonService, Leadership
+from ca_daemon.api.audit import AuditLog
+from ca_daemon.api.auth import Authenticator, KubernetesAuth, StaticTokenAuth, ensure_token_file
+from ca_daemon.api.client import Client
+from ca_daemon.api.server import ServerThread, build_app
+from ca_daemon.config.settings import ServerSar, Settings, load_settings
+from ca_daemon.report.rbac import manifests
+from ca_daemon.service.metrics import Metrics
+from ca_daemon.service.service import DaemonService, Leadership
+from ca_daemon.service.wiring import build_engine
 from tests.fixtures.kube import Kube
 from tests.fixtures.openbao import own_openbao
 from tests.fixtures.tools import free_port, unique

@@ -29,11 +29,11 @@ import yaml
 
 from ca_daemon.anchor.base import AnchorError
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config import load_settings
+from ca_daemon.config.settings import load_settings
+from ca_daemon.journal.open import file_journal
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.publish.kong_admin import KongAdminPublisher
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.runtime import file_journal
 from tests.fakes.kong_admin import FakeKong, serve
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.tools import ServerProcess, free_port, log_tail, unique

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
-from ca_daemon.config import load_settings
-from ca_daemon.kube import api_client
-from ca_daemon.rbac import manifests
+from ca_daemon.config.settings import load_settings
+from ca_daemon.report.rbac import manifests
+from ca_daemon.report.verify import Thresholds
+from ca_daemon.report.verify_cluster import verify_cluster
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.runtime import build_runtime
-from ca_daemon.verify import Thresholds
-from ca_daemon.verify_cluster import verify_cluster
+from ca_daemon.service.wiring import build_runtime
+from ca_daemon.util.kube import api_client
 from tests.fixtures.helm import Helm
 from tests.fixtures.kube import Kube
 from tests.fixtures.tools import free_port, unique

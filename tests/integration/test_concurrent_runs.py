@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from ca_daemon.datalock import LOCK_NAME, DataDirBusy, owning
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.keys import key_matches_certificate, load_private_key
+from ca_daemon.service.datalock import LOCK_NAME, DataDirBusy, owning
 from tests.fixtures.journal_files import credential_docs
 from tests.integration.cli import ca_daemon, daemon_env
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from ca_daemon.model.state import IssuedEntry
+from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import certificate_pem
 from ca_daemon.pki.keys import PrivateKey, generate_key, private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject, capped_validity, sign_certificate
 from ca_daemon.publish.directory import DirectoryPublisher
-from ca_daemon.rotation.state import IssuedEntry
-from ca_daemon.verify import verify_directory
-from ca_daemon.world import TrustWorld
+from ca_daemon.report.verify import verify_directory
 from tests.unit.conftest import NOW, self_signed_root
 
 pytestmark = pytest.mark.integration

@@ -51,15 +51,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config import ConfigError, Settings, load_settings
-from ca_daemon.metrics import Metrics
+from ca_daemon.config.settings import ConfigError, Settings, load_settings
+from ca_daemon.journal.journal import shard_of
+from ca_daemon.journal.open import file_journal
+from ca_daemon.model.state import LINKERD_ISSUER
+from ca_daemon.model.world import TrustWorld, desired_world
 from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.report.verify import verify_directory
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.journal import shard_of
-from ca_daemon.rotation.state import LINKERD_ISSUER
-from ca_daemon.runtime import file_journal
-from ca_daemon.verify import verify_directory
-from ca_daemon.world import TrustWorld, desired_world
+from ca_daemon.service.metrics import Metrics
 from tests.fakes.kong_admin import FakeKong
 from tests.fixtures.kube import Kube
 from tests.integration.cli import ca_daemon, daemon_env
@@ -725,10 +725,6 @@ def _run_once_as(uid: int, config: Path, logs: Path) -> tuple[int, str]:
     import encodings.utf_8_sig  # noqa: F401  (the YAML loader's, imported on first use)
 
     import ca_daemon.cli as cli
-    import ca_daemon.daemon
-    import ca_daemon.datalock
-    import ca_daemon.runtime
-    import ca_daemon.status  # noqa: F401  (imported before the uid changes)
 
     with logs.open("wb") as out:
         pid = os.fork()

@@ -12,14 +12,14 @@ from cryptography import x509
 
 from ca_daemon.anchor.base import CA, AnchorError
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config import Settings, load_settings
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.open import file_journal
+from ca_daemon.model.world import desired_world
 from ca_daemon.pki.bundle import stable_id
 from ca_daemon.pki.profiles import Kind, Subject, Validity
 from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.report.verify import verify_directory
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.runtime import file_journal
-from ca_daemon.verify import verify_directory
-from ca_daemon.world import desired_world
 from tests.fixtures.journal_files import credential_docs, shard_files
 from tests.integration.test_directory_atomic import documented_files
 from tests.unit.conftest import NOW, self_signed_root
@@ -206,7 +206,7 @@ def test_removed_client_is_unpublished(settings: Settings, tmp_path: Path) -> No
 
 
 def test_metrics_follow_the_pass(settings: Settings) -> None:
-    from ca_daemon.metrics import Metrics
+    from ca_daemon.service.metrics import Metrics
 
     metrics = Metrics()
     result = _engine(settings).reconcile(now=NOW)

@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config import Settings, load_settings
-from ca_daemon.forecast import forecast, load_state
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.open import file_journal
 from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.report.forecast import forecast, load_state
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.runtime import file_journal
 from tests.integration.cli import ca_daemon
 from tests.integration.rotation_harness import Clock
 

@@ -24,17 +24,18 @@ from cryptography import x509
 
 from ca_daemon.anchor.base import CA, AnchorError
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config import Settings, load_settings
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.journal import shard_of
+from ca_daemon.journal.open import file_journal
+from ca_daemon.model.generation import parse_generation
+from ca_daemon.model.world import desired_world
 from ca_daemon.pki.bundle import certificate_pem, stable_id
 from ca_daemon.pki.keys import load_private_key, private_key_pem
 from ca_daemon.pki.profiles import Subject, Validity
 from ca_daemon.publish.directory import GENERATION, DirectoryPublisher
-from ca_daemon.publish.generation import parse_generation
+from ca_daemon.report.verify import verify_published
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.journal import shard_of
-from ca_daemon.runtime import build_engine, file_journal
-from ca_daemon.verify import verify_published
-from ca_daemon.world import desired_world
+from ca_daemon.service.wiring import build_engine
 from tests.integration.cli import ca_daemon, daemon_env
 from tests.unit.conftest import self_signed_root
 from tests.unit.test_key_leaks import leaked
@@ -165,9 +166,9 @@ def test_run_once_reports_the_client_it_could_not_issue_and_exits_1(tmp_path: Pa
     _, config = _settings(tmp_path, CLIENTS)
     script = (
         "import sys\n"
-        "from ca_daemon import runtime\n"
+        "import ca_daemon.journal.open as opening\n"
         "from tests.integration.test_hardening import _RefusesBroken\n"
-        "runtime.LocalAnchor = _RefusesBroken\n"
+        "opening.LocalAnchor = _RefusesBroken\n"
         "from ca_daemon.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )

@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.anchor.records import FileRecordStore, Record, RecordConflict, RecordStore
-from ca_daemon.anchor.vault import VaultClient, VaultKvStore
-from ca_daemon.config import Settings, VaultAnchor, VaultAuth
+from ca_daemon.anchor.vault.client import VaultClient
+from ca_daemon.config.settings import Settings, VaultAnchor, VaultAuth
+from ca_daemon.journal.journal import Journal
+from ca_daemon.journal.open import file_journal
+from ca_daemon.journal.store.records import FileRecordStore, Record, RecordConflict, RecordStore
+from ca_daemon.journal.store.vault_kv import VaultKvStore
+from ca_daemon.model.state import Phase
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.rotation.engine import Engine, PassResult
-from ca_daemon.rotation.journal import Journal
-from ca_daemon.rotation.state import Phase
-from ca_daemon.runtime import file_journal
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.tools import unique
@@ -219,7 +220,7 @@ def test_vault_kv_store_refuses_a_stale_version(openbao: OpenBao, key: str) -> N
 
 def test_two_vault_journals_on_one_path_cannot_both_save(openbao: OpenBao) -> None:
     """The journal over Vault: the second save of a loaded record is a JournalConflict."""
-    from ca_daemon.rotation.journal import JournalConflict
+    from ca_daemon.journal.journal import JournalConflict
 
     path = f"ca-daemon/{unique('cas-journal')}"
     one, two = Journal(_vault_store(openbao, path)), Journal(_vault_store(openbao, path))
@@ -238,8 +239,8 @@ def test_a_full_shard_stays_within_openbao_s_json_limits(openbao: OpenBao) -> No
     """OpenBao refuses a request body with over 1,000 strings (max_request_json_strings,
     on by default): 300 credentials in one shard, more than 20,000 clients would put
     there, are one write it accepts, and read back whole."""
-    from ca_daemon.rotation.journal import shard_of
-    from ca_daemon.rotation.state import client_key
+    from ca_daemon.journal.journal import shard_of
+    from ca_daemon.model.state import client_key
     from tests.unit.test_journal_shards import _entry
 
     keys = [k for k in (client_key(f"c{i}") for i in range(40000)) if shard_of(k) == "shards/00"]

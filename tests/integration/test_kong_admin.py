@@ -21,14 +21,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config import Settings, load_settings
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.open import file_journal
+from ca_daemon.model.state import State
+from ca_daemon.model.world import desired_world
 from ca_daemon.pki.bundle import KONG_ID_NAMESPACE, render_pem, stable_id
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.kong_admin import KongAdminPublisher
 from ca_daemon.rotation.engine import Engine, PassResult
-from ca_daemon.rotation.state import State
-from ca_daemon.runtime import file_journal
-from ca_daemon.world import desired_world
 from tests.fakes.kong_admin import FakeKong, KongError, serve
 from tests.fixtures.pki import issue, make_ca
 from tests.integration.cli import ca_daemon

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from ca_daemon.kube import api_client
+from ca_daemon.journal.journal import shard_of
+from ca_daemon.model.world import desired_world
 from ca_daemon.publish.k8s_objects import kong_ca_secret_name
 from ca_daemon.publish.kubernetes import KubernetesPublisher
-from ca_daemon.rotation.journal import shard_of
-from ca_daemon.world import desired_world
+from ca_daemon.util.kube import api_client
 from tests.fixtures.kube import Kube
 from tests.integration.test_kubernetes_publish import make_cluster
 from tests.unit.conftest import self_signed_root

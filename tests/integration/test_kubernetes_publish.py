@@ -18,16 +18,16 @@ import pytest
 import yaml
 from cryptography import x509
 
-from ca_daemon.config import Settings, load_settings
-from ca_daemon.kube import api_client
-from ca_daemon.metrics import Metrics
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.open import build_anchor_and_journal
+from ca_daemon.model.world import desired_world
 from ca_daemon.pki.bundle import fingerprint, stable_id
 from ca_daemon.publish.k8s_objects import kong_ca_secret_name
 from ca_daemon.publish.kubernetes import KubernetesPublisher
-from ca_daemon.rbac import manifests
+from ca_daemon.report.rbac import manifests
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.runtime import build_anchor_and_journal
-from ca_daemon.world import desired_world
+from ca_daemon.service.metrics import Metrics
+from ca_daemon.util.kube import api_client
 from tests.fixtures.kube import Kube
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.fixtures.nginx import NginxFactory

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ca_daemon.config import load_settings
-from ca_daemon.kube import api_client
+from ca_daemon.config.settings import load_settings
+from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.publish import kubernetes as kubernetes_publisher
 from ca_daemon.publish.kubernetes import KubernetesPublisher
-from ca_daemon.rbac import manifests
+from ca_daemon.report.rbac import manifests
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.runtime import build_anchor_and_journal
+from ca_daemon.util.kube import api_client
 from tests.fixtures.kube import READS, WRITES, Kube, api_requests, total
 from tests.fixtures.tools import unique
 from tests.integration.test_kubernetes_publish import await_rbac

@@ -37,12 +37,12 @@ import httpx
 import pytest
 import yaml
 
-from ca_daemon.config import load_settings
+from ca_daemon.config.settings import load_settings
+from ca_daemon.journal.journal import Journal
+from ca_daemon.journal.open import build_anchor_and_journal
+from ca_daemon.model.state import CaRecord, OpState, Phase
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
-from ca_daemon.rbac import manifests
-from ca_daemon.rotation.journal import Journal
-from ca_daemon.rotation.state import CaRecord, OpState, Phase
-from ca_daemon.runtime import build_anchor_and_journal
+from ca_daemon.report.rbac import manifests
 from tests.fixtures.kube import Kube
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.tools import ServerProcess, log_tail, unique

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from ca_daemon.anchor.local import DEFAULT_ROOT, LocalAnchor
-from ca_daemon.config import load_settings
+from ca_daemon.config.settings import load_settings
+from ca_daemon.model.state import STATE_VERSION
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.profiles import Subject, Validity
-from ca_daemon.rotation.state import STATE_VERSION
-from ca_daemon.runtime import build_engine
+from ca_daemon.service.wiring import build_engine
 from tests.fixtures.journal_files import shard_path
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.tools import unique

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ca_daemon.config import load_settings
-from ca_daemon.rotation.journal import SHARDS
-from ca_daemon.runtime import build_engine
-from ca_daemon.verify import Thresholds, verify_directory
+from ca_daemon.config.settings import load_settings
+from ca_daemon.journal.journal import SHARDS
+from ca_daemon.report.verify import Thresholds, verify_directory
+from ca_daemon.service.wiring import build_engine
 from tests.fixtures.journal_files import credential_docs, shard_files
 from tests.unit.conftest import NOW
 

@@ -16,16 +16,17 @@ from typing import Any
 
 import pytest
 
-from ca_daemon.anchor.records import FileRecordStore
-from ca_daemon.anchor.vault import VaultClient, VaultKvStore
-from ca_daemon.config import VaultAnchor, VaultAuth, load_settings
-from ca_daemon.metrics import Metrics
+from ca_daemon.anchor.vault.client import VaultClient
+from ca_daemon.config.settings import VaultAnchor, VaultAuth, load_settings
+from ca_daemon.journal.journal import Journal, shard_of
+from ca_daemon.journal.store.records import FileRecordStore
+from ca_daemon.journal.store.vault_kv import VaultKvStore
+from ca_daemon.model.state import STATE_VERSION
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.pki.keys import load_private_key, private_key_pem
-from ca_daemon.rotation.journal import Journal, shard_of
-from ca_daemon.rotation.state import STATE_VERSION
-from ca_daemon.runtime import build_engine
-from ca_daemon.service import DaemonService, Leadership
+from ca_daemon.service.metrics import Metrics
+from ca_daemon.service.service import DaemonService, Leadership
+from ca_daemon.service.wiring import build_engine
 from tests.fixtures.journal_files import credential_docs, shard_files
 from tests.fixtures.openbao import OpenBao
 from tests.integration.cli import ca_daemon

@@ -58,9 +58,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ca_daemon.anchor.base import CA, Anchor, existing_cas
-from ca_daemon.config import Settings, load_settings
-from ca_daemon.kube import api_client
-from ca_daemon.metrics import Metrics
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.journal import Journal
+from ca_daemon.journal.open import build_anchor_and_journal
+from ca_daemon.model.state import CaRecord, Phase, RootRole
+from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.keys import KeyType
@@ -70,13 +72,11 @@ from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.publish.kong_admin import KongAdminPublisher, client_certificate_id
 from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.publish.linkerd_rollout import LinkerdRollout
-from ca_daemon.rbac import manifests
+from ca_daemon.report.rbac import manifests
 from ca_daemon.rotation.engine import Engine, PassResult
-from ca_daemon.rotation.journal import Journal
-from ca_daemon.rotation.state import CaRecord, Phase, RootRole
-from ca_daemon.runtime import build_anchor_and_journal
-from ca_daemon.service import DaemonService
-from ca_daemon.world import TrustWorld
+from ca_daemon.service.metrics import Metrics
+from ca_daemon.service.service import DaemonService
+from ca_daemon.util.kube import api_client
 from tests.fakes.kong_admin import KongStore
 from tests.fixtures.kube import Kube
 from tests.fixtures.linkerd import LinkerdCheck

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ca_daemon.anchor.vault import VaultClient
-from ca_daemon.config import VaultAnchor, VaultAuth, load_settings
-from ca_daemon.kube import api_client
+from ca_daemon.anchor.vault.client import VaultClient
+from ca_daemon.config.settings import VaultAnchor, VaultAuth, load_settings
+from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.publish.kubernetes import KubernetesPublisher
-from ca_daemon.ratelimit import TokenBucket
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.runtime import build_anchor_and_journal
+from ca_daemon.util.kube import api_client
+from ca_daemon.util.ratelimit import TokenBucket
 from tests.fixtures.kube import Kube, api_requests, total
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.tools import unique

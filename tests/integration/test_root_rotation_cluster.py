@@ -24,16 +24,17 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from ca_daemon.anchor.vault import VaultClient, VaultPkiAnchor
-from ca_daemon.config import VaultAnchor, VaultAuth, load_settings
+from ca_daemon.anchor.vault.client import VaultClient
+from ca_daemon.anchor.vault.pki import VaultPkiAnchor
+from ca_daemon.config.settings import VaultAnchor, VaultAuth, load_settings
+from ca_daemon.journal.open import build_anchor_and_journal
+from ca_daemon.model.state import OpState, Phase, RootRole
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.publish.linkerd_rollout import PENDING_REASON
 from ca_daemon.publish.pods_gate import pending_event_name
 from ca_daemon.rotation.engine import Engine, PassResult
-from ca_daemon.rotation.state import OpState, Phase, RootRole
-from ca_daemon.runtime import build_anchor_and_journal
 from tests.fixtures.kube import Kube
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.fixtures.openbao import OpenBao, own_openbao

@@ -15,14 +15,14 @@ import pytest
 import yaml
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config import Settings, load_settings
-from ca_daemon.metrics import Metrics
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.open import file_journal
+from ca_daemon.model.state import OpState, Phase
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.report.verify import verify_directory
 from ca_daemon.rotation.engine import Engine, RotationInProgress
-from ca_daemon.rotation.state import OpState, Phase
-from ca_daemon.runtime import file_journal
-from ca_daemon.verify import verify_directory
+from ca_daemon.service.metrics import Metrics
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.integration.rotation_harness import CheckedPublisher, Clock, LinkerdView
 from tests.invariants import InvariantChecker, read_directory

@@ -24,18 +24,18 @@ from cryptography import x509
 
 from ca_daemon.anchor.base import CA, AnchorError
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.anchor.records import Record, RecordStore
-from ca_daemon.config import Settings, load_settings
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.open import file_journal
+from ca_daemon.journal.store.records import Record, RecordStore
+from ca_daemon.model.state import OpState, Phase, State
+from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.pki.keys import KeyType
 from ca_daemon.pki.profiles import Subject, Validity
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.report.verify import verify_directory
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.state import OpState, Phase, State
-from ca_daemon.runtime import file_journal
-from ca_daemon.verify import verify_directory
-from ca_daemon.world import TrustWorld
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.integration.rotation_harness import CheckedPublisher, Clock, LinkerdView
 from tests.invariants import InvariantChecker, read_directory

@@ -35,13 +35,13 @@ import pytest
 import yaml
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config import Settings, load_settings
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.journal import Journal
+from ca_daemon.journal.open import file_journal
+from ca_daemon.model.state import CaRecord, OpState, Phase
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
+from ca_daemon.report.verify import verify_directory
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.journal import Journal
-from ca_daemon.rotation.state import CaRecord, OpState, Phase
-from ca_daemon.runtime import file_journal
-from ca_daemon.verify import verify_directory
 from tests.fixtures.tools import ServerProcess, free_port, log_tail
 from tests.integration.cli import daemon_env
 from tests.invariants import InvariantChecker, Published, read_directory

@@ -23,12 +23,12 @@ import pytest
 import yaml
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config import Settings, load_settings
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.open import file_journal
+from ca_daemon.model.state import Phase
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.state import Phase
-from ca_daemon.runtime import file_journal
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.fixtures.nginx import Nginx, NginxFactory
 from tests.fixtures.pki import issue, make_ca

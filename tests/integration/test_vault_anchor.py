@@ -13,8 +13,9 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca_daemon.anchor.vault import VaultClient, VaultPkiAnchor
-from ca_daemon.config import VaultAnchor, VaultAuth
+from ca_daemon.anchor.vault.client import VaultClient
+from ca_daemon.anchor.vault.pki import VaultPkiAnchor
+from ca_daemon.config.settings import VaultAnchor, VaultAuth
 from ca_daemon.pki.chain import verify_ca_under_roots
 from ca_daemon.pki.keys import generate_key
 from ca_daemon.pki.profiles import Subject, build_csr, capped_validity

@@ -1,4 +1,4 @@
-"""The daemon's wire to Vault (``ca_daemon.anchor.vault_http``) against the real OpenBao:
+"""The daemon's wire to Vault (``ca_daemon.anchor.vault.http``) against the real OpenBao:
 kept-alive connections shared by the threads of a batch, redirects followed (through a
 real nginx answering 307, as a standby Vault that does not forward would), and the same
 errors as before for an unknown path, a refusal and no server at all."""
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from ca_daemon.anchor.base import AnchorError
-from ca_daemon.anchor.vault import VaultClient, VaultForbidden, VaultNotFound
-from ca_daemon.anchor.vault_http import VaultHttp
-from ca_daemon.config import VaultAnchor, VaultAuth
+from ca_daemon.anchor.vault.client import VaultClient, VaultForbidden, VaultNotFound
+from ca_daemon.anchor.vault.http import VaultHttp
+from ca_daemon.config.settings import VaultAnchor, VaultAuth
 from tests.fixtures.nginx import NginxFactory
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.pki import issue, make_ca

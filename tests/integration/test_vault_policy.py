@@ -13,8 +13,9 @@ import hvac.exceptions
 import pytest
 import yaml
 
-from ca_daemon.anchor.vault import VaultClient, VaultPkiAnchor
-from ca_daemon.config import VaultAnchor, VaultAuth
+from ca_daemon.anchor.vault.client import VaultClient
+from ca_daemon.anchor.vault.pki import VaultPkiAnchor
+from ca_daemon.config.settings import VaultAnchor, VaultAuth
 from tests.fixtures.openbao import OpenBao
 from tests.integration.vault_helpers import run_daemon
 

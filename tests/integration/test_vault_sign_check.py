@@ -13,8 +13,9 @@ import pytest
 from cryptography import x509
 
 from ca_daemon.anchor.base import CA, AnchorError
-from ca_daemon.anchor.vault import VaultClient, VaultPkiAnchor
-from ca_daemon.config import VaultAnchor, VaultAuth
+from ca_daemon.anchor.vault.client import VaultClient
+from ca_daemon.anchor.vault.pki import VaultPkiAnchor
+from ca_daemon.config.settings import VaultAnchor, VaultAuth
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.keys import generate_key
 from ca_daemon.pki.profiles import Kind, Subject, build_csr, capped_validity, sign_certificate

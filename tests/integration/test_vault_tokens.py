@@ -18,8 +18,9 @@ import pytest
 import yaml
 from cryptography import x509
 
-from ca_daemon.anchor.vault import VaultClient, VaultPkiAnchor
-from ca_daemon.config import VaultAnchor, VaultAuth
+from ca_daemon.anchor.vault.client import VaultClient
+from ca_daemon.anchor.vault.pki import VaultPkiAnchor
+from ca_daemon.config.settings import VaultAnchor, VaultAuth
 from tests.fixtures.kube import Kube
 from tests.fixtures.openbao import OpenBao, own_openbao
 from tests.fixtures.tools import ServerProcess, log_tail, running, unique

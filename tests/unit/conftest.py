@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ca_daemon.config import Settings, load_settings
+from ca_daemon.config.settings import Settings, load_settings
 from ca_daemon.pki.keys import generate_key
 from ca_daemon.pki.profiles import Kind, Subject, capped_validity, sign_certificate
 

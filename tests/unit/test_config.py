@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ca_daemon.cli import main
-from ca_daemon.config import ConfigError, Settings, load_settings
+from ca_daemon.config.settings import ConfigError, Settings, load_settings
 
 
 def test_embedded_default_is_a_local_laptop_setup() -> None:

@@ -2,7 +2,7 @@ from datetime import timedelta
 
 import pytest
 
-from ca_daemon.durations import format_duration, parse_duration
+from ca_daemon.util.durations import format_duration, parse_duration
 
 
 @pytest.mark.parametrize(

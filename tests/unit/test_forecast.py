@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ca_daemon.config import Settings
-from ca_daemon.forecast import Event, add_parser, command, forecast, simulate
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.state import State
+from ca_daemon.report.forecast import Event, add_parser, command, forecast, simulate
 from ca_daemon.rotation.plan import renew_at, root_due_at
-from ca_daemon.rotation.state import State
 from tests.unit.conftest import NOW
 from tests.unit.test_plan import steady_state
 

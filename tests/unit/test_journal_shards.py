@@ -12,13 +12,9 @@ from typing import Any
 import pytest
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.anchor.records import FileRecordStore, Record, RecordConflict
-from ca_daemon.config import Settings
-from ca_daemon.pki.keys import generate_key, private_key_pem
-from ca_daemon.pki.profiles import Kind, Subject, capped_validity, sign_certificate
-from ca_daemon.rotation import journal as journal_module
-from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.journal import (
+from ca_daemon.config.settings import Settings
+from ca_daemon.journal import journal as journal_module
+from ca_daemon.journal.journal import (
     SHARDS,
     Journal,
     JournalConflict,
@@ -26,7 +22,9 @@ from ca_daemon.rotation.journal import (
     MigrationRefused,
     shard_of,
 )
-from ca_daemon.rotation.state import (
+from ca_daemon.journal.open import file_journal
+from ca_daemon.journal.store.records import FileRecordStore, Record, RecordConflict
+from ca_daemon.model.state import (
     STATE_VERSION,
     CaRecord,
     IssuedEntry,
@@ -34,7 +32,9 @@ from ca_daemon.rotation.state import (
     client_key,
     credential_to_json,
 )
-from ca_daemon.runtime import file_journal
+from ca_daemon.pki.keys import generate_key, private_key_pem
+from ca_daemon.pki.profiles import Kind, Subject, capped_validity, sign_certificate
+from ca_daemon.rotation.engine import Engine
 from tests.unit.conftest import NOW, self_signed_root
 
 

@@ -20,15 +20,20 @@ from cryptography import x509
 
 from ca_daemon.anchor.base import CA, AnchorError
 from ca_daemon.anchor.local import LocalAnchor
-from ca_daemon.config import Settings
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.state import IssuedEntry
+from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import certificate_pem
 from ca_daemon.pki.keys import KeyMaterialError, generate_key, load_private_key, private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject, build_csr, capped_validity, sign_certificate
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.publish.kong_admin import KongAdminPublisher
-from ca_daemon.rotation.state import IssuedEntry
-from ca_daemon.verify import Report, check_kong_client, check_linkerd_issuer, verify_directory
-from ca_daemon.world import TrustWorld
+from ca_daemon.report.verify import (
+    Report,
+    check_kong_client,
+    check_linkerd_issuer,
+    verify_directory,
+)
 from tests.unit.conftest import NOW, self_signed_root
 
 CHUNK = 16

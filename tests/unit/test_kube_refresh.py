@@ -10,7 +10,7 @@ import pytest
 import yaml
 from kubernetes.config import kube_config
 
-from ca_daemon.kube import api_client, throttled
+from ca_daemon.util.kube import api_client, throttled
 
 
 def test_the_hook_runs_at_most_once_a_second_and_again_after() -> None:

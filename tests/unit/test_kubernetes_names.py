@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ca_daemon.config import ConfigError, Settings
+from ca_daemon.config.settings import ConfigError, Settings
 
 
 def _client(**fields: Any) -> dict[str, Any]:

@@ -10,8 +10,7 @@ from typing import Literal
 import pytest
 
 from ca_daemon.daemon import Backoff
-from ca_daemon.kube import KubeError
-from ca_daemon.leader import (
+from ca_daemon.service.leader import (
     LeaderElector,
     LeaseRecord,
     LostRace,
@@ -21,6 +20,7 @@ from ca_daemon.leader import (
     observe,
     released,
 )
+from ca_daemon.util.kube import KubeError
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 DURATION = timedelta(seconds=15)

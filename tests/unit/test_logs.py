@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from ca_daemon import logs
-from ca_daemon.audit import AuditLog, AuditRecord
+from ca_daemon.api.audit import AuditLog, AuditRecord
+from ca_daemon.util import logs
 
 
 class _Tty(io.StringIO):

@@ -8,7 +8,15 @@ from datetime import timedelta
 
 from cryptography import x509
 
-from ca_daemon.config import Settings
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.state import (
+    CaRecord,
+    IntermediateEntry,
+    IssuedEntry,
+    RootEntry,
+    RootRole,
+    State,
+)
 from ca_daemon.pki.keys import generate_key, private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject, capped_validity, sign_certificate
 from ca_daemon.rotation.plan import (
@@ -20,14 +28,6 @@ from ca_daemon.rotation.plan import (
     client_subject,
     plan,
     renew_at,
-)
-from ca_daemon.rotation.state import (
-    CaRecord,
-    IntermediateEntry,
-    IssuedEntry,
-    RootEntry,
-    RootRole,
-    State,
 )
 from tests.unit.conftest import NOW, self_signed_root
 
@@ -184,7 +184,7 @@ def test_jitter_is_stable_and_bounded(make_settings: MakeSettings) -> None:
 
 
 def test_client_subject_adds_the_common_name_as_dns() -> None:
-    from ca_daemon.config import KongClient
+    from ca_daemon.config.settings import KongClient
 
     client = KongClient(name="a", common_name="kong.a.upstream", dns_names=["x.example"])
     assert client_subject(client).dns_names == ("x.example", "kong.a.upstream")

@@ -6,7 +6,19 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 
-from ca_daemon.config import Settings
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.state import (
+    IntermediateEntry,
+    IssuedEntry,
+    Operation,
+    OpState,
+    Phase,
+    RootEntry,
+    RootRole,
+    Rotation,
+    State,
+    trusted_roots,
+)
 from ca_daemon.pki.bundle import bundle_hash, render_pem
 from ca_daemon.pki.keys import private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject
@@ -27,18 +39,6 @@ from ca_daemon.rotation.plan import (
     client_subject,
     plan,
     retire_after,
-)
-from ca_daemon.rotation.state import (
-    IntermediateEntry,
-    IssuedEntry,
-    Operation,
-    OpState,
-    Phase,
-    RootEntry,
-    RootRole,
-    Rotation,
-    State,
-    trusted_roots,
 )
 from tests.unit.conftest import NOW, self_signed_root
 from tests.unit.test_plan import _issue, steady_state

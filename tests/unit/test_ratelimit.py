@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ca_daemon.cli import main
-from ca_daemon.ratelimit import TokenBucket, limiter
+from ca_daemon.util.ratelimit import TokenBucket, limiter
 
 
 class FakeTime:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from ca_daemon.config import Settings
-from ca_daemon.rbac import manifests
+from ca_daemon.config.settings import Settings
+from ca_daemon.report.rbac import manifests
 
 
 def _docs(settings: Settings, kind: str) -> list[dict[str, Any]]:

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ca_daemon.config import Settings
-from ca_daemon.durations import parse_duration
-from ca_daemon.schema import DURATION_PATTERN, config_schema, dumps, values_schema
+from ca_daemon.config.settings import Settings
+from ca_daemon.report.schema import DURATION_PATTERN, config_schema, dumps, values_schema
+from ca_daemon.util.durations import parse_duration
 
 VALUES_SCHEMA = Path(__file__).resolve().parents[2] / "charts" / "ca-daemon" / "values.schema.json"
 
@@ -83,7 +83,7 @@ def test_every_section_and_field_is_in_the_schema_and_closed() -> None:
 
 
 def test_the_configuration_reference_is_current() -> None:
-    from ca_daemon.schema import reference_markdown
+    from ca_daemon.report.schema import reference_markdown
 
     doc = (VALUES_SCHEMA.parents[2] / "docs" / "configuration.md").read_text()
     begin, end = "<!-- BEGIN GENERATED: ca-daemon config schema -->\n", "<!-- END GENERATED -->"

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from ca_daemon.files import DATA, write_tree_atomic
+from ca_daemon.util.files import DATA, write_tree_atomic
 
 MODE = 0o644
 

@@ -7,11 +7,11 @@ from typing import Any
 
 from cryptography import x509
 
-from ca_daemon.config import Settings
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.state import Operation, Phase, State
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
 from ca_daemon.rotation.plan import Observations, Wait, plan, renew_at, root_due_at
-from ca_daemon.rotation.state import Operation, Phase, State
 
 
 def _iso(moment: datetime) -> str:

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ca_daemon.config import ServerSar, Settings
-from ca_daemon.kube import KubeError, call
+from ca_daemon.config.settings import ServerSar, Settings
+from ca_daemon.util.kube import KubeError, api_client, call
 
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _CACHE_SECONDS = 10.0
 
 
@@ -46,16 +45,6 @@ class Authenticator(Protocol):
 
     def decide(self, token: str | None, write: bool) -> Decision:
         """``write``: the call changes something (a rotation), else it only reads."""
-
-
-def daemon_namespace(settings: Settings) -> str:
-    """Where the daemon's Lease, SubjectAccessReview and Events live (SPEC order)."""
-    if settings.leader_election.namespace:
-        return settings.leader_election.namespace
-    try:
-        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "ca-daemon"
-    except OSError:
-        return os.environ.get("POD_NAMESPACE") or "ca-daemon"
 
 
 def ensure_token_file(path: Path) -> bool:
@@ -169,7 +158,5 @@ class KubernetesAuth:
 
 def authenticator(settings: Settings) -> Authenticator:
     if settings.server.auth == "kubernetes":
-        from ca_daemon.kube import api_client
-
-        return KubernetesAuth(api_client(), settings.server.sar, daemon_namespace(settings))
+        return KubernetesAuth(api_client(), settings.server.sar, settings.daemon_namespace)
     return StaticTokenAuth(settings.api_token_file)

@@ -52,17 +52,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca_daemon.anchor.base import CA, AnchorError
-from ca_daemon.anchor.records import Record, RecordConflict
-from ca_daemon.config import Settings
-from ca_daemon.durations import format_duration, parse_duration
-from ca_daemon.pki.bundle import fingerprint
-from ca_daemon.pki.keys import KeyType, PrivateKey, PublicKey, generate_key
-from ca_daemon.pki.profiles import Kind, Subject, Validity, sign_certificate
-from ca_daemon.publish.base import PublishReport
-from ca_daemon.rotation.engine import Engine, PassResult
-from ca_daemon.rotation.journal import Journal, JournalConflict, Versioned
-from ca_daemon.rotation.plan import Observations, Wait, plan, renew_at, root_due_at
-from ca_daemon.rotation.state import (
+from ca_daemon.config.settings import Settings
+from ca_daemon.journal.journal import (
+    CA_KEY,
+    LEGACY_CREDENTIALS,
+    SHARD_FOLDER,
+    Journal,
+    JournalConflict,
+    JournalError,
+    Versioned,
+)
+from ca_daemon.journal.store.records import FileRecordStore, Record, RecordConflict
+from ca_daemon.model.state import (
     KONG_PREFIX,
     LINKERD_ISSUER,
     CaRecord,
@@ -71,7 +72,14 @@ from ca_daemon.rotation.state import (
     State,
     client_key,
 )
-from ca_daemon.world import TrustWorld
+from ca_daemon.model.world import TrustWorld
+from ca_daemon.pki.bundle import fingerprint
+from ca_daemon.pki.keys import KeyType, PrivateKey, PublicKey, generate_key
+from ca_daemon.pki.profiles import Kind, Subject, Validity, sign_certificate
+from ca_daemon.publish.base import PublishReport
+from ca_daemon.rotation.engine import Engine, PassResult
+from ca_daemon.rotation.plan import Observations, Wait, plan, renew_at, root_due_at
+from ca_daemon.util.durations import format_duration, parse_duration
 
 EXIT_OK, EXIT_USAGE = 0, 2
 DEFAULT_UNTIL = timedelta(hours=8760)
@@ -675,11 +683,10 @@ def load_state(settings: Settings) -> State:
     is no state. Vault: the journal as ``runtime`` opens it read-only, from KV.
     """
     if settings.anchor.backend != "local":
-        from ca_daemon.runtime import build_anchor_and_journal
+        # local import: start-up time, the Vault client (hvac) only when Vault is the anchor
+        from ca_daemon.journal.open import build_anchor_and_journal
 
         return build_anchor_and_journal(settings, create=False)[1].load().state
-    from ca_daemon.anchor.records import FileRecordStore
-    from ca_daemon.rotation.journal import CA_KEY, LEGACY_CREDENTIALS, SHARD_FOLDER
 
     source = FileRecordStore(settings.anchor.local.dir)
     records: dict[str, tuple[Record, int]] = {}
@@ -747,8 +754,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
-    from ca_daemon.anchor.base import AnchorError
-    from ca_daemon.rotation.journal import JournalError
 
     start = _ceil_second(datetime.now(UTC))
     until: timedelta = args.until

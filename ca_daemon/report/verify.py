@@ -15,7 +15,10 @@ from pathlib import Path
 
 from cryptography import x509
 
-from ca_daemon.config import Settings
+from ca_daemon.anchor.local import NoState, loose_secrets
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.state import State
+from ca_daemon.model.world import desired_world
 from ca_daemon.pki.bundle import (
     BundleError,
     fingerprint,
@@ -25,8 +28,6 @@ from ca_daemon.pki.bundle import parse_pem_certificates_strict as parse_pem_cert
 from ca_daemon.pki.chain import verify_ca_under_roots, verify_client_chain
 from ca_daemon.pki.keys import KeyMaterialError, key_matches_certificate, load_private_key
 from ca_daemon.pki.profiles import Kind, check_profile
-from ca_daemon.rotation.state import State
-from ca_daemon.world import desired_world
 
 
 @dataclass(frozen=True)
@@ -350,8 +351,8 @@ def verify_directory(
 def verify_published(settings: Settings, where: Path, now: datetime) -> Report:
     """``ca-daemon verify`` on a directory: the files as Linkerd and Kong read them, against
     the configuration and the journal (loaded read-only), and the modes of the secrets."""
-    from ca_daemon.anchor.local import NoState, loose_secrets
-    from ca_daemon.runtime import build_anchor_and_journal
+    # local import: start-up time, the Vault client (hvac) only when a directory is checked
+    from ca_daemon.journal.open import build_anchor_and_journal
 
     problems: list[str] = []
     state: State | None = None

@@ -11,9 +11,9 @@ from datetime import datetime
 
 from cryptography import x509
 
-from ca_daemon.config import Settings
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.state import IssuedEntry, State, trusted_roots
 from ca_daemon.pki.bundle import render_pem
-from ca_daemon.rotation.state import IssuedEntry, State, trusted_roots
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,10 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from ca_daemon.durations import format_duration, parse_duration
+from ca_daemon.util.durations import format_duration, parse_duration
 
 ENV_PREFIX = "CA_DAEMON_"
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 CONFIG_ENV = "CA_DAEMON_CONFIG"
 # CA_DAEMON_* variables that are not configuration: the file's path, and the test suite's.
 NOT_CONFIG_ENV = frozenset({CONFIG_ENV, "CA_DAEMON_REQUIRE_ALL", "CA_DAEMON_TESTENV"})
@@ -570,6 +571,22 @@ class Settings(BaseSettings):
         return self.publish.directory or self.anchor.local.dir / "out"
 
     @property
+    def leader_election_enabled(self) -> bool:
+        """``leader_election.enabled``; unset: on when publishing to Kubernetes."""
+        enabled = self.leader_election.enabled
+        return self.kubernetes_enabled if enabled is None else enabled
+
+    @property
+    def daemon_namespace(self) -> str:
+        """Where the daemon's Lease, SubjectAccessReview and Events live (SPEC order)."""
+        if self.leader_election.namespace:
+            return self.leader_election.namespace
+        try:
+            return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "ca-daemon"
+        except OSError:
+            return os.environ.get("POD_NAMESPACE") or "ca-daemon"
+
+    @property
     def kubernetes_enabled(self) -> bool:
         if self.publish.kubernetes.enabled is not None:
             return self.publish.kubernetes.enabled
@@ -586,7 +603,7 @@ class ConfigError(Exception):
 
 
 def embedded_default() -> dict[str, Any]:
-    text = resources.files("ca_daemon").joinpath("default.yaml").read_text()
+    text = resources.files("ca_daemon.config").joinpath("default.yaml").read_text()
     data = yaml.safe_load(text)
     assert isinstance(data, dict)
     return data

@@ -11,7 +11,7 @@ derived from the rebuilt journal is newer than anything derived from the lost on
 
 from __future__ import annotations
 
-from ca_daemon.world import TrustWorld
+from ca_daemon.model.world import TrustWorld
 
 Generation = tuple[int, int, int]
 UNKNOWN: Generation = (0, 0, 0)

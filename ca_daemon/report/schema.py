@@ -14,8 +14,8 @@ from typing import Any
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
-from ca_daemon.config import Settings
-from ca_daemon.durations import format_duration
+from ca_daemon.config.settings import Settings
+from ca_daemon.util.durations import format_duration
 
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
 _DEFINITIONS = "definitions"

@@ -32,10 +32,13 @@ from functools import partial
 from typing import Any
 
 from ca_daemon.anchor.base import CA, AnchorError
-from ca_daemon.anchor.records import ReadOnlyStore, RecordConflict, RecordInvalid, RecordStore
-from ca_daemon.pki.bundle import BundleError
-from ca_daemon.pki.chain import directly_issued_by
-from ca_daemon.rotation.state import (
+from ca_daemon.journal.store.records import (
+    ReadOnlyStore,
+    RecordConflict,
+    RecordInvalid,
+    RecordStore,
+)
+from ca_daemon.model.state import (
     KONG_PREFIX,
     LINKERD_ISSUER,
     STATE_VERSION,
@@ -54,6 +57,8 @@ from ca_daemon.rotation.state import (
     credential_to_json,
     migrate_v1,
 )
+from ca_daemon.pki.bundle import BundleError
+from ca_daemon.pki.chain import directly_issued_by
 
 log = logging.getLogger(__name__)
 

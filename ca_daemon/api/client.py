@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from ca_daemon.config import Settings
+from ca_daemon.config.settings import Settings
 
 POLL_SECONDS = 1.0
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+# The name operators filter on; kept when the module moved to api/.
 log = logging.getLogger("ca_daemon.audit")
 
 

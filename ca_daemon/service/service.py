@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from ca_daemon.config import Settings
-from ca_daemon.metrics import Metrics
+from ca_daemon.config.settings import Settings
+from ca_daemon.journal.journal import JournalError
+from ca_daemon.model.state import Operation, OpState, State
+from ca_daemon.report.status import operation_view, status_view
 from ca_daemon.rotation.engine import Engine, PassResult, step_target
-from ca_daemon.rotation.journal import JournalError
 from ca_daemon.rotation.plan import ROOT_TARGETS, Observations, Wait, plan
-from ca_daemon.rotation.state import Operation, OpState, State
-from ca_daemon.status import operation_view, status_view
+from ca_daemon.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ca_daemon.anchor.base import AnchorError
-from ca_daemon.files import ensure_private_dir, write_atomic
+from ca_daemon.util.files import ensure_private_dir, write_atomic
 
 Record = dict[str, Any]
 

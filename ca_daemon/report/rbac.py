@@ -27,14 +27,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from ca_daemon.config import Settings
-from ca_daemon.leader import election_enabled
-from ca_daemon.publish.k8s_objects import split_service
+from ca_daemon.config.settings import Settings
+from ca_daemon.publish.k8s_objects import LIST_FROM, split_service
 from ca_daemon.publish.pods_gate import pending_event_name
 
 ROLE_NAME = "ca-daemon"
-# A namespace with this many objects of one kind to publish is read with one LIST.
-LIST_FROM = 2
 _RBAC = "rbac.authorization.k8s.io/v1"
 
 
@@ -103,7 +100,7 @@ def namespace_rules(
     if linkerd.enabled and linkerd.gate == "pods":
         event = pending_event_name(linkerd.trust_roots_configmap)
         rules[linkerd.namespace].append(_rule("events", ["get", "patch"], [event]))
-    if daemon_ns is not None and election_enabled(settings):
+    if daemon_ns is not None and settings.leader_election_enabled:
         lease = settings.leader_election.lease
         group = "coordination.k8s.io"
         rules[daemon_ns].append(_rule("leases", ["get", "update"], [lease], group=group))

@@ -39,18 +39,12 @@ from typing import Any, Literal
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
-from ca_daemon.config import Settings
-from ca_daemon.kube import KubeError, api_message, describe
+from ca_daemon.config.settings import Settings
+from ca_daemon.util.kube import KubeError, api_client, api_message, describe
 
 log = logging.getLogger(__name__)
 
 _GROUP_VERSION = "coordination.k8s.io/v1"
-
-
-def election_enabled(settings: Settings) -> bool:
-    """``leader_election.enabled``; unset: on when publishing to Kubernetes."""
-    enabled = settings.leader_election.enabled
-    return settings.kubernetes_enabled if enabled is None else enabled
 
 
 def new_identity() -> str:
@@ -395,13 +389,10 @@ def build_elector(
     on_change: Callable[[bool, str | None], None],
     api: Any | None = None,
 ) -> LeaderElector:
-    from ca_daemon.api_auth import daemon_namespace
-    from ca_daemon.kube import api_client
-
     le = settings.leader_election
     store = LeaseStore(
         api if api is not None else api_client(),
-        daemon_namespace(settings),
+        settings.daemon_namespace,
         le.lease,
         timeout=max(1.0, le.renew_deadline.total_seconds() / 2),
     )

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ca_daemon.files import ensure_private_dir
+from ca_daemon.util.files import ensure_private_dir
 
 LOCK_NAME = "daemon.lock"
 _POLL = 0.05

@@ -31,10 +31,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ca_daemon.api_auth import Authenticator, Decision
-from ca_daemon.audit import AuditLog, AuditRecord
+from ca_daemon.api.audit import AuditLog, AuditRecord
+from ca_daemon.api.auth import Authenticator, Decision
 from ca_daemon.rotation.engine import RotationInProgress, UnknownTarget
-from ca_daemon.service import DaemonService, JournalUnavailable
+from ca_daemon.service.service import DaemonService, JournalUnavailable
 
 log = logging.getLogger(__name__)
 

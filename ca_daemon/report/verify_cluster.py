@@ -12,12 +12,11 @@ from typing import Any
 
 from kubernetes import client
 
-from ca_daemon.config import Settings
-from ca_daemon.kube import call
+from ca_daemon.config.settings import Settings
 from ca_daemon.pki.bundle import BundleError, fingerprint, parse_pem_certificates
 from ca_daemon.pki.chain import verify_ca_under_roots
 from ca_daemon.publish.k8s_objects import KONG_CA_LABEL, TLS_SECRET, split_service
-from ca_daemon.verify import (
+from ca_daemon.report.verify import (
     Report,
     Thresholds,
     check_bundle,
@@ -25,6 +24,7 @@ from ca_daemon.verify import (
     check_kong_client,
     check_linkerd_issuer,
 )
+from ca_daemon.util.kube import call
 
 
 def _secret_data(secret: Any) -> dict[str, bytes]:

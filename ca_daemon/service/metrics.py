@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ca_daemon import __version__
-from ca_daemon.config import Settings
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.state import OpState, Phase, State
+from ca_daemon.model.world import bundle_roots
+from ca_daemon.report.status import status_view
 from ca_daemon.rotation.engine import PassResult
 from ca_daemon.rotation.plan import ISSUING_STEPS
-from ca_daemon.rotation.state import OpState, Phase, State
-from ca_daemon.status import status_view
-from ca_daemon.world import bundle_roots
 
 CERT_LABELS = ("kind", "name", "state")
 # Steps that issue a certificate: what ca_daemon_rotations_total counts.

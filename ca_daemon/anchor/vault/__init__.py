@@ -1,0 +1,1 @@
+"""Vault / OpenBao as the anchor: the authenticated client, its wire, the PKI mounts."""

@@ -1,0 +1,1 @@
+"""Configuration: the settings model, its rules, and loading it from YAML and the environment."""

@@ -1,0 +1,1 @@
+"""Persistence of the rotation state: the Journal over a record store with check-and-set."""

@@ -1,0 +1,1 @@
+"""The vocabulary every layer shares: the journaled state, the trust world, generations."""

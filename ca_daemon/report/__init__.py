@@ -1,0 +1,1 @@
+"""What is read back for people: status, verify, RBAC output, the schema, the forecast."""

@@ -1,0 +1,52 @@
+"""Wiring: the anchor, journal, publishers and Linkerd rollout a configuration asks for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ca_daemon.anchor.base import Anchor
+from ca_daemon.config.settings import Settings
+from ca_daemon.journal.journal import Journal
+from ca_daemon.journal.open import build_anchor_and_journal
+from ca_daemon.publish.base import Publisher
+from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.publish.kong_admin import KongAdminPublisher
+from ca_daemon.publish.kubernetes import KubernetesPublisher
+from ca_daemon.publish.linkerd_rollout import LinkerdRollout
+from ca_daemon.rotation.engine import Engine, Rollout
+from ca_daemon.util.kube import api_client
+
+
+@dataclass(frozen=True)
+class Runtime:
+    anchor: Anchor
+    journal: Journal
+    publishers: list[Publisher]
+    rollout: Rollout | None = None
+
+
+def directory_publishing(settings: Settings) -> bool:
+    return settings.publish.directory is not None or not settings.kubernetes_enabled
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    anchor, journal = build_anchor_and_journal(settings)
+    publishers: list[Publisher] = []
+    rollout: Rollout | None = None
+    if directory_publishing(settings):
+        publishers.append(DirectoryPublisher(settings.publish_directory))
+    if settings.kubernetes_enabled:
+        api = api_client()
+        publishers.append(KubernetesPublisher(settings, api))
+        if settings.linkerd.enabled:
+            rollout = LinkerdRollout(settings, api)
+    if settings.kong.enabled and settings.kong.delivery == "admin-api":
+        publishers.append(KongAdminPublisher(settings.kong))
+    return Runtime(anchor=anchor, journal=journal, publishers=publishers, rollout=rollout)
+
+
+def build_engine(settings: Settings) -> Engine:
+    runtime = build_runtime(settings)
+    return Engine(
+        settings, runtime.anchor, runtime.journal, runtime.publishers, rollout=runtime.rollout
+    )

@@ -1,0 +1,1 @@
+"""Ground floor: files, rate limits, the Kubernetes client, logs, durations."""
