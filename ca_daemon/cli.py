@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ca_daemon import __version__
-from ca_daemon.config.settings import ConfigError, Settings, effective_config, load_settings
+from ca_daemon.config.settings import Settings, effective_config, load_settings
+from ca_daemon.errors import ConfigError
 from ca_daemon.report import forecast
 from ca_daemon.rotation.engine import PassResult
 
@@ -175,7 +176,7 @@ def _client(args: argparse.Namespace, settings: Settings) -> ApiClient:
 
 def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     # local import: start-up time, each command loads only what it runs
-    from ca_daemon.api.client import ApiError
+    from ca_daemon.errors import ApiError
 
     try:
         client = _client(args, settings)
@@ -200,7 +201,7 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
 
 def _remote_status(args: argparse.Namespace, settings: Settings) -> int:
     # local import: start-up time, each command loads only what it runs
-    from ca_daemon.api.client import ApiError
+    from ca_daemon.errors import ApiError
     from ca_daemon.report.status import render_table
 
     try:
@@ -216,9 +217,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.url:
         return _remote_status(args, settings)
     # local import: start-up time, each command loads only what it runs
-    from ca_daemon.anchor.base import AnchorError
     from ca_daemon.anchor.local import NoState
-    from ca_daemon.journal.journal import JournalError
+    from ca_daemon.errors import AnchorError, JournalError
     from ca_daemon.journal.open import build_anchor_and_journal
     from ca_daemon.report.status import expired, render_table, status_view, waiting_for, warnings
 
@@ -250,8 +250,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     now = datetime.now(UTC)
     if args.kubeconfig is not None or (args.dir is None and settings.kubernetes_enabled):
         # local import: start-up time, each command loads only what it runs
+        from ca_daemon.errors import KubeError
         from ca_daemon.report.verify_cluster import verify_cluster
-        from ca_daemon.util.kube import KubeError, api_client
+        from ca_daemon.util.kube import api_client
 
         where = "cluster"
         try:

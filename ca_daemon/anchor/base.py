@@ -20,10 +20,6 @@ from ca_daemon.pki.keys import KeyType
 from ca_daemon.pki.profiles import Subject, Validity
 
 
-class AnchorError(Exception):
-    """The backend failed or refused. Says what, where and what to do; never key material."""
-
-
 @dataclass(frozen=True)
 class CA:
     ref: str

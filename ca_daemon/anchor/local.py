@@ -22,7 +22,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ca_daemon.anchor.base import CA, AnchorError
+from ca_daemon.anchor.base import CA
+from ca_daemon.errors import AnchorError
 from ca_daemon.pki.bundle import certificate_pem
 from ca_daemon.pki.keys import (
     KeyMaterialError,

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ca_daemon.config.settings import ServerSar, Settings
-from ca_daemon.util.kube import KubeError, api_client, call
+from ca_daemon.errors import KubeError
+from ca_daemon.util.kube import api_client, call
 
 _CACHE_SECONDS = 10.0
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from ca_daemon.config.settings import Settings
+from ca_daemon.errors import ApiError
 
 POLL_SECONDS = 1.0
 
@@ -18,18 +19,6 @@ POLL_SECONDS = 1.0
 # How long `rotate --wait` keeps polling through a daemon that answers 503 (its journal
 # unavailable, no leader) or cannot be reached, before it gives up.
 TRANSIENT_SECONDS = 300.0
-
-
-class ApiError(Exception):
-    """The daemon could not be reached, or refused; the message says which and why."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status  # None: not reached at all
-
-    @property
-    def transient(self) -> bool:
-        return self.status is None or self.status == 503
 
 
 def default_url(settings: Settings) -> str:

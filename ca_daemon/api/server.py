@@ -33,8 +33,9 @@ from starlette.routing import Route
 
 from ca_daemon.api.audit import AuditLog, AuditRecord
 from ca_daemon.api.auth import Authenticator, Decision
+from ca_daemon.errors import RequestError
 from ca_daemon.rotation.engine import RotationInProgress, UnknownTarget
-from ca_daemon.service.service import DaemonService, JournalUnavailable
+from ca_daemon.service.service import DaemonService, JournalOffline
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ MAX_BODY = 64 * 1024
 _ROTATE_KEYS = {"target", "reason", "dry_run"}
 
 
-class _Refused(Exception):
+class _Refused(RequestError):
     def __init__(self, status: int, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
@@ -168,7 +169,7 @@ class Api:
         note["operation"] = op_id
         try:
             view = await run_in_threadpool(self.service.operation, op_id)
-        except JournalUnavailable as exc:
+        except JournalOffline as exc:
             raise _Refused(503, str(exc), journal=exc.journal) from None
         if view is None:
             raise _Refused(404, f"no operation {op_id}")
@@ -195,7 +196,7 @@ class Api:
             raise _Refused(400, str(exc)) from None
         except RotationInProgress as exc:
             raise _Refused(409, str(exc)) from None
-        except JournalUnavailable as exc:
+        except JournalOffline as exc:
             raise _Refused(503, str(exc), journal=exc.journal) from None
         note["operation"] = op_id
         return JSONResponse({"operation": op_id}, status_code=202)

@@ -40,6 +40,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from ca_daemon.errors import ConfigError
 from ca_daemon.util.durations import format_duration, parse_duration
 
 ENV_PREFIX = "CA_DAEMON_"
@@ -51,7 +52,7 @@ NOT_CONFIG_ENV = frozenset({CONFIG_ENV, "CA_DAEMON_REQUIRE_ALL", "CA_DAEMON_TEST
 MAX_COMMON_NAME = 64
 
 
-class RuleError(ValueError):
+class RuleError(ConfigError, ValueError):
     """Broken rules found by a model validator, each at a field path below that model.
 
     ``describe_validation_error`` prints one line per rule, so that a rule spanning
@@ -596,10 +597,6 @@ class Settings(BaseSettings):
     @property
     def api_token_file(self) -> Path:
         return self.server.token_file or self.anchor.local.dir / "api-token"
-
-
-class ConfigError(Exception):
-    """Bad configuration: the message names each field and what is wrong with it."""
 
 
 def embedded_default() -> dict[str, Any]:

@@ -31,7 +31,8 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from ca_daemon.anchor.base import CA, AnchorError
+from ca_daemon.anchor.base import CA
+from ca_daemon.errors import AnchorError, JournalError, StoreError
 from ca_daemon.journal.store.records import (
     ReadOnlyStore,
     RecordConflict,
@@ -72,10 +73,6 @@ RECOVERY = (
     "restore it from a backup, or move it aside so the next pass rebuilds the journal "
     "from the anchor's named CAs (docs/recovery.md)"
 )
-
-
-class JournalError(Exception):
-    pass
 
 
 class JournalConflict(JournalError):
@@ -182,7 +179,7 @@ class Journal:
             raise JournalConflict(str(exc)) from None
         except RecordInvalid as exc:
             raise JournalCorrupt(f"{self.description}: {what}: {exc}") from None
-        except AnchorError as exc:
+        except (StoreError, AnchorError) as exc:  # files unreadable, Vault down or refusing
             raise JournalUnavailable(f"{self.description}: {what}: {exc}") from None
         except (KeyError, ValueError, TypeError, AttributeError, BundleError) as exc:
             raise JournalCorrupt(
@@ -447,7 +444,7 @@ class Journal:
             self.store.delete(f"{LEGACY_CREDENTIALS}/{name}")
 
 
-class _OlderLayout(Exception):
+class _OlderLayout(JournalError):
     """The stored CA record is an older layout, and this reader must not move it."""
 
 

@@ -10,11 +10,13 @@ from collections.abc import Iterable, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca_daemon.errors import PkiError
+
 # Fixed namespace so a root's Kong CA id is the same on every run and every replica.
 KONG_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "ca-daemon.io")
 
 
-class BundleError(ValueError):
+class BundleError(PkiError):
     pass
 
 

@@ -8,12 +8,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ca_daemon.errors import PkiError
+
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 KeyType = Literal["ec-p256", "rsa-2048", "rsa-4096"]
 
 
-class KeyMaterialError(ValueError):
+class KeyMaterialError(PkiError):
     """A key could not be used. The message never contains the key itself."""
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from ca_daemon.config.settings import KongClient, KongConfig
+from ca_daemon.errors import PublishError
 from ca_daemon.model.generation import (
     UNKNOWN,
     Generation,
@@ -177,11 +178,11 @@ def _display_url(url: str) -> str:
 # --- talking to Kong (I/O) --------------------------------------------------------------------
 
 
-class KongUnavailable(Exception):
+class KongUnavailable(PublishError):
     """The Admin API cannot be used at all this pass (unreachable, refused token, DB-less)."""
 
 
-class KongRefused(Exception):
+class KongRefused(PublishError):
     """Kong refused one request; the message is Kong's own, safe to report."""
 
 

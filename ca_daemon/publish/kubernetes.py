@@ -33,6 +33,7 @@ from kubernetes import client
 from kubernetes.client import rest
 
 from ca_daemon.config.settings import Settings
+from ca_daemon.errors import KubeError
 from ca_daemon.model.generation import (
     UNKNOWN,
     Generation,
@@ -57,7 +58,7 @@ from ca_daemon.publish.k8s_objects import (
     desired_service_patches,
     warning_event,
 )
-from ca_daemon.util.kube import KubeConflict, KubeError, call
+from ca_daemon.util.kube import KubeConflict, call
 from ca_daemon.util.ratelimit import limit_kubernetes_client, limiter
 
 log = logging.getLogger(__name__)

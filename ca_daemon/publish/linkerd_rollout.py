@@ -21,6 +21,7 @@ from typing import Any, Literal
 from kubernetes import client
 
 from ca_daemon.config.settings import Settings
+from ca_daemon.errors import KubeError
 from ca_daemon.publish.k8s_objects import warning_event
 from ca_daemon.publish.pods_gate import (
     CONTROL_PLANE_NS_LABEL,
@@ -30,7 +31,7 @@ from ca_daemon.publish.pods_gate import (
     pod_ref,
 )
 from ca_daemon.publish.pods_gate import pending_pods as decide_pending
-from ca_daemon.util.kube import KubeConflict, KubeError, call
+from ca_daemon.util.kube import KubeConflict, call
 
 log = logging.getLogger(__name__)
 

@@ -51,15 +51,15 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ca_daemon.anchor.base import CA, AnchorError
+from ca_daemon.anchor.base import CA
 from ca_daemon.config.settings import Settings
+from ca_daemon.errors import AnchorError, JournalError
 from ca_daemon.journal.journal import (
     CA_KEY,
     LEGACY_CREDENTIALS,
     SHARD_FOLDER,
     Journal,
     JournalConflict,
-    JournalError,
     Versioned,
 )
 from ca_daemon.journal.store.records import FileRecordStore, Record, RecordConflict

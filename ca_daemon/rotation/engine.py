@@ -24,13 +24,8 @@ from cryptography import x509
 
 from ca_daemon.anchor.base import CA, Anchor, existing_cas
 from ca_daemon.config.settings import Settings
-from ca_daemon.journal.journal import (
-    Journal,
-    JournalConflict,
-    JournalError,
-    rebuild_ca_record,
-    shard_of,
-)
+from ca_daemon.errors import JournalError, RequestError, RotationError
+from ca_daemon.journal.journal import Journal, JournalConflict, rebuild_ca_record, shard_of
 from ca_daemon.model.state import (
     LINKERD_ISSUER,
     CaRecord,
@@ -105,10 +100,6 @@ class Rollout(Protocol):
     def report_pending(self, pods: list[str], bundle_hash: str) -> None: ...
 
 
-class RequestError(Exception):
-    """A manual rotation request that cannot be accepted as asked."""
-
-
 class UnknownTarget(RequestError):
     pass
 
@@ -117,7 +108,7 @@ class RotationInProgress(RequestError):
     """The target conflicts with the root rotation in progress."""
 
 
-class IssuanceError(Exception):
+class IssuanceError(RotationError):
     """The anchor answered with a certificate the daemon will not publish."""
 
 

@@ -20,13 +20,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ca_daemon.errors import ServiceError
 from ca_daemon.util.files import ensure_private_dir
 
 LOCK_NAME = "daemon.lock"
 _POLL = 0.05
 
 
-class DataDirBusy(Exception):
+class DataDirBusy(ServiceError):
     """Another process owns the data directory."""
 
 

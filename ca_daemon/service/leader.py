@@ -40,7 +40,8 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from ca_daemon.config.settings import Settings
-from ca_daemon.util.kube import KubeError, api_client, api_message, describe
+from ca_daemon.errors import KubeError
+from ca_daemon.util.kube import api_client, api_message, describe
 
 log = logging.getLogger(__name__)
 

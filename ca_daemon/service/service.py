@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from ca_daemon.config.settings import Settings
-from ca_daemon.journal.journal import JournalError
+from ca_daemon.errors import JournalError, ServiceError
 from ca_daemon.model.state import Operation, OpState, State
 from ca_daemon.report.status import operation_view, status_view
 from ca_daemon.rotation.engine import Engine, PassResult, step_target
@@ -33,7 +33,7 @@ class Leadership:
     holder: str | None = None
 
 
-class JournalUnavailable(Exception):
+class JournalOffline(ServiceError):
     """The journal could not be read or written just now; ``journal`` names it.
 
     The API answers 503: a later call may well succeed, and nothing was changed.
@@ -155,7 +155,7 @@ class DaemonService:
         return view
 
     def operation(self, op_id: str) -> dict[str, Any] | None:
-        """The operation as journaled (raises JournalUnavailable).
+        """The operation as journaled (raises JournalOffline).
 
         Unlike status, never from the last pass: an operation's state is what the
         caller waits on, and an old one would look like no progress, or a result that
@@ -164,7 +164,7 @@ class DaemonService:
         try:
             record, _ = self.engine.journal.load_ca(migrate=False)
         except JournalError as exc:
-            raise JournalUnavailable(self.engine.journal.description, exc) from None
+            raise JournalOffline(self.engine.journal.description, exc) from None
         op = record.operation(op_id)
         if op is None:
             return None
@@ -178,12 +178,12 @@ class DaemonService:
         return view
 
     def request(self, target: str, reason: str) -> str:
-        """Journal the request (raises engine.RequestError, JournalUnavailable), then
+        """Journal the request (raises engine.RequestError, JournalOffline), then
         wake the loop."""
         try:
             op_id = self.engine.request_rotation(target, reason)
         except JournalError as exc:
-            raise JournalUnavailable(self.engine.journal.description, exc) from None
+            raise JournalOffline(self.engine.journal.description, exc) from None
         self._wake()
         return op_id
 

@@ -14,12 +14,10 @@ import urllib3.exceptions
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from ca_daemon.errors import KubeError
+
 # Bounded so that an unreachable API server fails a pass instead of hanging it.
 REQUEST_TIMEOUT = (5, 20)
-
-
-class KubeError(Exception):
-    """A Kubernetes call failed; the message says which call, why, and never data."""
 
 
 class KubeConflict(KubeError):

@@ -35,6 +35,8 @@ def _floor(module: str) -> int:
     assert parts[0] == "ca_daemon", module
     if len(parts) == 1:
         return -1  # ca_daemon/__init__.py holds only the version: below everything
+    if parts[1] == "errors":
+        return -1  # the one exception tree: every floor raises from it
     if parts[1] in FLOORS:
         return FLOORS.index(parts[1])
     return FLOORS.index("<front>")
@@ -129,3 +131,39 @@ def test_the_checker_catches_an_upward_import(tmp_path: Path) -> None:
     (target, _, in_function) = _imports(bad)[0]
     assert target == "ca_daemon.api.server" and in_function
     assert _floor(target) > _floor("ca_daemon.publish.kubernetes")
+
+
+def _exception_classes() -> list[tuple[str, ast.ClassDef]]:
+    found = []
+    for module, path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception"))
+                for b in node.bases
+            ):
+                found.append((module, node))
+    return found
+
+
+def test_one_exception_tree() -> None:
+    """Every exception class of ours derives, through our own classes, from CaDaemonError;
+    only ca_daemon/errors.py names a built-in base."""
+    builtin = {"Exception", "ValueError", "BaseException", "RuntimeError", "OSError"}
+    roots = [
+        f"{module}.{node.name}"
+        for module, node in _exception_classes()
+        if module != "ca_daemon.errors"
+        and any(isinstance(b, ast.Name) and b.id in builtin for b in node.bases)
+        and not any(isinstance(b, ast.Name) and b.id not in builtin for b in node.bases)
+    ]
+    assert roots == [], f"exception classes outside the tree: {roots}"
+    from ca_daemon import errors  # local import: only this test needs the tree itself
+
+    tree_roots = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__bases__[0] is Exception
+    }
+    assert tree_roots == {"CaDaemonError"}

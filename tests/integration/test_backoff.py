@@ -27,9 +27,9 @@ import httpx
 import pytest
 import yaml
 
-from ca_daemon.anchor.base import AnchorError
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config.settings import load_settings
+from ca_daemon.errors import AnchorError
 from ca_daemon.journal.open import file_journal
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.publish.kong_admin import KongAdminPublisher

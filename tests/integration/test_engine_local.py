@@ -10,9 +10,10 @@ import pytest
 import yaml
 from cryptography import x509
 
-from ca_daemon.anchor.base import CA, AnchorError
+from ca_daemon.anchor.base import CA
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.errors import AnchorError
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.world import desired_world
 from ca_daemon.pki.bundle import stable_id

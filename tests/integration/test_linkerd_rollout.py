@@ -20,11 +20,12 @@ import pytest
 import yaml
 
 from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.errors import KubeError
 from ca_daemon.pki.bundle import bundle_hash
 from ca_daemon.publish.linkerd_rollout import RESTARTED_AT, LinkerdRollout
 from ca_daemon.publish.pods_gate import pending_event_name
 from ca_daemon.report.rbac import manifests
-from ca_daemon.util.kube import KubeError, api_client
+from ca_daemon.util.kube import api_client
 from tests.fixtures.kube import Kube
 from tests.fixtures.pki import make_ca
 from tests.fixtures.tools import unique

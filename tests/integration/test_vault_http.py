@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ca_daemon.anchor.base import AnchorError
 from ca_daemon.anchor.vault.client import VaultClient, VaultForbidden, VaultNotFound
 from ca_daemon.anchor.vault.http import VaultHttp
 from ca_daemon.config.settings import VaultAnchor, VaultAuth
+from ca_daemon.errors import AnchorError
 from tests.fixtures.nginx import NginxFactory
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.pki import issue, make_ca

@@ -12,10 +12,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from cryptography import x509
 
-from ca_daemon.anchor.base import CA, AnchorError
+from ca_daemon.anchor.base import CA
 from ca_daemon.anchor.vault.client import VaultClient
 from ca_daemon.anchor.vault.pki import VaultPkiAnchor
 from ca_daemon.config.settings import VaultAnchor, VaultAuth
+from ca_daemon.errors import AnchorError
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.keys import generate_key
 from ca_daemon.pki.profiles import Kind, Subject, build_csr, capped_validity, sign_certificate

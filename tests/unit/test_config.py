@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from ca_daemon.cli import main
-from ca_daemon.config.settings import ConfigError, Settings, load_settings
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.errors import ConfigError
 
 
 def test_embedded_default_is_a_local_laptop_setup() -> None:

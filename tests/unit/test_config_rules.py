@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from ca_daemon.cli import main
-from ca_daemon.config.settings import ConfigError, Settings, load_settings
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.errors import ConfigError
 from ca_daemon.util.durations import parse_duration
 
 FILE = "config file"  # the field of a row whose problem is the file itself

@@ -18,9 +18,10 @@ import httpx
 import pytest
 from cryptography import x509
 
-from ca_daemon.anchor.base import CA, AnchorError
+from ca_daemon.anchor.base import CA
 from ca_daemon.anchor.local import LocalAnchor
 from ca_daemon.config.settings import Settings
+from ca_daemon.errors import AnchorError
 from ca_daemon.model.state import IssuedEntry
 from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import certificate_pem

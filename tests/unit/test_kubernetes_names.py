@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from ca_daemon.config.settings import ConfigError, Settings
+from ca_daemon.config.settings import Settings
+from ca_daemon.errors import ConfigError
 
 
 def _client(**fields: Any) -> dict[str, Any]:

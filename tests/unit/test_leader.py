@@ -10,6 +10,7 @@ from typing import Literal
 import pytest
 
 from ca_daemon.daemon import Backoff
+from ca_daemon.errors import KubeError
 from ca_daemon.service.leader import (
     LeaderElector,
     LeaseRecord,
@@ -20,7 +21,6 @@ from ca_daemon.service.leader import (
     observe,
     released,
 )
-from ca_daemon.util.kube import KubeError
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 DURATION = timedelta(seconds=15)

@@ -13,9 +13,9 @@ import hvac
 import hvac.exceptions
 import requests
 
-from ca_daemon.anchor.base import AnchorError
 from ca_daemon.anchor.vault.http import VaultHttp, VaultUnreachable
 from ca_daemon.config.settings import VaultAnchor
+from ca_daemon.errors import AnchorError, VaultError
 from ca_daemon.util.ratelimit import limiter
 
 log = logging.getLogger(__name__)
@@ -31,15 +31,15 @@ def _read_secret_file(path: Path, what: str) -> str:
     return value
 
 
-class VaultNotFound(AnchorError):
+class VaultNotFound(VaultError):
     pass
 
 
-class VaultInvalidRequest(AnchorError):
+class VaultInvalidRequest(VaultError):
     """Vault answered 400: the request itself was refused."""
 
 
-class VaultForbidden(AnchorError):
+class VaultForbidden(VaultError):
     """Vault answered 403: the token is invalid or its policy denies the path."""
 
 

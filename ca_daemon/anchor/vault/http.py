@@ -30,6 +30,8 @@ import urllib3
 import urllib3.exceptions
 from urllib3.util import Retry, Timeout
 
+from ca_daemon.errors import VaultError
+
 # Like requests' default: no retry of a request that may have reached Vault, redirects
 # followed (a standby that does not forward answers 307 to the active node).
 _RETRIES = Retry(total=None, connect=0, read=0, status=0, other=0, redirect=30)
@@ -37,7 +39,7 @@ _NO_RETRIES = Retry(total=None, connect=0, read=0, status=0, other=0, redirect=F
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
-class VaultUnreachable(Exception):
+class VaultUnreachable(VaultError):
     """No answer from Vault (connection refused, TLS failure, timeout); the message names
     only the exception type, never the request."""
 

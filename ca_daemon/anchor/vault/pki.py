@@ -18,8 +18,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca_daemon.anchor.base import CA, AnchorError
+from ca_daemon.anchor.base import CA
 from ca_daemon.anchor.vault.client import VaultClient, VaultNotFound
+from ca_daemon.errors import AnchorError
 from ca_daemon.pki.bundle import parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.keys import KeyType

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from ca_daemon.anchor.base import AnchorError
+from ca_daemon.errors import StoreError
 from ca_daemon.util.files import ensure_private_dir, write_atomic
 
 Record = dict[str, Any]
@@ -28,11 +28,11 @@ Record = dict[str, Any]
 _KEY_PART = re.compile(r"^[a-z0-9][-a-z0-9.]*$")
 
 
-class RecordConflict(AnchorError):
+class RecordConflict(StoreError):
     """The record changed since it was read (check-and-set failed): reload, decide again."""
 
 
-class RecordInvalid(AnchorError):
+class RecordInvalid(StoreError):
     """The store answered, and what it holds is not a journal record (truncated, edited)."""
 
 
@@ -73,7 +73,7 @@ def _read_regular(path: Path) -> bytes:
     with os.fdopen(fd, "rb") as handle:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise AnchorError(f"{path} is not a regular file ({_file_type(mode)})")
+            raise StoreError(f"{path} is not a regular file ({_file_type(mode)})")
         return handle.read()
 
 
@@ -93,7 +93,7 @@ def _file_type(mode: int) -> str:
 def check_key(key: str) -> list[str]:
     parts = key.split("/") if key else []
     if any(not _KEY_PART.match(p) for p in parts):
-        raise AnchorError(f"invalid record key {key!r}")
+        raise StoreError(f"invalid record key {key!r}")
     return parts
 
 
@@ -131,7 +131,7 @@ class FileRecordStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise AnchorError(f"{path}: cannot be read ({exc.strerror}){_owner(path)}") from None
+            raise StoreError(f"{path}: cannot be read ({exc.strerror}){_owner(path)}") from None
         try:
             doc = json.loads(raw)
         except ValueError:
