@@ -50,6 +50,31 @@ class JournalError(CaDaemonError):
     """The journal could not be read or written as asked."""
 
 
+class JournalConflict(JournalError):
+    """Someone else saved a newer record; reload and decide again."""
+
+
+class JournalCorrupt(JournalError):
+    """The store answered with something that is not a valid record."""
+
+
+class JournalUnavailable(JournalError):
+    """The store did not answer (down, sealed, refusing the token): nothing is known of
+    the records, so nothing about them may be advised or done."""
+
+
+class NewerJournal(JournalError):
+    """A record written by a newer ca-daemon: this one must not touch it."""
+
+
+class MigrationRefused(JournalCorrupt):
+    """A record of an older layout cannot be moved: the move is not started."""
+
+
+class RebuildRefused(JournalError):
+    """A lost journal cannot be rebuilt safely from what the anchor holds."""
+
+
 class RotationError(CaDaemonError):
     """A step of the rotation could not be carried out."""
 

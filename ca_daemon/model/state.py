@@ -149,9 +149,6 @@ class CaRecord:
     def root(self, role: RootRole) -> RootEntry | None:
         return next((r for r in self.roots if r.role is role), None)
 
-    def root_by_ref(self, ref: str) -> RootEntry | None:
-        return next((r for r in self.roots if r.ref == ref), None)
-
     @property
     def active_root(self) -> RootEntry | None:
         return self.root(RootRole.ACTIVE)
@@ -203,16 +200,23 @@ class State:
         for name, entry in self.kong_clients.items():
             yield client_key(name), entry
 
-    def with_credential(self, key: str, entry: IssuedEntry | None) -> State:
-        if key == LINKERD_ISSUER:
-            return replace(self, linkerd_issuer=entry)
-        name = key.removeprefix(KONG_PREFIX)
+    @classmethod
+    def of(cls, ca: CaRecord, credentials: Iterable[tuple[str, IssuedEntry]]) -> State:
+        """The state holding ``credentials`` by key ("linkerd-issuer", "kong/<name>")."""
+        return cls(ca=ca).with_credentials(dict(credentials))
+
+    def with_credentials(self, changes: Mapping[str, IssuedEntry | None]) -> State:
+        """This state with each keyed credential replaced (None: dropped)."""
+        issuer = self.linkerd_issuer
         clients = dict(self.kong_clients)
-        if entry is None:
-            clients.pop(name, None)
-        else:
-            clients[name] = entry
-        return replace(self, kong_clients=clients)
+        for key, entry in changes.items():
+            if key == LINKERD_ISSUER:
+                issuer = entry
+            elif entry is None:
+                clients.pop(key.removeprefix(KONG_PREFIX), None)
+            else:
+                clients[key.removeprefix(KONG_PREFIX)] = entry
+        return replace(self, linkerd_issuer=issuer, kong_clients=clients)
 
 
 # --- serialization --------------------------------------------------------------------------

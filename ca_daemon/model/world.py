@@ -20,7 +20,6 @@ from ca_daemon.pki.bundle import render_pem
 class TrustWorld:
     roots: tuple[x509.Certificate, ...]  # the trust bundle, oldest first
     linkerd_issuer: IssuedEntry | None = None
-    kong_intermediate: x509.Certificate | None = None
     kong_clients: Mapping[str, IssuedEntry] = field(default_factory=dict)
     # The journal's CA-record version this world was derived from (0: not known), so a
     # publisher can refuse to go back to an older one than it already published.
@@ -40,11 +39,6 @@ class TrustWorld:
         return render_pem(self.roots)
 
 
-def bundle_roots(state: State) -> list[x509.Certificate]:
-    """Roots every verifier must trust now: a prepared next root is not yet among them."""
-    return trusted_roots(state.ca)
-
-
 def desired_world(
     state: State,
     settings: Settings,
@@ -54,11 +48,8 @@ def desired_world(
     kong = settings.kong.enabled
     configured = {c.name for c in settings.kong.clients}
     return TrustWorld(
-        roots=tuple(bundle_roots(state)),
+        roots=tuple(trusted_roots(state.ca)),
         linkerd_issuer=state.linkerd_issuer if settings.linkerd.enabled else None,
-        kong_intermediate=(
-            state.ca.active_intermediate.cert if kong and state.ca.active_intermediate else None
-        ),
         kong_clients=(
             {n: e for n, e in state.kong_clients.items() if n in configured} if kong else {}
         ),

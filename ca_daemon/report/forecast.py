@@ -53,15 +53,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca_daemon.anchor.base import CA
 from ca_daemon.config.settings import Settings
-from ca_daemon.errors import AnchorError, JournalError
-from ca_daemon.journal.journal import (
-    CA_KEY,
-    LEGACY_CREDENTIALS,
-    SHARD_FOLDER,
-    Journal,
-    JournalConflict,
-    Versioned,
-)
+from ca_daemon.errors import AnchorError, JournalConflict, JournalError
+from ca_daemon.journal.format import CA_KEY, LEGACY_CREDENTIALS, SHARD_FOLDER
+from ca_daemon.journal.journal import Journal, Versioned
 from ca_daemon.journal.store.records import FileRecordStore, Record, RecordConflict
 from ca_daemon.model.state import (
     KONG_PREFIX,
@@ -178,14 +172,7 @@ class MemoryJournal(Journal):
         return self._state(self._credentials.items())
 
     def _state(self, items: Iterable[tuple[str, tuple[IssuedEntry, int]]]) -> State:
-        issuer: IssuedEntry | None = None
-        clients: dict[str, IssuedEntry] = {}
-        for key, (entry, _) in items:
-            if key == LINKERD_ISSUER:
-                issuer = entry
-            else:
-                clients[key.removeprefix(KONG_PREFIX)] = entry
-        return State(ca=self._ca, linkerd_issuer=issuer, kong_clients=clients)
+        return State.of(self._ca, ((key, entry) for key, (entry, _) in items))
 
     def load_ca(self, migrate: bool = True) -> tuple[CaRecord, int]:
         return self._ca, self._ca_version

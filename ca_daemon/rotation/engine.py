@@ -17,15 +17,16 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 from cryptography import x509
 
 from ca_daemon.anchor.base import CA, Anchor, existing_cas
 from ca_daemon.config.settings import Settings
-from ca_daemon.errors import JournalError, RequestError, RotationError
-from ca_daemon.journal.journal import Journal, JournalConflict, rebuild_ca_record, shard_of
+from ca_daemon.errors import JournalConflict, JournalError, RequestError, RotationError
+from ca_daemon.journal.format import shard_of
+from ca_daemon.journal.journal import Journal
 from ca_daemon.model.state import (
     LINKERD_ISSUER,
     CaRecord,
@@ -73,11 +74,11 @@ from ca_daemon.rotation.plan import (
     Step,
     Wait,
     client_subject,
-    client_target,
     covers,
     plan,
     retire_after,
 )
+from ca_daemon.rotation.rebuild import rebuild
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def step_target(step: Step, settings: Settings) -> tuple[Kind, str, str]:
         case IssueLinkerdIssuer():
             return Kind.LINKERD_ISSUER, settings.linkerd.issuer_secret, LINKERD_ISSUER
         case IssueKongClient(name=name) | DropKongClient(name=name):
-            return Kind.KONG_CLIENT, name, client_target(name)
+            return Kind.KONG_CLIENT, name, client_key(name)
         case Wait():
             return Kind.TRUST_ANCHOR, "root-rotation", ROTATION
 
@@ -173,7 +174,7 @@ def _blocked(step: Step, failed: set[str]) -> bool:
         return True
     match step:
         case IssueKongClient(name=name) | DropKongClient(name=name):
-            return KONG_INTERMEDIATE in failed or client_target(name) in failed
+            return KONG_INTERMEDIATE in failed or client_key(name) in failed
         case IssueKongIntermediate():
             return KONG_INTERMEDIATE in failed
         case IssueLinkerdIssuer():
@@ -420,31 +421,6 @@ class Engine:
             failed.add(TRUST_ANCHOR)
             return ()
 
-    def _rebuild(self, step: RebuildJournal, state: State, now: datetime) -> CaRecord:
-        s = self.settings
-        lifetimes = [c.lifetime for c in s.kong.clients] if s.kong.enabled else []
-        if s.linkerd.enabled:
-            lifetimes.append(s.linkerd.issuer.lifetime)
-        # Linkerd's proxy certificates (24h) and the clock skew, as rotation.retire_delay.
-        keep = max(lifetimes, default=timedelta(0)) + timedelta(hours=24) + s.rotation.clock_skew
-        if isinstance(s.rotation.retire_delay, timedelta):
-            keep = max(keep, s.rotation.retire_delay)
-        record = rebuild_ca_record(step.cas, state.credentials(), now, keep)
-        roles = ", ".join(f"{r.ref} ({r.role.value})" for r in record.roots) or "none valid"
-        inters = ", ".join(f"{i.ref} under {i.root_ref}" for i in record.intermediates) or "none"
-        log.warning(
-            "JOURNAL REBUILT from %s: %s. Roots: %s; Kong intermediates: %s; %d surviving "
-            "credential record(s); next CA serial after %d; phase %s",
-            self.anchor.description,
-            step.reason,
-            roles,
-            inters,
-            len(list(state.credentials())),
-            record.serial,
-            record.phase.value,
-        )
-        return record
-
     def _save_ca(self, record: CaRecord) -> None:
         self._version = self.journal.save_ca(record, self._version)
 
@@ -453,7 +429,7 @@ class Engine:
         ca = state.ca
         match step:
             case RebuildJournal():
-                return self._rebuild(step, state, now)
+                return rebuild(step.cas, step.reason, state, now, s, self.anchor.description)
             case CreateRoot(ref=ref) | PrepareRoot(ref=ref):
                 validity = capped_validity(now, s.root.lifetime, None, s.rotation.clock_skew)
                 made = self.anchor.create_root(
@@ -624,8 +600,7 @@ class Engine:
             failed.add(target)
 
         created = False
-        issuer = state.linkerd_issuer
-        clients = dict(state.kong_clients)
+        changes_made: dict[str, IssuedEntry | None] = {}
         with ThreadPoolExecutor(max_workers=self.settings.rotation.concurrency) as pool:
             # Submitted shard by shard, so shards complete one after another.
             futures = {
@@ -658,15 +633,10 @@ class Engine:
                         entry is not None and not self._credential_versions.get(key)
                     )
                     self._credential_versions[key] = revisions[key]
-                    if key == LINKERD_ISSUER:
-                        issuer = entry
-                    elif entry is None:
-                        clients.pop(name, None)
-                    else:
-                        clients[name] = entry
+                    changes_made[key] = entry
                     log.info("%s %s: %s", type(step).__name__, name, step.reason)
                     result.steps.append(StepResult(kind, name, type(step).__name__, step.reason))
-        state = replace(state, linkerd_issuer=issuer, kong_clients=clients)
+        state = state.with_credentials(changes_made)
         if created:
             # A credential made anew starts again at revision 1, below what an object
             # published from the one it replaces (a client dropped and re-added, a corrupt

@@ -50,10 +50,6 @@ ALL = "all"
 ROOT_TARGETS = frozenset({TRUST_ANCHOR, ALL})
 
 
-def client_target(name: str) -> str:
-    return client_key(name)
-
-
 @dataclass(frozen=True)
 class Observations:
     """What the last publish showed, fed back into the decision."""

@@ -12,8 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ca_daemon import __version__
 from ca_daemon.config.settings import Settings
-from ca_daemon.model.state import OpState, Phase, State
-from ca_daemon.model.world import bundle_roots
+from ca_daemon.model.state import OpState, Phase, State, trusted_roots
 from ca_daemon.report.status import status_view
 from ca_daemon.rotation.engine import PassResult
 from ca_daemon.rotation.plan import ISSUING_STEPS
@@ -145,7 +144,7 @@ class Metrics:
             self.next_rotation.labels(row["kind"], row["name"]).set(_ts(row["next_rotation"]))
         for phase in Phase:
             self.phase.labels(phase.value).set(1 if state.ca.phase is phase else 0)
-        self.bundle_roots.set(len(bundle_roots(state)))
+        self.bundle_roots.set(len(trusted_roots(state.ca)))
         rotation = state.ca.rotation
         propagating = state.ca.phase is Phase.PROPAGATING and rotation is not None
         self.pending_pods.set(rotation.pending_count if propagating and rotation else 0)

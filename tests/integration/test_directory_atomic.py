@@ -59,7 +59,6 @@ class Pki:
         return TrustWorld(
             roots=(self.root,),
             linkerd_issuer=IssuedEntry(cert=issuer, key_pem=private_key_pem(key), signer_ref="r"),
-            kong_intermediate=self.inter,
             kong_clients={name: self.client(name) for name in clients},
         )
 

@@ -53,7 +53,7 @@ from cryptography.x509.oid import NameOID
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config.settings import Settings, load_settings
 from ca_daemon.errors import ConfigError
-from ca_daemon.journal.journal import shard_of
+from ca_daemon.journal.format import shard_of
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.state import LINKERD_ISSUER
 from ca_daemon.model.world import TrustWorld, desired_world

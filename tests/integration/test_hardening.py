@@ -26,7 +26,7 @@ from ca_daemon.anchor.base import CA
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config.settings import Settings, load_settings
 from ca_daemon.errors import AnchorError
-from ca_daemon.journal.journal import shard_of
+from ca_daemon.journal.format import shard_of
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.generation import parse_generation
 from ca_daemon.model.world import desired_world

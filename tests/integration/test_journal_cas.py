@@ -220,7 +220,7 @@ def test_vault_kv_store_refuses_a_stale_version(openbao: OpenBao, key: str) -> N
 
 def test_two_vault_journals_on_one_path_cannot_both_save(openbao: OpenBao) -> None:
     """The journal over Vault: the second save of a loaded record is a JournalConflict."""
-    from ca_daemon.journal.journal import JournalConflict
+    from ca_daemon.errors import JournalConflict
 
     path = f"ca-daemon/{unique('cas-journal')}"
     one, two = Journal(_vault_store(openbao, path)), Journal(_vault_store(openbao, path))
@@ -239,7 +239,7 @@ def test_a_full_shard_stays_within_openbao_s_json_limits(openbao: OpenBao) -> No
     """OpenBao refuses a request body with over 1,000 strings (max_request_json_strings,
     on by default): 300 credentials in one shard, more than 20,000 clients would put
     there, are one write it accepts, and read back whole."""
-    from ca_daemon.journal.journal import shard_of
+    from ca_daemon.journal.format import shard_of
     from ca_daemon.model.state import client_key
     from tests.unit.test_journal_shards import _entry
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from ca_daemon.journal.journal import shard_of
+from ca_daemon.journal.format import shard_of
 from ca_daemon.model.world import desired_world
 from ca_daemon.publish.k8s_objects import kong_ca_secret_name
 from ca_daemon.publish.kubernetes import KubernetesPublisher

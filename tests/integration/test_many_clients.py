@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ca_daemon.config.settings import load_settings
-from ca_daemon.journal.journal import SHARDS
+from ca_daemon.journal.format import SHARDS
 from ca_daemon.report.verify import Thresholds, verify_directory
 from ca_daemon.service.wiring import build_engine
 from tests.fixtures.journal_files import credential_docs, shard_files

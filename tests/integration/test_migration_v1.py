@@ -18,7 +18,8 @@ import pytest
 
 from ca_daemon.anchor.vault.client import VaultClient
 from ca_daemon.config.settings import VaultAnchor, VaultAuth, load_settings
-from ca_daemon.journal.journal import Journal, shard_of
+from ca_daemon.journal.format import shard_of
+from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.store.records import FileRecordStore
 from ca_daemon.journal.store.vault_kv import VaultKvStore
 from ca_daemon.model.state import STATE_VERSION

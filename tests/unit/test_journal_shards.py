@@ -13,15 +13,10 @@ import pytest
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config.settings import Settings
+from ca_daemon.errors import JournalConflict, JournalCorrupt, MigrationRefused
 from ca_daemon.journal import journal as journal_module
-from ca_daemon.journal.journal import (
-    SHARDS,
-    Journal,
-    JournalConflict,
-    JournalCorrupt,
-    MigrationRefused,
-    shard_of,
-)
+from ca_daemon.journal.format import SHARDS, shard_of
+from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.open import file_journal
 from ca_daemon.journal.store.records import FileRecordStore, Record, RecordConflict
 from ca_daemon.model.state import (

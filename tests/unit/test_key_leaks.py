@@ -243,7 +243,6 @@ def test_kong_refusing_a_key_is_reported_without_it(
     key_pem = private_key_pem(client_key)
     world = TrustWorld(
         roots=(root,),
-        kong_intermediate=inter,
         kong_clients={
             "payments": IssuedEntry(cert=leaf, key_pem=key_pem, signer_ref="k", chain=(inter,))
         },
