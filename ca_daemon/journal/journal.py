@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -76,12 +76,25 @@ RECOVERY = (
 )
 
 
+@dataclass
+class Seen:
+    """The versions one pass loaded, moved on by each of its own writes: the next write
+    is checked against them, so a pass never overwrites what another writer saved."""
+
+    version: int
+    revisions: dict[str, int]
+    shard_versions: dict[str, int]
+
+
 @dataclass(frozen=True)
 class Versioned:
     state: State
     version: int  # of the CA record; 0: nothing saved yet
     credential_versions: Mapping[str, int] = field(default_factory=dict)  # revisions
     shard_versions: Mapping[str, int] = field(default_factory=dict)
+
+    def seen(self) -> Seen:
+        return Seen(self.version, dict(self.credential_versions), dict(self.shard_versions))
 
 
 def _plain(data: bytes) -> bytes:
@@ -292,6 +305,37 @@ class Journal:
         with self._lock:
             self._shards[shard] = _Shard(new, stored, all_revisions, entries)
         return new, revisions
+
+    # --- transitions: what the engine journals ----------------------------------------
+
+    def write_groups(self, keys: Iterable[str]) -> list[list[str]]:
+        """``keys`` in the groups one write saves together: a batch that issues group by
+        group journals each as soon as its last credential is issued."""
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            groups.setdefault(shard_of(key), []).append(key)
+        return list(groups.values())
+
+    def record_ca(self, seen: Seen, record: CaRecord) -> None:
+        """Journal a new CA record (a CA step, or a noted fact) over the version ``seen``
+        holds; JournalConflict when another writer saved since."""
+        seen.version = self.save_ca(record, seen.version)
+
+    def record_credentials(
+        self, seen: Seen, changes: Mapping[str, IssuedEntry | None]
+    ) -> dict[str, int]:
+        """Journal renewed (None: dropped) credentials of one write group over what
+        ``seen`` holds; each one's new revision (0: dropped)."""
+        shards = {shard_of(key) for key in changes}
+        if len(shards) != 1:
+            raise ValueError(f"not one write group: {sorted(changes)}")
+        shard = shards.pop()
+        version, revisions = self.save_credentials(
+            shard, seen.shard_versions.get(shard, 0), changes
+        )
+        seen.shard_versions[shard] = version
+        seen.revisions.update(revisions)
+        return revisions
 
 
 class _OlderLayout(JournalError):

@@ -72,7 +72,8 @@ from ca_daemon.pki.keys import KeyType, PrivateKey, PublicKey, generate_key
 from ca_daemon.pki.profiles import Kind, Subject, Validity, sign_certificate
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.rotation.engine import Engine, PassResult
-from ca_daemon.rotation.plan import Observations, Wait, plan, renew_at, root_due_at
+from ca_daemon.rotation.plan import Observations, plan, renew_at, root_due_at
+from ca_daemon.rotation.steps import Activate, Wait
 from ca_daemon.util.durations import format_duration, parse_duration
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -606,7 +607,7 @@ def _record(
         result.events.append(
             Event(now, step.kind.value, step.name, step.action, step.reason, exact, step.error)
         )
-        if step.action == "Activate" and step.ok:
+        if isinstance(step.step, Activate) and step.ok:
             auto = sim.settings.rotation.retire_delay == "auto"
             sim.retire_exact = exact and (not auto or _old_chain_end_exact(before, now, sim))
     result.errors += [f"{now.isoformat()}: {e}" for e in done.errors]

@@ -11,7 +11,8 @@ from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import Operation, Phase, State
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
-from ca_daemon.rotation.plan import Observations, Wait, plan, renew_at, root_due_at
+from ca_daemon.rotation.plan import Observations, plan, renew_at, root_due_at
+from ca_daemon.rotation.steps import Wait
 
 
 def _iso(moment: datetime) -> str:

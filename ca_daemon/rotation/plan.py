@@ -41,13 +41,31 @@ from ca_daemon.model.state import (
 )
 from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem
 from ca_daemon.pki.profiles import Subject, subject_alt_names
-
-TRUST_ANCHOR = "trust-anchor"
-KONG_INTERMEDIATE = "kong-intermediate"
-KONG = "kong"
-ALL = "all"
-# Targets that start a root rotation; they conflict with one already in progress.
-ROOT_TARGETS = frozenset({TRUST_ANCHOR, ALL})
+from ca_daemon.rotation.steps import (
+    ALL,
+    KONG,
+    KONG_INTERMEDIATE,
+    MANUAL_ROTATION,
+    ROOT_TARGETS,
+    Activate,
+    ConfirmBundle,
+    CreateRoot,
+    DropKongClient,
+    FinishOperation,
+    IssueKongClient,
+    IssueKongIntermediate,
+    IssueLinkerdIssuer,
+    NoteRestart,
+    PrepareRoot,
+    Propagate,
+    RebuildJournal,
+    RestartLinkerd,
+    Retire,
+    StartOperation,
+    StartRetiring,
+    Step,
+    Wait,
+)
 
 
 @dataclass(frozen=True)
@@ -59,138 +77,6 @@ class Observations:
     cluster: bool = False  # Linkerd's workloads can be rolled and gated (Kubernetes)
     # The anchor's named CAs, asked only while the CA record is empty (a lost journal).
     anchor_cas: tuple[CA, ...] = ()
-
-
-# --- CA steps: one at a time, journal saved after each --------------------------------------
-
-
-@dataclass(frozen=True)
-class CreateRoot:
-    ref: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class RebuildJournal:
-    """The CA record is empty but the anchor holds named CAs: the journal was lost.
-    Rebuilt from them (and the surviving credential records), never a fresh root."""
-
-    cas: tuple[CA, ...]
-    reason: str
-
-
-@dataclass(frozen=True)
-class PrepareRoot:
-    ref: str
-    reason: str
-    operation: str | None = None
-
-
-@dataclass(frozen=True)
-class Propagate:
-    reason: str = "publish the two-root bundle"
-
-
-@dataclass(frozen=True)
-class ConfirmBundle:
-    bundle: str
-    reason: str = "every publisher holds the two-root bundle"
-
-
-@dataclass(frozen=True)
-class RestartLinkerd:
-    scope: str  # "control-plane" | "all"
-    reason: str = "Linkerd reads trust anchors only at start"
-
-
-@dataclass(frozen=True)
-class Activate:
-    intermediate_ref: str | None
-    reason: str = "the next root has propagated"
-
-
-@dataclass(frozen=True)
-class StartRetiring:
-    reason: str = "everything is re-issued under the new root"
-
-
-@dataclass(frozen=True)
-class Retire:
-    reason: str = "nothing under the old root can still be valid"
-
-
-@dataclass(frozen=True)
-class IssueKongIntermediate:
-    ref: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class StartOperation:
-    operation: str
-    reason: str = "manual request"
-
-
-@dataclass(frozen=True)
-class FinishOperation:
-    operation: str
-    ok: bool
-    reason: str
-
-
-# --- credential steps: batched, one record written each -------------------------------------
-
-
-@dataclass(frozen=True)
-class IssueLinkerdIssuer:
-    reason: str
-
-
-@dataclass(frozen=True)
-class IssueKongClient:
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class DropKongClient:
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Not an action: what the root rotation waits for, and until when if that is known."""
-
-    reason: str
-    until: datetime | None = None
-
-
-CaStep = (
-    CreateRoot
-    | RebuildJournal
-    | PrepareRoot
-    | Propagate
-    | ConfirmBundle
-    | RestartLinkerd
-    | Activate
-    | StartRetiring
-    | Retire
-    | IssueKongIntermediate
-    | StartOperation
-    | FinishOperation
-)
-CredentialStep = IssueLinkerdIssuer | IssueKongClient | DropKongClient
-Step = CaStep | CredentialStep | Wait
-CREDENTIAL_STEPS = (IssueLinkerdIssuer, IssueKongClient, DropKongClient)
-# Steps that issue a certificate from the anchor: what ca_daemon_rotations_total counts.
-ISSUING_STEPS = (
-    CreateRoot,
-    PrepareRoot,
-    IssueKongIntermediate,
-    IssueLinkerdIssuer,
-    IssueKongClient,
-)
 
 
 def renew_at(cert: x509.Certificate, rotate_before: timedelta, jitter: float) -> datetime:
@@ -335,7 +221,7 @@ def plan(
         if inter is None:
             reason = "missing"
         elif _manual(running, KONG_INTERMEDIATE, _created(inter)):
-            reason = "manual rotation"
+            reason = MANUAL_ROTATION
         elif root is not None:
             reason = _due_reason(
                 inter.cert,
@@ -369,7 +255,7 @@ def _reason(
     if entry is None:
         return "missing"
     if _manual(running, key, entry.issued):
-        return "manual rotation"
+        return MANUAL_ROTATION
     if entry.signer_ref != signer.ref:
         return f"signed by {entry.signer_ref}, not {signer.ref}"
     if signer.not_after is None:
@@ -458,6 +344,8 @@ def _propagating(state: State, now: datetime, settings: Settings, obs: Observati
         return [Wait("waiting for every publisher to confirm the two-root bundle")]
     linkerd = settings.linkerd
     if linkerd.enabled and linkerd.restart != "none" and obs.cluster and not rotation.restarted:
+        if rotation.restart_at is None:
+            return [NoteRestart(scope=linkerd.restart)]
         return [RestartLinkerd(scope=linkerd.restart)]
     ready_at = rotation.confirmed_at + settings.rotation.propagation_delay
     if now < ready_at:

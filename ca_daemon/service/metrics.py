@@ -15,11 +15,10 @@ from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import OpState, Phase, State, trusted_roots
 from ca_daemon.report.status import status_view
 from ca_daemon.rotation.engine import PassResult
-from ca_daemon.rotation.plan import ISSUING_STEPS
+from ca_daemon.rotation.steps import ISSUING_STEPS
 
 CERT_LABELS = ("kind", "name", "state")
 # Steps that issue a certificate: what ca_daemon_rotations_total counts.
-ISSUING_ACTIONS = frozenset(step.__name__ for step in ISSUING_STEPS)
 
 
 class Metrics:
@@ -113,10 +112,10 @@ class Metrics:
     ) -> None:
         self.anchor_up.set(1 if result.anchor_up else 0)
         for step in result.steps:
-            if step.action not in ISSUING_ACTIONS:
+            if not isinstance(step.step, ISSUING_STEPS):
                 continue  # phase changes and bookkeeping issue no certificate
             outcome = "success" if step.ok else "failure"
-            cause = "manual" if step.reason.startswith("manual") else trigger
+            cause = "manual" if step.manual else trigger
             self.rotations.labels(step.kind.value, cause, outcome).inc()
             if step.ok:
                 self.last_success.labels(step.kind.value, step.name).set(now.timestamp())

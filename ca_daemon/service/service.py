@@ -19,7 +19,8 @@ from ca_daemon.errors import JournalError, ServiceError
 from ca_daemon.model.state import Operation, OpState, State
 from ca_daemon.report.status import operation_view, status_view
 from ca_daemon.rotation.engine import Engine, PassResult, step_target
-from ca_daemon.rotation.plan import ROOT_TARGETS, Observations, Wait, plan
+from ca_daemon.rotation.plan import Observations, plan
+from ca_daemon.rotation.steps import ROOT_TARGETS, Wait
 from ca_daemon.service.metrics import Metrics
 
 log = logging.getLogger(__name__)

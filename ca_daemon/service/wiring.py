@@ -13,7 +13,8 @@ from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.publish.kong_admin import KongAdminPublisher
 from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.publish.linkerd_rollout import LinkerdRollout
-from ca_daemon.rotation.engine import Engine, Rollout
+from ca_daemon.rotation.ca_steps import Rollout
+from ca_daemon.rotation.engine import Engine
 from ca_daemon.util.kube import api_client
 
 

@@ -65,6 +65,7 @@ ROTATION_STEPS = [
     "PrepareRoot",
     "Propagate",
     "ConfirmBundle",
+    "NoteRestart",
     "RestartLinkerd",
     "Activate",
     "StartRetiring",

@@ -19,15 +19,13 @@ from ca_daemon.model.state import (
 )
 from ca_daemon.pki.keys import generate_key, private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject, capped_validity, sign_certificate
-from ca_daemon.rotation.plan import (
+from ca_daemon.rotation.plan import client_subject, plan, renew_at
+from ca_daemon.rotation.steps import (
     CreateRoot,
     DropKongClient,
     IssueKongClient,
     IssueKongIntermediate,
     IssueLinkerdIssuer,
-    client_subject,
-    plan,
-    renew_at,
 )
 from tests.unit.conftest import NOW, self_signed_root
 

@@ -22,13 +22,14 @@ from ca_daemon.model.state import (
 from ca_daemon.pki.bundle import bundle_hash, render_pem
 from ca_daemon.pki.keys import private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject
-from ca_daemon.rotation.plan import (
+from ca_daemon.rotation.plan import Observations, client_subject, plan, retire_after
+from ca_daemon.rotation.steps import (
     Activate,
     ConfirmBundle,
     FinishOperation,
     IssueKongClient,
     IssueLinkerdIssuer,
-    Observations,
+    NoteRestart,
     PrepareRoot,
     Propagate,
     RestartLinkerd,
@@ -36,9 +37,6 @@ from ca_daemon.rotation.plan import (
     StartOperation,
     StartRetiring,
     Wait,
-    client_subject,
-    plan,
-    retire_after,
 )
 from tests.unit.conftest import NOW, self_signed_root
 from tests.unit.test_plan import _issue, steady_state
@@ -145,7 +143,10 @@ def test_linkerd_is_rolled_after_confirmation_then_the_delay_runs(
     base = steady_state(settings)
     confirmed = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW)
     cluster = Observations(cluster=True, pending_pods=())
-    assert _actions(plan(confirmed, NOW, settings, cluster)) == [RestartLinkerd("control-plane")]
+    # The restartedAt is journaled first, then Linkerd is rolled with it.
+    assert _actions(plan(confirmed, NOW, settings, cluster)) == [NoteRestart("control-plane")]
+    noted = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW, restart_at=NOW)
+    assert _actions(plan(noted, NOW, settings, cluster)) == [RestartLinkerd("control-plane")]
     restarted = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW, restarted=True)
     waiting = plan(restarted, NOW + timedelta(minutes=9), settings, cluster)
     assert _actions(waiting) == []
@@ -158,7 +159,9 @@ def test_restart_all_and_none(make_settings: MakeSettings) -> None:
     cluster = Observations(cluster=True, pending_pods=())
     for restart, want in (("all", [RestartLinkerd("all")]), ("none", [])):
         settings = make_settings({"linkerd": {"restart": restart}})
-        state = _with_next_root(steady_state(settings), Phase.PROPAGATING, confirmed_at=NOW)
+        state = _with_next_root(
+            steady_state(settings), Phase.PROPAGATING, confirmed_at=NOW, restart_at=NOW
+        )
         assert _actions(plan(state, NOW, settings, cluster)) == want
 
 

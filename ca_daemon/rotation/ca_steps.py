@@ -1,0 +1,233 @@
+"""One CA step at a time: (step, state, now, anchor, settings) → the new CA record.
+
+Each function does the step's work against the anchor (create a root, an intermediate,
+make one the default) or, for Linkerd's restart, against the cluster, and returns the
+record to journal. None of them writes the journal: the engine saves what they return,
+once per step, before anything derived from it is published.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from datetime import datetime
+from typing import Literal, Protocol
+
+from cryptography import x509
+
+from ca_daemon.anchor.base import CA, Anchor
+from ca_daemon.config.settings import Settings
+from ca_daemon.errors import RotationError
+from ca_daemon.model.state import (
+    CaRecord,
+    IntermediateEntry,
+    OpState,
+    Phase,
+    RootEntry,
+    RootRole,
+    Rotation,
+    State,
+)
+from ca_daemon.pki.profiles import Kind, Subject, capped_validity, check_profile
+from ca_daemon.rotation.plan import retire_after
+from ca_daemon.rotation.rebuild import rebuild
+from ca_daemon.rotation.steps import (
+    Activate,
+    CaStep,
+    ConfirmBundle,
+    CreateRoot,
+    FinishOperation,
+    IssueKongIntermediate,
+    NoteRestart,
+    PrepareRoot,
+    Propagate,
+    RebuildJournal,
+    RestartLinkerd,
+    Retire,
+    StartOperation,
+    StartRetiring,
+)
+
+log = logging.getLogger(__name__)
+
+
+class IssuanceError(RotationError):
+    """The anchor answered with a certificate the daemon will not publish."""
+
+
+class Rollout(Protocol):
+    """Rolls Linkerd's workloads and tells which meshed Pods lag (Kubernetes)."""
+
+    description: str
+
+    def restart(self, scope: Literal["control-plane", "all"], at: datetime) -> list[str]: ...
+
+    def pending_pods(self, bundle_pem: str, confirmed_at: datetime) -> list[str]: ...
+
+    def report_pending(self, pods: list[str], bundle_hash: str) -> None: ...
+
+
+def require(kind: Kind, cert: x509.Certificate, signer: x509.Certificate | None) -> None:
+    """Refuse a certificate from the anchor that breaks its profile or outlives its signer."""
+    problems = list(check_profile(kind, cert).problems)
+    if signer is not None and cert.not_valid_after_utc > signer.not_valid_after_utc:
+        problems.append("outlives its signer")
+    if problems:
+        raise IssuanceError(f"{kind.value} from the anchor is unusable: {'; '.join(problems)}")
+
+
+def _serial(ref: str) -> int:
+    return int(ref.rsplit("-", 1)[1])
+
+
+def apply(
+    step: CaStep,
+    state: State,
+    now: datetime,
+    anchor: Anchor,
+    settings: Settings,
+    rollout: Rollout | None = None,
+) -> CaRecord:
+    """Carry out ``step`` and return the CA record to journal."""
+    s = settings
+    ca = state.ca
+    match step:
+        case RebuildJournal(cas=cas, reason=reason):
+            return rebuild(cas, reason, state, now, s, anchor.description)
+        case CreateRoot(ref=ref):
+            made = _root(ref, now, anchor, s)
+            # Noted in the anchor too: a journal rebuilt after a loss finds it there.
+            anchor.set_default(CA(made.ref, made.cert), None)
+            entry = RootEntry(made.ref, made.cert, RootRole.ACTIVE, now)
+            return replace(
+                ca, roots=(*ca.roots, entry), serial=_serial(ref), phase_since=ca.phase_since or now
+            )
+        case PrepareRoot(ref=ref, operation=operation):
+            made = _root(ref, now, anchor, s)
+            record = replace(
+                ca,
+                roots=(*ca.roots, RootEntry(made.ref, made.cert, RootRole.NEXT, now)),
+                serial=max(ca.serial, _serial(ref)),
+                phase=Phase.PREPARED,
+                phase_since=now,
+                rotation=Rotation(
+                    started_at=now,
+                    trigger="manual" if operation else "schedule",
+                    operation=operation,
+                ),
+            )
+            op = ca.operation(operation) if operation else None
+            if op is not None:
+                record = record.with_operation(replace(op, state=OpState.RUNNING))
+            return record
+        case Propagate():
+            return replace(ca, phase=Phase.PROPAGATING, phase_since=now)
+        case ConfirmBundle(bundle=bundle):
+            assert ca.rotation is not None
+            rotation = replace(ca.rotation, confirmed_at=now, confirmed_bundle=bundle)
+            return replace(ca, rotation=rotation)
+        case NoteRestart():
+            # Journaled before the roll: a retry after a crash patches the same
+            # restartedAt again, which Kubernetes treats as no change.
+            assert ca.rotation is not None
+            return replace(ca, rotation=replace(ca.rotation, restart_at=now))
+        case RestartLinkerd(scope=scope):
+            return _restart(ca, scope, rollout)
+        case Activate(intermediate_ref=inter_ref):
+            return _activate(state, now, inter_ref, anchor, s)
+        case StartRetiring():
+            assert ca.rotation is not None
+            rotation = replace(ca.rotation, retire_after=retire_after(state, now, s))
+            return replace(ca, phase=Phase.RETIRING, phase_since=now, rotation=rotation)
+        case Retire():
+            return _retire(ca, now)
+        case IssueKongIntermediate(ref=ref):
+            active = ca.active_root
+            if active is None:
+                raise IssuanceError("no active trust anchor")
+            inter = _intermediate(ref, active, now, anchor, s)
+            return replace(ca.with_intermediate(inter), serial=max(ca.serial, _serial(ref)))
+        case StartOperation(operation=op_id):
+            op = ca.operation(op_id)
+            assert op is not None
+            return ca.with_operation(replace(op, state=OpState.RUNNING))
+        case FinishOperation(operation=op_id, ok=ok, reason=reason):
+            op = ca.operation(op_id)
+            assert op is not None
+            done = OpState.SUCCEEDED if ok else OpState.FAILED
+            return ca.with_operation(replace(op, state=done, result=reason, finished_at=now))
+
+
+def _root(ref: str, now: datetime, anchor: Anchor, s: Settings) -> CA:
+    validity = capped_validity(now, s.root.lifetime, None, s.rotation.clock_skew)
+    made = anchor.create_root(ref, Subject(s.root_common_name), s.root.key, validity)
+    require(Kind.TRUST_ANCHOR, made.cert, None)
+    return made
+
+
+def _intermediate(
+    ref: str, root: RootEntry, now: datetime, anchor: Anchor, s: Settings
+) -> IntermediateEntry:
+    validity = capped_validity(
+        now, s.kong.intermediate.lifetime, root.cert.not_valid_after_utc, s.rotation.clock_skew
+    )
+    subject = Subject(s.kong_intermediate_common_name)
+    made = anchor.create_intermediate(ref, CA(root.ref, root.cert), subject, validity)
+    require(Kind.KONG_INTERMEDIATE, made.cert, root.cert)
+    return IntermediateEntry(ref=made.ref, cert=made.cert, root_ref=root.ref, created_at=now)
+
+
+def _restart(ca: CaRecord, scope: str, rollout: Rollout | None) -> CaRecord:
+    """Roll Linkerd with the journaled restartedAt (NoteRestart came first)."""
+    rotation = ca.rotation
+    assert rotation is not None and rotation.restart_at is not None
+    if rollout is None:
+        raise IssuanceError("no Kubernetes access to restart Linkerd's workloads")
+    rolled = rollout.restart("all" if scope == "all" else "control-plane", rotation.restart_at)
+    log.info("rolled %d Linkerd workload(s): %s", len(rolled), ", ".join(rolled) or "none")
+    return replace(ca, rotation=replace(rotation, restarted=True))
+
+
+def _activate(
+    state: State, now: datetime, inter_ref: str | None, anchor: Anchor, s: Settings
+) -> CaRecord:
+    ca = state.ca
+    old, nxt = ca.active_root, ca.root(RootRole.NEXT)
+    assert old is not None and nxt is not None and ca.rotation is not None
+    record = ca
+    inter: IntermediateEntry | None = None
+    if inter_ref is not None:
+        inter = _intermediate(inter_ref, nxt, now, anchor, s)
+        record = replace(record.with_intermediate(inter), serial=max(ca.serial, _serial(inter_ref)))
+    anchor.set_default(CA(nxt.ref, nxt.cert), CA(inter.ref, inter.cert) if inter else None)
+    published_until = max(
+        (entry.cert.not_valid_after_utc for _, entry in state.credentials()), default=now
+    )
+    roles = {old.ref: RootRole.RETIRING, nxt.ref: RootRole.ACTIVE}
+    return replace(
+        record,
+        roots=tuple(replace(r, role=roles.get(r.ref, r.role)) for r in record.roots),
+        phase=Phase.ACTIVATED,
+        phase_since=now,
+        rotation=replace(ca.rotation, activated_at=now, old_chain_until=published_until),
+    )
+
+
+def _retire(ca: CaRecord, now: datetime) -> CaRecord:
+    """The old root leaves the journal (and so every bundle); it stays in the anchor."""
+    active = ca.active_root
+    assert active is not None and ca.rotation is not None
+    record = replace(
+        ca,
+        roots=(active,),
+        intermediates=tuple(i for i in ca.intermediates if i.root_ref == active.ref),
+        phase=Phase.STEADY,
+        phase_since=now,
+        rotation=None,
+    )
+    op = ca.operation(ca.rotation.operation) if ca.rotation.operation else None
+    if op is not None:
+        record = record.with_operation(
+            replace(op, state=OpState.SUCCEEDED, result=f"rotated to {active.ref}", finished_at=now)
+        )
+    return record

@@ -1,0 +1,162 @@
+"""The steps ``plan`` decides and the engine carries out, and the targets they act on.
+
+CA steps run one at a time, the journal saved after each; credential steps run in
+batches; a ``Wait`` is no action but says what a root rotation waits for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from ca_daemon.anchor.base import CA
+
+TRUST_ANCHOR = "trust-anchor"
+KONG_INTERMEDIATE = "kong-intermediate"
+KONG = "kong"
+ALL = "all"
+# Targets that start a root rotation; they conflict with one already in progress.
+ROOT_TARGETS = frozenset({TRUST_ANCHOR, ALL})
+# The reason of a re-issue a manual request asked for (metrics count it as "manual").
+MANUAL_ROTATION = "manual rotation"
+
+
+# --- CA steps: one at a time, journal saved after each --------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateRoot:
+    ref: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RebuildJournal:
+    """The CA record is empty but the anchor holds named CAs: the journal was lost.
+    Rebuilt from them (and the surviving credential records), never a fresh root."""
+
+    cas: tuple[CA, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class PrepareRoot:
+    ref: str
+    reason: str
+    operation: str | None = None
+
+
+@dataclass(frozen=True)
+class Propagate:
+    reason: str = "publish the two-root bundle"
+
+
+@dataclass(frozen=True)
+class ConfirmBundle:
+    bundle: str
+    reason: str = "every publisher holds the two-root bundle"
+
+
+@dataclass(frozen=True)
+class NoteRestart:
+    """Journal the restartedAt Linkerd is about to be rolled with, before rolling."""
+
+    scope: str  # "control-plane" | "all"
+    reason: str = "Linkerd reads trust anchors only at start"
+
+
+@dataclass(frozen=True)
+class RestartLinkerd:
+    scope: str  # "control-plane" | "all"
+    reason: str = "Linkerd reads trust anchors only at start"
+
+
+@dataclass(frozen=True)
+class Activate:
+    intermediate_ref: str | None
+    reason: str = "the next root has propagated"
+
+
+@dataclass(frozen=True)
+class StartRetiring:
+    reason: str = "everything is re-issued under the new root"
+
+
+@dataclass(frozen=True)
+class Retire:
+    reason: str = "nothing under the old root can still be valid"
+
+
+@dataclass(frozen=True)
+class IssueKongIntermediate:
+    ref: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StartOperation:
+    operation: str
+    reason: str = "manual request"
+
+
+@dataclass(frozen=True)
+class FinishOperation:
+    operation: str
+    ok: bool
+    reason: str
+
+
+# --- credential steps: batched, one record written each -------------------------------------
+
+
+@dataclass(frozen=True)
+class IssueLinkerdIssuer:
+    reason: str
+
+
+@dataclass(frozen=True)
+class IssueKongClient:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DropKongClient:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Not an action: what the root rotation waits for, and until when if that is known."""
+
+    reason: str
+    until: datetime | None = None
+
+
+CaStep = (
+    CreateRoot
+    | RebuildJournal
+    | PrepareRoot
+    | Propagate
+    | ConfirmBundle
+    | NoteRestart
+    | RestartLinkerd
+    | Activate
+    | StartRetiring
+    | Retire
+    | IssueKongIntermediate
+    | StartOperation
+    | FinishOperation
+)
+CredentialStep = IssueLinkerdIssuer | IssueKongClient | DropKongClient
+Step = CaStep | CredentialStep | Wait
+CREDENTIAL_STEPS = (IssueLinkerdIssuer, IssueKongClient, DropKongClient)
+# Steps that issue a certificate from the anchor: what ca_daemon_rotations_total counts.
+ISSUING_STEPS = (
+    CreateRoot,
+    PrepareRoot,
+    IssueKongIntermediate,
+    IssueLinkerdIssuer,
+    IssueKongClient,
+)
