@@ -20,7 +20,7 @@ from ca_daemon import __version__
 from ca_daemon.config.settings import Settings, effective_config, load_settings
 from ca_daemon.errors import ConfigError
 from ca_daemon.report import forecast
-from ca_daemon.rotation.engine import PassResult
+from ca_daemon.rotation.results import PassResult
 
 if TYPE_CHECKING:
     from ca_daemon.api.client import Client as ApiClient

@@ -34,7 +34,7 @@ from starlette.routing import Route
 from ca_daemon.api.audit import AuditLog, AuditRecord
 from ca_daemon.api.auth import Authenticator, Decision
 from ca_daemon.errors import RequestError
-from ca_daemon.rotation.engine import RotationInProgress, UnknownTarget
+from ca_daemon.rotation.requests import RotationInProgress, UnknownTarget
 from ca_daemon.service.service import DaemonService, JournalOffline
 
 log = logging.getLogger(__name__)

@@ -71,8 +71,9 @@ from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.keys import KeyType, PrivateKey, PublicKey, generate_key
 from ca_daemon.pki.profiles import Kind, Subject, Validity, sign_certificate
 from ca_daemon.publish.base import PublishReport
-from ca_daemon.rotation.engine import Engine, PassResult
+from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.plan import Observations, plan, renew_at, root_due_at
+from ca_daemon.rotation.results import PassResult
 from ca_daemon.rotation.steps import Activate, Wait
 from ca_daemon.util.durations import format_duration, parse_duration
 

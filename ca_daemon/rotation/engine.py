@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from ca_daemon.anchor.base import CA, Anchor, existing_cas
 from ca_daemon.config.settings import Settings
-from ca_daemon.errors import JournalConflict, JournalError, RequestError
+from ca_daemon.errors import JournalConflict, JournalError
 from ca_daemon.journal.journal import Journal, Seen
 from ca_daemon.model.state import (
     LINKERD_ISSUER,
@@ -36,38 +36,34 @@ from ca_daemon.model.state import (
 )
 from ca_daemon.model.world import TrustWorld, desired_world, newest_content
 from ca_daemon.pki.bundle import bundle_hash
-from ca_daemon.pki.profiles import Kind
 from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.rotation import ca_steps
 from ca_daemon.rotation.ca_steps import Rollout
 from ca_daemon.rotation.plan import Observations, covers, plan
 from ca_daemon.rotation.renewals import credential_key, issue
+from ca_daemon.rotation.requests import check_target, ensure_can_start_rotation
+from ca_daemon.rotation.results import (
+    ROTATION,
+    PassResult,
+    StepResult,
+    is_manual,
+    step_target,
+    step_target_name,
+)
 from ca_daemon.rotation.steps import (
     CREDENTIAL_STEPS,
     ISSUING_STEPS,
-    KONG,
     KONG_INTERMEDIATE,
-    MANUAL_ROTATION,
     ROOT_TARGETS,
     TRUST_ANCHOR,
-    Activate,
     CaStep,
-    ConfirmBundle,
-    CreateRoot,
     CredentialStep,
     DropKongClient,
     FinishOperation,
     IssueKongClient,
     IssueKongIntermediate,
     IssueLinkerdIssuer,
-    NoteRestart,
-    PrepareRoot,
-    Propagate,
-    RebuildJournal,
-    RestartLinkerd,
-    Retire,
     StartOperation,
-    StartRetiring,
     Step,
     Wait,
 )
@@ -77,56 +73,7 @@ log = logging.getLogger(__name__)
 # Each round executes a step or publishes; a root rotation needs at most a dozen in
 # one pass. Reaching this means plan() is not converging: a bug, reported as an error.
 _MAX_ROUNDS = 50
-ROTATION = "root-rotation"  # the failure target of the root-rotation steps
 _PENDING_SHOWN = 20
-
-
-class UnknownTarget(RequestError):
-    pass
-
-
-class RotationInProgress(RequestError):
-    """The target conflicts with the root rotation in progress."""
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """One step carried out (or failed: ``error``), with the kind and stable name of what
-    it acted on. ``manual``: it serves a manual request rather than the schedule."""
-
-    step: Step
-    kind: Kind
-    name: str
-    error: str | None = None
-    manual: bool = False
-
-    @property
-    def action(self) -> str:
-        return type(self.step).__name__
-
-    @property
-    def reason(self) -> str:
-        return self.step.reason
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass
-class PassResult:
-    steps: list[StepResult] = field(default_factory=list)
-    published: dict[str, list[str]] = field(default_factory=dict)
-    reports: list[PublishReport] = field(default_factory=list)
-    anchor_up: bool = False
-    errors: list[str] = field(default_factory=list)
-    state: State | None = None
-    waiting: str | None = None  # what the root rotation waits for
-    pending_pods: tuple[str, ...] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
 
 
 @dataclass
@@ -137,44 +84,6 @@ class _Pass:
     result: PassResult
     seen: Seen
     failed: set[str] = field(default_factory=set)  # targets that failed: what they sign waits
-
-
-def step_target(step: Step, settings: Settings) -> tuple[Kind, str, str]:
-    """(kind, stable name, failure target) of a step; names stay the same across rotations."""
-    match step:
-        case CreateRoot(ref=ref):
-            return Kind.TRUST_ANCHOR, ref, TRUST_ANCHOR
-        case RebuildJournal():
-            return Kind.TRUST_ANCHOR, "journal", TRUST_ANCHOR
-        case PrepareRoot(ref=ref):
-            return Kind.TRUST_ANCHOR, ref, ROTATION
-        case (
-            Propagate()
-            | ConfirmBundle()
-            | NoteRestart()
-            | RestartLinkerd()
-            | StartRetiring()
-            | Retire()
-            | Activate()
-            | Wait()
-        ):
-            return Kind.TRUST_ANCHOR, "root-rotation", ROTATION
-        case IssueKongIntermediate(ref=ref):
-            # Named by its ref, as roots are, so metrics join with the certificate's series.
-            return Kind.KONG_INTERMEDIATE, ref, KONG_INTERMEDIATE
-        case StartOperation(operation=op) | FinishOperation(operation=op):
-            return Kind.TRUST_ANCHOR, f"operation {op}", f"operation/{op}"
-        case IssueLinkerdIssuer():
-            return Kind.LINKERD_ISSUER, settings.linkerd.issuer_secret, LINKERD_ISSUER
-        case IssueKongClient(name=name) | DropKongClient(name=name):
-            return Kind.KONG_CLIENT, name, client_key(name)
-
-
-def _manual(step: Step) -> bool:
-    """Whether ``step`` serves a manual request rather than the schedule."""
-    if isinstance(step, PrepareRoot):
-        return step.operation is not None
-    return getattr(step, "reason", None) == MANUAL_ROTATION
 
 
 def _blocked(step: Step, failed: set[str]) -> bool:
@@ -224,31 +133,6 @@ class Engine:
 
     # --- manual requests ------------------------------------------------------------------
 
-    def valid_target(self, target: str) -> None:
-        s = self.settings
-        known = {c.name for c in s.kong.clients}
-        if target in (TRUST_ANCHOR, "all"):
-            return
-        if target == LINKERD_ISSUER and s.linkerd.enabled:
-            return
-        if target in (KONG_INTERMEDIATE, KONG) and s.kong.enabled:
-            return
-        if target.startswith("kong/") and s.kong.enabled and target[5:] in known:
-            return
-        raise UnknownTarget(
-            f"unknown target {target!r}: one of trust-anchor, linkerd-issuer, "
-            "kong-intermediate, kong, kong/<configured client>, all (parts that are enabled)"
-        )
-
-    @staticmethod
-    def ensure_can_start_rotation(record: CaRecord, target: str) -> None:
-        """Raise RotationInProgress when ``target`` would start a second root rotation."""
-        if target in ROOT_TARGETS and record.phase is not Phase.STEADY:
-            raise RotationInProgress(
-                f"a root rotation is in progress (phase {record.phase.value}); "
-                f"{target} can be requested once it is back to steady"
-            )
-
     def request_rotation(self, target: str, reason: str = "", now: datetime | None = None) -> str:
         """Journal a manual rotation request and return its operation id.
 
@@ -256,13 +140,13 @@ class Engine:
         crash is still carried out. A target that already has a queued or running
         operation gets that operation's id instead of a second one.
         """
-        self.valid_target(target)
+        check_target(self.settings, target)
         for _ in range(5):
             record, version = self.journal.load_ca()
             for op in record.operations:
                 if op.open and op.target == target:
                     return op.id
-            self.ensure_can_start_rotation(record, target)
+            ensure_can_start_rotation(record, target)
             op = Operation(
                 id=uuid.uuid4().hex,
                 target=target,
@@ -330,7 +214,7 @@ class Engine:
             if not isinstance(step, ISSUING_STEPS):
                 continue
             kind, name, _ = step_target(step, self.settings)
-            result.steps.append(StepResult(step, kind, name, why, _manual(step)))
+            result.steps.append(StepResult(step, kind, name, why, is_manual(step)))
 
     def _advance(self, p: _Pass, state: State) -> tuple[State, TrustWorld | None]:
         observations = Observations(
@@ -385,14 +269,14 @@ class Engine:
             self._failed(p, step, exc)
             return state
         log.info("%s %s: %s", type(step).__name__, name, step.reason)
-        p.result.steps.append(StepResult(step, kind, name, manual=_manual(step)))
+        p.result.steps.append(StepResult(step, kind, name, manual=is_manual(step)))
         return replace(state, ca=record)
 
     def _failed(self, p: _Pass, step: CaStep | CredentialStep, exc: BaseException) -> None:
         kind, name, target = step_target(step, self.settings)
         message = _describe(exc)  # contained: the steps that do not depend on it go on
         log.error("%s %s failed: %s", type(step).__name__, name, message)
-        p.result.steps.append(StepResult(step, kind, name, message, _manual(step)))
+        p.result.steps.append(StepResult(step, kind, name, message, is_manual(step)))
         p.result.errors.append(f"{kind.value} {name}: {message}")
         p.failed.add(target)
 
@@ -464,7 +348,7 @@ class Engine:
                     created = created or (entry is not None and not before.get(key))
                     changes_made[key] = entry
                     log.info("%s %s: %s", type(step).__name__, name, step.reason)
-                    p.result.steps.append(StepResult(step, kind, name, manual=_manual(step)))
+                    p.result.steps.append(StepResult(step, kind, name, manual=is_manual(step)))
         state = state.with_credentials(changes_made)
         if created:
             # A credential made anew starts again at revision 1, below what an object
@@ -614,14 +498,3 @@ class Engine:
         if record is state.ca:
             return state
         return self._record(p, state, record, "recording failed operations")
-
-
-def step_target_name(step: StepResult) -> str | None:
-    """The manual target a failed step belongs to."""
-    if step.kind is Kind.LINKERD_ISSUER:
-        return LINKERD_ISSUER
-    if step.kind is Kind.KONG_CLIENT:
-        return client_key(step.name)
-    if step.kind is Kind.KONG_INTERMEDIATE:
-        return KONG_INTERMEDIATE
-    return None

@@ -14,7 +14,7 @@ from ca_daemon import __version__
 from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import OpState, Phase, State, trusted_roots
 from ca_daemon.report.status import status_view
-from ca_daemon.rotation.engine import PassResult
+from ca_daemon.rotation.results import PassResult
 from ca_daemon.rotation.steps import ISSUING_STEPS
 
 CERT_LABELS = ("kind", "name", "state")

@@ -18,8 +18,10 @@ from ca_daemon.config.settings import Settings
 from ca_daemon.errors import JournalError, ServiceError
 from ca_daemon.model.state import Operation, OpState, State
 from ca_daemon.report.status import operation_view, status_view
-from ca_daemon.rotation.engine import Engine, PassResult, step_target
+from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.plan import Observations, plan
+from ca_daemon.rotation.requests import check_target, ensure_can_start_rotation
+from ca_daemon.rotation.results import PassResult, step_target
 from ca_daemon.rotation.steps import ROOT_TARGETS, Wait
 from ca_daemon.service.metrics import Metrics
 
@@ -190,14 +192,14 @@ class DaemonService:
 
     def dry_run(self, target: str, reason: str) -> list[dict[str, str]]:
         """The steps plan() would take for this request now, without journaling it."""
-        self.engine.valid_target(target)
+        check_target(self.settings, target)
         state = self._state()
         now = self.clock()
         # A root request starts from the queue; any other is taken as running at once.
         started = OpState.QUEUED if target in ROOT_TARGETS else OpState.RUNNING
         op = Operation("dry-run", target, reason, now, started)
         if target in ROOT_TARGETS:
-            self.engine.ensure_can_start_rotation(state.ca, target)
+            ensure_can_start_rotation(state.ca, target)
         hypothetical = replace(state, ca=state.ca.with_operation(op))
         observations = Observations(cluster=self.engine.rollout is not None)
         steps = plan(hypothetical, now, self.settings, observations)

@@ -25,7 +25,7 @@ from ca_daemon.config.settings import Settings, load_settings
 from ca_daemon.daemon import run_forever
 from ca_daemon.pki.bundle import parse_pem_certificates
 from ca_daemon.pki.keys import key_matches_certificate, load_private_key
-from ca_daemon.rotation.engine import PassResult
+from ca_daemon.rotation.results import PassResult
 from ca_daemon.service.metrics import Metrics
 from ca_daemon.service.wiring import build_engine
 from tests.integration.cli import daemon_env

@@ -24,7 +24,8 @@ from ca_daemon.journal.store.records import FileRecordStore, Record, RecordConfl
 from ca_daemon.journal.store.vault_kv import VaultKvStore
 from ca_daemon.model.state import Phase
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
-from ca_daemon.rotation.engine import Engine, PassResult
+from ca_daemon.rotation.engine import Engine
+from ca_daemon.rotation.results import PassResult
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.tools import unique

@@ -28,7 +28,8 @@ from ca_daemon.model.world import desired_world
 from ca_daemon.pki.bundle import KONG_ID_NAMESPACE, render_pem, stable_id
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.kong_admin import KongAdminPublisher
-from ca_daemon.rotation.engine import Engine, PassResult
+from ca_daemon.rotation.engine import Engine
+from ca_daemon.rotation.results import PassResult
 from tests.fakes.kong_admin import FakeKong, KongError, serve
 from tests.fixtures.pki import issue, make_ca
 from tests.integration.cli import ca_daemon

@@ -73,7 +73,8 @@ from ca_daemon.publish.kong_admin import KongAdminPublisher, client_certificate_
 from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.publish.linkerd_rollout import LinkerdRollout
 from ca_daemon.report.rbac import manifests
-from ca_daemon.rotation.engine import Engine, PassResult
+from ca_daemon.rotation.engine import Engine
+from ca_daemon.rotation.results import PassResult
 from ca_daemon.service.metrics import Metrics
 from ca_daemon.service.service import DaemonService
 from ca_daemon.util.kube import api_client

@@ -34,7 +34,8 @@ from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.publish.linkerd_rollout import PENDING_REASON
 from ca_daemon.publish.pods_gate import pending_event_name
-from ca_daemon.rotation.engine import Engine, PassResult
+from ca_daemon.rotation.engine import Engine
+from ca_daemon.rotation.results import PassResult
 from tests.fixtures.kube import Kube
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.fixtures.openbao import OpenBao, own_openbao

@@ -21,7 +21,8 @@ from ca_daemon.model.state import OpState, Phase
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.report.verify import verify_directory
-from ca_daemon.rotation.engine import Engine, RotationInProgress
+from ca_daemon.rotation.engine import Engine
+from ca_daemon.rotation.requests import RotationInProgress
 from ca_daemon.service.metrics import Metrics
 from tests.fixtures.linkerd import LinkerdCheck
 from tests.integration.rotation_harness import CheckedPublisher, Clock, LinkerdView
