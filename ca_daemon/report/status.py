@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,24 +20,62 @@ def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _row(
-    kind: Kind,
-    name: str,
-    state: str,
-    cert: x509.Certificate,
-    next_rotation: datetime,
-    now: datetime,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CertRow:
+    """One certificate the daemon keeps, typed; serialised to JSON only in status_view."""
+
+    kind: Kind
+    name: str
+    state: str  # active | next | retiring
+    cert: x509.Certificate
+    next_rotation: datetime
+
+
+def cert_rows(state: State, settings: Settings) -> list[CertRow]:
+    """Every root, issuer, intermediate and client certificate, roots first."""
+    ca = state.ca
+    jitter = settings.rotation.jitter
+    rows = [
+        CertRow(Kind.TRUST_ANCHOR, r.ref, r.role.value, r.cert, root_due_at(r.cert, settings))
+        for r in ca.roots
+    ]
+    active = ca.active_root
+    if state.linkerd_issuer is not None:
+        cert = state.linkerd_issuer.cert
+        due = renew_at(cert, settings.linkerd.issuer.rotate_before, jitter)
+        rows.append(
+            CertRow(Kind.LINKERD_ISSUER, settings.linkerd.issuer_secret, "active", cert, due)
+        )
+    for inter in ca.intermediates:
+        role = "active" if active and inter.root_ref == active.ref else "retiring"
+        due = renew_at(inter.cert, settings.kong.intermediate.rotate_before, jitter)
+        rows.append(CertRow(Kind.KONG_INTERMEDIATE, inter.ref, role, inter.cert, due))
+    policy = {c.name: c.rotate_before for c in settings.kong.clients}
+    rows += [
+        CertRow(
+            Kind.KONG_CLIENT,
+            name,
+            "active",
+            entry.cert,
+            renew_at(entry.cert, policy.get(name, timedelta(0)), jitter),
+        )
+        for name, entry in sorted(state.kong_clients.items())
+    ]
+    return rows
+
+
+def _row(row: CertRow, now: datetime) -> dict[str, Any]:
+    cert = row.cert
     return {
-        "kind": kind.value,
-        "name": name,
-        "state": state,
+        "kind": row.kind.value,
+        "name": row.name,
+        "state": row.state,
         "fingerprint": fingerprint(cert),
         "serial": format(cert.serial_number, "x"),
         "not_before": _iso(cert.not_valid_before_utc),
         "not_after": _iso(cert.not_valid_after_utc),
         "seconds_left": int((cert.not_valid_after_utc - now).total_seconds()),
-        "next_rotation": _iso(next_rotation),
+        "next_rotation": _iso(row.next_rotation),
     }
 
 
@@ -47,35 +86,12 @@ def status_view(
     waiting: str | None = None,
 ) -> dict[str, Any]:
     ca = state.ca
-    jitter = settings.rotation.jitter
-    roots = [
-        _row(Kind.TRUST_ANCHOR, r.ref, r.role.value, r.cert, root_due_at(r.cert, settings), now)
-        for r in ca.roots
+    rows = cert_rows(state, settings)
+    roots = [_row(r, now) for r in rows if r.kind is Kind.TRUST_ANCHOR]
+    issuers = [
+        _row(r, now) for r in rows if r.kind in (Kind.LINKERD_ISSUER, Kind.KONG_INTERMEDIATE)
     ]
-    active = ca.active_root
-    issuers = []
-    if state.linkerd_issuer is not None:
-        cert = state.linkerd_issuer.cert
-        due = renew_at(cert, settings.linkerd.issuer.rotate_before, jitter)
-        issuers.append(
-            _row(Kind.LINKERD_ISSUER, settings.linkerd.issuer_secret, "active", cert, due, now)
-        )
-    for inter in ca.intermediates:
-        role = "active" if active and inter.root_ref == active.ref else "retiring"
-        due = renew_at(inter.cert, settings.kong.intermediate.rotate_before, jitter)
-        issuers.append(_row(Kind.KONG_INTERMEDIATE, inter.ref, role, inter.cert, due, now))
-    policy = {c.name: c.rotate_before for c in settings.kong.clients}
-    clients = [
-        _row(
-            Kind.KONG_CLIENT,
-            name,
-            "active",
-            entry.cert,
-            renew_at(entry.cert, policy.get(name, timedelta(0)), jitter),
-            now,
-        )
-        for name, entry in sorted(state.kong_clients.items())
-    ]
+    clients = [_row(r, now) for r in rows if r.kind is Kind.KONG_CLIENT]
     rotation = ca.rotation
     return {
         "phase": ca.phase.value,

@@ -6,14 +6,14 @@ A registry of its own, so tests and embedders never share global collectors.
 from __future__ import annotations
 
 import collections
-from datetime import UTC, datetime
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ca_daemon import __version__
 from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import OpState, Phase, State, trusted_roots
-from ca_daemon.report.status import status_view
+from ca_daemon.report.status import cert_rows
 from ca_daemon.rotation.results import PassResult
 from ca_daemon.rotation.steps import ISSUING_STEPS
 
@@ -133,14 +133,13 @@ class Metrics:
             self.observe_state(result.state, settings, now)
 
     def observe_state(self, state: State, settings: Settings, now: datetime) -> None:
-        view = status_view(state, settings, now)
         for gauge in (self.not_after, self.not_before, self.next_rotation):
             gauge.clear()
-        for row in [*view["roots"], *view["issuers"], *view["clients"]]:
-            labels = (row["kind"], row["name"], row["state"])
-            self.not_after.labels(*labels).set(_ts(row["not_after"]))
-            self.not_before.labels(*labels).set(_ts(row["not_before"]))
-            self.next_rotation.labels(row["kind"], row["name"]).set(_ts(row["next_rotation"]))
+        for row in cert_rows(state, settings):
+            labels = (row.kind.value, row.name, row.state)
+            self.not_after.labels(*labels).set(_seconds(row.cert.not_valid_after_utc))
+            self.not_before.labels(*labels).set(_seconds(row.cert.not_valid_before_utc))
+            self.next_rotation.labels(row.kind.value, row.name).set(_seconds(row.next_rotation))
         for phase in Phase:
             self.phase.labels(phase.value).set(1 if state.ca.phase is phase else 0)
         self.bundle_roots.set(len(trusted_roots(state.ca)))
@@ -152,5 +151,6 @@ class Metrics:
             self.operations.labels(op_state.value).set(counts.get(op_state, 0))
 
 
-def _ts(iso: str) -> float:
-    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+def _seconds(moment: datetime) -> float:
+    # Whole seconds, as the status API shows them (a jittered renewal time has a fraction).
+    return float(int(moment.timestamp()))
