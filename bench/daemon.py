@@ -19,7 +19,7 @@ import httpx
 import yaml
 
 from bench.lib import ROOT, repeats, save, sizes, workdir
-from tests.fixtures.tools import free_port
+from tests.support.servers.tools import free_port
 
 CA_DAEMON = str(ROOT / ".venv/bin/ca-daemon")
 TICK = os.sysconf("SC_CLK_TCK")

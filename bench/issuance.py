@@ -24,7 +24,7 @@ from bench.lib import parallel, repeats, save, servers, sizes
 from ca_daemon.config.settings import Settings, load_settings
 from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.rotation.engine import Engine
-from tests.fixtures.openbao import OpenBao
+from tests.support.servers.openbao import OpenBao
 
 CONCURRENCY = 8
 

@@ -24,11 +24,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fixtures.kube import (  # noqa: E402
+from tests.support.servers.kube import (  # noqa: E402
     Kube,
     own_kube,
 )
-from tests.fixtures.openbao import OpenBao, own_openbao  # noqa: E402
+from tests.support.servers.openbao import OpenBao, own_openbao  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -73,7 +73,7 @@ def openbao(workdir: Path) -> Iterator[OpenBao]:
 
 @contextmanager
 def kube(workdir: Path) -> Iterator[Kube]:
-    """tests/fixtures/kube.py's server, without pytest."""
+    """tests/support/servers/kube.py's server, without pytest."""
     with own_kube(workdir, tool("etcd"), tool("kube-apiserver")) as server:
         yield server
 

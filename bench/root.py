@@ -1,6 +1,6 @@
 """(3) Root rotation compute time with N Kong clients, configured waits excluded: the
 embedded default's parts (local anchor, file journal, directory publisher) on a
-simulated clock that jumps two hours per pass, as tests/integration/
+simulated clock that jumps two hours per pass, as tests/system/
 test_root_rotation_local.py does. The sum of the passes' wall time, versus the raw
 ceiling: the same number of EC P-256 keys and certificates made with `cryptography`
 directly (what re-issuing every credential under a new root cannot avoid).

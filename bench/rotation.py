@@ -28,8 +28,8 @@ from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.report.rbac import manifests
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.util.kube import api_client
-from tests.fixtures.kube import READS, WRITES, Kube, api_requests, total
-from tests.fixtures.openbao import OpenBao
+from tests.support.servers.kube import READS, WRITES, Kube, api_requests, total
+from tests.support.servers.openbao import OpenBao
 
 MAX_NAMESPACES = 10
 

@@ -1,11 +1,12 @@
-"""Fixtures shared by all tests; the real-server ones live in tests/fixtures/."""
+"""Fixtures shared by all tests, from tests/support/: the real servers, and settings."""
 
 pytest_plugins = [
-    "tests.fixtures.tools",
-    "tests.fixtures.openbao",
-    "tests.fixtures.kube",
-    "tests.fixtures.prometheus",
-    "tests.fixtures.nginx",
-    "tests.fixtures.helm",
-    "tests.fixtures.linkerd",
+    "tests.support.servers.tools",
+    "tests.support.servers.openbao",
+    "tests.support.servers.kube",
+    "tests.support.servers.prometheus",
+    "tests.support.servers.nginx",
+    "tests.support.servers.helm",
+    "tests.support.servers.linkerd",
+    "tests.support.settings",
 ]

@@ -14,7 +14,7 @@ it are never changed or deleted. A retired root is deleted only once no Service 
 ``ca_certificates``. Kong in DB-less mode refuses every Admin API write; that is detected up
 front and reported once, with nothing written.
 
-Tested against a stand-in Kong (tests/fakes/kong_admin.py) that enforces Kong's entity rules,
+Tested against a stand-in Kong (tests/support/fake_kong_admin.py) that enforces Kong's entity rules,
 because no Kong binary can run in this project's test environment.
 """
 

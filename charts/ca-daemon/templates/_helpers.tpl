@@ -72,7 +72,7 @@ The configuration file the daemon reads: .Values.config with the keys the chart 
 
 {{/*
 The RBAC rules the configuration needs: the same rules, with the same inputs, as
-ca_daemon/report/rbac.py (`ca-daemon config rbac`). tests/integration/test_chart.py renders the
+ca_daemon/report/rbac.py (`ca-daemon config rbac`). tests/deploy/test_chart.py renders the
 chart for several configurations and compares these with rbac.manifests(); keep them in step.
 Output: JSON {"namespaces": {ns: [rules]}, "cluster": [rules]}.
 */}}

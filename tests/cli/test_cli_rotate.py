@@ -1,0 +1,133 @@
+"""`ca-daemon rotate` and `status --url` against a running daemon on the embedded default.
+
+A manual root rotation is asked for through the API and followed with `--wait` until
+it is back in `steady` with a new root; a conflicting request meanwhile gets 409.
+Real time, short lifetimes (the same shape as the kill -9 test).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.support.cli import ca_daemon, daemon_env
+from tests.support.rotation_configs import real_time_config
+from tests.support.servers.tools import ServerProcess, free_port, log_tail
+
+pytestmark = pytest.mark.integration
+
+
+def _api(tmp_path: Path) -> tuple[Path, str]:
+    path = real_time_config(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    address = f"127.0.0.1:{free_port()}"
+    doc["server"] = {"address": address, "token_file": str(tmp_path / "api-token")}
+    path.write_text(yaml.safe_dump(doc))
+    return path, address
+
+
+def test_rotate_trust_anchor_and_wait(tmp_path: Path) -> None:
+    cfg, address = _api(tmp_path)
+    url = f"http://{address}"
+    env = daemon_env({"CA_DAEMON_SERVER__ADDRESS": address})
+    log = tmp_path / "daemon.log"
+    daemon = ServerProcess(
+        "ca-daemon run",
+        [sys.executable, "-m", "ca_daemon", "run", "--config", str(cfg)],
+        log_path=log,
+        env=env,
+        cwd=tmp_path,
+    )
+    outputs: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        keys = _published_keys(tmp_path / "data" / "out")
+        token = tmp_path / "api-token"
+        assert token.stat().st_mode & 0o777 == 0o600
+        assert str(token) in log.read_text()  # its path is printed at start-up
+        api = ("--config", str(cfg), "--url", url)
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            result = ca_daemon(*args, *api, cwd=tmp_path, env=env)
+            outputs.append(result.stdout + result.stderr)
+            return result
+
+        dry = cli("rotate", "kong/payments", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "would IssueKongClient kong-client payments (manual rotation)" in dry.stdout
+
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "ca_daemon", "rotate", "trust-anchor", "--reason", "drill",
+             "--wait", *api],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        # While it runs, a second root rotation conflicts.
+        conflict = None
+        for _ in range(100):
+            view = json.loads(cli("status", "--json").stdout)
+            if view["phase"] != "steady":
+                conflict = cli("rotate", "all")
+                break
+            time.sleep(0.2)
+        assert conflict is not None and conflict.returncode == 1
+        assert "409" in conflict.stderr and "in progress" in conflict.stderr
+        # The local status (journal only, no API) says what the rotation waits for.
+        local: list[str] = []
+        for _ in range(100):
+            table = ca_daemon("status", "--config", str(cfg), cwd=tmp_path, env=env).stdout
+            local.append(table)
+            if "waiting for:" in table or "rotation phase: steady" in table:
+                break
+            time.sleep(0.2)
+        assert any("waiting for: " in t for t in local), local[-1]
+        out, err = follow.communicate(timeout=120)
+        outputs.append(out + err)
+        assert follow.returncode == 0, out + err + log_tail(log)
+        assert "trust-anchor: running; phase propagating" in out
+        assert out.strip().splitlines()[-1].startswith("trust-anchor: succeeded")
+        assert "rotated to root-3" in out
+
+        status = cli("status", "--json")
+        view = json.loads(status.stdout)
+        assert view["phase"] == "steady"
+        assert [r["name"] for r in view["roots"]] == ["root-3"]
+        table = cli("status")
+        assert table.returncode == 0 and "rotation phase: steady" in table.stdout
+        bad = tmp_path / "wrong-token"
+        bad.write_text("not-the-token\n")
+        wrong = ca_daemon("status", *api, "--token-file", str(bad), cwd=tmp_path, env=env)
+        assert wrong.returncode == 1 and "401" in wrong.stderr
+        garbled = ca_daemon("status", *api, "--token-file", str(cfg), cwd=tmp_path, env=env)
+        assert garbled.returncode == 1 and "does not hold one token" in garbled.stderr
+        keys |= _published_keys(tmp_path / "data" / "out")
+    finally:
+        daemon.stop()
+    text = "\n".join(outputs) + log.read_text()
+    assert "PRIVATE KEY" not in text
+    assert token.read_text().strip() not in text  # the token is never echoed
+    # No piece of any key the daemon made, before or after the rotation, was emitted.
+    assert len(keys) >= 4
+    leaked = [line for line in keys if line in text]
+    assert not leaked, f"{len(leaked)} key line(s) in the output"
+
+
+def _published_keys(out: Path) -> set[str]:
+    """The base64 body lines of every published private key."""
+    lines: set[str] = set()
+    for key in [out / "linkerd" / "tls.key", *(out / "kong" / "clients").glob("*/tls.key")]:
+        lines |= {ln for ln in key.read_text().splitlines() if ln and not ln.startswith("-----")}
+    return lines

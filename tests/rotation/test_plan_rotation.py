@@ -1,0 +1,338 @@
+"""plan() as the root rotator: every phase, clock position and observation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.state import (
+    IntermediateEntry,
+    IssuedEntry,
+    Operation,
+    OpState,
+    Phase,
+    RootEntry,
+    RootRole,
+    Rotation,
+    State,
+    trusted_roots,
+)
+from ca_daemon.pki.bundle import bundle_hash, render_pem
+from ca_daemon.pki.keys import private_key_pem
+from ca_daemon.pki.profiles import Kind, Subject
+from ca_daemon.rotation.plan import Observations, client_subject, plan, retire_after
+from ca_daemon.rotation.steps import (
+    Activate,
+    ConfirmBundle,
+    FinishOperation,
+    IssueKongClient,
+    IssueLinkerdIssuer,
+    NoteRestart,
+    PrepareRoot,
+    Propagate,
+    RestartLinkerd,
+    Retire,
+    StartOperation,
+    StartRetiring,
+    Wait,
+)
+from tests.support.clock import NOW
+from tests.support.pki import issue_profiled, self_signed_root
+from tests.support.states import steady_state
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+MakeSettings = Callable[..., Settings]
+DAY = timedelta(days=1)
+
+
+def _with_next_root(state: State, phase: Phase, **rotation: object) -> State:
+    """``state`` with a next root (root-3) in ``phase`` of a rotation started at NOW."""
+    _, nxt = self_signed_root("next")
+    record = replace(
+        state.ca,
+        serial=3,
+        roots=(*state.ca.roots, RootEntry("root-3", nxt, RootRole.NEXT, NOW)),
+        phase=phase,
+        phase_since=NOW,
+        rotation=Rotation(started_at=NOW, trigger="schedule", **rotation),  # type: ignore[arg-type]
+    )
+    return replace(state, ca=record)
+
+
+def _two_root_hash(state: State) -> str:
+    return bundle_hash(render_pem(trusted_roots(state.ca)))
+
+
+def _actions(steps: list[object]) -> list[object]:
+    """The CA actions: no waits, no renewals (those are tested on their own)."""
+    return [s for s in steps if not isinstance(s, Wait | IssueLinkerdIssuer | IssueKongClient)]
+
+
+def _wait(steps: list[object]) -> Wait:
+    waits = [s for s in steps if isinstance(s, Wait)]
+    assert len(waits) == 1, steps
+    return waits[0]
+
+
+# --- starting a rotation -------------------------------------------------------------------
+
+
+def test_rotation_starts_when_the_root_is_inside_rotate_before(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings({"root": {"lifetime": "8760h", "rotate_before": "2920h"}})
+    state = steady_state(settings)
+    root = state.ca.active_root
+    assert root is not None
+    due = root.cert.not_valid_after_utc - timedelta(hours=2920)
+    early = plan(state, due - timedelta(seconds=1), settings)
+    assert not any(isinstance(s, PrepareRoot) for s in early)
+    steps = plan(state, due, settings)
+    assert isinstance(steps[0], PrepareRoot)
+    assert steps[0].ref == "root-3" and steps[0].operation is None
+    assert steps[0].reason.startswith("due:")
+
+
+def test_root_due_while_the_issuer_is_due_plans_both(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    state = steady_state(settings, root_days=3)  # 72h left: inside rotate_before (2920h)
+    at = NOW + timedelta(hours=40)  # the issuer (48h, 16h before) is due too
+    steps = plan(state, at, settings)
+    assert isinstance(steps[0], PrepareRoot)
+    assert IssueLinkerdIssuer("due: 8h left") in steps
+
+
+def test_a_queued_manual_request_starts_a_rotation(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    state = steady_state(settings)
+    op = Operation("op1", "trust-anchor", "drill", NOW)
+    state = replace(state, ca=state.ca.with_operation(op))
+    steps = plan(state, NOW, settings)
+    assert steps[0] == PrepareRoot("root-3", "manual: drill", "op1")
+
+
+# --- propagating ---------------------------------------------------------------------------
+
+
+def test_prepared_goes_on_to_propagate(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    state = _with_next_root(steady_state(settings), Phase.PREPARED)
+    assert _actions(plan(state, NOW, settings)) == [Propagate()]
+    # Nothing is trusted in the prepared phase but the active root.
+    assert len(trusted_roots(state.ca)) == 1
+
+
+def test_propagation_waits_until_every_publisher_confirmed(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    state = _with_next_root(steady_state(settings), Phase.PROPAGATING)
+    assert len(trusted_roots(state.ca)) == 2
+    unconfirmed = plan(state, NOW + 30 * DAY, settings, Observations(bundle=None))
+    assert _actions(unconfirmed) == []
+    assert "confirm" in _wait(unconfirmed).reason
+    one_root = bundle_hash(render_pem(trusted_roots(steady_state(settings).ca)))
+    stale = plan(state, NOW, settings, Observations(bundle=one_root))
+    assert _actions(stale) == []
+    confirmed = plan(state, NOW, settings, Observations(bundle=_two_root_hash(state)))
+    assert _actions(confirmed) == [ConfirmBundle(_two_root_hash(state))]
+
+
+def test_linkerd_is_rolled_after_confirmation_then_the_delay_runs(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings({"rotation": {"propagation_delay": "10m"}})
+    base = steady_state(settings)
+    confirmed = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW)
+    cluster = Observations(cluster=True, pending_pods=())
+    # The restartedAt is journaled first, then Linkerd is rolled with it.
+    assert _actions(plan(confirmed, NOW, settings, cluster)) == [NoteRestart("control-plane")]
+    noted = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW, restart_at=NOW)
+    assert _actions(plan(noted, NOW, settings, cluster)) == [RestartLinkerd("control-plane")]
+    restarted = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW, restarted=True)
+    waiting = plan(restarted, NOW + timedelta(minutes=9), settings, cluster)
+    assert _actions(waiting) == []
+    assert _wait(waiting).until == NOW + timedelta(minutes=10)
+    ready = plan(restarted, NOW + timedelta(minutes=10), settings, cluster)
+    assert _actions(ready) == [Activate("kong-4")]
+
+
+def test_restart_all_and_none(make_settings: MakeSettings) -> None:
+    cluster = Observations(cluster=True, pending_pods=())
+    for restart, want in (("all", [RestartLinkerd("all")]), ("none", [])):
+        settings = make_settings({"linkerd": {"restart": restart}})
+        state = _with_next_root(
+            steady_state(settings), Phase.PROPAGATING, confirmed_at=NOW, restart_at=NOW
+        )
+        assert _actions(plan(state, NOW, settings, cluster)) == want
+
+
+def test_the_pods_gate_holds_activation_while_a_pod_lags(make_settings: MakeSettings) -> None:
+    settings = make_settings({"linkerd": {"gate": "pods"}})
+    state = _with_next_root(
+        steady_state(settings), Phase.PROPAGATING, confirmed_at=NOW, restarted=True
+    )
+    later = NOW + timedelta(hours=1)
+    unknown = plan(state, later, settings, Observations(cluster=True, pending_pods=None))
+    assert _actions(unknown) == []
+    lagging = Observations(cluster=True, pending_pods=("shop/web-1",))
+    closed = plan(state, later, settings, lagging)
+    assert _actions(closed) == []
+    assert "shop/web-1" in _wait(closed).reason
+    opened = plan(state, later, settings, Observations(cluster=True, pending_pods=()))
+    assert _actions(opened) == [Activate("kong-4")]
+    # gate: time ignores the pods once the delay is over.
+    timed = make_settings({"linkerd": {"gate": "time"}})
+    assert _actions(plan(state, later, timed, lagging)) == [Activate("kong-4")]
+
+
+def test_without_a_cluster_there_is_nothing_to_roll_or_gate(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    state = _with_next_root(steady_state(settings), Phase.PROPAGATING, confirmed_at=NOW)
+    files_only = Observations(cluster=False)
+    assert _actions(plan(state, NOW + timedelta(hours=1), settings, files_only)) == [
+        Activate("kong-4")
+    ]
+
+
+def test_renewals_go_on_under_the_old_root_while_propagating(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    state = _with_next_root(steady_state(settings), Phase.PROPAGATING)
+    steps = plan(state, NOW + timedelta(hours=40), settings)
+    assert IssueLinkerdIssuer("due: 8h left") in steps  # signer root-1: not "signed by"
+
+
+# --- activated, retiring -------------------------------------------------------------------
+
+
+def _activated(settings: Settings, reissued: bool) -> State:
+    """After activation: root-3 active with its intermediate kong-4; root-1 retiring."""
+    old = steady_state(settings)
+    new_key, new_root = self_signed_root("new")
+    inter_key, inter = issue_profiled(
+        Kind.KONG_INTERMEDIATE, Subject("kong"), new_key, new_root, timedelta(days=90)
+    )
+    record = replace(
+        old.ca,
+        serial=4,
+        roots=(
+            RootEntry("root-1", old.ca.roots[0].cert, RootRole.RETIRING),
+            RootEntry("root-3", new_root, RootRole.ACTIVE, NOW),
+        ),
+        intermediates=(*old.ca.intermediates, IntermediateEntry("kong-4", inter, "root-3", NOW)),
+        phase=Phase.ACTIVATED,
+        rotation=Rotation(
+            started_at=NOW,
+            trigger="schedule",
+            confirmed_at=NOW,
+            activated_at=NOW,
+            old_chain_until=NOW + 30 * DAY,
+        ),
+    )
+    state = replace(old, ca=record)
+    if not reissued:
+        return state
+    issuer_key, issuer = issue_profiled(
+        Kind.LINKERD_ISSUER,
+        Subject(settings.linkerd_issuer_common_name),
+        new_key,
+        new_root,
+        timedelta(hours=48),
+    )
+    clients = {}
+    for client in settings.kong.clients:
+        key, cert = issue_profiled(
+            Kind.KONG_CLIENT, client_subject(client), inter_key, inter, client.lifetime
+        )
+        clients[client.name] = IssuedEntry(cert, private_key_pem(key), "kong-4", (inter,), NOW)
+    return replace(
+        state,
+        linkerd_issuer=IssuedEntry(issuer, private_key_pem(issuer_key), "root-3", (), NOW),
+        kong_clients=clients,
+    )
+
+
+def test_activation_reissues_everything_under_the_new_root(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    steps = plan(_activated(settings, reissued=False), NOW, settings)
+    assert [s for s in steps if not isinstance(s, Wait)] == [
+        IssueLinkerdIssuer("signed by root-1, not root-3"),
+        IssueKongClient("payments", "signed by kong-2, not kong-4"),
+    ]
+    assert "re-issuing" in _wait(steps).reason
+    done = plan(_activated(settings, reissued=True), NOW, settings)
+    assert _actions(done) == [StartRetiring()]
+
+
+def test_a_client_that_fails_to_reissue_holds_retirement(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    state = _activated(settings, reissued=True)
+    old = steady_state(settings).kong_clients["payments"]
+    lagging = replace(state, kong_clients={"payments": old})
+    assert not any(isinstance(s, StartRetiring) for s in plan(lagging, NOW, settings))
+
+
+def test_retirement_waits_for_retire_after(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    state = _activated(settings, reissued=True)
+    rotation = state.ca.rotation
+    assert rotation is not None
+    until = NOW + 31 * DAY
+    retiring = replace(
+        state,
+        ca=replace(state.ca, phase=Phase.RETIRING, rotation=replace(rotation, retire_after=until)),
+    )
+    before = plan(retiring, until - timedelta(seconds=1), settings)
+    assert _actions(before) == [] and _wait(before).until == until
+    assert _actions(plan(retiring, until, settings)) == [Retire()]
+    # The bundle still holds both roots while retiring.
+    assert len(trusted_roots(retiring.ca)) == 2
+
+
+def test_retire_after_auto_covers_everything_under_the_old_chain(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings({"rotation": {"clock_skew": "5m"}})
+    state = _activated(settings, reissued=True)
+    # auto: the latest not-after published under the old chain, plus the skew.
+    assert retire_after(state, NOW, settings) == NOW + 30 * DAY + timedelta(minutes=5)
+    explicit = make_settings({"rotation": {"retire_delay": "48h"}})
+    assert retire_after(state, NOW + DAY, explicit) == NOW + timedelta(hours=48)
+
+
+# --- manual operations ---------------------------------------------------------------------
+
+
+def test_manual_requests_during_a_rotation(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    state = _with_next_root(steady_state(settings), Phase.PROPAGATING)
+    root_op = Operation("r", "trust-anchor", "", NOW)
+    issuer_op = Operation("i", "linkerd-issuer", "", NOW + timedelta(seconds=1))
+    queued = replace(state, ca=state.ca.with_operation(root_op).with_operation(issuer_op))
+    steps = plan(queued, NOW, settings)
+    assert FinishOperation("r", False, "a root rotation was already in progress") in steps
+    assert StartOperation("i") in steps
+    assert not any(isinstance(s, PrepareRoot) for s in steps)
+    running = replace(state, ca=state.ca.with_operation(replace(issuer_op, state=OpState.RUNNING)))
+    steps = plan(running, NOW + timedelta(seconds=2), settings)
+    # The issuer is re-issued now, still under the active (old) root.
+    assert IssueLinkerdIssuer("manual rotation") in steps
+    assert not any(isinstance(s, IssueKongClient) for s in steps)
+
+
+def test_an_operation_finishes_once_its_targets_are_reissued(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    state = steady_state(settings)
+    op = Operation("k", "kong", "", NOW - DAY, OpState.RUNNING)
+    record = state.ca.with_operation(op)
+    old = replace(state, ca=record)
+    old_client = old.kong_clients["payments"]
+    stale = replace(old, kong_clients={"payments": replace(old_client, issued_at=NOW - 2 * DAY)})
+    assert IssueKongClient("payments", "manual rotation") in plan(stale, NOW, settings)
+    fresh = replace(old, kong_clients={"payments": replace(old_client, issued_at=NOW)})
+    steps = plan(fresh, NOW, settings)
+    assert FinishOperation("k", True, "re-issued") in steps
+    assert not any(isinstance(s, IssueKongClient) for s in steps)

@@ -1,0 +1,280 @@
+"""SIGKILL the running daemon at four points of a root rotation; restart it each time.
+
+``python -m ca_daemon run`` on the embedded default's parts (local anchor, directory
+publishing) with real, short durations: 20-second issued lifetimes, so the old chain
+expires and retirement comes within the test, a 3-second propagation delay, a pass
+every second. The daemon is killed with SIGKILL
+
+1. right after a manual root rotation was accepted (journaled by ``request_rotation``
+   from this process, CAS-safe beside the running daemon),
+2. after the next root was made in the anchor but before the journal recorded it (the
+   window a crash must not turn into a second root; held open by taking the journal's
+   lock, so the daemon blocks in that save),
+3. while ``propagating``,
+4. while ``activated`` or ``retiring``,
+
+and restarted on the same data each time. Throughout, every published snapshot is
+checked against the SPEC's invariants at wall-clock time; at the end the rotation is
+complete, the manual operation succeeded, and no extra root was made.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
+from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.journal.journal import Journal
+from ca_daemon.journal.open import file_journal
+from ca_daemon.model.state import CaRecord, OpState, Phase
+from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
+from ca_daemon.report.verify import verify_directory
+from ca_daemon.rotation.engine import Engine
+from tests.support.cli import daemon_env
+from tests.support.invariants import InvariantChecker, Published, read_directory
+from tests.support.rotation_configs import PROPAGATION, SKEW, real_time_config
+from tests.support.servers.tools import ServerProcess, log_tail
+
+pytestmark = pytest.mark.integration
+
+# Snapshots are polled, so a bundle is seen a little after it was written, and X.509
+# times have whole seconds, so a signing time read back from not-before can be up to a
+# second early: the checker allows that much less than the configured delay.
+POLL = 0.1
+TOLERANCE = timedelta(seconds=1.5)
+PHASE_TIMEOUT = 30.0
+
+
+@dataclass
+class Daemon:
+    config: Path
+    log: Path
+    process: ServerProcess | None = None
+    kills: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.process = ServerProcess(
+            "ca-daemon run",
+            [sys.executable, "-m", "ca_daemon", "run", "--config", str(self.config)],
+            log_path=self.log,
+            env=daemon_env(),
+            cwd=self.config.parent,
+        )
+
+    def kill9(self, why: str) -> None:
+        assert self.process is not None
+        proc = self.process.proc
+        assert proc.poll() is None, f"the daemon had exited:\n{log_tail(self.log)}"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+        self.process.stop()  # closes the log
+        self.kills.append(why)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def alive(self) -> None:
+        assert self.process is not None
+        assert self.process.proc.poll() is None, f"the daemon exited:\n{log_tail(self.log)}"
+
+
+def snapshot(out: Path) -> Published | None:
+    """One published set, never a mix of two: ``..data`` is the same before and after
+    reading (the publisher swaps it in one rename and removes the old version)."""
+    for _ in range(20):
+        try:
+            before = os.readlink(out / "..data")
+            published = read_directory(out)
+            if os.readlink(out / "..data") == before:
+                return published
+        except FileNotFoundError:  # not published yet, or swapped while reading
+            pass
+        time.sleep(0.01)
+    return None
+
+
+@dataclass
+class Watch:
+    """Polls the journal and the published files; checks every snapshot it reads."""
+
+    settings: Settings
+    journal: Journal
+    daemon: Daemon
+    checker: InvariantChecker
+    snapshots: int = 0
+    phases: list[Phase] = field(default_factory=list)
+
+    def record(self) -> CaRecord:
+        record, _ = self.journal.load_ca()
+        if not self.phases or self.phases[-1] is not record.phase:
+            self.phases.append(record.phase)
+        return record
+
+    def observe(self) -> None:
+        published = snapshot(self.settings.publish_directory)
+        if published is not None:
+            self.checker.observe(datetime.now(UTC), published)
+            self.snapshots += 1
+
+    def until_files(self, what: str, found: Callable[[], set[str]]) -> set[str]:
+        """Like ``until``, on files (the journal cannot change while its lock is held)."""
+        deadline = time.monotonic() + PHASE_TIMEOUT
+        while time.monotonic() < deadline:
+            self.daemon.alive()
+            self.observe()
+            names = found()
+            if names:
+                return names
+            time.sleep(0.02)
+        raise AssertionError(f"no {what} after {PHASE_TIMEOUT}s:\n{log_tail(self.daemon.log)}")
+
+    def until(self, what: str, done: Callable[[CaRecord], bool]) -> CaRecord:
+        deadline = time.monotonic() + PHASE_TIMEOUT
+        while time.monotonic() < deadline:
+            self.daemon.alive()
+            self.observe()
+            record = self.record()
+            if done(record):
+                return record
+            time.sleep(POLL)
+        raise AssertionError(
+            f"not {what} after {PHASE_TIMEOUT}s (phases {self.phases}):\n"
+            f"{log_tail(self.daemon.log)}"
+        )
+
+
+@contextmanager
+def journal_lock(settings: Settings) -> Iterator[None]:
+    """Hold the lock every journal write takes (FileRecordStore's ``state.lock``): a
+    daemon that reaches a save waits there, with everything before the save done."""
+    fd = os.open(settings.anchor.local.dir / "state.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _anchor_roots(settings: Settings) -> dict[str, bytes]:
+    anchor_dir = settings.anchor.local.dir / "anchor"
+    return {p.stem: p.read_bytes() for p in sorted(anchor_dir.glob("root-*.crt"))}
+
+
+def _bundle(out: Path) -> list[str]:
+    pem = (out / "trust-bundle.pem").read_bytes()
+    return [fingerprint(c) for c in parse_pem_certificates(pem)]
+
+
+def test_kill_9_at_four_points_of_a_root_rotation_then_restart(tmp_path: Path) -> None:
+    path = real_time_config(tmp_path)
+    settings = load_settings(path)
+    # Created before the daemon starts, so this process and the daemon share it.
+    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
+    journal = file_journal(settings, passphrase)
+    out = settings.publish_directory
+    daemon = Daemon(path, tmp_path / "daemon.log")
+    watch = Watch(settings, journal, daemon, InvariantChecker(PROPAGATION - TOLERANCE, SKEW))
+    started = time.monotonic()
+    daemon.start()
+    try:
+        first = watch.until(
+            "bootstrapped",
+            lambda r: (
+                r.active_root is not None
+                and r.active_intermediate is not None
+                and (out / "kong" / "clients" / "payments" / "tls.crt").exists()
+            ),
+        )
+        assert first.phase is Phase.STEADY
+        assert first.active_root is not None
+        old_ref = first.active_root.ref
+
+        # 1. Accepted (journaled) by this process, then the daemon dies at once.
+        requester = Engine(
+            settings, LocalAnchor(settings.anchor.local.dir, passphrase), journal, []
+        )
+        operation = requester.request_rotation("trust-anchor", "kill -9 drill")
+        daemon.kill9("right after the manual request was accepted")
+        at_kill = watch.record()
+        op = at_kill.operation(operation)
+        assert op is not None and op.open, "the accepted request is in the journal"
+
+        # 2. The restarted daemon's first step is that request: it makes the next root,
+        # then waits for the lock to save it. Killed there, the root exists only in the
+        # anchor; the next start must adopt it, not make another.
+        with journal_lock(settings):
+            daemon.start()
+            made = watch.until_files(
+                "the next root made", lambda: set(_anchor_roots(settings)) - {old_ref}
+            )
+            daemon.kill9("after the next root was made, before the journal recorded it")
+        (next_ref,) = made
+        unrecorded = watch.record()
+        assert unrecorded.phase is Phase.STEADY
+        assert [r.ref for r in unrecorded.roots] == [old_ref], "saved without the journal lock?"
+        made_cert = _anchor_roots(settings)[next_ref]
+        daemon.start()
+
+        # 3. While the two-root bundle propagates.
+        watch.until("propagating", lambda r: r.phase is Phase.PROPAGATING)
+        daemon.kill9("while propagating")
+        assert watch.record().phase is Phase.PROPAGATING
+        daemon.start()
+
+        # 4. After activation: the new root signs, the old one is still trusted.
+        watch.until("activated", lambda r: r.phase in (Phase.ACTIVATED, Phase.RETIRING))
+        daemon.kill9("while activated or retiring")
+        killed_in = watch.record().phase
+        assert killed_in in (Phase.ACTIVATED, Phase.RETIRING), killed_in
+        daemon.start()
+
+        def rotated(r: CaRecord) -> bool:
+            found = r.operation(operation)
+            return (
+                r.phase is Phase.STEADY
+                and len(r.roots) == 1
+                and r.roots[0].ref != old_ref
+                and found is not None
+                and not found.open
+                and _bundle(out) == [fingerprint(r.roots[0].cert)]
+            )
+
+        final = watch.until("rotated", rotated)
+        # A few more passes in steady state: the renewals under the new root go on.
+        for _ in range(20):
+            watch.observe()
+            time.sleep(POLL)
+        daemon.alive()
+    finally:
+        daemon.stop()
+    elapsed = time.monotonic() - started
+
+    assert len(daemon.kills) == 4
+    done = final.operation(operation)
+    assert done is not None and done.state is OpState.SUCCEEDED, done
+    (root,) = final.roots
+    assert done.result == f"rotated to {root.ref}"
+    # Every phase was gone through, and one new root was made: no extra one.
+    assert {Phase.STEADY, Phase.PROPAGATING, Phase.RETIRING} <= set(watch.phases), watch.phases
+    anchor_roots = _anchor_roots(settings)
+    assert sorted(anchor_roots) == sorted([old_ref, root.ref]), sorted(anchor_roots)
+    # The root made before the crash is the one that was adopted and rotated to.
+    assert root.ref == next_ref and anchor_roots[root.ref] == made_cert
+    state = journal.load().state
+    assert state.linkerd_issuer is not None and state.linkerd_issuer.signer_ref == root.ref
+    report = verify_directory(out, datetime.now(UTC))
+    assert report.ok, report.problems
+    assert watch.snapshots > 50 and watch.checker.observations == watch.snapshots
+    assert elapsed < 120, elapsed
