@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench.lib import parallel, repeats, save, servers, sizes
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.rotation.engine import Engine
 from tests.support.servers.openbao import OpenBao

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench.lib import repeats, save, sizes, workdir
-from ca_daemon.config.settings import load_settings
+from ca_daemon.config.loading import load_settings
 from ca_daemon.service.wiring import build_engine
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)

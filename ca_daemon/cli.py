@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ca_daemon import __version__
-from ca_daemon.config.settings import Settings, effective_config, load_settings
+from ca_daemon.config.loading import effective_config, load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.errors import ConfigError
 from ca_daemon.report import forecast
 from ca_daemon.rotation.results import PassResult

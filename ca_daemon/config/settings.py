@@ -1,34 +1,22 @@
-"""The only place configuration is read.
-
-Precedence, highest first: CLI flags > ``CA_DAEMON_*`` environment (nested keys
-joined by ``__``) > the YAML file (``--config`` or ``CA_DAEMON_CONFIG``) > defaults.
-With no file at all the packaged embedded default stands in for the YAML layer.
-"""
+"""The configuration model: every section, its defaults and its rules (config/loading.py
+reads it from its layers; config/names.py holds the accepted names and durations)."""
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import os
 import re
-import unicodedata
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
-from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_origin
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -37,19 +25,29 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    SettingsError,
 )
 
+from ca_daemon.config.names import (
+    MAX_COMMON_NAME,
+    CommonName,
+    DnsLabel,
+    DnsName,
+    Duration,
+    ObjectName,
+    Uri,
+    check_configmap_key,
+    check_dns_label,
+    check_dns_subdomain,
+    check_service_name,
+)
 from ca_daemon.errors import ConfigError
-from ca_daemon.util.durations import format_duration, parse_duration
+from ca_daemon.util.durations import format_duration
 
 ENV_PREFIX = "CA_DAEMON_"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 CONFIG_ENV = "CA_DAEMON_CONFIG"
 # CA_DAEMON_* variables that are not configuration: the file's path, and the test suite's.
 NOT_CONFIG_ENV = frozenset({CONFIG_ENV, "CA_DAEMON_REQUIRE_ALL", "CA_DAEMON_TESTENV"})
-# X.509 (RFC 5280, ub-common-name) allows a common name of at most 64 characters.
-MAX_COMMON_NAME = 64
 
 
 class RuleError(ConfigError, ValueError):
@@ -62,130 +60,6 @@ class RuleError(ConfigError, ValueError):
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         super().__init__("; ".join(f"{path}: {rule}" for path, rule in problems))
         self.problems = problems
-
-
-def _to_timedelta(value: object) -> object:
-    if isinstance(value, str):
-        return parse_duration(value)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        raise ValueError("a duration needs a unit, e.g. 48h, 30m, 90s")
-    return value
-
-
-Duration = Annotated[
-    timedelta,
-    BeforeValidator(_to_timedelta),
-    PlainSerializer(format_duration, return_type=str, when_used="json"),
-]
-
-# Kubernetes object and file names are derived from client names: keep them DNS labels,
-# which also keeps them from walking out of the publish directory. The rules are the
-# apiserver's (k8s.io/apimachinery/pkg/util/validation): checked here, a name it would
-# refuse exits 2 at start-up instead of failing one object on every pass.
-_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS_LABEL = re.compile(_LABEL)
-_DNS_SUBDOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})*")
-_DNS1035_LABEL = re.compile("[a-z]([-a-z0-9]*[a-z0-9])?")
-_CONFIGMAP_KEY = re.compile("[-._a-zA-Z0-9]+")
-MAX_LABEL = 63
-MAX_SUBDOMAIN = 253
-
-
-def _dns_label(value: str) -> str:
-    if len(value) > MAX_LABEL or not _DNS_LABEL.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a DNS label (at most {MAX_LABEL} lowercase letters, digits "
-            "and '-', starting and ending with a letter or digit)"
-        )
-    return value
-
-
-def _dns_subdomain(value: str) -> str:
-    if len(value) > MAX_SUBDOMAIN or not _DNS_SUBDOMAIN.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a valid Kubernetes object name (at most {MAX_SUBDOMAIN} "
-            "characters: DNS labels of lowercase letters, digits and '-' joined by '.')"
-        )
-    return value
-
-
-def _service_name(value: str) -> str:
-    if len(value) > MAX_LABEL or not _DNS1035_LABEL.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a Kubernetes Service name (at most {MAX_LABEL} lowercase "
-            "letters, digits and '-', starting with a letter)"
-        )
-    return value
-
-
-def _configmap_key(value: str) -> str:
-    if (
-        len(value) > MAX_SUBDOMAIN
-        or not _CONFIGMAP_KEY.fullmatch(value)
-        or value.startswith("..")
-        or value == "."
-    ):
-        raise ValueError(
-            f"{value!r} is not a ConfigMap key (at most {MAX_SUBDOMAIN} letters, digits, "
-            "'-', '_' and '.', not '.' and not starting with '..')"
-        )
-    return value
-
-
-def _control_characters(value: str) -> bool:
-    return any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in value)
-
-
-def _common_name(value: str) -> str:
-    if not 1 <= len(value) <= MAX_COMMON_NAME:
-        raise ValueError(
-            f"must be 1 to {MAX_COMMON_NAME} characters (the X.509 limit), not {len(value)}"
-        )
-    if _control_characters(value):
-        raise ValueError("must not contain control characters (newline, tab, ...)")
-    return value
-
-
-# A SAN dNSName: a hostname of letters, digits and '-' (a leading '*.' wildcard allowed).
-_HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
-
-
-def _dns_name(value: str) -> str:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f"{value!r} is an IP address, not a DNS name (IP SANs are not supported)")
-    labels = value.removeprefix("*.").split(".")
-    if len(value) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
-        raise ValueError(
-            f"{value!r} is not a DNS hostname (dot-separated labels of letters, digits and '-')"
-        )
-    return value
-
-
-# A SAN uniformResourceIdentifier: scheme ':' and more, printable ASCII, no spaces.
-_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[!-~]+")
-
-
-def _uri(value: str) -> str:
-    if not _URI.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a URI (scheme:rest in printable ASCII without spaces, "
-            "e.g. spiffe://cluster.local/ns/kong/sa/kong)"
-        )
-    return value
-
-
-CommonName = Annotated[str, AfterValidator(_common_name)]
-DnsName = Annotated[str, AfterValidator(_dns_name)]
-Uri = Annotated[str, AfterValidator(_uri)]
-
-DnsLabel = Annotated[str, BeforeValidator(lambda v: _dns_label(v) if isinstance(v, str) else v)]
-ObjectName = Annotated[
-    str, BeforeValidator(lambda v: _dns_subdomain(v) if isinstance(v, str) else v)
-]
 
 
 class Section(BaseModel):
@@ -330,7 +204,7 @@ class KongClient(Renewal):
         if value.count("/") > 1:
             raise ValueError("must be 'namespace/name' or 'name'")
         for part in value.split("/"):
-            _dns_label(part)
+            check_dns_label(part)
         return value
 
     @property
@@ -386,7 +260,7 @@ class KongConfig(Section):
                 if client.service is None:
                     continue
                 try:
-                    _service_name(client.service.rpartition("/")[2])
+                    check_service_name(client.service.rpartition("/")[2])
                 except ValueError as exc:
                     problems.append((f"clients[{i}].service", str(exc)))
             if problems:
@@ -397,7 +271,7 @@ class KongConfig(Section):
 class BundleTarget(Section):
     namespace: DnsLabel
     configmap: ObjectName
-    key: Annotated[str, AfterValidator(_configmap_key)] = "ca-bundle.crt"
+    key: Annotated[str, AfterValidator(check_configmap_key)] = "ca-bundle.crt"
 
 
 class RotationConfig(Section):
@@ -465,7 +339,8 @@ class LeaderElection(Section):
     retry_period: Duration = timedelta(seconds=2)
 
 
-_yaml_layer: ContextVar[Mapping[str, Any] | None] = ContextVar("_yaml_layer", default=None)
+# The YAML layer of the load in progress (config/loading.py sets it around Settings()).
+YAML_LAYER: ContextVar[Mapping[str, Any] | None] = ContextVar("yaml_layer", default=None)
 
 
 class Settings(BaseSettings):
@@ -496,13 +371,13 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_source = InitSettingsSource(settings_cls, dict(_yaml_layer.get() or {}))
+        yaml_source = InitSettingsSource(settings_cls, dict(YAML_LAYER.get() or {}))
         return (init_settings, env_settings, yaml_source)
 
     @field_validator("trust_domain")
     @classmethod
     def _trust_domain(cls, value: str) -> str:
-        return _dns_subdomain(value)
+        return check_dns_subdomain(value)
 
     @model_validator(mode="after")
     def _fits_rotation_and_x509(self) -> Settings:
@@ -597,158 +472,3 @@ class Settings(BaseSettings):
     @property
     def api_token_file(self) -> Path:
         return self.server.token_file or self.anchor.local.dir / "api-token"
-
-
-def embedded_default() -> dict[str, Any]:
-    text = resources.files("ca_daemon.config").joinpath("default.yaml").read_text()
-    data = yaml.safe_load(text)
-    assert isinstance(data, dict)
-    return data
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """What is wrong and where, without the quoted snippet of the file: it may hold a secret."""
-    if not isinstance(exc, yaml.MarkedYAMLError):
-        return str(exc)
-    what = "; ".join(part for part in (exc.context, exc.problem) if part) or "syntax error"
-    mark = exc.problem_mark or exc.context_mark
-    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark else what
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"config file {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
-            f"{exc.start}); expected UTF-8 YAML text"
-        ) from None
-    if "\0" in text:
-        raise ConfigError(
-            f"config file {path}: binary content (NUL byte at offset {raw.index(0)}); "
-            "expected UTF-8 YAML text"
-        )
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: not valid YAML: {_yaml_problem(exc)}") from None
-    except RecursionError:
-        raise ConfigError(f"config file {path}: not valid YAML: nested too deeply") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
-    odd = [repr(key) for key in data if not isinstance(key, str)]
-    if odd:
-        raise ConfigError(f"config file {path}: {', '.join(odd)}: unknown key (not a section name)")
-    return data
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path or "(top level)"
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors():
-        # Pydantic tags union members and validators into loc; drop those for a plain path.
-        loc = tuple(
-            p
-            for p in error["loc"]
-            if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))
-        )
-        cause = error.get("ctx", {}).get("error")
-        if isinstance(cause, RuleError):
-            for path, rule in cause.problems:
-                lines.append(f"{_field_path((*loc, path))}: {rule}")
-            continue
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{_field_path(loc)}: {message}")
-    return "invalid configuration:\n  " + "\n  ".join(dict.fromkeys(lines))
-
-
-def _environment_problems(environ: Mapping[str, str]) -> list[str]:
-    """CA_DAEMON_* variables that name no field, or whose JSON value does not parse.
-
-    A misspelt variable is an error like an unknown YAML key, never silently ignored.
-    Names are matched without regard to case, as pydantic-settings does.
-    """
-    problems = []
-    for name, value in sorted(environ.items()):
-        upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or upper in NOT_CONFIG_ENV:
-            continue
-        model: type[BaseModel] | None = Settings
-        takes_json = False
-        path = ""
-        for key in upper.removeprefix(ENV_PREFIX).lower().split("__"):
-            field = model.model_fields.get(key) if model is not None else None
-            if field is None:
-                where = f"in {path}" if path else "at the top level"
-                problems.append(
-                    f"{name}: unknown setting ({key!r} is not a configuration key {where}; "
-                    f"variables are {ENV_PREFIX} + the key path joined by '__')"
-                )
-                break
-            path = f"{path}.{key}" if path else key
-            annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                model, takes_json = annotation, True
-            else:
-                model, takes_json = None, get_origin(annotation) in (list, dict)
-        else:
-            # pydantic-settings decodes sections and lists as JSON; say which variable failed.
-            if takes_json:
-                try:
-                    json.loads(value)
-                except ValueError as exc:
-                    problems.append(f"{name}: {path} takes a JSON value, and this is not: {exc}")
-    return problems
-
-
-def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Load configuration from every layer; raise ConfigError naming each bad field."""
-    if path is None and os.environ.get(CONFIG_ENV):
-        path = Path(os.environ[CONFIG_ENV])
-    env_problems = _environment_problems(os.environ)
-    if env_problems:
-        raise ConfigError("invalid environment:\n  " + "\n  ".join(env_problems))
-    yaml_layer = _read_yaml(path) if path is not None else embedded_default()
-    token = _yaml_layer.set(yaml_layer)
-    try:
-        return Settings(**dict(overrides or {}))
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
-    except SettingsError as exc:  # the checks above should leave nothing for this
-        raise ConfigError(f"invalid environment: {exc}: {exc.__cause__}") from None
-    finally:
-        _yaml_layer.reset(token)
-
-
-def effective_config(settings: Settings) -> dict[str, Any]:
-    """The configuration as it is in force, secrets redacted, ready to print as YAML."""
-    data = settings.model_dump(mode="json")
-    data["root"]["common_name"] = settings.root_common_name
-    data["publish"]["directory"] = str(settings.publish_directory)
-    data["publish"]["kubernetes"]["enabled"] = settings.kubernetes_enabled
-    data["server"]["token_file"] = str(settings.api_token_file)
-    data["anchor"]["local"]["passphrase_file"] = str(
-        settings.anchor.local.effective_passphrase_file
-    )
-    if data["leader_election"]["enabled"] is None:
-        data["leader_election"]["enabled"] = settings.kubernetes_enabled
-    for client, model in zip(data["kong"]["clients"], settings.kong.clients, strict=True):
-        client["secret"] = model.secret_name
-    return data

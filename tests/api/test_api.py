@@ -25,7 +25,8 @@ from ca_daemon.api.audit import AuditLog
 from ca_daemon.api.auth import Authenticator, KubernetesAuth, StaticTokenAuth, ensure_token_file
 from ca_daemon.api.client import Client
 from ca_daemon.api.server import ServerThread, build_app
-from ca_daemon.config.settings import ServerSar, Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import ServerSar, Settings
 from ca_daemon.report.rbac import manifests
 from ca_daemon.service.metrics import Metrics
 from ca_daemon.service.service import DaemonService, Leadership

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config.settings import load_settings
+from ca_daemon.config.loading import load_settings
 from ca_daemon.errors import AnchorError
 from ca_daemon.journal.open import file_journal
 from ca_daemon.publish.directory import DirectoryPublisher

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.daemon import run_forever
 from ca_daemon.pki.bundle import parse_pem_certificates
 from ca_daemon.pki.keys import key_matches_certificate, load_private_key

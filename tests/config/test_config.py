@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from ca_daemon.cli import main
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("clean_env")

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from ca_daemon.cli import main
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.errors import ConfigError
 from ca_daemon.util.durations import parse_duration
 
@@ -371,7 +372,7 @@ def test_a_settings_error_left_over_is_still_a_config_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The environment checks come first; pydantic-settings' own error is the fallback.
-    monkeypatch.setattr("ca_daemon.config.settings._environment_problems", lambda environ: [])
+    monkeypatch.setattr("ca_daemon.config.loading._environment_problems", lambda environ: [])
     monkeypatch.setenv("CA_DAEMON_KONG__CLIENTS", "[{")
     with pytest.raises(ConfigError, match=r'field "kong" .*: Expecting property name'):
         load_settings()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ca_daemon.config.settings import load_settings
+from ca_daemon.config.loading import load_settings
 from ca_daemon.report.rbac import manifests
 from ca_daemon.report.verify import Thresholds
 from ca_daemon.report.verify_cluster import verify_cluster

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ca_daemon.anchor.local import DEFAULT_ROOT, LocalAnchor
-from ca_daemon.config.settings import load_settings
+from ca_daemon.config.loading import load_settings
 from ca_daemon.model.state import STATE_VERSION
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.chain import directly_issued_by

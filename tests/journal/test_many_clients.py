@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ca_daemon.config.settings import load_settings
+from ca_daemon.config.loading import load_settings
 from ca_daemon.journal.format import SHARDS
 from ca_daemon.report.verify import Thresholds, verify_directory
 from ca_daemon.service.wiring import build_engine

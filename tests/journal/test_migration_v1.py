@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from ca_daemon.anchor.vault.client import VaultClient
-from ca_daemon.config.settings import VaultAnchor, VaultAuth, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import VaultAnchor, VaultAuth
 from ca_daemon.journal.format import shard_of
 from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.store.records import FileRecordStore

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ca_daemon.config.settings import load_settings
+from ca_daemon.config.loading import load_settings
 from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.publish import kubernetes as kubernetes_publisher
 from ca_daemon.publish.kubernetes import KubernetesPublisher

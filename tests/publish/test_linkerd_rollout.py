@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.errors import KubeError
 from ca_daemon.pki.bundle import bundle_hash
 from ca_daemon.publish.linkerd_rollout import RESTARTED_AT, LinkerdRollout

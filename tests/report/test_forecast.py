@@ -11,7 +11,8 @@ import pytest
 
 from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import State
-from ca_daemon.report.forecast import Event, add_parser, command, forecast, simulate
+from ca_daemon.report.forecast import add_parser, command, forecast
+from ca_daemon.report.simulation import Event, simulate
 from ca_daemon.rotation.plan import renew_at, root_due_at
 from tests.support.clock import NOW
 from tests.support.states import steady_state

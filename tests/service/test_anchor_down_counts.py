@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ca_daemon.config.settings import load_settings
+from ca_daemon.config.loading import load_settings
 from ca_daemon.service.metrics import Metrics
 from ca_daemon.service.wiring import build_engine
 from tests.support.servers.openbao import own_openbao

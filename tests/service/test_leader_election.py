@@ -37,7 +37,7 @@ import httpx
 import pytest
 import yaml
 
-from ca_daemon.config.settings import load_settings
+from ca_daemon.config.loading import load_settings
 from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.model.state import CaRecord, OpState, Phase

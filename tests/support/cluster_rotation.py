@@ -28,7 +28,8 @@ import httpx
 import yaml
 from cryptography import x509
 
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.model.world import TrustWorld

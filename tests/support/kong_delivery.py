@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.journal.open import file_journal
 from ca_daemon.pki.bundle import KONG_ID_NAMESPACE
 from ca_daemon.publish.kong_admin import KongAdminPublisher

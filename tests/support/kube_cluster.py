@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.report.rbac import manifests

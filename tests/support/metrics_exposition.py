@@ -17,7 +17,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config.settings import Settings, embedded_default, load_settings
+from ca_daemon.config.loading import embedded_default, load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.errors import AnchorError
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.world import TrustWorld

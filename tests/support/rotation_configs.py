@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from tests.support.servers.tools import free_port
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)

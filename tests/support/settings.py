@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ import yaml
 from cryptography import x509
 
 from ca_daemon.anchor.local import load_or_create_passphrase
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.journal.format import shard_of
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.generation import parse_generation

@@ -58,7 +58,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ca_daemon.anchor.base import CA, Anchor, existing_cas
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.model.state import CaRecord, Phase, RootRole

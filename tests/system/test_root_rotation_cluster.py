@@ -26,7 +26,8 @@ import pytest
 
 from ca_daemon.anchor.vault.client import VaultClient
 from ca_daemon.anchor.vault.pki import VaultPkiAnchor
-from ca_daemon.config.settings import VaultAnchor, VaultAuth, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import VaultAnchor, VaultAuth
 from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.model.state import OpState, Phase, RootRole
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates

@@ -34,7 +34,8 @@ from pathlib import Path
 import pytest
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.state import CaRecord, OpState, Phase

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config.settings import Settings, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.state import Phase
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from ca_daemon.anchor.vault.client import VaultClient
-from ca_daemon.config.settings import VaultAnchor, VaultAuth, load_settings
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import VaultAnchor, VaultAuth
 from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.rotation.engine import Engine
