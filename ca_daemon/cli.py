@@ -222,6 +222,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ca_daemon.errors import AnchorError, JournalError
     from ca_daemon.journal.open import build_anchor_and_journal
     from ca_daemon.report.status import expired, render_table, status_view, waiting_for, warnings
+    from ca_daemon.rotation.plan import journal_problems
 
     try:  # read-only: never creates a passphrase, never saves
         _, journal = build_anchor_and_journal(settings, create=False)
@@ -237,7 +238,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(view, indent=2) if args.json else render_table(view))
     for line in warnings(state, settings, now):
         print(f"warning: {line}", file=sys.stderr)
-    problems = expired(state, settings, now)
+    problems = [f"journal: {p}" for p in journal_problems(state)]
+    problems += expired(state, settings, now)
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     return EXIT_FAILED if problems else EXIT_OK

@@ -31,6 +31,7 @@ from ca_daemon.pki.keys import (
     PrivateKey,
     PublicKey,
     generate_key,
+    key_matches_certificate,
     load_private_key,
     private_key_pem,
 )
@@ -192,6 +193,12 @@ class LocalAnchor:
             key = load_private_key(key_path.read_bytes(), self._passphrase)
         except KeyMaterialError as exc:
             raise AnchorError(f"{self.description}: CA {ref}: {exc}") from None
+        if not key_matches_certificate(key, cert):
+            # Signing with it would publish certificates no verifier can chain.
+            raise AnchorError(
+                f"{self.description}: CA {ref}: the key in {key_path} is not the key of "
+                f"{cert_path}; restore both from a backup"
+            )
         return CA(ref, cert), key
 
     def _signer(self, ca: CA) -> PrivateKey:

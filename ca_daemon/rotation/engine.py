@@ -63,6 +63,7 @@ from ca_daemon.rotation.steps import (
     IssueKongClient,
     IssueKongIntermediate,
     IssueLinkerdIssuer,
+    Refuse,
     StartOperation,
     Step,
     Wait,
@@ -84,6 +85,7 @@ class _Pass:
     result: PassResult
     seen: Seen
     failed: set[str] = field(default_factory=set)  # targets that failed: what they sign waits
+    refused: bool = False  # the journal contradicts itself or the anchor: publish nothing
 
 
 def _blocked(step: Step, failed: set[str]) -> bool:
@@ -128,6 +130,9 @@ class Engine:
         self.clock = clock
         self.rollout = rollout
         self._last_state: State | None = None  # as last loaded: what is due if a load fails
+        # The CA-record version last found to agree with the anchor's CAs (-1: none yet):
+        # a cache, so the anchor is listed once per change of the record, not every pass.
+        self._cross_checked = -1
         # By name: a scan per issue would make a batch of N clients cost N².
         self._clients = {c.name: c for c in settings.kong.clients}
 
@@ -190,7 +195,7 @@ class Engine:
         published: TrustWorld | None = None
         if result.anchor_up:
             state, published = self._advance(p, state)
-        if published is None and state.ca.active_root is not None:
+        if published is None and state.ca.active_root is not None and not p.refused:
             world = self._world(p, state)
             _, accepted = self._publish(p, world, state)
             if accepted and result.anchor_up:
@@ -227,8 +232,21 @@ class Engine:
                 for s in plan(state, p.now, self.settings, observations)
                 if not _blocked(s, p.failed)
             ]
+            refused = next((s for s in steps if isinstance(s, Refuse)), None)
+            if refused is not None:
+                log.error("the journal cannot be trusted: %s", refused.reason)
+                p.result.errors.append(f"journal: {refused.reason}")
+                p.failed.add(TRUST_ANCHOR)
+                p.refused = True
+                return state, published
+            if observations.anchor_cas is not None:
+                # Listed for the record as loaded; the steps below change both.
+                self._cross_checked = p.seen.version
+                observations = replace(observations, anchor_cas=None)
             p.result.waiting = next((s.reason for s in steps if isinstance(s, Wait)), None)
-            ca_steps_due = [s for s in steps if not isinstance(s, (Wait, *CREDENTIAL_STEPS))]
+            ca_steps_due = [
+                s for s in steps if not isinstance(s, (Wait, Refuse, *CREDENTIAL_STEPS))
+            ]
             if ca_steps_due:
                 try:
                     state = self._run_ca_step(p, ca_steps_due[0], state)
@@ -280,11 +298,20 @@ class Engine:
         p.result.errors.append(f"{kind.value} {name}: {message}")
         p.failed.add(target)
 
-    def _anchor_cas(self, p: _Pass, state: State) -> tuple[CA, ...]:
-        """The anchor's named CAs when the CA record is empty (lost, or a first start);
-        a backend that cannot tell stops the pass rather than risk a fresh root."""
+    def _anchor_cas(self, p: _Pass, state: State) -> tuple[CA, ...] | None:
+        """The anchor's named CAs when the CA record is empty (lost, or a first start): a
+        backend that cannot tell stops the pass rather than risk a fresh root. Else, once
+        per CA-record version, to cross-check the journal against the anchor (None when
+        it was already checked, or the backend cannot list its CAs just now)."""
         if state.ca.roots or state.ca.serial:
-            return ()
+            if self._cross_checked == p.seen.version:
+                return None
+            try:
+                listed = existing_cas(self.anchor)
+            except Exception as exc:
+                log.warning("cannot cross-check the journal against the anchor: %s", exc)
+                return None
+            return None if listed is None else tuple(listed)
         try:
             return tuple(existing_cas(self.anchor) or ())
         except Exception as exc:

@@ -35,6 +35,7 @@ from ca_daemon.model.state import (
     Operation,
     OpState,
     Phase,
+    RootRole,
     State,
     client_key,
     trusted_roots,
@@ -59,6 +60,7 @@ from ca_daemon.rotation.steps import (
     PrepareRoot,
     Propagate,
     RebuildJournal,
+    Refuse,
     RestartLinkerd,
     Retire,
     StartOperation,
@@ -75,8 +77,10 @@ class Observations:
     bundle: str | None = None  # hash of the bundle *every* publisher confirmed; else None
     pending_pods: tuple[str, ...] | None = None  # meshed Pods lagging; None: not checked
     cluster: bool = False  # Linkerd's workloads can be rolled and gated (Kubernetes)
-    # The anchor's named CAs, asked only while the CA record is empty (a lost journal).
-    anchor_cas: tuple[CA, ...] = ()
+    # The anchor's named CAs when the engine listed them (None: not listed this pass):
+    # while the CA record is empty (a lost journal), and whenever the record moved, to
+    # cross-check it against what the anchor holds.
+    anchor_cas: tuple[CA, ...] | None = None
 
 
 def renew_at(cert: x509.Certificate, rotate_before: timedelta, jitter: float) -> datetime:
@@ -171,6 +175,45 @@ class _Signer:
     not_after: datetime | None  # None: the signer is itself still to be made
 
 
+UNTRUSTED = (
+    "Nothing was signed or published. Restore the journal's CA record from a backup, or "
+    "move it aside so the next pass rebuilds it from the anchor's named CAs (docs/recovery.md)"
+)
+
+
+def journal_problems(state: State, anchor_cas: tuple[CA, ...] | None = None) -> list[str]:
+    """Why the journal cannot be trusted as it is: it contradicts itself, or (when the
+    anchor's CAs are given) what the anchor holds. Answering such a journal with a fresh
+    root would drop the roots every verifier trusts: an outage."""
+    ca = state.ca
+    problems = []
+    active = [r for r in ca.roots if r.role is RootRole.ACTIVE]
+    if ca.roots and not active:
+        roles = ", ".join(f"{r.ref} ({r.role.value})" for r in ca.roots)
+        problems.append(f"the CA record holds roots ({roles}) but none is active")
+    if len(active) > 1:
+        problems.append(f"the CA record has {len(active)} active roots")
+    if not ca.roots and ca.serial > 0:
+        problems.append(
+            f"the CA record names no root, yet it has made CAs up to number {ca.serial}"
+        )
+    if not ca.roots and ca.intermediates:
+        problems.append("the CA record names no root, yet holds Kong intermediates")
+    if anchor_cas is not None and ca.roots:
+        held = {c.ref: c.cert for c in anchor_cas}
+        for ref, cert in [
+            *((r.ref, r.cert) for r in ca.roots),
+            *((i.ref, i.cert) for i in ca.intermediates),
+        ]:
+            if ref not in held:
+                problems.append(f"{ref} is in the journal but the anchor holds no such CA")
+            elif held[ref] != cert:
+                problems.append(
+                    f"the journal's {ref} is not the certificate the anchor holds under that name"
+                )
+    return problems
+
+
 def plan(
     state: State,
     now: datetime,
@@ -183,6 +226,9 @@ def plan(
     serial = ca.serial
     running = [o for o in ca.operations if o.state is OpState.RUNNING]
 
+    problems = journal_problems(state, observations.anchor_cas)
+    if problems:
+        return [Refuse(f"{'; '.join(problems)}. {UNTRUSTED}")]
     root = ca.active_root
     if root is None and not ca.roots and ca.serial == 0 and observations.anchor_cas:
         names = ", ".join(c.ref for c in observations.anchor_cas)

@@ -25,6 +25,7 @@ from ca_daemon.rotation.steps import (
     PrepareRoot,
     Propagate,
     RebuildJournal,
+    Refuse,
     RestartLinkerd,
     Retire,
     StartOperation,
@@ -94,6 +95,7 @@ def step_target(step: Step, settings: Settings) -> tuple[Kind, str, str]:
             | Retire()
             | Activate()
             | Wait()
+            | Refuse()
         ):
             return Kind.TRUST_ANCHOR, "root-rotation", ROTATION
         case IssueKongIntermediate(ref=ref):

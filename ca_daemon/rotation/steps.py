@@ -134,6 +134,14 @@ class Wait:
     until: datetime | None = None
 
 
+@dataclass(frozen=True)
+class Refuse:
+    """Not an action: the journal cannot be trusted as it is (it contradicts itself or the
+    anchor). Nothing is signed or published; the pass fails with this reason."""
+
+    reason: str
+
+
 CaStep = (
     CreateRoot
     | RebuildJournal
@@ -150,7 +158,7 @@ CaStep = (
     | FinishOperation
 )
 CredentialStep = IssueLinkerdIssuer | IssueKongClient | DropKongClient
-Step = CaStep | CredentialStep | Wait
+Step = CaStep | CredentialStep | Wait | Refuse
 CREDENTIAL_STEPS = (IssueLinkerdIssuer, IssueKongClient, DropKongClient)
 # Steps that issue a certificate from the anchor: what ca_daemon_rotations_total counts.
 ISSUING_STEPS = (
