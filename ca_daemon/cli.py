@@ -29,16 +29,19 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+CONFIG_HELP = "configuration file (default: $CA_DAEMON_CONFIG, else the embedded default)"
+
+
 def _parser() -> argparse.ArgumentParser:
+    # --config is taken before or after the command. Subcommands must not default it:
+    # argparse would overwrite a --config given before the command with their None.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config", type=Path, help="configuration file (default: $CA_DAEMON_CONFIG)"
-    )
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     parser = argparse.ArgumentParser(
         prog="ca-daemon",
         description="Certificate authority and rotation daemon for Linkerd and Kong.",
-        parents=[common],
     )
+    parser.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     parser.add_argument("--version", action="version", version=f"ca-daemon {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

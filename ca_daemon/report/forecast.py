@@ -160,7 +160,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "plan", help="forecast every renewal and root-rotation phase, with dates; writes nothing"
     )
     parser.add_argument(
-        "--config", type=Path, help="configuration file (default: $CA_DAEMON_CONFIG)"
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,  # `ca-daemon --config F plan` must keep F
+        help="configuration file (default: $CA_DAEMON_CONFIG, else the embedded default)",
     )
     parser.add_argument(
         "--until",
