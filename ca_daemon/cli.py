@@ -19,7 +19,7 @@ import yaml
 from ca_daemon import __version__
 from ca_daemon.config.loading import effective_config, load_settings
 from ca_daemon.config.settings import Settings
-from ca_daemon.errors import ConfigError
+from ca_daemon.errors import ConfigError, ServiceError
 from ca_daemon.report import forecast
 from ca_daemon.rotation.results import PassResult
 
@@ -165,7 +165,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         for error in errors:
             print(f"error: {error}", file=sys.stderr)
         return EXIT_OK if not errors else EXIT_FAILED
-    run_forever(settings, engine, server_address=settings.server.address)
+    try:
+        run_forever(settings, engine, server_address=settings.server.address)
+    except ServiceError as exc:  # the API could not start: no daemon without it
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ from ca_daemon.api.audit import AuditLog
 from ca_daemon.api.auth import StaticTokenAuth, authenticator, ensure_token_file
 from ca_daemon.api.server import ServerThread, build_app
 from ca_daemon.config.settings import Settings
+from ca_daemon.errors import ServiceError
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.service.leader import LeaderElector, build_elector
 from ca_daemon.service.metrics import Metrics
@@ -85,6 +86,8 @@ def run_forever(
     """
     metrics = metrics or Metrics()
     service = DaemonService(settings, engine, metrics, clock or engine.clock)
+    # Bound first: a port in use stops the daemon before a token is written or a pass runs.
+    server = _listen(settings, service, server_address) if server_address else None
     interval = settings.rotation.check_interval.total_seconds()
     backoff = Backoff(min(BACKOFF_START.total_seconds(), interval), interval)
     loop: Scheduler = scheduler or BlockingScheduler(timezone=UTC)
@@ -92,6 +95,10 @@ def run_forever(
     in_pass = threading.Lock()
 
     def tick() -> None:
+        if server is not None and not server.alive:
+            log.error("the API on %s stopped; stopping the daemon", server.address)
+            loop.shutdown(wait=False)
+            return
         with in_pass:
             _tick()
 
@@ -137,7 +144,9 @@ def run_forever(
         engine.anchor.description,
         int(settings.rotation.check_interval.total_seconds()),
     )
-    server = _start_server(settings, service, server_address) if server_address else None
+    if server is not None:
+        server.start()
+        log.info("API listening on http://%s", server.address)
     if elector is not None:
         elector.start()
     try:
@@ -150,11 +159,14 @@ def run_forever(
                 timeout=settings.leader_election.lease_duration.total_seconds() * 4
             )
             elector.stop(release=finished)  # a standby takes over at its next retry
+        api_died = server is not None and server.server.started and not server.alive
         if server is not None:
             server.stop()
         # In-process callers (tests, an embedding program) get their handlers back.
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if api_died:
+        raise ServiceError(f"the API on {server_address} stopped while the daemon ran")
 
 
 def _elector(settings: Settings, service: DaemonService, metrics: Metrics) -> LeaderElector | None:
@@ -183,13 +195,12 @@ def _elector(settings: Settings, service: DaemonService, metrics: Metrics) -> Le
     return elector
 
 
-def _start_server(settings: Settings, service: DaemonService, address: str) -> ServerThread:
-
+def _listen(settings: Settings, service: DaemonService, address: str) -> ServerThread:
+    """Bind the API's port, then (only then) make sure the token file exists."""
     auth = authenticator(settings)
+    server = ServerThread(build_app(service, auth, AuditLog()), address)
     if isinstance(auth, StaticTokenAuth):
         created = ensure_token_file(auth.token_file)
         log.info("API token %s: %s", "created in" if created else "read from", auth.token_file)
-    server = ServerThread(build_app(service, auth, AuditLog()), address)
-    server.start()
-    log.info("API listening on http://%s (auth: %s)", address, auth.description)
+    log.info("API auth: %s", auth.description)
     return server

@@ -16,9 +16,13 @@ call may succeed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import resource
+import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +34,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from ca_daemon.api.audit import AuditLog, AuditRecord
 from ca_daemon.api.auth import Authenticator, Decision
-from ca_daemon.errors import RequestError
+from ca_daemon.errors import RequestError, ServiceError
 from ca_daemon.rotation.requests import RotationInProgress, UnknownTarget
 from ca_daemon.service.service import DaemonService, JournalOffline
+from ca_daemon.util.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -216,27 +222,131 @@ def build_app(service: DaemonService, auth: Authenticator, audit: AuditLog) -> S
     )
 
 
+# What uvicorn does not bound by itself, for a daemon that may listen on 0.0.0.0: the
+# connections held at once (each a file descriptor the passes need too), and how long a
+# connection may take to send a request head. Idle keep-alive connections close after
+# KEEP_ALIVE seconds (uvicorn's own timer, also armed before the first request here).
+MAX_CONNECTIONS = 64
+# Descriptors kept for everything else (journal, anchor, Kubernetes, Vault, logs).
+RESERVED_FDS = 32
+HEADER_TIMEOUT = 10.0
+KEEP_ALIVE = 5
+START_TIMEOUT = 10.0
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 with a connection cap and a deadline for each request head."""
+
+    _refusals = RateLimitedLog(log, period=60.0)
+
+    limit = MAX_CONNECTIONS
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limit:
+            self.transport = transport
+            self._refusals.warning(
+                "API: %d connections open, the most it keeps; closing new ones", self.limit
+            )
+            transport.abort()
+            return
+        super().connection_made(transport)
+        # Idle before the first byte: closed like an idle keep-alive connection.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+        self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        waiting_after = self.cycle  # the next request replaces it once its head is read
+        self.loop.call_later(HEADER_TIMEOUT, self._head_overdue, waiting_after)
+
+    def _head_overdue(self, waiting_after: RequestResponseCycle | None) -> None:
+        if self.cycle is waiting_after and not self.transport.is_closing():
+            self.transport.close()
+
+
+def connection_limit() -> int:
+    """At most MAX_CONNECTIONS, and never so many that the passes run out of descriptors:
+    a third of what is left after RESERVED_FDS (accepting takes a descriptor before the
+    cap can close it, and a burst is accepted in batches)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(2, min(MAX_CONNECTIONS, (soft - RESERVED_FDS) // 3))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything is handed out (the token file, the
+    "listening" line): a port someone else holds is an error, never a silent API-less run."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ApiUnavailable(
+            f"the API cannot listen on {host}:{port}: {exc.strerror or exc}"
+            " (server.address; another process may hold the port)"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class ApiUnavailable(ServiceError):
+    """The HTTP API could not start: the daemon stops rather than run without it."""
+
+
 class ServerThread:
-    """uvicorn in a thread beside the scheduler; ``stop`` lets it finish and joins."""
+    """uvicorn in a thread beside the scheduler; ``stop`` lets it finish and joins.
+
+    The socket is bound when this is made, so a port in use fails before anything else
+    starts; ``start`` returns once the server accepts connections, or raises."""
 
     def __init__(self, app: Starlette, address: str) -> None:
         host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        self._socket = _bind(host, int(port))
+        limit = connection_limit()
         config = uvicorn.Config(
             app,
-            host=host.strip("[]"),
+            host=host,
             port=int(port),
             lifespan="off",
             access_log=False,
             log_config=None,  # the daemon's logging setup stays in charge
             log_level="warning",
+            http=type("Guarded", (GuardedH11Protocol,), {"limit": limit}),
+            timeout_keep_alive=KEEP_ALIVE,
+            backlog=limit,  # also how many asyncio accepts in one go
         )
         self.server = uvicorn.Server(config)
         self.address = address
-        self._thread = threading.Thread(target=self.server.run, name="api", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="api", daemon=True)
+
+    def _serve(self) -> None:
+        try:
+            self.server.run(sockets=[self._socket])
+        except BaseException as exc:  # said by start() or, later, by the liveness check
+            log.error("the API stopped: %s", exc)
 
     def start(self) -> None:
         self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ApiUnavailable(f"the API on {self.address} did not start")
+            time.sleep(0.01)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self.server.should_exit = True
         self._thread.join(timeout=10)
+        self._socket.close()

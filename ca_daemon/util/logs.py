@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -45,3 +47,25 @@ def configure(stream: IO[str] | None = None, json_lines: bool | None = None) -> 
     root.setLevel(logging.INFO)
     for noisy in ("apscheduler", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RateLimitedLog:
+    """A warning said at most once per ``period`` seconds, with how often it was held
+    back: a flood (of connections, of refusals) must not fill the disk with log lines."""
+
+    def __init__(self, logger: logging.Logger, period: float) -> None:
+        self._logger = logger
+        self._period = period
+        self._last: float | None = None
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._last is not None and now - self._last < self._period:
+                self._held += 1
+                return
+            held, self._held, self._last = self._held, 0, now
+        suffix = f" ({held} more like this since the last such line)" if held else ""
+        self._logger.warning(message + suffix, *args)
