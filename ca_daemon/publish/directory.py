@@ -25,7 +25,7 @@ from ca_daemon.model.generation import UNKNOWN, format_generation, generation_of
 from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import render_pem, stable_id
 from ca_daemon.publish.base import PublishReport
-from ca_daemon.util.files import DIR_MODE, write_tree_atomic
+from ca_daemon.util.files import DATA, DIR_MODE, write_tree_atomic
 
 KEY_MODE = 0o600
 CERT_MODE = 0o644
@@ -125,4 +125,25 @@ class DirectoryPublisher:
                 f"is owned by uid {info.st_uid}, not this daemon's uid {os.geteuid()}: "
                 "refusing to publish into it"
             )
-        return None
+        return self._foreign(root)
+
+    @staticmethod
+    def _foreign(root: Path) -> str | None:
+        """Why ``root`` holds what ca-daemon did not write, or None. Publishing replaces
+        the entries it owns (``trust-bundle.pem``, ``linkerd``, ``kong``): in a directory
+        someone else filled (``/etc``, a home) that would delete their files. Ours is a
+        tree with ``..data``, or the flat layout an older ca-daemon wrote (its entries,
+        with ``trust-bundle.pem`` among them), or empty."""
+        if (root / DATA).is_symlink():
+            return None
+        # Hidden entries are ours (``..`` versions a crash left) or harmless; a volume's
+        # lost+found is no one's data.
+        names = {n for n in os.listdir(root) if not n.startswith(".") and n != "lost+found"}
+        if not names or (names <= set(TOP_LEVEL) and "trust-bundle.pem" in names):
+            return None
+        shown = ", ".join(sorted(names)[:5]) + (" …" if len(names) > 5 else "")
+        return (
+            f"holds files ca-daemon did not write ({shown}): refusing to publish there, "
+            "since publishing replaces and removes the entries it owns; set "
+            "publish.directory to a new or empty directory"
+        )

@@ -231,3 +231,37 @@ def test_the_flat_layout_of_an_older_version_is_migrated(tmp_path: Path) -> None
     assert not (out / "kong/clients/gone").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted([*TOP_LEVEL, "..data", *versions(out)])
     assert verify_directory(out, NOW).ok
+
+
+@pytest.mark.parametrize(
+    "theirs",
+    [
+        {"passwd": b"root:x:0:0", "kong/kong.conf": b"admin_listen = 0.0.0.0:8001"},
+        {"kong/kong.conf": b"admin_listen = 0.0.0.0:8001"},  # an owned name, not our layout
+        {"notes.txt": b"mine"},
+    ],
+    ids=["an-etc", "a-kong-config", "a-stray-file"],
+)
+def test_a_directory_someone_else_filled_is_refused_and_left_alone(
+    tmp_path: Path, theirs: dict[str, bytes]
+) -> None:
+    out = tmp_path / "out"
+    for rel, content in theirs.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(content)
+    report = DirectoryPublisher(out).publish(make_world(1))
+    assert "holds files ca-daemon did not write" in report.errors[str(out)]
+    assert not report.bundle_confirmed
+    assert {
+        str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()
+    } == theirs
+
+
+def test_an_empty_volume_with_lost_and_found_is_published_into(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "lost+found").mkdir(parents=True)
+    world = make_world(1)
+    report = DirectoryPublisher(out).publish(world)
+    assert report.errors == {}
+    assert_layout(out, world)
+    assert (out / "lost+found").is_dir()
