@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from ca_daemon.config.settings import ServerSar, Settings
 from ca_daemon.errors import KubeError
 from ca_daemon.util.kube import api_client, call
 
+log = logging.getLogger(__name__)
 _CACHE_SECONDS = 10.0
 
 
@@ -62,22 +65,62 @@ def ensure_token_file(path: Path) -> bool:
 
 class StaticTokenAuth:
     """One shared bearer token, read from its file on each call so a rotated file is
-    picked up without a restart."""
+    picked up without a restart.
+
+    The file is trusted only as this daemon made it: a regular file (not a symlink)
+    owned by this uid, readable by no one else. A file that is gone, unreadable or
+    untrusted is said in the log (once until it is back) and the token last read from a
+    trusted file stays in force; the caller is only ever told its token is invalid."""
 
     def __init__(self, token_file: Path) -> None:
         self.token_file = token_file
         self.description = f"static token {token_file}"
+        self._last: str | None = None
+        self._problem: str | None = None  # what was last logged about the file
+        self._lock = threading.Lock()
 
     def decide(self, token: str | None, write: bool) -> Decision:
         if not token:
             return Decision(401, "anonymous", "no bearer token")
-        try:
-            expected = self.token_file.read_text().strip()
-        except OSError as exc:
-            return Decision(401, "unknown", f"token file unreadable ({exc.strerror})")
+        expected = self._expected()
         if expected and hmac.compare_digest(token.encode(), expected.encode()):
             return Decision(200, "static-token")
         return Decision(401, "unknown", "invalid token")
+
+    def _expected(self) -> str | None:
+        try:
+            text, problem = _read_trusted(self.token_file), None
+        except (OSError, ValueError) as exc:
+            text, problem = None, str(exc)
+        with self._lock:
+            if problem is None and text:
+                self._last = text
+                if self._problem is not None:
+                    log.info("API token file %s is usable again", self.token_file)
+            elif problem != self._problem:
+                kept = "keeping the token read before" if self._last else "refusing every call"
+                log.error("API token file %s: %s; %s", self.token_file, problem, kept)
+            self._problem = problem
+            return self._last
+
+
+def _read_trusted(path: Path) -> str:
+    """The token in ``path``, or ValueError/OSError saying why it is not trusted."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_uid != os.geteuid():
+            raise ValueError(f"owned by uid {info.st_uid}, not this daemon's {os.geteuid()}")
+        if info.st_mode & 0o077:
+            raise ValueError(f"mode {info.st_mode & 0o777:04o}: others may read or change it")
+        text = os.read(fd, 4096).decode("utf-8", "replace").strip()
+    finally:
+        os.close(fd)
+    if not text:
+        raise ValueError("empty")
+    return text
 
 
 class KubernetesAuth:

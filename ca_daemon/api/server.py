@@ -109,7 +109,9 @@ def _audited(handler: Handler) -> Callable[[Api, Request], Awaitable[Response]]:
             note.update(refused.extra)
             shown = {k: v for k, v in refused.extra.items() if k != "caller"}
             payload = {"error": str(refused), **shown}
-            response = JSONResponse(payload, status_code=refused.status)
+            # RFC 6750: a 401 names the scheme it wants.
+            challenge = {"WWW-Authenticate": "Bearer"} if refused.status == 401 else None
+            response = JSONResponse(payload, status_code=refused.status, headers=challenge)
             result = str(refused)
         except Exception as exc:  # the API must answer, and say what failed
             log.exception("API %s %s failed", request.method, request.url.path)

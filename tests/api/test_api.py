@@ -119,9 +119,13 @@ def test_health_and_readiness(served: Served, promtool: str) -> None:
 def test_status_needs_the_token(served: Served) -> None:
     served.service.tick()
     with served.client() as anonymous:
-        assert anonymous.get("/v1/status").status_code == 401
+        refused = anonymous.get("/v1/status")
+        assert refused.status_code == 401
+        assert refused.headers["WWW-Authenticate"] == "Bearer"  # RFC 6750
     with served.client("not-the-token") as wrong:
-        assert wrong.get("/v1/status").status_code == 401
+        refused = wrong.get("/v1/status")
+        assert refused.status_code == 401
+        assert refused.json() == {"error": "invalid token"}
     with served.client(served.token) as http:
         status = http.get("/v1/status")
     assert status.status_code == 200
