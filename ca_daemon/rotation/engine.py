@@ -14,11 +14,13 @@ resumes from the journal. The engine is the only writer of the journal during a 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from itertools import takewhile
 
 from ca_daemon.anchor.base import CA, Anchor, existing_cas
 from ca_daemon.config.settings import Settings
@@ -75,6 +77,7 @@ log = logging.getLogger(__name__)
 # one pass. Reaching this means plan() is not converging: a bug, reported as an error.
 _MAX_ROUNDS = 50
 _PENDING_SHOWN = 20
+_BOOKKEEPING = (StartOperation, FinishOperation)
 
 
 @dataclass
@@ -130,6 +133,7 @@ class Engine:
         self.clock = clock
         self.rollout = rollout
         self._last_state: State | None = None  # as last loaded: what is due if a load fails
+        self._requests = threading.Lock()
         # The CA-record version last found to agree with the anchor's CAs (-1: none yet):
         # a cache, so the anchor is listed once per change of the record, not every pass.
         self._cross_checked = -1
@@ -146,6 +150,10 @@ class Engine:
         operation gets that operation's id instead of a second one.
         """
         check_target(self.settings, target)
+        with self._requests:  # one at a time in this process: no check-and-set race here
+            return self._request(target, reason, now)
+
+    def _request(self, target: str, reason: str, now: datetime | None) -> str:
         for _ in range(5):
             record, version = self.journal.load_ca()
             for op in record.operations:
@@ -248,8 +256,12 @@ class Engine:
                 s for s in steps if not isinstance(s, (Wait, Refuse, *CREDENTIAL_STEPS))
             ]
             if ca_steps_due:
+                # Operations starting or finishing change nothing but their own entries:
+                # all of a round's are journaled in one write, so many queued requests
+                # cost one round, not two each.
+                group = list(takewhile(lambda s: isinstance(s, _BOOKKEEPING), ca_steps_due))
                 try:
-                    state = self._run_ca_step(p, ca_steps_due[0], state)
+                    state = self._run_ca_steps(p, group or ca_steps_due[:1], state)
                 except JournalConflict as exc:
                     p.result.errors.append(
                         f"{self.journal.description}: changed by another writer ({exc}); "
@@ -276,18 +288,25 @@ class Engine:
 
     # --- CA steps --------------------------------------------------------------------------
 
-    def _run_ca_step(self, p: _Pass, step: CaStep, state: State) -> State:
-        kind, name, _ = step_target(step, self.settings)
+    def _run_ca_steps(self, p: _Pass, steps: list[CaStep], state: State) -> State:
+        """Carry out ``steps`` one after another on the record, then journal it once."""
+        record = state.ca
         try:
-            record = ca_steps.apply(step, state, p.now, self.anchor, self.settings, self.rollout)
+            for step in steps:
+                record = ca_steps.apply(
+                    step, replace(state, ca=record), p.now, self.anchor, self.settings, self.rollout
+                )
             self._write_ca(p, record)
         except JournalConflict:
             raise
         except Exception as exc:  # one broken step must not stop the others
-            self._failed(p, step, exc)
+            for step in steps:
+                self._failed(p, step, exc)
             return state
-        log.info("%s %s: %s", type(step).__name__, name, step.reason)
-        p.result.steps.append(StepResult(step, kind, name, manual=is_manual(step)))
+        for step in steps:
+            kind, name, _ = step_target(step, self.settings)
+            log.info("%s %s: %s", type(step).__name__, name, step.reason)
+            p.result.steps.append(StepResult(step, kind, name, manual=is_manual(step)))
         return replace(state, ca=record)
 
     def _failed(self, p: _Pass, step: CaStep | CredentialStep, exc: BaseException) -> None:
