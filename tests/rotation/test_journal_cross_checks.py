@@ -8,15 +8,19 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
 
 from ca_daemon.anchor.base import CA
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config.settings import Settings
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.state import CaRecord, RootEntry, RootRole, State
+from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.keys import generate_key, private_key_pem
+from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.plan import journal_problems, plan
@@ -162,3 +166,44 @@ def test_status_exits_1_and_names_the_problem(settings: Settings, tmp_path: Path
     run = ca_daemon("status", "--config", str(tmp_path / "config.yaml"), cwd=tmp_path)
     assert run.returncode == 1, run.stderr
     assert "error: journal: the CA record names no root" in run.stderr
+
+
+class CountingPublisher(DirectoryPublisher):
+    calls = 0
+
+    def publish(self, world: TrustWorld) -> PublishReport:
+        CountingPublisher.calls += 1
+        return super().publish(world)
+
+
+def test_a_newer_ca_record_saved_mid_pass_stops_the_publish(settings: Settings) -> None:
+    """The engine's own fence: between deciding and publishing, another writer saves the
+    CA record; the pass publishes nothing (not even to a publisher without a fence of its
+    own) and says why."""
+    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
+    other = file_journal(settings, passphrase)
+
+    class InterleavedAnchor(LocalAnchor):
+        def sign_client(self, *args: Any, **kwargs: Any) -> x509.Certificate:
+            record, version = other.load_ca()  # another writer moves the record on
+            other.save_ca(replace(record, published_at=NOW + timedelta(minutes=5)), version)
+            return super().sign_client(*args, **kwargs)
+
+    before = _published(settings)
+    CountingPublisher.calls = 0
+    engine = Engine(
+        settings,
+        InterleavedAnchor(settings.anchor.local.dir, passphrase),
+        file_journal(settings, passphrase),
+        [CountingPublisher(settings.publish_directory)],
+    )
+    at = NOW + timedelta(minutes=1)
+    engine.request_rotation("kong/payments", "test", now=at)
+    result = engine.reconcile(now=at)
+    assert [s.name for s in result.steps if s.action == "IssueKongClient"] == ["payments"]
+    assert any(
+        "was saved by another writer" in e and "not publishing an older state" in e
+        for e in result.errors
+    ), result.errors
+    assert CountingPublisher.calls == 0
+    assert _published(settings) == before
