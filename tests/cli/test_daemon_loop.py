@@ -122,10 +122,19 @@ def test_the_loop_renews_the_issuer_when_due_on_its_clock(tmp_path: Path) -> Non
     out = settings.publish_directory
     clock = SimulatedClock()
     seen: list[tuple[datetime, bytes, bytes]] = []
-    scheduler = SteppingScheduler(
-        clock, passes=40, after_pass=lambda: seen.append((clock.now, *_read_issuer(out)))
-    )
     metrics = RecordingMetrics()
+    not_after: list[float | None] = []  # the exported metric after each pass
+
+    def after_pass() -> None:
+        seen.append((clock.now, *_read_issuer(out)))
+        not_after.append(
+            metrics.registry.get_sample_value(
+                "ca_daemon_certificate_not_after_timestamp_seconds",
+                {"kind": "linkerd-issuer", "name": "linkerd-identity-issuer", "state": "active"},
+            )
+        )
+
+    scheduler = SteppingScheduler(clock, passes=40, after_pass=after_pass)
     run_forever(settings, build_engine(settings), metrics, clock=clock, scheduler=scheduler)
 
     assert scheduler.intervals == [INTERVAL.total_seconds()]
@@ -149,6 +158,9 @@ def test_the_loop_renews_the_issuer_when_due_on_its_clock(tmp_path: Path) -> Non
     for at, crt, key in seen:
         assert key_matches_certificate(load_private_key(key), parse_pem_certificates(crt)[0]), at
     assert (out / "linkerd/tls.key").stat().st_mode & 0o777 == 0o600
+    # The running daemon's not-after metric follows the renewal.
+    assert not_after[:due] == [first.not_valid_after_utc.timestamp()] * due
+    assert not_after[due:] == [cert.not_valid_after_utc.timestamp()] * (len(seen) - due)
 
 
 def test_a_sigterm_stops_the_loop_in_process(tmp_path: Path) -> None:
