@@ -28,6 +28,7 @@ from ca_daemon.model.state import (
     Rotation,
     State,
 )
+from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.profiles import Kind, Subject, capped_validity, check_profile
 from ca_daemon.rotation.plan import retire_after
 from ca_daemon.rotation.rebuild import rebuild
@@ -72,6 +73,9 @@ def require(kind: Kind, cert: x509.Certificate, signer: x509.Certificate | None)
     problems = list(check_profile(kind, cert).problems)
     if signer is not None and cert.not_valid_after_utc > signer.not_valid_after_utc:
         problems.append("outlives its signer")
+    if signer is not None and not directly_issued_by(cert, signer):
+        # The anchor signed with a key that is not the journal's CA's: nothing could chain.
+        problems.append("not signed by the journal's CA certificate (its name or key differ)")
     if problems:
         raise IssuanceError(f"{kind.value} from the anchor is unusable: {'; '.join(problems)}")
 

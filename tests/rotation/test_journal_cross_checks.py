@@ -19,7 +19,7 @@ from ca_daemon.config.settings import Settings
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.state import CaRecord, RootEntry, RootRole, State
 from ca_daemon.model.world import TrustWorld
-from ca_daemon.pki.keys import generate_key, private_key_pem
+from ca_daemon.pki.keys import PrivateKey, generate_key, private_key_pem
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
@@ -206,4 +206,31 @@ def test_a_newer_ca_record_saved_mid_pass_stops_the_publish(settings: Settings) 
         for e in result.errors
     ), result.errors
     assert CountingPublisher.calls == 0
+    assert _published(settings) == before
+
+
+def test_a_certificate_the_anchor_signed_with_another_key_is_not_published(
+    settings: Settings,
+) -> None:
+    """Whatever the anchor's reason (a Vault issuer's key replaced behind the daemon's
+    back), a certificate that does not verify under the journal's CA is refused."""
+
+    class WrongKeyAnchor(LocalAnchor):
+        def _signer(self, ca: CA) -> PrivateKey:
+            return generate_key()
+
+    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
+    engine = Engine(
+        settings,
+        WrongKeyAnchor(settings.anchor.local.dir, passphrase),
+        file_journal(settings, passphrase),
+        [DirectoryPublisher(settings.publish_directory)],
+    )
+    before = _published(settings)
+    at = NOW + timedelta(minutes=1)
+    engine.request_rotation("kong/payments", "test", now=at)
+    result = engine.reconcile(now=at)
+    (failed,) = [s for s in result.steps if not s.ok]
+    assert failed.name == "payments"
+    assert "not signed by the journal's CA certificate" in (failed.error or "")
     assert _published(settings) == before
