@@ -34,6 +34,7 @@ from ca_daemon.rotation.plan import retire_after
 from ca_daemon.rotation.rebuild import rebuild
 from ca_daemon.rotation.steps import (
     Activate,
+    AdvanceSerial,
     CaStep,
     ConfirmBundle,
     CreateRoot,
@@ -98,6 +99,8 @@ def apply(
     match step:
         case RebuildJournal(cas=cas, reason=reason):
             return rebuild(cas, reason, state, now, s, anchor.description)
+        case AdvanceSerial(to=number):
+            return replace(ca, serial=max(ca.serial, number))
         case CreateRoot(ref=ref):
             made = _root(ref, now, anchor, s)
             # Noted in the anchor too: a journal rebuilt after a loss finds it there.

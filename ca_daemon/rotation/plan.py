@@ -42,6 +42,7 @@ from ca_daemon.model.state import (
 )
 from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem
 from ca_daemon.pki.profiles import Subject, subject_alt_names
+from ca_daemon.rotation.rebuild import ca_number
 from ca_daemon.rotation.steps import (
     ALL,
     KONG,
@@ -49,6 +50,7 @@ from ca_daemon.rotation.steps import (
     MANUAL_ROTATION,
     ROOT_TARGETS,
     Activate,
+    AdvanceSerial,
     ConfirmBundle,
     CreateRoot,
     DropKongClient,
@@ -229,6 +231,10 @@ def plan(
     problems = journal_problems(state, observations.anchor_cas)
     if problems:
         return [Refuse(f"{'; '.join(problems)}. {UNTRUSTED}")]
+    named = [n for n in map(ca_number, observations.anchor_cas or ()) if n]
+    if ca.roots and named and max(named) > ca.serial:
+        why = f"the anchor holds CAs numbered up to {max(named)}, the journal counted {ca.serial}"
+        return [AdvanceSerial(to=max(named), reason=why)]
     root = ca.active_root
     if root is None and not ca.roots and ca.serial == 0 and observations.anchor_cas:
         names = ", ".join(c.ref for c in observations.anchor_cas)

@@ -36,6 +36,11 @@ def _number(ref: str) -> int:
     return int(found.group(2)) if found else 0
 
 
+def ca_number(ca: CA) -> int:
+    """N of a CA the daemon named ``root-N`` or ``kong-N``; 0 for any other."""
+    return _number(ca.ref)
+
+
 def rebuild_ca_record(
     cas: Iterable[CA],
     credentials: Iterable[tuple[str, IssuedEntry]],

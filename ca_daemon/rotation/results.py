@@ -14,6 +14,7 @@ from ca_daemon.rotation.steps import (
     MANUAL_ROTATION,
     TRUST_ANCHOR,
     Activate,
+    AdvanceSerial,
     ConfirmBundle,
     CreateRoot,
     DropKongClient,
@@ -82,7 +83,7 @@ def step_target(step: Step, settings: Settings) -> tuple[Kind, str, str]:
     match step:
         case CreateRoot(ref=ref):
             return Kind.TRUST_ANCHOR, ref, TRUST_ANCHOR
-        case RebuildJournal():
+        case RebuildJournal() | AdvanceSerial():
             return Kind.TRUST_ANCHOR, "journal", TRUST_ANCHOR
         case PrepareRoot(ref=ref):
             return Kind.TRUST_ANCHOR, ref, ROTATION

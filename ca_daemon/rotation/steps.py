@@ -40,6 +40,15 @@ class RebuildJournal:
 
 
 @dataclass(frozen=True)
+class AdvanceSerial:
+    """The anchor holds a CA numbered past the journal's count (a journal restored from
+    an older backup): count on from there, so no name is ever made twice."""
+
+    to: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class PrepareRoot:
     ref: str
     reason: str
@@ -145,6 +154,7 @@ class Refuse:
 CaStep = (
     CreateRoot
     | RebuildJournal
+    | AdvanceSerial
     | PrepareRoot
     | Propagate
     | ConfirmBundle

@@ -20,6 +20,7 @@ from ca_daemon.journal.open import file_journal
 from ca_daemon.model.state import CaRecord, RootEntry, RootRole, State
 from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.keys import PrivateKey, generate_key, private_key_pem
+from ca_daemon.pki.profiles import Subject, capped_validity
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
@@ -234,3 +235,26 @@ def test_a_certificate_the_anchor_signed_with_another_key_is_not_published(
     assert failed.name == "payments"
     assert "not signed by the journal's CA certificate" in (failed.error or "")
     assert _published(settings) == before
+
+
+def test_a_journal_behind_the_anchors_count_counts_on_from_the_anchor(
+    settings: Settings,
+) -> None:
+    """Restored from a backup older than root-3: the next root is root-4, never the
+    root-3 the anchor already holds (it would come back as if new)."""
+    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
+    anchor = LocalAnchor(settings.anchor.local.dir, passphrase)
+    validity = capped_validity(NOW, timedelta(days=300), None)
+    stale = anchor.create_root("root-3", Subject("ca-daemon root"), "ec-p256", validity)
+    engine = _engine(settings)
+    at = NOW + timedelta(minutes=1)
+    first = engine.reconcile(now=at)
+    assert first.ok, first.errors
+    assert [(s.action, s.name) for s in first.steps] == [("AdvanceSerial", "journal")]
+    assert engine.journal.load_ca()[0].serial == 3
+    engine.request_rotation("trust-anchor", "test", now=at)
+    rotated = engine.reconcile(now=at)
+    assert rotated.ok, rotated.errors
+    record = engine.journal.load_ca()[0]
+    assert [r.ref for r in record.roots] == ["root-1", "root-4"]
+    assert all(r.cert != stale.cert for r in record.roots)
