@@ -43,7 +43,7 @@ def issue(
         )
         subject = Subject(s.linkerd_issuer_common_name)
         cert = anchor.sign_ca(CA(root.ref, root.cert), build_csr(key, subject), subject, validity)
-        require(Kind.LINKERD_ISSUER, cert, root.cert)
+        require(Kind.LINKERD_ISSUER, cert, root.cert, anchor)
         return IssuedEntry(cert, private_key_pem(key), root.ref, issued_at=now)
     inter = state.ca.active_intermediate
     if inter is None:
@@ -52,5 +52,5 @@ def issue(
     validity = capped_validity(now, client.lifetime, inter.cert.not_valid_after_utc, skew)
     subject = client_subject(client)
     cert = anchor.sign_client(CA(inter.ref, inter.cert), build_csr(key, subject), subject, validity)
-    require(Kind.KONG_CLIENT, cert, inter.cert)
+    require(Kind.KONG_CLIENT, cert, inter.cert, anchor)
     return IssuedEntry(cert, private_key_pem(key), inter.ref, (inter.cert,), now)
