@@ -147,6 +147,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     except DataDirBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # at start-up: a data directory that cannot be made, a full disk
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: cannot start: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:

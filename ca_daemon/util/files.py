@@ -7,6 +7,7 @@ the old set or the new set, never a certificate of one with the key of the other
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -26,7 +27,24 @@ DIR_MODE = 0o755
 
 
 def ensure_private_dir(path: Path) -> None:
+    """Make ``path`` (0700) unless it exists; refuse one that another user owns or may
+    write: whoever can write there can swap the keys, the journal or the token."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if info.st_uid != os.geteuid():
+        raise PermissionError(
+            errno.EPERM,
+            f"owned by uid {info.st_uid}, not this daemon's uid {os.geteuid()}: refusing to "
+            "keep keys there",
+            str(path),
+        )
+    if info.st_mode & 0o022:
+        raise PermissionError(
+            errno.EPERM,
+            f"mode {info.st_mode & 0o777:04o} lets other users write there: refusing to keep "
+            "keys there (chmod go-w, or 0700)",
+            str(path),
+        )
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
