@@ -8,6 +8,7 @@ Each test runs ``ca-daemon run`` for real against an OpenBao dev server of its o
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -231,3 +232,69 @@ def test_kubernetes_auth_logs_in_again_with_the_replaced_projected_token(
     assert log.count("logging in again") > replaced_at, log_tail(daemon.log_path)
     assert "kubernetes login" not in log, log_tail(daemon.log_path)
     assert len(serials.seen) >= before + 2, (serials.seen, log_tail(daemon.log_path))
+
+
+def _approle_client(bao: OpenBao, tmp_path: Path, ttl: str, max_ttl: str) -> VaultClient:
+    """A client of the shipped policy logging in with an AppRole of this test's own."""
+    mount = unique("approle")
+    bao.cli("auth", "enable", f"-path={mount}", "approle")
+    bao.cli(
+        "write",
+        f"auth/{mount}/role/ca-daemon",
+        "token_policies=ca-daemon",
+        "token_no_default_policy=true",
+        f"token_ttl={ttl}",
+        f"token_max_ttl={max_ttl}",
+    )
+    role_id = bao.cli("read", "-field=role_id", f"auth/{mount}/role/ca-daemon/role-id")
+    secret_id = bao.cli("write", "-f", "-field=secret_id", f"auth/{mount}/role/ca-daemon/secret-id")
+    secret_file = tmp_path / "secret-id"
+    write_secret(secret_file, secret_id.stdout.strip())
+    auth = VaultAuth(
+        method="approle",
+        mount=mount,
+        role_id=role_id.stdout.strip(),
+        secret_id_file=secret_file,
+    )
+    return VaultClient(VaultAnchor(address=bao.address, auth=auth, create_if_missing=False))
+
+
+def _accessor(bao: OpenBao, token: str) -> str:
+    looked = bao.cli("token", "lookup", "-format=json", token)
+    return str(json.loads(looked.stdout)["data"]["accessor"])
+
+
+def _issuers(client: VaultClient) -> Any:
+    # Authenticated (LIST issuers is not, on PKI mounts): a revoked token gets 403 here.
+    return client.read("pki-root/config/issuers", "read the default issuer")
+
+
+def test_a_token_revoked_mid_life_is_replaced_by_one_new_login(
+    bao: OpenBao, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = _approle_client(bao, tmp_path, ttl="1h", max_ttl="2h")
+    assert _issuers(client) is not None
+    first = client.hvac.token
+    bao.cli("token", "revoke", first)
+    with caplog.at_level(logging.INFO, logger="ca_daemon.anchor.vault.client"):
+        assert _issuers(client) is not None  # the same call succeeds, after one new login
+    assert client.hvac.token != first
+    logins = [r for r in caplog.records if "logging in again" in r.getMessage()]
+    assert len(logins) == 1, caplog.text
+
+
+def test_a_renewable_token_is_renewed_not_replaced(
+    bao: OpenBao, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = _approle_client(bao, tmp_path, ttl="6s", max_ttl="1h")
+    assert _issuers(client) is not None
+    token = client.hvac.token
+    accessor = _accessor(bao, token)
+    with caplog.at_level(logging.DEBUG, logger="ca_daemon.anchor.vault.client"):
+        for _ in range(5):  # 10 s: past the 6 s TTL, renewed each time a third is left
+            time.sleep(2)
+            assert _issuers(client) is not None
+    assert client.hvac.token == token  # the same token, kept alive
+    assert _accessor(bao, token) == accessor
+    assert "token renewed" in caplog.text
+    assert "logging in again" not in caplog.text
