@@ -48,7 +48,7 @@ MAX_SUBDOMAIN = 253
 def check_dns_label(value: str) -> str:
     if len(value) > MAX_LABEL or not _DNS_LABEL.fullmatch(value):
         raise ValueError(
-            f"{value!r} is not a DNS label (at most {MAX_LABEL} lowercase letters, digits "
+            f"is not a DNS label (at most {MAX_LABEL} lowercase letters, digits "
             "and '-', starting and ending with a letter or digit)"
         )
     return value
@@ -57,7 +57,7 @@ def check_dns_label(value: str) -> str:
 def check_dns_subdomain(value: str) -> str:
     if len(value) > MAX_SUBDOMAIN or not _DNS_SUBDOMAIN.fullmatch(value):
         raise ValueError(
-            f"{value!r} is not a valid Kubernetes object name (at most {MAX_SUBDOMAIN} "
+            f"is not a valid Kubernetes object name (at most {MAX_SUBDOMAIN} "
             "characters: DNS labels of lowercase letters, digits and '-' joined by '.')"
         )
     return value
@@ -66,7 +66,7 @@ def check_dns_subdomain(value: str) -> str:
 def check_service_name(value: str) -> str:
     if len(value) > MAX_LABEL or not _DNS1035_LABEL.fullmatch(value):
         raise ValueError(
-            f"{value!r} is not a Kubernetes Service name (at most {MAX_LABEL} lowercase "
+            f"is not a Kubernetes Service name (at most {MAX_LABEL} lowercase "
             "letters, digits and '-', starting with a letter)"
         )
     return value
@@ -80,7 +80,7 @@ def check_configmap_key(value: str) -> str:
         or value == "."
     ):
         raise ValueError(
-            f"{value!r} is not a ConfigMap key (at most {MAX_SUBDOMAIN} letters, digits, "
+            f"is not a ConfigMap key (at most {MAX_SUBDOMAIN} letters, digits, "
             "'-', '_' and '.', not '.' and not starting with '..')"
         )
     return value
@@ -110,12 +110,10 @@ def _dns_name(value: str) -> str:
     except ValueError:
         pass
     else:
-        raise ValueError(f"{value!r} is an IP address, not a DNS name (IP SANs are not supported)")
+        raise ValueError("is an IP address, not a DNS name (IP SANs are not supported)")
     labels = value.removeprefix("*.").split(".")
     if len(value) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
-        raise ValueError(
-            f"{value!r} is not a DNS hostname (dot-separated labels of letters, digits and '-')"
-        )
+        raise ValueError("is not a DNS hostname (dot-separated labels of letters, digits and '-')")
     return value
 
 
@@ -126,7 +124,7 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[!-~]+")
 def _uri(value: str) -> str:
     if not _URI.fullmatch(value):
         raise ValueError(
-            f"{value!r} is not a URI (scheme:rest in printable ASCII without spaces, "
+            "is not a URI (scheme:rest in printable ASCII without spaces, "
             "e.g. spiffe://cluster.local/ns/kong/sa/kong)"
         )
     return value

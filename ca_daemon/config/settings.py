@@ -128,6 +128,12 @@ class VaultAnchor(Section):
     def _http_url(cls, value: str) -> str:
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
+        if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            # Never echoed: what is before the @ is a password more often than not.
+            raise ValueError(
+                "must not carry credentials (user:password@); Vault authenticates with "
+                "anchor.vault.auth"
+            )
         return value.rstrip("/")
 
 
