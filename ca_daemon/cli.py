@@ -19,7 +19,7 @@ import yaml
 from ca_daemon import __version__
 from ca_daemon.config.loading import effective_config, load_settings
 from ca_daemon.config.settings import Settings
-from ca_daemon.errors import ConfigError, ServiceError
+from ca_daemon.errors import CaDaemonError, ConfigError, ServiceError
 from ca_daemon.report import forecast
 from ca_daemon.rotation.results import PassResult
 
@@ -150,6 +150,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as exc:  # at start-up: a data directory that cannot be made, a full disk
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: cannot start: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILED
+    except CaDaemonError as exc:  # at start-up: e.g. a lost passphrase, an unusable anchor
+        print(f"error: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
 

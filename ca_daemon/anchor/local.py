@@ -48,11 +48,13 @@ class NoState(AnchorError):
     """Nothing was created yet: a read-only command has nothing to read."""
 
 
-def read_passphrase(path: Path) -> bytes:
+def read_passphrase(path: Path, data_dir: Path | None = None) -> bytes:
     """The existing passphrase; NoState when there is none yet. Never writes."""
     try:
         value = path.read_bytes().strip()
     except FileNotFoundError:
+        if data_dir is not None and _sealed_state(data_dir):
+            raise AnchorError(_lost_passphrase(path, data_dir)) from None
         raise NoState(f"no passphrase at {path}: nothing was created yet") from None
     except OSError as exc:
         raise AnchorError(f"passphrase file {path}: unreadable ({exc.strerror})") from None
@@ -61,15 +63,18 @@ def read_passphrase(path: Path) -> bytes:
     return value
 
 
-def load_or_create_passphrase(path: Path) -> bytes:
+def load_or_create_passphrase(path: Path, data_dir: Path | None = None) -> bytes:
     """The passphrase protecting keys at rest; generated (0600) the first time.
 
     Two processes starting at once on a fresh directory must end with one passphrase:
     the new one is written in full to a temporary file, then linked into place, which
     fails when another process got there first; that one's passphrase is then used.
+    Never generated anew for a ``data_dir`` that already holds keys or a journal sealed
+    with the lost one: they would all be unreadable, and "recovering" by deleting them
+    would take the published credentials down.
     """
     try:
-        return read_passphrase(path)
+        return read_passphrase(path, data_dir)
     except NoState:
         pass
     ensure_private_dir(path.parent)
@@ -88,6 +93,23 @@ def load_or_create_passphrase(path: Path) -> bytes:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return value
+
+
+def _lost_passphrase(path: Path, data_dir: Path) -> str:
+    return (
+        f"passphrase file {path} is missing, but {data_dir} holds keys and a journal sealed "
+        "with it: restore the file from a backup (a new passphrase cannot open them); "
+        "nothing was changed"
+    )
+
+
+def _sealed_state(data_dir: Path) -> bool:
+    anchor = data_dir / "anchor"
+    return (
+        any(anchor.glob("*.key"))
+        or (data_dir / "state.json").exists()
+        or (data_dir / "state.d").exists()
+    )
 
 
 # --- secret files and their modes ------------------------------------------------------------

@@ -36,7 +36,11 @@ def build_anchor_and_journal(settings: Settings, *, create: bool = True) -> tupl
     if settings.anchor.backend == "local":
         local = settings.anchor.local
         path = local.effective_passphrase_file
-        passphrase = load_or_create_passphrase(path) if create else read_passphrase(path)
+        passphrase = (
+            load_or_create_passphrase(path, local.dir)
+            if create
+            else read_passphrase(path, local.dir)
+        )
         anchor = LocalAnchor(local.dir, passphrase, (path, settings.api_token_file))
         return anchor, file_journal(settings, passphrase, read_only=not create)
     vault = settings.anchor.vault

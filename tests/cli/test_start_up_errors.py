@@ -58,3 +58,21 @@ def test_a_data_directory_that_cannot_be_made_is_one_line(tmp_path: Path) -> Non
     (tmp_path / "a-file").write_text("")
     line = _one_line_error(tmp_path, tmp_path / "a-file" / "data")
     assert line == f"error: cannot start: Not a directory ({tmp_path / 'a-file' / 'data'})"
+
+
+def test_a_lost_passphrase_is_never_made_anew(tmp_path: Path) -> None:
+    """Keys and a journal sealed with it exist: a new passphrase could open none of them,
+    and following a "move it aside" advice would take the published credentials down."""
+    data = tmp_path / "data"
+    config = _config(tmp_path, data)
+    assert ca_daemon("run", "--once", "--config", str(config), cwd=tmp_path).returncode == 0
+    published = {p: p.read_bytes() for p in (data / "out").rglob("*") if p.is_file()}
+    (data / "passphrase").unlink()
+    line = _one_line_error(tmp_path, data)
+    assert line.startswith(f"error: cannot start: passphrase file {data / 'passphrase'} is missing")
+    assert "restore the file from a backup" in line
+    assert not (data / "passphrase").exists()
+    assert {p: p.read_bytes() for p in (data / "out").rglob("*") if p.is_file()} == published
+    status = ca_daemon("status", "--config", str(config), cwd=tmp_path)
+    assert status.returncode == 1
+    assert "is missing, but" in status.stderr and "no state yet" not in status.stderr
