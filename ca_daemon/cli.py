@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ca_daemon.api.client import Client as ApiClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
 
 
 CONFIG_HELP = "configuration file (default: $CA_DAEMON_CONFIG, else the embedded default)"
@@ -207,7 +208,15 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"operation {op_id}: {args.target}")
         if not args.wait:
             return EXIT_OK
-        view = client.follow(op_id, print)
+        try:
+            view = client.follow(op_id, print)
+        except KeyboardInterrupt:  # only the waiting stops: the operation is journaled
+            print(
+                f"\nstopped waiting; operation {op_id} goes on in the daemon. Follow it with "
+                f"`ca-daemon status --url {client.url}` or GET {client.url}/v1/operations/{op_id}",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
     except ApiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -198,7 +198,8 @@ def _elector(settings: Settings, service: DaemonService, metrics: Metrics) -> Le
 def _listen(settings: Settings, service: DaemonService, address: str) -> ServerThread:
     """Bind the API's port, then (only then) make sure the token file exists."""
     auth = authenticator(settings)
-    server = ServerThread(build_app(service, auth, AuditLog()), address)
+    audit = AuditLog(reads=settings.server.audit_reads)
+    server = ServerThread(build_app(service, auth, audit), address)
     if isinstance(auth, StaticTokenAuth):
         created = ensure_token_file(auth.token_file)
         log.info("API token %s: %s", "created in" if created else "read from", auth.token_file)

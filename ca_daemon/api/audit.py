@@ -32,8 +32,11 @@ class AuditRecord:
 
 
 class AuditLog:
-    def __init__(self, path: Path | None = None) -> None:
+    """``reads``: also log accepted reads (GET); writes and refusals are always logged."""
+
+    def __init__(self, path: Path | None = None, reads: bool = True) -> None:
         self.path = path
+        self.reads = reads
         self._lock = threading.Lock()
 
     def write(self, record: AuditRecord) -> str:
@@ -42,11 +45,21 @@ class AuditLog:
             {"time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), **fields},
             sort_keys=True,
         )
-        # As JSON logs, the fields are the line's keys; as readable logs, the line itself.
-        log.info("%s", line, extra={"fields": fields})
+        read = record.method in ("GET", "HEAD") and record.status < 400
+        if self.reads or not read:
+            # As JSON logs the fields are the line's keys, once; the message is a sentence.
+            log.info(_sentence(record), extra={"fields": fields})
         if self.path is not None:
             with self._lock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 with os.fdopen(fd, "a") as handle:
                     handle.write(line + "\n")
         return line
+
+
+def _sentence(record: AuditRecord) -> str:
+    said = f"{record.method} {record.path} {record.status} by {record.caller} from {record.source}"
+    details = [
+        f"{k} {v}" for k, v in (("target", record.target), ("operation", record.operation)) if v
+    ]
+    return f"{said}: {record.result}" + (f" ({', '.join(details)})" if details else "")

@@ -31,6 +31,7 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -220,8 +221,15 @@ def build_app(service: DaemonService, auth: Authenticator, audit: AuditLog) -> S
             Route("/v1/status", api.status),
             Route("/v1/rotate", api.rotate, methods=["POST"]),
             Route("/v1/operations/{op_id}", api.operation),
-        ]
+        ],
+        exception_handlers={HTTPException: _json_error},
     )
+
+
+async def _json_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (404 no such path, 405 wrong method) as JSON, like ours."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 # What uvicorn does not bound by itself, for a daemon that may listen on 0.0.0.0: the

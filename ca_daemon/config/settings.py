@@ -324,6 +324,8 @@ class ServerConfig(Section):
     auth: Literal["static", "kubernetes"] = "static"
     token_file: Path | None = None
     sar: ServerSar = ServerSar()
+    # Accepted reads (status, operations) in the audit log too; writes and refusals always.
+    audit_reads: bool = True
 
     @field_validator("address")
     @classmethod

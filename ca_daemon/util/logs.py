@@ -45,7 +45,8 @@ def configure(stream: IO[str] | None = None, json_lines: bool | None = None) -> 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    for noisy in ("apscheduler", "uvicorn.access"):
+    # httpx and httpcore say every request at INFO: the CLI's --wait polls each second.
+    for noisy in ("apscheduler", "uvicorn.access", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

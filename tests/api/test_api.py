@@ -8,6 +8,7 @@ is a real OpenBao's KV, stopped under the running API.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from ca_daemon.api.audit import AuditLog
+from ca_daemon.api.audit import AuditLog, AuditRecord
 from ca_daemon.api.auth import Authenticator, KubernetesAuth, StaticTokenAuth, ensure_token_file
 from ca_daemon.api.client import Client
 from ca_daemon.api.server import ServerThread, build_app
@@ -409,3 +410,40 @@ def test_rotate_wait_sees_the_operation_through_a_vault_restart(tmp_path: Path) 
         bao.stop()
     assert view["state"] == "succeeded", view
     assert any("503" in line and "still waiting" in line for line in said), said
+
+
+def test_unknown_paths_and_methods_answer_json(served: Served) -> None:
+    with served.client(served.token) as http:
+        missing = http.get("/v1/nothing-here")
+        wrong = http.get("/v1/rotate")
+    assert (missing.status_code, missing.json()) == (404, {"error": "Not Found"})
+    assert (wrong.status_code, wrong.json()) == (405, {"error": "Method Not Allowed"})
+    assert wrong.headers["allow"] == "POST"
+
+
+def test_an_audit_log_line_says_its_record_once(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    served.service.tick()
+    with caplog.at_level(logging.INFO, logger="ca_daemon.audit"), served.client() as anonymous:
+        anonymous.post("/v1/rotate", json={"target": "kong"})
+    (record,) = [r for r in caplog.records if r.name == "ca_daemon.audit"]
+    message = record.getMessage()
+    assert message == "POST /v1/rotate 401 by anonymous from 127.0.0.1: no bearer token"
+    assert "{" not in message  # the fields travel as fields, not again as JSON text
+    fields = record.fields  # type: ignore[attr-defined]
+    assert (fields["status"], fields["path"], fields["audit"]) == (401, "/v1/rotate", True)
+
+
+def test_reads_can_be_left_out_of_the_log_but_never_writes_or_refusals(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    served.service.tick()
+    quiet = AuditLog(served.audit_file, reads=False)
+    with caplog.at_level(logging.INFO, logger="ca_daemon.audit"):
+        for method, status in (("GET", 200), ("GET", 401), ("POST", 202), ("POST", 409)):
+            quiet.write(AuditRecord("alice", "127.0.0.1", method, "/v1/x", status, "r"))
+    logged = [(r.fields["method"], r.fields["status"]) for r in caplog.records]  # type: ignore[attr-defined]
+    assert logged == [("GET", 401), ("POST", 202), ("POST", 409)]
+    on_file = [(line["method"], line["status"]) for line in served.audit()[-4:]]
+    assert on_file == [("GET", 200), ("GET", 401), ("POST", 202), ("POST", 409)]

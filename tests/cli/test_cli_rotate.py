@@ -8,6 +8,7 @@ Real time, short lifetimes (the same shape as the kill -9 test).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -131,3 +132,42 @@ def _published_keys(out: Path) -> set[str]:
     for key in [out / "linkerd" / "tls.key", *(out / "kong" / "clients").glob("*/tls.key")]:
         lines |= {ln for ln in key.read_text().splitlines() if ln and not ln.startswith("-----")}
     return lines
+
+
+def test_ctrl_c_during_wait_stops_only_the_waiting(tmp_path: Path) -> None:
+    cfg, address = _api(tmp_path)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["rotation"]["propagation_delay"] = "1h"  # the rotation outlives the waiting
+    cfg.write_text(yaml.safe_dump(doc))
+    url = f"http://{address}"
+    env = daemon_env({"CA_DAEMON_SERVER__ADDRESS": address})
+    daemon = ServerProcess(
+        "ca-daemon run",
+        [sys.executable, "-m", "ca_daemon", "run", "--config", str(cfg)],
+        log_path=tmp_path / "daemon.log",
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        daemon.wait_ready(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200)
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "ca_daemon", "rotate", "trust-anchor", "--wait",
+             "--config", str(cfg), "--url", url],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert follow.stdout is not None
+        first = follow.stdout.readline()  # "operation <id>: trust-anchor"
+        op_id = first.split()[1].rstrip(":")
+        time.sleep(1)
+        follow.send_signal(signal.SIGINT)
+        _, err = follow.communicate(timeout=30)
+        assert follow.returncode == 130, err
+        assert "Traceback" not in err
+        assert f"stopped waiting; operation {op_id} goes on in the daemon" in err
+        token = (tmp_path / "api-token").read_text().strip()
+        view = httpx.get(
+            f"{url}/v1/operations/{op_id}", headers={"Authorization": f"Bearer {token}"}
+        ).json()
+        assert view["state"] == "running"  # the daemon carries on
+    finally:
+        daemon.stop()
