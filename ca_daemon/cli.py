@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -68,7 +68,15 @@ def _parser() -> argparse.ArgumentParser:
         help="trust-anchor, linkerd-issuer, kong-intermediate, kong, kong/<name> or all",
     )
     rotate.add_argument("--reason", default="", help="why (kept in the journal and audit log)")
-    rotate.add_argument("--wait", action="store_true", help="follow the operation to its end")
+    rotate.add_argument(
+        "--wait",
+        nargs="?",
+        const="effect",
+        choices=["effect", "retired"],
+        help="follow the operation: until it is in effect (default; for a root rotation,"
+        " once the new root signs everything), or with --wait=retired until the old root"
+        " has left every bundle too",
+    )
     rotate.add_argument(
         "--dry-run", action="store_true", help="show the steps it would take; change nothing"
     )
@@ -209,7 +217,8 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
         if not args.wait:
             return EXIT_OK
         try:
-            view = client.follow(op_id, print)
+            view = client.follow(op_id, print, until=args.wait if args.wait else "end")
+            view = _in_effect(view, args.wait)
         except KeyboardInterrupt:  # only the waiting stops: the operation is journaled
             print(
                 f"\nstopped waiting; operation {op_id} goes on in the daemon. Follow it with "
@@ -220,7 +229,20 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     except ApiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_OK if view["state"] == "succeeded" else EXIT_FAILED
+    return EXIT_OK if view["state"] in ("succeeded", "in effect") else EXIT_FAILED
+
+
+def _in_effect(view: dict[str, Any], wait: str) -> dict[str, Any]:
+    """Say what a root rotation followed until it took effect still has ahead of it."""
+    if wait != "effect" or view["state"] != "running" or view.get("phase") != "retiring":
+        return view
+    retire = view.get("retire_after") or "when nothing under it can still be valid"
+    print(
+        f"{view['target']}: in effect since {view.get('activated_at')}: the new root signs "
+        f"everything; the old root stays in every bundle until {retire} (follow it with "
+        "--wait=retired, or `ca-daemon status`)"
+    )
+    return {**view, "state": "in effect"}
 
 
 def _remote_status(args: argparse.Namespace, settings: Settings) -> int:

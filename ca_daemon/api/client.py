@@ -87,8 +87,11 @@ class Client:
         op_id: str,
         say: Callable[[str], None],
         sleep: Callable[[float], None] = time.sleep,
+        until: str = "end",
     ) -> dict[str, Any]:
-        """Poll the operation until it ends, saying each change of progress once.
+        """Poll the operation until it ends, saying each change of progress once;
+        ``until="effect"``: a root rotation only until it is in effect (the new root signs
+        everything and the old one's retirement is scheduled), which is weeks earlier.
 
         The operation is journaled, so a daemon that is briefly unavailable (a failover, a
         Vault restart) is waited for, up to TRANSIENT_SECONDS in a row.
@@ -114,6 +117,8 @@ class Client:
                 say(line)
                 last = line
             if view["state"] in ("succeeded", "failed"):
+                return view
+            if until == "effect" and view.get("phase") == "retiring":
                 return view
             sleep(POLL_SECONDS)
 

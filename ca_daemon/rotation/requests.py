@@ -38,7 +38,11 @@ def check_target(settings: Settings, target: str) -> None:
 def ensure_can_start_rotation(record: CaRecord, target: str) -> None:
     """Raise RotationInProgress when ``target`` would start a second root rotation."""
     if target in ROOT_TARGETS and record.phase is not Phase.STEADY:
+        rotation = record.rotation
+        when = "once it is back to steady"
+        if rotation is not None and rotation.retire_after is not None:
+            when = f"once the old root retires, at {rotation.retire_after:%Y-%m-%dT%H:%M:%SZ}"
         raise RotationInProgress(
             f"a root rotation is in progress (phase {record.phase.value}); "
-            f"{target} can be requested once it is back to steady"
+            f"{target} can be requested {when}"
         )

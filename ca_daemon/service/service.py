@@ -172,12 +172,17 @@ class DaemonService:
         if op is None:
             return None
         view = operation_view(op)
-        if op.target in ROOT_TARGETS and record.rotation and record.rotation.operation == op.id:
+        rotation = record.rotation
+        if op.target in ROOT_TARGETS and rotation and rotation.operation == op.id:
             view["phase"] = record.phase.value
             with self._lock:
                 last = self._last
             view["waiting_for"] = last.waiting if last else None
-            view["pending_pods"] = list(record.rotation.pending_pods)
+            view["pending_pods"] = list(rotation.pending_pods)
+            # Milestones: when the new root took over signing, and when the old one leaves
+            # every bundle (known once everything was re-issued under the new root).
+            view["activated_at"] = _iso(rotation.activated_at)
+            view["retire_after"] = _iso(rotation.retire_after)
         return view
 
     def request(self, target: str, reason: str) -> str:
@@ -213,3 +218,7 @@ class DaemonService:
                 {"action": action, "kind": kind.value, "name": name, "reason": step.reason}
             )
         return summary
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None

@@ -73,7 +73,7 @@ def test_rotate_trust_anchor_and_wait(tmp_path: Path) -> None:
 
         follow = subprocess.Popen(
             [sys.executable, "-m", "ca_daemon", "rotate", "trust-anchor", "--reason", "drill",
-             "--wait", *api],
+             "--wait=retired", *api],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         # While it runs, a second root rotation conflicts.
@@ -169,5 +169,44 @@ def test_ctrl_c_during_wait_stops_only_the_waiting(tmp_path: Path) -> None:
             f"{url}/v1/operations/{op_id}", headers={"Authorization": f"Bearer {token}"}
         ).json()
         assert view["state"] == "running"  # the daemon carries on
+    finally:
+        daemon.stop()
+
+
+def test_wait_returns_once_the_rotation_is_in_effect_with_the_retire_date(
+    tmp_path: Path,
+) -> None:
+    """By default `rotate trust-anchor --wait` ends when the new root signs everything, not
+    when the old root retires (with default lifetimes ~30 days later), and says when."""
+    cfg, address = _api(tmp_path)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["rotation"]["retire_delay"] = "1h"  # retirement is far away
+    cfg.write_text(yaml.safe_dump(doc))
+    url = f"http://{address}"
+    env = daemon_env({"CA_DAEMON_SERVER__ADDRESS": address})
+    daemon = ServerProcess(
+        "ca-daemon run",
+        [sys.executable, "-m", "ca_daemon", "run", "--config", str(cfg)],
+        log_path=tmp_path / "daemon.log",
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        daemon.wait_ready(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200)
+        api = ("--config", str(cfg), "--url", url)
+        started = time.monotonic()
+        run = ca_daemon("rotate", "trust-anchor", "--wait", *api, cwd=tmp_path, env=env)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert time.monotonic() - started < 100
+        last = run.stdout.strip().splitlines()[-1]
+        assert last.startswith("trust-anchor: in effect since ")
+        assert "the new root signs everything; the old root stays in every bundle until " in last
+        view = json.loads(ca_daemon("status", "--json", *api, cwd=tmp_path, env=env).stdout)
+        assert view["phase"] == "retiring"
+        assert view["rotation"]["retire_after"] in last
+        # A second root rotation meanwhile is refused, naming when it becomes possible.
+        again = ca_daemon("rotate", "all", *api, cwd=tmp_path, env=env)
+        assert again.returncode == 1
+        assert f"once the old root retires, at {view['rotation']['retire_after']}" in again.stderr
     finally:
         daemon.stop()
