@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -134,10 +136,13 @@ def _published_keys(out: Path) -> set[str]:
     return lines
 
 
-def test_ctrl_c_during_wait_stops_only_the_waiting(tmp_path: Path) -> None:
+@contextmanager
+def _daemon(tmp_path: Path, rotation: dict[str, str]) -> Iterator[tuple[Path, str, dict[str, str]]]:
+    """A running daemon on the real-time configuration with ``rotation`` changed:
+    (its configuration, its API URL, the environment to call it with)."""
     cfg, address = _api(tmp_path)
     doc = yaml.safe_load(cfg.read_text())
-    doc["rotation"]["propagation_delay"] = "1h"  # the rotation outlives the waiting
+    doc["rotation"].update(rotation)
     cfg.write_text(yaml.safe_dump(doc))
     url = f"http://{address}"
     env = daemon_env({"CA_DAEMON_SERVER__ADDRESS": address})
@@ -150,6 +155,14 @@ def test_ctrl_c_during_wait_stops_only_the_waiting(tmp_path: Path) -> None:
     )
     try:
         daemon.wait_ready(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200)
+        yield cfg, url, env
+    finally:
+        daemon.stop()
+
+
+def test_ctrl_c_during_wait_stops_only_the_waiting(tmp_path: Path) -> None:
+    # The rotation outlives the waiting.
+    with _daemon(tmp_path, {"propagation_delay": "1h"}) as (cfg, url, env):
         follow = subprocess.Popen(
             [sys.executable, "-m", "ca_daemon", "rotate", "trust-anchor", "--wait",
              "--config", str(cfg), "--url", url],
@@ -169,8 +182,6 @@ def test_ctrl_c_during_wait_stops_only_the_waiting(tmp_path: Path) -> None:
             f"{url}/v1/operations/{op_id}", headers={"Authorization": f"Bearer {token}"}
         ).json()
         assert view["state"] == "running"  # the daemon carries on
-    finally:
-        daemon.stop()
 
 
 def test_wait_returns_once_the_rotation_is_in_effect_with_the_retire_date(
@@ -178,21 +189,8 @@ def test_wait_returns_once_the_rotation_is_in_effect_with_the_retire_date(
 ) -> None:
     """By default `rotate trust-anchor --wait` ends when the new root signs everything, not
     when the old root retires (with default lifetimes ~30 days later), and says when."""
-    cfg, address = _api(tmp_path)
-    doc = yaml.safe_load(cfg.read_text())
-    doc["rotation"]["retire_delay"] = "1h"  # retirement is far away
-    cfg.write_text(yaml.safe_dump(doc))
-    url = f"http://{address}"
-    env = daemon_env({"CA_DAEMON_SERVER__ADDRESS": address})
-    daemon = ServerProcess(
-        "ca-daemon run",
-        [sys.executable, "-m", "ca_daemon", "run", "--config", str(cfg)],
-        log_path=tmp_path / "daemon.log",
-        env=env,
-        cwd=tmp_path,
-    )
-    try:
-        daemon.wait_ready(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200)
+    # Retirement is far away.
+    with _daemon(tmp_path, {"retire_delay": "1h"}) as (cfg, url, env):
         api = ("--config", str(cfg), "--url", url)
         started = time.monotonic()
         run = ca_daemon("rotate", "trust-anchor", "--wait", *api, cwd=tmp_path, env=env)
@@ -208,5 +206,3 @@ def test_wait_returns_once_the_rotation_is_in_effect_with_the_retire_date(
         again = ca_daemon("rotate", "all", *api, cwd=tmp_path, env=env)
         assert again.returncode == 1
         assert f"once the old root retires, at {view['rotation']['retire_after']}" in again.stderr
-    finally:
-        daemon.stop()
