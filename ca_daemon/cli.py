@@ -267,7 +267,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ca_daemon.errors import AnchorError, JournalError
     from ca_daemon.journal.open import build_anchor_and_journal
     from ca_daemon.report.status import expired, render_table, status_view, waiting_for, warnings
-    from ca_daemon.rotation.plan import journal_problems
+    from ca_daemon.rotation.checks import journal_problems
 
     try:  # read-only: never creates a passphrase, never saves
         _, journal = build_anchor_and_journal(settings, create=False)

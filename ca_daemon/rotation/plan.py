@@ -35,13 +35,13 @@ from ca_daemon.model.state import (
     Operation,
     OpState,
     Phase,
-    RootRole,
     State,
     client_key,
     trusted_roots,
 )
 from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem
 from ca_daemon.pki.profiles import Subject, subject_alt_names
+from ca_daemon.rotation.checks import UNTRUSTED, journal_problems
 from ca_daemon.rotation.rebuild import ca_number
 from ca_daemon.rotation.steps import (
     ALL,
@@ -175,45 +175,6 @@ def _manual(running: list[Operation], key: str, issued: datetime) -> bool:
 class _Signer:
     ref: str
     not_after: datetime | None  # None: the signer is itself still to be made
-
-
-UNTRUSTED = (
-    "Nothing was signed or published. Restore the journal's CA record from a backup, or "
-    "move it aside so the next pass rebuilds it from the anchor's named CAs (docs/recovery.md)"
-)
-
-
-def journal_problems(state: State, anchor_cas: tuple[CA, ...] | None = None) -> list[str]:
-    """Why the journal cannot be trusted as it is: it contradicts itself, or (when the
-    anchor's CAs are given) what the anchor holds. Answering such a journal with a fresh
-    root would drop the roots every verifier trusts: an outage."""
-    ca = state.ca
-    problems = []
-    active = [r for r in ca.roots if r.role is RootRole.ACTIVE]
-    if ca.roots and not active:
-        roles = ", ".join(f"{r.ref} ({r.role.value})" for r in ca.roots)
-        problems.append(f"the CA record holds roots ({roles}) but none is active")
-    if len(active) > 1:
-        problems.append(f"the CA record has {len(active)} active roots")
-    if not ca.roots and ca.serial > 0:
-        problems.append(
-            f"the CA record names no root, yet it has made CAs up to number {ca.serial}"
-        )
-    if not ca.roots and ca.intermediates:
-        problems.append("the CA record names no root, yet holds Kong intermediates")
-    if anchor_cas is not None and ca.roots:
-        held = {c.ref: c.cert for c in anchor_cas}
-        for ref, cert in [
-            *((r.ref, r.cert) for r in ca.roots),
-            *((i.ref, i.cert) for i in ca.intermediates),
-        ]:
-            if ref not in held:
-                problems.append(f"{ref} is in the journal but the anchor holds no such CA")
-            elif held[ref] != cert:
-                problems.append(
-                    f"the journal's {ref} is not the certificate the anchor holds under that name"
-                )
-    return problems
 
 
 def plan(

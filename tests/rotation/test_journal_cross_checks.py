@@ -23,8 +23,9 @@ from ca_daemon.pki.keys import PrivateKey, generate_key, private_key_pem
 from ca_daemon.pki.profiles import Subject, capped_validity
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.rotation.checks import journal_problems
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.plan import journal_problems, plan
+from ca_daemon.rotation.plan import plan
 from ca_daemon.rotation.steps import CreateRoot, Refuse
 from tests.support.cli import ca_daemon
 from tests.support.clock import NOW
