@@ -41,8 +41,9 @@ class RebuildJournal:
 
 @dataclass(frozen=True)
 class AdvanceSerial:
-    """The anchor holds a CA numbered past the journal's count (a journal restored from
-    an older backup): count on from there, so no name is ever made twice."""
+    """The anchor holds a CA numbered more than one past the journal's count (a journal
+    restored from an older backup): count on from there, so no name is made twice. The
+    very next number is left alone: an interrupted step made it, and its retry reuses it."""
 
     to: int
     reason: str

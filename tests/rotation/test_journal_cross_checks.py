@@ -241,21 +241,26 @@ def test_a_certificate_the_anchor_signed_with_another_key_is_not_published(
 def test_a_journal_behind_the_anchors_count_counts_on_from_the_anchor(
     settings: Settings,
 ) -> None:
-    """Restored from a backup older than root-3: the next root is root-4, never the
-    root-3 the anchor already holds (it would come back as if new)."""
+    """Restored from a backup older than root-4 (serial 2): the next root is root-5,
+    never the root-4 the anchor already holds (it would come back as if new). The number
+    right after the journal's (root-3) is what an interrupted step leaves for its retry:
+    that one does not move the count."""
     passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
     anchor = LocalAnchor(settings.anchor.local.dir, passphrase)
     validity = capped_validity(NOW, timedelta(days=300), None)
-    stale = anchor.create_root("root-3", Subject("ca-daemon root"), "ec-p256", validity)
+    interrupted = anchor.create_root("root-3", Subject("ca-daemon root"), "ec-p256", validity)
+    first = _engine(settings).reconcile(now=NOW + timedelta(seconds=30))
+    assert first.ok and first.steps == []  # root-3 waits for the step that made it
+    stale = anchor.create_root("root-4", Subject("ca-daemon root"), "ec-p256", validity)
     engine = _engine(settings)
     at = NOW + timedelta(minutes=1)
     first = engine.reconcile(now=at)
     assert first.ok, first.errors
     assert [(s.action, s.name) for s in first.steps] == [("AdvanceSerial", "journal")]
-    assert engine.journal.load_ca()[0].serial == 3
+    assert engine.journal.load_ca()[0].serial == 4
     engine.request_rotation("trust-anchor", "test", now=at)
     rotated = engine.reconcile(now=at)
     assert rotated.ok, rotated.errors
     record = engine.journal.load_ca()[0]
-    assert [r.ref for r in record.roots] == ["root-1", "root-4"]
-    assert all(r.cert != stale.cert for r in record.roots)
+    assert [r.ref for r in record.roots] == ["root-1", "root-5"]
+    assert all(r.cert not in (stale.cert, interrupted.cert) for r in record.roots)
