@@ -20,6 +20,7 @@ from ca_daemon.api.auth import StaticTokenAuth, authenticator, ensure_token_file
 from ca_daemon.api.server import ServerThread, build_app
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import ServiceError
+from ca_daemon.report.status import notes
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.service.leader import LeaderElector, build_elector
 from ca_daemon.service.metrics import Metrics
@@ -139,6 +140,8 @@ def run_forever(
         loop.shutdown(wait=False)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for note in notes(settings):
+        log.warning("%s", note)
     log.info(
         "ca-daemon running: anchor %s, checking every %ss",
         engine.anchor.description,

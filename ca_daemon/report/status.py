@@ -116,7 +116,23 @@ def status_view(
         "issuers": issuers,
         "clients": clients,
         "operations": [operation_view(op) for op in ca.operations],
+        "notes": notes(settings),
     }
+
+
+def notes(settings: Settings) -> list[str]:
+    """What this configuration does not do that an operator may expect it to."""
+    linkerd = settings.linkerd
+    if settings.kubernetes_enabled or not linkerd.enabled:
+        return []
+    if linkerd.restart == "none" and linkerd.gate != "pods":
+        return []
+    return [
+        "files only: Linkerd is neither restarted nor gated here (linkerd.restart and "
+        "linkerd.gate act through Kubernetes); during a root rotation, restart Linkerd's "
+        "control plane and workloads yourself once the two-root bundle is published, "
+        "before rotation.propagation_delay ends"
+    ]
 
 
 def waiting_for(state: State, settings: Settings, now: datetime) -> str | None:
@@ -168,7 +184,8 @@ def render_table(view: dict[str, Any]) -> str:
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
     ]
-    head = [f"rotation phase: {view['phase']}"]
+    head = [f"note: {line}" for line in view.get("notes", [])]
+    head.append(f"rotation phase: {view['phase']}")
     rotation = view.get("rotation")
     if rotation:
         if rotation.get("waiting_for"):

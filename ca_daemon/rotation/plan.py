@@ -344,6 +344,14 @@ def _root_rotation(
         return [StartRetiring()]
     assert rotation.retire_after is not None
     if now >= rotation.retire_after:
+        until = rotation.old_chain_until
+        if until is not None and now < until:
+            # A forced retire_delay: say what is true, not that nothing old is valid.
+            why = (
+                "rotation.retire_delay elapsed; certificates issued under the old root stay "
+                f"valid until {until:%Y-%m-%dT%H:%M:%SZ} but no verifier trusts them from now"
+            )
+            return [Retire(reason=why)]
         return [Retire()]
     return [
         Wait("the old root stays trusted until nothing under it is valid", rotation.retire_after)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -99,6 +100,10 @@ def test_second_run_is_idempotent_and_status_reads_state(published: Path) -> Non
     assert "rotation phase: steady" in status.stdout
     for name in ("root-1", "linkerd-identity-issuer", "kong-2", "example"):
         assert name in status.stdout
+    # Files only: the defaults linkerd.restart and linkerd.gate cannot act, and status says so.
+    assert status.stdout.startswith("note: files only: Linkerd is neither restarted nor gated")
+    as_json = json.loads(ca_daemon("status", "--json", cwd=published).stdout)
+    assert as_json["notes"] == [status.stdout.splitlines()[0].removeprefix("note: ")]
 
 
 def test_no_private_key_in_output(published: Path, tmp_path: Path) -> None:

@@ -292,6 +292,29 @@ def test_retirement_waits_for_retire_after(make_settings: MakeSettings) -> None:
     assert len(trusted_roots(retiring.ca)) == 2
 
 
+def test_a_forced_retire_delay_says_the_old_chain_is_still_valid(
+    make_settings: MakeSettings,
+) -> None:
+    """Retiring before the old chain expired (retire_delay shorter than it) is allowed,
+    but the step says what is true rather than "nothing under the old root is valid"."""
+    settings = make_settings({"rotation": {"retire_delay": "1m"}})
+    state = _activated(settings, reissued=True)
+    rotation = state.ca.rotation
+    assert rotation is not None and rotation.old_chain_until is not None
+    at = NOW + timedelta(minutes=1)
+    retiring = replace(
+        state,
+        ca=replace(state.ca, phase=Phase.RETIRING, rotation=replace(rotation, retire_after=at)),
+    )
+    (step,) = _actions(plan(retiring, at, settings))
+    assert isinstance(step, Retire)
+    assert step.reason == (
+        "rotation.retire_delay elapsed; certificates issued under the old root stay valid "
+        f"until {rotation.old_chain_until:%Y-%m-%dT%H:%M:%SZ} but no verifier trusts them "
+        "from now"
+    )
+
+
 def test_retire_after_auto_covers_everything_under_the_old_chain(
     make_settings: MakeSettings,
 ) -> None:
