@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -52,17 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     api = argparse.ArgumentParser(add_help=False)
-    api.add_argument("--url", help="the running daemon's API (default: from server.address)")
     api.add_argument("--token-file", type=Path, help="bearer token (default: server.token_file)")
 
     status = commands.add_parser(
         "status", parents=[common, api], help="show certificates and times"
+    )
+    status.add_argument(
+        "--url", help="ask the running daemon's API at URL (default: read the journal directly)"
     )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     rotate = commands.add_parser(
         "rotate", parents=[common, api], help="ask the running daemon to rotate"
     )
+    rotate.add_argument("--url", help="the running daemon's API (default: http://<server.address>)")
     rotate.add_argument(
         "target",
         help="trust-anchor, linkerd-issuer, kong-intermediate, kong, kong/<name> or all",
@@ -118,9 +122,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose answer depends on which configuration they judge against.
+JUDGING = frozenset({"status", "verify", "plan"})
+
+
+def _settings_path(args: argparse.Namespace) -> Path | None:
+    path: Path | None = getattr(args, "file", None) or args.config
+    if path is None and os.environ.get("CA_DAEMON_CONFIG"):
+        return Path(os.environ["CA_DAEMON_CONFIG"])
+    return path
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    path = getattr(args, "file", None) or args.config
-    return load_settings(path)
+    return load_settings(_settings_path(args))
 
 
 def _print_pass(result: PassResult) -> None:
@@ -354,6 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command in JUDGING and _settings_path(args) is None:
+        print(
+            "note: no --config and no $CA_DAEMON_CONFIG: judging against the embedded default "
+            "configuration",
+            file=sys.stderr,
+        )
     handlers = {
         "run": cmd_run,
         "status": cmd_status,

@@ -64,3 +64,16 @@ def test_a_config_file_that_does_not_exist_exits_2_naming_it(
     assert run.returncode == 2, (run.stdout, run.stderr)
     assert f"config file {missing}: No such file or directory" in run.stderr
     assert not (tmp_path / "ca-daemon-data").exists()
+
+
+@pytest.mark.parametrize("command", [["status"], ["verify"], ["plan", "--until", "1h"]])
+def test_judging_without_a_configuration_says_so(
+    config: Path, tmp_path: Path, command: list[str]
+) -> None:
+    bare = ca_daemon(*command, cwd=tmp_path)
+    note = "note: no --config and no $CA_DAEMON_CONFIG: judging against the embedded default"
+    assert note in bare.stderr
+    given = ca_daemon(*command, "--config", str(config), cwd=tmp_path)
+    assert note not in given.stderr
+    from_env = ca_daemon(*command, cwd=tmp_path, env={"CA_DAEMON_CONFIG": str(config)})
+    assert note not in from_env.stderr
