@@ -52,6 +52,7 @@ from ca_daemon.journal.store.records import FileRecordStore, Record, RecordConfl
 from ca_daemon.model.state import (
     State,
 )
+from ca_daemon.pki.profiles import Kind
 from ca_daemon.report.simulation import DEFAULT_RESOLUTION, Event, ceil_second, simulate
 from ca_daemon.util.durations import format_duration, parse_duration
 
@@ -172,8 +173,21 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         metavar="DURATION",
         help=f"how far ahead (default: {format_duration(DEFAULT_UNTIL)})",
     )
+    parser.add_argument(
+        "--kind",
+        choices=[k.value for k in Kind],
+        help="only events of this kind (e.g. trust-anchor for the root rotation's phases)",
+    )
+    parser.add_argument(
+        "--target", metavar="NAME", help="only events of this name (e.g. a Kong client)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _wanted(event: Event, args: argparse.Namespace) -> bool:
+    kind, target = getattr(args, "kind", None), getattr(args, "target", None)
+    return (kind is None or event.kind == kind) and (target is None or event.name == target)
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
@@ -186,11 +200,12 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: reading state: {exc}", file=sys.stderr)
         return 1
     result = simulate(state, settings, start, start + until, resolution=DEFAULT_RESOLUTION)
+    events = [e for e in result.events if _wanted(e, args)]
     if args.json:
-        print(json.dumps([e.to_json() for e in result.events], indent=2))
+        print(json.dumps([e.to_json() for e in events], indent=2))
     else:
-        print(render_table(result.events))
-        if any(not e.exact for e in result.events):
+        print(render_table(events))
+        if any(not e.exact for e in events):
             print(
                 "~ the date depends on a certificate not issued yet: its renewal jitter "
                 f"(up to {settings.rotation.jitter:.0%} of rotate_before) is not known; "

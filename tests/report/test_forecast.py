@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -181,3 +182,30 @@ def test_the_command_reads_the_journal_and_writes_nothing(
     with pytest.raises(SystemExit) as usage:
         parser.parse_args(["plan", "--until", "soon"])
     assert usage.value.code == 2
+
+
+def test_the_command_filters_by_kind_and_target(
+    make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = _short(make_settings)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+
+    def events(*flags: str) -> list[dict[str, object]]:
+        args = parser.parse_args(["plan", "--until", "96h", "--json", *flags])
+        assert command(args, settings) == 0
+        found: list[dict[str, object]] = json.loads(capsys.readouterr().out)
+        return found
+
+    everything = events()
+    roots = events("--kind", "trust-anchor")
+    payments = events("--target", "payments")
+    assert roots and payments and len(roots) + len(payments) < len(everything)
+    assert {e["kind"] for e in roots} == {"trust-anchor"}
+
+    # Each run simulates anew (throwaway keys, so jittered dates may differ): compare what.
+    def what(found: list[dict[str, object]]) -> list[tuple[object, ...]]:
+        return [(e["kind"], e["name"], e["action"]) for e in found]
+
+    assert what(roots) == what([e for e in everything if e["kind"] == "trust-anchor"])
+    assert what(payments) == what([e for e in everything if e["name"] == "payments"])
