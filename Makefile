@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TESTENV_CACHE ?= $(or $(CA_DAEMON_TESTENV),$(HOME)/.cache/ca-daemon-testenv)
 
-.PHONY: run test lint testenv venv clean bench
+.PHONY: run test lint testenv venv clean bench demo
 
 $(BIN)/ca-daemon: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,7 @@ bench: testenv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# A whole root rotation in about two minutes, with short demo timings (scripts/demo).
+demo: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo
