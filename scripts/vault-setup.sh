@@ -15,6 +15,7 @@
 #   ROOT_MOUNT [pki-root]  KONG_MOUNT [pki-kong]  KV_MOUNT [secret]
 #   AUTH_MOUNT [kubernetes]  AUTH_ROLE [ca-daemon]  POLICY [ca-daemon]
 #   SA_NAMESPACE [ca-daemon]  SA_NAME [ca-daemon]  AUDIENCE [vault]  TOKEN_TTL [1h]
+#   TOKEN_REVIEWER_JWT [unset: Vault reviews logins with its own ServiceAccount token]
 #   KUBERNETES_HOST (e.g. https://kubernetes.default.svc:443; unset: keep the auth config)
 #   KUBERNETES_CA_CERT (file; with KUBERNETES_HOST)
 #   DRY_RUN=1  print the commands instead of running them
@@ -66,8 +67,13 @@ if [[ ${DRY_RUN:-0} == 1 ]] || ! grep -q "\"$AUTH_MOUNT/\"" <<<"$("$VAULT_CLI" a
   run "$VAULT_CLI" auth enable -path="$AUTH_MOUNT" kubernetes
 fi
 if [[ -n ${KUBERNETES_HOST:-} ]]; then
+  # Vault checks each login with a TokenReview. Outside the cluster it needs a reviewer
+  # token (TOKEN_REVIEWER_JWT: a file holding the token of a ServiceAccount bound to
+  # system:auth-delegator); inside, it may use its own ServiceAccount's, given the same
+  # binding (docs/vault.md).
   run "$VAULT_CLI" write "auth/$AUTH_MOUNT/config" kubernetes_host="$KUBERNETES_HOST" \
-    ${KUBERNETES_CA_CERT:+kubernetes_ca_cert=@"$KUBERNETES_CA_CERT"}
+    ${KUBERNETES_CA_CERT:+kubernetes_ca_cert=@"$KUBERNETES_CA_CERT"} \
+    ${TOKEN_REVIEWER_JWT:+token_reviewer_jwt=@"$TOKEN_REVIEWER_JWT"}
 fi
 # Only the chart's ServiceAccount, only tokens minted for audience `vault`.
 run "$VAULT_CLI" write "auth/$AUTH_MOUNT/role/$AUTH_ROLE" \
