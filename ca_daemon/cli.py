@@ -47,7 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ca-daemon {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", parents=[common], help="run the daemon")
+    run = commands.add_parser(
+        "run",
+        parents=[common],
+        help="run the daemon",
+        description="Run the daemon. Configured by --config (or $CA_DAEMON_CONFIG) and "
+        "CA_DAEMON_* environment variables (nested keys joined by __), which override the file.",
+    )
     run.add_argument(
         "--once", action="store_true", help="bring everything up to date, publish, and exit"
     )
