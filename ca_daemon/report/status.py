@@ -9,7 +9,7 @@ from typing import Any
 from cryptography import x509
 
 from ca_daemon.config.settings import Settings
-from ca_daemon.model.state import Operation, Phase, State
+from ca_daemon.model.state import Operation, Phase, RootRole, State
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
 from ca_daemon.rotation.plan import Observations, plan, renew_at, root_due_at
@@ -35,8 +35,16 @@ def cert_rows(state: State, settings: Settings) -> list[CertRow]:
     """Every root, issuer, intermediate and client certificate, roots first."""
     ca = state.ca
     jitter = settings.rotation.jitter
+    retire = ca.rotation.retire_after if ca.rotation else None
     rows = [
-        CertRow(Kind.TRUST_ANCHOR, r.ref, r.role.value, r.cert, root_due_at(r.cert, settings))
+        CertRow(
+            Kind.TRUST_ANCHOR,
+            r.ref,
+            r.role.value,
+            r.cert,
+            # A retiring root is never rotated: what comes next for it is its retirement.
+            retire if r.role is RootRole.RETIRING and retire else root_due_at(r.cert, settings),
+        )
         for r in ca.roots
     ]
     active = ca.active_root
@@ -140,7 +148,7 @@ def waiting_for(state: State, settings: Settings, now: datetime) -> str | None:
     running daemon also knows what publishers and Pods showed on its last pass)."""
     observations = Observations(cluster=settings.kubernetes_enabled and settings.linkerd.enabled)
     steps = plan(state, now, settings, observations)
-    return next((s.reason for s in steps if isinstance(s, Wait)), None)
+    return next((s.text for s in steps if isinstance(s, Wait)), None)
 
 
 def operation_view(op: Operation) -> dict[str, Any]:
@@ -177,7 +185,9 @@ def render_table(view: dict[str, Any]) -> str:
                 row["state"],
                 row["not_after"],
                 _left(row["seconds_left"]),
-                row["next_rotation"],
+                f"retires {row['next_rotation']}"
+                if row["state"] == "retiring" and row["kind"] == Kind.TRUST_ANCHOR.value
+                else row["next_rotation"],
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

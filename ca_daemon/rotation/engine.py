@@ -251,7 +251,7 @@ class Engine:
                 # Listed for the record as loaded; the steps below change both.
                 self._cross_checked = p.seen.version
                 observations = replace(observations, anchor_cas=None)
-            p.result.waiting = next((s.reason for s in steps if isinstance(s, Wait)), None)
+            p.result.waiting = next((s.text for s in steps if isinstance(s, Wait)), None)
             ca_steps_due = [
                 s for s in steps if not isinstance(s, (Wait, Refuse, *CREDENTIAL_STEPS))
             ]

@@ -143,6 +143,13 @@ class Wait:
     reason: str
     until: datetime | None = None
 
+    @property
+    def text(self) -> str:
+        """The reason with its deadline, as status and the API say it."""
+        return (
+            f"{self.reason} (until {self.until:%Y-%m-%dT%H:%M:%SZ})" if self.until else self.reason
+        )
+
 
 @dataclass(frozen=True)
 class Refuse:
