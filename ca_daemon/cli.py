@@ -229,7 +229,9 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
             steps = answer["steps"]
             for step in steps:
                 print(f"would {step['action']} {step['kind']} {step['name']} ({step['reason']})")
-            if not steps:
+            if answer.get("operation"):
+                print(f"already requested: operation {answer['operation']} (a request joins it)")
+            elif not steps:
                 print("nothing to do")
             return EXIT_OK
         op_id = answer["operation"]

@@ -195,10 +195,19 @@ class DaemonService:
         self._wake()
         return op_id
 
+    def open_operation(self, target: str) -> str | None:
+        """The queued or running operation a request for ``target`` would be answered
+        with (the same one, 202), as ``Engine.request_rotation`` does."""
+        return next(
+            (op.id for op in self._state().ca.operations if op.open and op.target == target), None
+        )
+
     def dry_run(self, target: str, reason: str) -> list[dict[str, str]]:
         """The steps plan() would take for this request now, without journaling it."""
         check_target(self.settings, target)
         state = self._state()
+        if self.open_operation(target) is not None:
+            return []  # already requested: nothing more would be done for this one
         now = self.clock()
         # A root request starts from the queue; any other is taken as running at once.
         started = OpState.QUEUED if target in ROOT_TARGETS else OpState.RUNNING

@@ -447,3 +447,25 @@ def test_reads_can_be_left_out_of_the_log_but_never_writes_or_refusals(
     assert logged == [("GET", 401), ("POST", 202), ("POST", 409)]
     on_file = [(line["method"], line["status"]) for line in served.audit()[-4:]]
     assert on_file == [("GET", 200), ("GET", 401), ("POST", 202), ("POST", 409)]
+
+
+def test_a_dry_run_for_an_already_requested_target_names_that_operation(
+    served: Served,
+) -> None:
+    """A real request for a target with an open operation gets that operation (202); its
+    dry run says the same instead of listing steps (or a 409 during a rotation)."""
+    served.service.tick()
+    with served.client(served.token) as http:
+        first = http.post("/v1/rotate", json={"target": "trust-anchor", "reason": "drill"})
+        assert first.status_code == 202
+        op_id = first.json()["operation"]
+        dry = http.post("/v1/rotate", json={"target": "trust-anchor", "dry_run": True})
+        again = http.post("/v1/rotate", json={"target": "trust-anchor"})
+    assert dry.status_code == 200
+    assert dry.json() == {
+        "dry_run": True,
+        "target": "trust-anchor",
+        "steps": [],
+        "operation": op_id,
+    }
+    assert (again.status_code, again.json()["operation"]) == (202, op_id)
