@@ -214,7 +214,9 @@ def _client(args: argparse.Namespace, settings: Settings) -> ApiClient:
     from ca_daemon.api.client import Client, default_url, read_token
 
     return Client(
-        args.url or default_url(settings), read_token(args.token_file or settings.api_token_file)
+        args.url or default_url(settings),
+        read_token(args.token_file or settings.api_token_file),
+        expect_proof=settings.server.auth == "static",
     )
 
 

@@ -50,6 +50,19 @@ class Authenticator(Protocol):
     def decide(self, token: str | None, write: bool) -> Decision:
         """``write``: the call changes something (a rotation), else it only reads."""
 
+    def prove(self, nonce: str) -> str | None:
+        """Proof that this daemon holds the token a client would send (None: no such
+        proof with this method), so a client can check it talks to the right daemon
+        before the token leaves it."""
+
+
+PROOF_CONTEXT = b"ca-daemon API proof:"
+
+
+def proof(token: str, nonce: str) -> str:
+    """HMAC-SHA256 of ``nonce`` under the token, in a context of its own (never a token)."""
+    return hmac.new(token.encode(), PROOF_CONTEXT + nonce.encode(), hashlib.sha256).hexdigest()
+
 
 def ensure_token_file(path: Path) -> bool:
     """Create a random API token at ``path`` (0600) unless one exists; True if created."""
@@ -86,6 +99,10 @@ class StaticTokenAuth:
         if expected and hmac.compare_digest(token.encode(), expected.encode()):
             return Decision(200, "static-token")
         return Decision(401, "unknown", "invalid token")
+
+    def prove(self, nonce: str) -> str | None:
+        expected = self._expected()
+        return proof(expected, nonce) if expected else None
 
     def _expected(self) -> str | None:
         try:
@@ -136,6 +153,9 @@ class KubernetesAuth:
         self.description = f"kubernetes ({sar.verb} {sar.resource}.{sar.group} in {namespace})"
         self._cache: dict[str, tuple[float, Decision]] = {}
         self._lock = threading.Lock()
+
+    def prove(self, nonce: str) -> str | None:
+        return None  # the caller's own Kubernetes token: nothing of it is shared here
 
     def decide(self, token: str | None, write: bool) -> Decision:
         if not token:

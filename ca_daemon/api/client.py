@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from ca_daemon.api.auth import proof
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import ApiError
 
@@ -44,10 +47,37 @@ def read_token(path: Path) -> str:
 
 @dataclass
 class Client:
+    """``expect_proof``: the daemon uses the static token; before the token is sent the
+    server must prove it holds the same one (so a process squatting on the daemon's
+    port never receives it)."""
+
     url: str
     token: str
+    expect_proof: bool = False
+    _proven: bool = False
+
+    def _check_proof(self) -> None:
+        if not self.expect_proof or self._proven:
+            return
+        nonce = secrets.token_urlsafe(24)
+        try:
+            response = httpx.get(
+                f"{self.url.rstrip('/')}/v1/hello", params={"nonce": nonce}, timeout=30
+            )
+            answer = response.json() if response.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ApiError(f"{self.url}: unreachable ({type(exc).__name__})") from None
+        given = answer.get("proof") if isinstance(answer, dict) else None
+        if not isinstance(given, str) or not hmac.compare_digest(given, proof(self.token, nonce)):
+            raise ApiError(
+                f"{self.url} did not prove it holds this API token: it may not be the "
+                "ca-daemon you mean (another process on that port, or another daemon's "
+                "token file); the token was not sent"
+            )
+        self._proven = True
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        self._check_proof()
         try:
             response = httpx.request(
                 method,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import resource
 import socket
 import threading
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
 _ROTATE_KEYS = {"target", "reason", "dry_run"}
+_NONCE = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 class _Refused(RequestError):
@@ -153,6 +155,14 @@ class Api:
             return PlainTextResponse("ready\n")
         return PlainTextResponse(f"not ready: {reason}\n", status_code=503)
 
+    async def hello(self, request: Request) -> Response:
+        """Who answers here: the daemon proves it holds the static token, for the nonce
+        the client chose, before the client sends that token."""
+        nonce = request.query_params.get("nonce", "")
+        if not _NONCE.fullmatch(nonce):
+            raise HTTPException(400, "nonce: 16 to 128 letters, digits, '-' or '_'")
+        return JSONResponse({"daemon": "ca-daemon", "proof": self.auth.prove(nonce)})
+
     async def metrics(self, request: Request) -> Response:
         body = generate_latest(self.service.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
@@ -223,6 +233,7 @@ def build_app(service: DaemonService, auth: Authenticator, audit: AuditLog) -> S
             Route("/healthz", api.healthz),
             Route("/readyz", api.readyz),
             Route("/metrics", api.metrics),
+            Route("/v1/hello", api.hello),
             Route("/v1/status", api.status),
             Route("/v1/rotate", api.rotate, methods=["POST"]),
             Route("/v1/operations/{op_id}", api.operation),

@@ -11,10 +11,13 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -113,7 +116,8 @@ def test_rotate_trust_anchor_and_wait(tmp_path: Path) -> None:
         bad = tmp_path / "wrong-token"
         bad.write_text("not-the-token\n")
         wrong = ca_daemon("status", *api, "--token-file", str(bad), cwd=tmp_path, env=env)
-        assert wrong.returncode == 1 and "401" in wrong.stderr
+        # The daemon cannot prove it holds that token, so the CLI never sends it.
+        assert wrong.returncode == 1 and "did not prove it holds this API token" in wrong.stderr
         garbled = ca_daemon("status", *api, "--token-file", str(cfg), cwd=tmp_path, env=env)
         assert garbled.returncode == 1 and "does not hold one token" in garbled.stderr
         keys |= _published_keys(tmp_path / "data" / "out")
@@ -206,3 +210,45 @@ def test_wait_returns_once_the_rotation_is_in_effect_with_the_retire_date(
         again = ca_daemon("rotate", "all", *api, cwd=tmp_path, env=env)
         assert again.returncode == 1
         assert f"once the old root retires, at {view['rotation']['retire_after']}" in again.stderr
+
+
+class _Squatter(BaseHTTPRequestHandler):
+    """Whatever took the daemon's port: answers everything, and keeps what it was sent."""
+
+    seen: ClassVar[list[str]] = []
+
+    def _answer(self) -> None:
+        _Squatter.seen.append(self.headers.get("Authorization") or "")
+        body = b'{"operation": "not-yours", "proof": "0"}'
+        self.send_response(202)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_cli_never_sends_its_token_to_a_server_that_cannot_prove_it_holds_it(
+    tmp_path: Path,
+) -> None:
+    cfg, _ = _api(tmp_path)
+    token = tmp_path / "api-token"
+    token.write_text("the-real-token-of-this-daemon\n")
+    token.chmod(0o600)
+    squatter = ThreadingHTTPServer(("127.0.0.1", 0), _Squatter)
+    serving = threading.Thread(target=squatter.serve_forever, daemon=True)
+    serving.start()
+    url = f"http://127.0.0.1:{squatter.server_address[1]}"
+    try:
+        _Squatter.seen.clear()
+        run = ca_daemon("rotate", "kong", "--config", str(cfg), "--url", url, cwd=tmp_path)
+    finally:
+        squatter.shutdown()
+    assert run.returncode == 1
+    assert "did not prove it holds this API token" in run.stderr
+    assert "not-yours" not in run.stdout
+    assert _Squatter.seen and all("the-real-token" not in seen for seen in _Squatter.seen)
