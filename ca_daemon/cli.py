@@ -19,7 +19,7 @@ import yaml
 
 from ca_daemon import __version__
 from ca_daemon.config.loading import effective_config, load_settings
-from ca_daemon.config.settings import Settings
+from ca_daemon.config.settings import CONFIG_ENV, Settings
 from ca_daemon.errors import CaDaemonError, ConfigError, ServiceError
 from ca_daemon.report import forecast
 from ca_daemon.rotation.results import PassResult
@@ -134,8 +134,8 @@ JUDGING = frozenset({"status", "verify", "plan"})
 
 def _settings_path(args: argparse.Namespace) -> Path | None:
     path: Path | None = getattr(args, "file", None) or args.config
-    if path is None and os.environ.get("CA_DAEMON_CONFIG"):
-        return Path(os.environ["CA_DAEMON_CONFIG"])
+    if path is None and os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
     return path
 
 

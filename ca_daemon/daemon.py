@@ -162,7 +162,7 @@ def run_forever(
                 timeout=settings.leader_election.lease_duration.total_seconds() * 4
             )
             elector.stop(release=finished)  # a standby takes over at its next retry
-        api_died = server is not None and server.server.started and not server.alive
+        api_died = server is not None and not server.alive  # started above, or raised
         if server is not None:
             server.stop()
         # In-process callers (tests, an embedding program) get their handlers back.

@@ -6,7 +6,7 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ class Client:
     url: str
     token: str
     expect_proof: bool = False
-    _proven: bool = False
+    _proven: bool = field(default=False, init=False, repr=False)
 
     def _check_proof(self) -> None:
         if not self.expect_proof or self._proven:

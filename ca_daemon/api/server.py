@@ -208,13 +208,7 @@ class Api:
             )
         try:
             if dry_run:
-                steps = await run_in_threadpool(self.service.dry_run, target, reason)
-                answer: dict[str, Any] = {"dry_run": True, "target": target, "steps": steps}
-                # Already requested: a real request gets that operation (202), so say so.
-                existing = await run_in_threadpool(self.service.open_operation, target)
-                if existing is not None:
-                    answer["operation"] = existing
-                return JSONResponse(answer)
+                return JSONResponse(await run_in_threadpool(self.service.dry_run, target, reason))
             op_id = await run_in_threadpool(self.service.request, target, reason)
         except UnknownTarget as exc:
             raise _Refused(400, str(exc)) from None

@@ -109,10 +109,12 @@ def status_view(
                 "trigger": rotation.trigger,
                 "operation": rotation.operation,
                 "started_at": _iso(rotation.started_at),
-                "bundle_confirmed_at": _opt(rotation.confirmed_at),
-                "linkerd_restarted_at": _opt(rotation.restart_at) if rotation.restarted else None,
-                "activated_at": _opt(rotation.activated_at),
-                "retire_after": _opt(rotation.retire_after),
+                "bundle_confirmed_at": optional_iso(rotation.confirmed_at),
+                "linkerd_restarted_at": optional_iso(rotation.restart_at)
+                if rotation.restarted
+                else None,
+                "activated_at": optional_iso(rotation.activated_at),
+                "retire_after": optional_iso(rotation.retire_after),
                 "waiting_for": waiting,
                 "pending_pods": list(rotation.pending_pods),
                 "pending_pods_total": rotation.pending_count,
@@ -158,12 +160,13 @@ def operation_view(op: Operation) -> dict[str, Any]:
         "reason": op.reason,
         "state": op.state.value,
         "requested_at": _iso(op.requested_at),
-        "finished_at": _opt(op.finished_at),
+        "finished_at": optional_iso(op.finished_at),
         "result": op.result,
     }
 
 
-def _opt(moment: datetime | None) -> str | None:
+def optional_iso(moment: datetime | None) -> str | None:
+    """A time as status shows it, or None."""
     return _iso(moment) if moment else None
 
 

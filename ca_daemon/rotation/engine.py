@@ -134,9 +134,10 @@ class Engine:
         self.rollout = rollout
         self._last_state: State | None = None  # as last loaded: what is due if a load fails
         self._requests = threading.Lock()
-        # The CA-record version last found to agree with the anchor's CAs (-1: none yet):
-        # a cache, so the anchor is listed once per change of the record, not every pass.
-        self._cross_checked = -1
+        # The CA record (epoch, version) last found to agree with the anchor's CAs: a
+        # cache, so the anchor is listed once per change of the record, not every pass.
+        # The epoch too: a rebuilt journal's versions may start over.
+        self._cross_checked: tuple[int, int] | None = None
         # By name: a scan per issue would make a batch of N clients cost N².
         self._clients = {c.name: c for c in settings.kong.clients}
 
@@ -249,7 +250,7 @@ class Engine:
                 return state, published
             if observations.anchor_cas is not None:
                 # Listed for the record as loaded; the steps below change both.
-                self._cross_checked = p.seen.version
+                self._cross_checked = (state.ca.epoch, p.seen.version)
                 observations = replace(observations, anchor_cas=None)
             p.result.waiting = next((s.text for s in steps if isinstance(s, Wait)), None)
             ca_steps_due = [
@@ -323,7 +324,7 @@ class Engine:
         per CA-record version, to cross-check the journal against the anchor (None when
         it was already checked, or the backend cannot list its CAs just now)."""
         if state.ca.roots or state.ca.serial:
-            if self._cross_checked == p.seen.version:
+            if self._cross_checked == (state.ca.epoch, p.seen.version):
                 return None
             try:
                 listed = existing_cas(self.anchor)

@@ -17,7 +17,7 @@ from typing import Any
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import JournalError, ServiceError
 from ca_daemon.model.state import Operation, OpState, State
-from ca_daemon.report.status import operation_view, status_view
+from ca_daemon.report.status import operation_view, optional_iso, status_view
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.plan import Observations, plan
 from ca_daemon.rotation.requests import check_target, ensure_can_start_rotation
@@ -181,8 +181,8 @@ class DaemonService:
             view["pending_pods"] = list(rotation.pending_pods)
             # Milestones: when the new root took over signing, and when the old one leaves
             # every bundle (known once everything was re-issued under the new root).
-            view["activated_at"] = _iso(rotation.activated_at)
-            view["retire_after"] = _iso(rotation.retire_after)
+            view["activated_at"] = optional_iso(rotation.activated_at)
+            view["retire_after"] = optional_iso(rotation.retire_after)
         return view
 
     def request(self, target: str, reason: str) -> str:
@@ -195,19 +195,16 @@ class DaemonService:
         self._wake()
         return op_id
 
-    def open_operation(self, target: str) -> str | None:
-        """The queued or running operation a request for ``target`` would be answered
-        with (the same one, 202), as ``Engine.request_rotation`` does."""
-        return next(
-            (op.id for op in self._state().ca.operations if op.open and op.target == target), None
-        )
-
-    def dry_run(self, target: str, reason: str) -> list[dict[str, str]]:
-        """The steps plan() would take for this request now, without journaling it."""
+    def dry_run(self, target: str, reason: str) -> dict[str, Any]:
+        """What this request would do now, without journaling it: the steps plan() would
+        take, or, when ``target`` already has a queued or running operation, that one
+        (a real request is answered with it, 202)."""
         check_target(self.settings, target)
         state = self._state()
-        if self.open_operation(target) is not None:
-            return []  # already requested: nothing more would be done for this one
+        answer: dict[str, Any] = {"dry_run": True, "target": target, "steps": []}
+        for op in state.ca.operations:
+            if op.open and op.target == target:
+                return {**answer, "operation": op.id}
         now = self.clock()
         # A root request starts from the queue; any other is taken as running at once.
         started = OpState.QUEUED if target in ROOT_TARGETS else OpState.RUNNING
@@ -226,8 +223,4 @@ class DaemonService:
             summary.append(
                 {"action": action, "kind": kind.value, "name": name, "reason": step.reason}
             )
-        return summary
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+        return {**answer, "steps": summary}
