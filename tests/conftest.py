@@ -8,5 +8,6 @@ pytest_plugins = [
     "tests.support.servers.nginx",
     "tests.support.servers.helm",
     "tests.support.servers.linkerd",
+    "tests.support.servers.node",
     "tests.support.settings",
 ]

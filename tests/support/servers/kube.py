@@ -11,7 +11,7 @@ import json
 import secrets
 import ssl
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +112,8 @@ class Kube:
                 content=json.dumps(obj),  # JSON is YAML, which apply-patch+yaml accepts
                 headers={"Content-Type": "application/apply-patch+yaml"},
             )
-        response.raise_for_status()
+        if response.is_error:  # the apiserver's reason, e.g. which field it refused
+            raise AssertionError(f"apply {resource_path(obj)}: {response.text}")
         result: dict[str, Any] = response.json()
         return result
 
@@ -174,12 +175,22 @@ def _start_etcd(etcd: str, workdir: Path) -> tuple[ServerProcess, str]:
 
 
 @contextmanager
-def own_kube(workdir: Path, etcd: str, apiserver: str) -> Iterator[Kube]:
+def own_kube(
+    workdir: Path,
+    etcd: str,
+    apiserver: str,
+    address: str = "127.0.0.1",
+    extra_args: Sequence[str] = (),
+    controller_manager: bool = False,
+) -> Iterator[Kube]:
     """etcd and a kube-apiserver of their own in ``workdir``, started like envtest; for
-    the session fixture below and for bench/ (which runs without pytest)."""
-    # Our own serving cert, so clients get a CA file and a cert valid for 127.0.0.1.
+    the session fixture below, for bench/ (which runs without pytest) and for the node
+    (servers/node.py), which serves it on ``address`` with ``extra_args`` and runs a
+    ``controller_manager`` beside it."""
+    # Our own serving cert, so clients get a CA file and a cert valid for the address.
     ca = make_ca("kube-apiserver test CA")
-    serving = issue(ca, "kube-apiserver", server=True, dns_names=("localhost",), ips=("127.0.0.1",))
+    ips = tuple(dict.fromkeys((address, "127.0.0.1")))
+    serving = issue(ca, "kube-apiserver", server=True, dns_names=("localhost",), ips=ips)
     ca_file, _ = ca.write(workdir, "ca")
     serving_crt, serving_key = serving.write(workdir, "serving")
     sa_key = workdir / "sa.key"
@@ -189,7 +200,7 @@ def own_kube(workdir: Path, etcd: str, apiserver: str) -> Iterator[Kube]:
     tokens.write_text(f'{admin_token},admin,admin-uid,"system:masters"\n')
 
     port = free_port()
-    server_url = f"https://127.0.0.1:{port}"
+    server_url = f"https://{address}:{port}"
     etcd_server, etcd_url = _start_etcd(etcd, workdir)
     with running(etcd_server):
         api = ServerProcess(
@@ -198,8 +209,8 @@ def own_kube(workdir: Path, etcd: str, apiserver: str) -> Iterator[Kube]:
                 apiserver,
                 f"--etcd-servers={etcd_url}",
                 f"--secure-port={port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={address}",
+                f"--advertise-address={address}",
                 f"--cert-dir={workdir / 'certs'}",
                 f"--tls-cert-file={serving_crt}",
                 f"--tls-private-key-file={serving_key}",
@@ -211,8 +222,9 @@ def own_kube(workdir: Path, etcd: str, apiserver: str) -> Iterator[Kube]:
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
                 # As envtest: the ServiceAccount admission plugin wants a `default` SA that
-                # only the (absent) controller-manager would create.
-                "--disable-admission-plugins=ServiceAccount",
+                # only the controller-manager creates, absent but on the node.
+                *([] if controller_manager else ["--disable-admission-plugins=ServiceAccount"]),
+                *extra_args,
             ],
             log_path=workdir / "kube-apiserver.log",
         )

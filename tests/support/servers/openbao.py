@@ -67,13 +67,16 @@ class OpenBao:
 
 
 @contextmanager
-def own_openbao(workdir: Path, name: str = "bao server -dev") -> Iterator[OpenBao]:
+def own_openbao(
+    workdir: Path, name: str = "bao server -dev", host: str = "127.0.0.1"
+) -> Iterator[OpenBao]:
     """Start a fresh OpenBao dev server in ``workdir``, for a test module that needs
-    default mount names or auth methods of its own (the session one is shared)."""
+    default mount names or auth methods of its own (the session one is shared), or one
+    listening on ``host`` (the node's bridge address, which its Pods reach)."""
     bao = require_tool("bao")
     port = free_port()
     token = secrets.token_hex(16)
-    address = f"http://127.0.0.1:{port}"
+    address = f"http://{host}:{port}"
     server = ServerProcess(
         name,
         [
@@ -81,7 +84,7 @@ def own_openbao(workdir: Path, name: str = "bao server -dev") -> Iterator[OpenBa
             "server",
             "-dev",
             f"-dev-root-token-id={token}",
-            f"-dev-listen-address=127.0.0.1:{port}",
+            f"-dev-listen-address={host}:{port}",
         ],
         log_path=workdir / "bao.log",
         # -dev writes the token helper file into HOME; keep it out of the real one.
