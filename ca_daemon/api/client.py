@@ -20,7 +20,7 @@ POLL_SECONDS = 1.0
 
 
 # How long `rotate --wait` keeps polling through a daemon that answers 503 (its journal
-# unavailable, no leader) or cannot be reached, before it gives up.
+# unavailable) or cannot be reached (a Pod replaced mid-failover), before it gives up.
 TRANSIENT_SECONDS = 300.0
 
 
@@ -68,6 +68,14 @@ class Client:
         except (httpx.HTTPError, ValueError) as exc:
             raise ApiError(f"{self.url}: unreachable ({type(exc).__name__})") from None
         given = answer.get("proof") if isinstance(answer, dict) else None
+        if given is None and isinstance(answer, dict) and answer.get("daemon") == "ca-daemon":
+            # A daemon with server.auth=kubernetes shares no token it could prove; this CLI
+            # was configured for a static one (often: no --config, the embedded default).
+            raise ApiError(
+                f"{self.url} proves no static token (it uses server.auth=kubernetes?): run "
+                "with a --config that sets server.auth: kubernetes to send it your "
+                "Kubernetes token; the token was not sent"
+            )
         if not isinstance(given, str) or not hmac.compare_digest(given, proof(self.token, nonce)):
             raise ApiError(
                 f"{self.url} did not prove it holds this API token: it may not be the "

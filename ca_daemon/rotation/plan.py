@@ -369,6 +369,14 @@ def _propagating(state: State, now: datetime, settings: Settings, obs: Observati
     linkerd = settings.linkerd
     if linkerd.enabled and linkerd.restart != "none" and obs.cluster and not rotation.restarted:
         if rotation.restart_at is None:
+            # Container start times have whole seconds, and the gate counts a start in the
+            # confirmation's second as before it: a Pod rolled in that second would be
+            # judged to hold the old bundle for good. Roll from the next second on.
+            restart_from = rotation.confirmed_at.replace(microsecond=0) + timedelta(seconds=1)
+            if now < restart_from:
+                return [
+                    Wait("restarting Linkerd from the second after the confirmation", restart_from)
+                ]
             return [NoteRestart(scope=linkerd.restart)]
         return [RestartLinkerd(scope=linkerd.restart)]
     ready_at = rotation.confirmed_at + settings.rotation.propagation_delay

@@ -216,11 +216,12 @@ class _Squatter(BaseHTTPRequestHandler):
     """Whatever took the daemon's port: answers everything, and keeps what it was sent."""
 
     seen: ClassVar[list[str]] = []
+    body: ClassVar[bytes] = b'{"operation": "not-yours", "proof": "0"}'
 
     def _answer(self) -> None:
         _Squatter.seen.append(self.headers.get("Authorization") or "")
-        body = b'{"operation": "not-yours", "proof": "0"}'
-        self.send_response(202)
+        body = _Squatter.body
+        self.send_response(202 if self.command == "POST" else 200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -232,9 +233,18 @@ class _Squatter(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (b'{"operation": "not-yours", "proof": "0"}', "did not prove it holds this API token"),
+        # A daemon with server.auth=kubernetes proves nothing: the message says what to do.
+        (b'{"daemon": "ca-daemon", "proof": null}', "it uses server.auth=kubernetes?"),
+    ],
+)
 def test_the_cli_never_sends_its_token_to_a_server_that_cannot_prove_it_holds_it(
-    tmp_path: Path,
+    tmp_path: Path, answer: bytes, says: str
 ) -> None:
+    _Squatter.body = answer
     cfg, _ = _api(tmp_path)
     token = tmp_path / "api-token"
     token.write_text("the-real-token-of-this-daemon\n")
@@ -249,6 +259,6 @@ def test_the_cli_never_sends_its_token_to_a_server_that_cannot_prove_it_holds_it
     finally:
         squatter.shutdown()
     assert run.returncode == 1
-    assert "did not prove it holds this API token" in run.stderr
+    assert says in run.stderr and "the token was not sent" in run.stderr
     assert "not-yours" not in run.stdout
     assert _Squatter.seen and all("the-real-token" not in seen for seen in _Squatter.seen)

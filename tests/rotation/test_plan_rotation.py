@@ -148,8 +148,13 @@ def test_linkerd_is_rolled_after_confirmation_then_the_delay_runs(
     base = steady_state(settings)
     confirmed = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW)
     cluster = Observations(cluster=True, pending_pods=())
+    # Not in the confirmation's second: a Pod started then would count as started before.
+    same_second = plan(confirmed, NOW + timedelta(microseconds=999_999), settings, cluster)
+    assert _actions(same_second) == []
+    assert _wait(same_second).until == NOW.replace(microsecond=0) + timedelta(seconds=1)
     # The restartedAt is journaled first, then Linkerd is rolled with it.
-    assert _actions(plan(confirmed, NOW, settings, cluster)) == [NoteRestart("control-plane")]
+    later = NOW.replace(microsecond=0) + timedelta(seconds=1)
+    assert _actions(plan(confirmed, later, settings, cluster)) == [NoteRestart("control-plane")]
     noted = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW, restart_at=NOW)
     assert _actions(plan(noted, NOW, settings, cluster)) == [RestartLinkerd("control-plane")]
     restarted = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW, restarted=True)
