@@ -44,6 +44,10 @@ class Scheduler(Protocol):
 
 
 BACKOFF_START = timedelta(seconds=2)
+# Until the daemon was ready once, failed passes are retried at least this often: a Pod
+# that just started often finds Vault or the API server a few seconds away, and its
+# readiness waits on the retry (the usual backoff would put it 30-60 s out).
+STARTUP_RETRY_CAP = timedelta(seconds=8)
 
 
 @dataclass
@@ -109,6 +113,8 @@ def run_forever(
             metrics.leader.set(1 if service.leadership.leader else 0)
         failed_before = backoff.failures
         delay = backoff.after(result.ok)
+        if delay is not None and service.readiness() is not None:
+            delay = min(delay, STARTUP_RETRY_CAP.total_seconds())
         metrics.consecutive_failures.set(backoff.failures)
         metrics.backoff.set(delay or 0)
         if delay is not None:

@@ -11,13 +11,26 @@
 # (VAULT_ADDR, VAULT_TOKEN), and, for the Kubernetes auth method, the API server's address
 # and CA as Vault must reach them.
 #
+# Vault checks every login with a TokenReview, authenticated with a reviewer token. Vault
+# outside the cluster has no token of its own: without TOKEN_REVIEWER_JWT it would send
+# the daemon's token, whose audience is `vault`, and the API server refuses every login
+# ("token audiences [\"vault\"] is invalid for the target audiences"). So with
+# KUBERNETES_HOST the script wants either TOKEN_REVIEWER_JWT (a file holding the token of
+# a ServiceAccount bound to ClusterRole system:auth-delegator: the chart's
+# vault.tokenReviewer, or one made by hand, see docs/vault.md), or VAULT_IN_CLUSTER=1
+# (Vault runs in the cluster and reviews with its own ServiceAccount's token, given the
+# same binding). Before writing the config it checks, with curl, that the reviewer token
+# may create TokenReviews at KUBERNETES_HOST (CHECK_REVIEWER=0 skips that, e.g. when the
+# API server is reachable from Vault but not from here).
+#
 # Environment (defaults in brackets):
 #   ROOT_MOUNT [pki-root]  KONG_MOUNT [pki-kong]  KV_MOUNT [secret]
 #   AUTH_MOUNT [kubernetes]  AUTH_ROLE [ca-daemon]  POLICY [ca-daemon]
 #   SA_NAMESPACE [ca-daemon]  SA_NAME [ca-daemon]  AUDIENCE [vault]  TOKEN_TTL [1h]
-#   TOKEN_REVIEWER_JWT [unset: Vault reviews logins with its own ServiceAccount token]
-#   KUBERNETES_HOST (e.g. https://kubernetes.default.svc:443; unset: keep the auth config)
-#   KUBERNETES_CA_CERT (file; with KUBERNETES_HOST)
+#   KUBERNETES_HOST (e.g. https://api.example.com:6443; unset: keep the auth config)
+#   KUBERNETES_CA_CERT (file: the CA of the API server's serving certificate)
+#   TOKEN_REVIEWER_JWT (file: the reviewer's token)  VAULT_IN_CLUSTER [0]
+#   CHECK_REVIEWER [1]
 #   DRY_RUN=1  print the commands instead of running them
 set -euo pipefail
 
@@ -39,6 +52,51 @@ POLICY_FILE=${POLICY_FILE:-$HERE/../policies/vault-policy.hcl}
 run() {
   if [[ ${DRY_RUN:-0} == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
+
+die() { echo "vault-setup: $*" >&2; exit 1; }
+
+# Refuse a Kubernetes auth config that cannot work before anything is written.
+if [[ -n ${KUBERNETES_HOST:-} ]]; then
+  if [[ -n ${TOKEN_REVIEWER_JWT:-} ]]; then
+    [[ -s $TOKEN_REVIEWER_JWT ]] || die "TOKEN_REVIEWER_JWT=$TOKEN_REVIEWER_JWT: no such file, or empty"
+  elif [[ ${VAULT_IN_CLUSTER:-0} != 1 ]]; then
+    die "KUBERNETES_HOST without a token reviewer: Vault outside the cluster would review" \
+      "each login with the daemon's own token (audience $AUDIENCE), which the API server" \
+      "refuses. Set TOKEN_REVIEWER_JWT to a file holding the token of a ServiceAccount" \
+      "bound to ClusterRole system:auth-delegator (docs/vault.md), or VAULT_IN_CLUSTER=1" \
+      "when Vault runs in the cluster with such a ServiceAccount of its own."
+  fi
+  if [[ -n ${KUBERNETES_CA_CERT:-} && ! -s $KUBERNETES_CA_CERT ]]; then
+    die "KUBERNETES_CA_CERT=$KUBERNETES_CA_CERT: no such file, or empty"
+  fi
+fi
+
+# The reviewer token may create TokenReviews: 201 for a review of a token that means
+# nothing (its answer is "not authenticated"); 401 is a token the API server does not
+# accept (expired, deleted Secret, another cluster), 403 one without system:auth-delegator.
+check_reviewer() {
+  [[ ${DRY_RUN:-0} == 1 || ${CHECK_REVIEWER:-1} != 1 || -z ${TOKEN_REVIEWER_JWT:-} ]] && return 0
+  if ! command -v curl >/dev/null; then
+    echo "vault-setup: curl not found: the reviewer token is not checked" >&2
+    return 0
+  fi
+  local status
+  # The token goes to curl on stdin (a header file), never on its command line.
+  status=$(printf 'Authorization: Bearer %s\n' "$(tr -d '[:space:]' <"$TOKEN_REVIEWER_JWT")" |
+    curl --silent --show-error --output /dev/null --write-out '%{http_code}' \
+      --max-time 15 ${KUBERNETES_CA_CERT:+--cacert "$KUBERNETES_CA_CERT"} \
+      --header @- --header 'Content-Type: application/json' --request POST \
+      --data '{"apiVersion":"authentication.k8s.io/v1","kind":"TokenReview","spec":{"token":"not-a-token"}}' \
+      "${KUBERNETES_HOST%/}/apis/authentication.k8s.io/v1/tokenreviews") ||
+    die "cannot reach $KUBERNETES_HOST to check the reviewer token (CHECK_REVIEWER=0 skips the check)"
+  case $status in
+    201) ;;
+    401) die "the API server at $KUBERNETES_HOST does not accept TOKEN_REVIEWER_JWT (401: expired, revoked, or from another cluster)" ;;
+    403) die "TOKEN_REVIEWER_JWT may not create TokenReviews (403): bind its ServiceAccount to ClusterRole system:auth-delegator" ;;
+    *) die "checking TOKEN_REVIEWER_JWT at $KUBERNETES_HOST: HTTP $status" ;;
+  esac
+}
+check_reviewer
 
 mounted() {  # secrets-engine path, e.g. pki-root/
   [[ ${DRY_RUN:-0} == 1 ]] && return 1
@@ -67,10 +125,8 @@ if [[ ${DRY_RUN:-0} == 1 ]] || ! grep -q "\"$AUTH_MOUNT/\"" <<<"$("$VAULT_CLI" a
   run "$VAULT_CLI" auth enable -path="$AUTH_MOUNT" kubernetes
 fi
 if [[ -n ${KUBERNETES_HOST:-} ]]; then
-  # Vault checks each login with a TokenReview. Outside the cluster it needs a reviewer
-  # token (TOKEN_REVIEWER_JWT: a file holding the token of a ServiceAccount bound to
-  # system:auth-delegator); inside, it may use its own ServiceAccount's, given the same
-  # binding (docs/vault.md).
+  # The whole config each time: a field left out is reset (a reviewer from an earlier
+  # run does not linger when VAULT_IN_CLUSTER=1 is asked for now).
   run "$VAULT_CLI" write "auth/$AUTH_MOUNT/config" kubernetes_host="$KUBERNETES_HOST" \
     ${KUBERNETES_CA_CERT:+kubernetes_ca_cert=@"$KUBERNETES_CA_CERT"} \
     ${TOKEN_REVIEWER_JWT:+token_reviewer_jwt=@"$TOKEN_REVIEWER_JWT"}

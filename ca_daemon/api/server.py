@@ -10,8 +10,9 @@
 | GET  /v1/operations/{id}      | bearer | the operation's progress and result; 404/503        |
 
 Every call to ``/v1`` is written to the audit log, accepted or refused. A journal that
-cannot be read or written is a 503 naming it (``journal``), as for a standby: a later
-call may succeed.
+cannot be read or written is a 503 naming it (``journal``): a later call may succeed.
+A standby answers every call as the leader does: it journals a request into the shared
+journal (the leader carries it out at its next pass) and reads operations from there.
 """
 
 from __future__ import annotations
@@ -199,13 +200,9 @@ class Api:
         note["caller"] = (await self._authorize(request, write=True)).user
         target, reason, dry_run = await _rotate_body(request)
         note.update(target=target, reason=reason)
-        leadership = self.service.leadership
-        if not leadership.leader:
-            raise _Refused(
-                503,
-                f"not the leader; the leader is {leadership.holder or 'unknown'}",
-                leader=leadership.holder,
-            )
+        # Any replica journals the request (check-and-set on the shared journal) or answers
+        # a dry run; only the leader carries it out, at once or, asked here on a standby,
+        # at its next pass.
         try:
             if dry_run:
                 return JSONResponse(await run_in_threadpool(self.service.dry_run, target, reason))

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_settings import SettingsError
 
+from ca_daemon.config.service_links import is_service_link
 from ca_daemon.config.settings import (
     CONFIG_ENV,
     ENV_PREFIX,
@@ -113,12 +114,16 @@ def _environment_problems(environ: Mapping[str, str]) -> list[str]:
     """CA_DAEMON_* variables that name no field, or whose JSON value does not parse.
 
     A misspelt variable is an error like an unknown YAML key, never silently ignored.
-    Names are matched without regard to case, as pydantic-settings does.
+    Names are matched without regard to case, as pydantic-settings does. The kubelet's
+    service links of a Service named ``ca-daemon`` or ``ca-daemon-*`` are not settings,
+    and neither layer reads them (config/service_links.py).
     """
     problems = []
     for name, value in sorted(environ.items()):
         upper = name.upper()
         if not upper.startswith(ENV_PREFIX) or upper in NOT_CONFIG_ENV:
+            continue
+        if is_service_link(name, value):
             continue
         model: type[BaseModel] | None = Settings
         takes_json = False

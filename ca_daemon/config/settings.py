@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -40,6 +41,7 @@ from ca_daemon.config.names import (
     check_dns_subdomain,
     check_service_name,
 )
+from ca_daemon.config.service_links import is_service_link
 from ca_daemon.errors import ConfigError
 from ca_daemon.util.durations import format_duration
 
@@ -347,6 +349,15 @@ class LeaderElection(Section):
     retry_period: Duration = timedelta(seconds=2)
 
 
+def _without_service_links(source: PydanticBaseSettingsSource) -> PydanticBaseSettingsSource:
+    """The environment layer without the kubelet's service links: a Service named
+    ``ca-daemon-server--x`` would otherwise reach ``server`` as a nested key."""
+    if isinstance(source, EnvSettingsSource):
+        links = {name.lower() for name, value in os.environ.items() if is_service_link(name, value)}
+        source.env_vars = {k: v for k, v in source.env_vars.items() if k.lower() not in links}
+    return source
+
+
 # The YAML layer of the load in progress (config/loading.py sets it around Settings()).
 YAML_LAYER: ContextVar[Mapping[str, Any] | None] = ContextVar("yaml_layer", default=None)
 
@@ -380,7 +391,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         yaml_source = InitSettingsSource(settings_cls, dict(YAML_LAYER.get() or {}))
-        return (init_settings, env_settings, yaml_source)
+        return (init_settings, _without_service_links(env_settings), yaml_source)
 
     @field_validator("trust_domain")
     @classmethod

@@ -155,6 +155,19 @@ class Journal:
         except _OlderLayout:
             return self._in_memory().load_ca()
 
+    def load_ca_to_update(self, migrate: bool) -> tuple[CaRecord, int]:
+        """The CA record and its version as stored, to write a change over (check-and-set).
+
+        Without ``migrate`` (a standby) an older layout is refused: moved in memory only,
+        it is no base for a write, and only the leader moves it (at its next pass)."""
+        try:
+            return self._load_ca(migrate)
+        except _OlderLayout:
+            raise JournalUnavailable(
+                f"{self.description}: the journal is in an older layout, which only the "
+                "leader moves into shards (at its next pass); ask again then"
+            ) from None
+
     def _load_ca(self, migrate: bool) -> tuple[CaRecord, int]:
         def read() -> tuple[CaRecord, int]:
             found = self.store.read(CA_KEY)

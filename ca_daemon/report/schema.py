@@ -52,6 +52,20 @@ def values_schema() -> dict[str, Any]:
     config.pop("$schema")
     definitions["Settings"] = config
     flag = {"type": "object", "properties": {"enabled": {"type": "boolean"}}}
+    # A misspelt timing would silently leave Kubernetes' default (1s timeout) in place.
+    seconds = {"type": "integer", "minimum": 1}
+    probe = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "initialDelaySeconds": {"type": "integer", "minimum": 0},
+            "periodSeconds": seconds,
+            "timeoutSeconds": seconds,
+            "successThreshold": seconds,
+            "failureThreshold": seconds,
+            "terminationGracePeriodSeconds": seconds,
+        },
+    }
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "ca-daemon Helm chart values",
@@ -78,7 +92,22 @@ def values_schema() -> dict[str, Any]:
                 "properties": {
                     "audience": {"type": "string", "minLength": 1},
                     "tokenExpirationSeconds": {"type": "integer", "minimum": 600},
+                    "tokenReviewer": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"create": {"type": "boolean"}},
+                    },
                 },
+            },
+            "enableServiceLinks": {"type": "boolean"},
+            "hostNetwork": {"type": "boolean"},
+            "dnsPolicy": {
+                "enum": ["", "ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"]
+            },
+            "probes": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"startup": probe, "liveness": probe, "readiness": probe},
             },
             "serviceMonitor": flag,
             "prometheusRule": flag,

@@ -143,20 +143,26 @@ class Engine:
 
     # --- manual requests ------------------------------------------------------------------
 
-    def request_rotation(self, target: str, reason: str = "", now: datetime | None = None) -> str:
+    def request_rotation(
+        self, target: str, reason: str = "", now: datetime | None = None, *, migrate: bool = True
+    ) -> str:
         """Journal a manual rotation request and return its operation id.
 
         The request is saved before this returns, so a request accepted just before a
         crash is still carried out. A target that already has a queued or running
         operation gets that operation's id instead of a second one.
+
+        Any replica may ask: the CA record is written with check-and-set, and the leader
+        carries the request out at its next pass. ``migrate=False`` (a standby): the only
+        write is the request itself; an older journal layout is refused, not moved.
         """
         check_target(self.settings, target)
         with self._requests:  # one at a time in this process: no check-and-set race here
-            return self._request(target, reason, now)
+            return self._request(target, reason, now, migrate)
 
-    def _request(self, target: str, reason: str, now: datetime | None) -> str:
+    def _request(self, target: str, reason: str, now: datetime | None, migrate: bool) -> str:
         for _ in range(5):
-            record, version = self.journal.load_ca()
+            record, version = self.journal.load_ca_to_update(migrate)
             for op in record.operations:
                 if op.open and op.target == target:
                     return op.id
@@ -177,8 +183,15 @@ class Engine:
 
     # --- one pass -------------------------------------------------------------------------
 
-    def reconcile(self, now: datetime | None = None) -> PassResult:
-        """Issue what is missing or due, advance a root rotation, save, publish."""
+    def reconcile(
+        self, now: datetime | None = None, on_loaded: Callable[[State], None] | None = None
+    ) -> PassResult:
+        """Issue what is missing or due, advance a root rotation, save, publish.
+
+        ``on_loaded`` is called with the state as loaded once the journal was read and the
+        anchor answered, before anything is done: a first issue of thousands of clients
+        takes a minute, and the daemon is ready (it can answer for the journal) long
+        before it ends."""
         now = now or self.clock()
         result = PassResult()
         try:
@@ -200,6 +213,8 @@ class Engine:
             result.anchor_up = True
         except Exception as exc:
             result.errors.append(_describe(exc))
+        if result.anchor_up and on_loaded is not None:
+            on_loaded(state)
 
         published: TrustWorld | None = None
         if result.anchor_up:

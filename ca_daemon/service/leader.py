@@ -49,9 +49,18 @@ _GROUP_VERSION = "coordination.k8s.io/v1"
 
 
 def new_identity() -> str:
-    """The Pod's name (HOSTNAME) and a random suffix: two processes never share one."""
-    host = os.environ.get("HOSTNAME") or socket.gethostname() or "ca-daemon"
-    return f"{host}_{secrets.token_hex(4)}"
+    """The Pod's name and a random suffix: two processes never share one.
+
+    ``POD_NAME`` first (the chart sets it from the downward API): on the host network
+    ``HOSTNAME`` is the node's name, the same for every replica on it, and the Lease's
+    holder would not say which Pod leads."""
+    name = (
+        os.environ.get("POD_NAME")
+        or os.environ.get("HOSTNAME")
+        or socket.gethostname()
+        or "ca-daemon"
+    )
+    return f"{name}_{secrets.token_hex(4)}"
 
 
 @dataclass(frozen=True)
@@ -176,8 +185,22 @@ class LostRace(KubeError):
     """Another candidate wrote the Lease first (409 Conflict / 409 AlreadyExists)."""
 
 
+# Below this a healthy API server's answer may not make it in time.
+MIN_REQUEST_TIMEOUT = 0.5
+
+
+def request_timeout(renew_deadline: timedelta) -> float:
+    """The bound on one Lease request, connecting included: a third of the renew deadline,
+    so a round (a read, then a write) ends with a third of it to spare even when the API
+    server does not answer, and a leader cut off from it knows before its deadline."""
+    return max(MIN_REQUEST_TIMEOUT, renew_deadline.total_seconds() / 3)
+
+
 class LeaseStore:
-    """Reads and writes one Lease, with a timeout short enough to matter within a lease."""
+    """Reads and writes one Lease, each request bounded by ``timeout`` seconds in all.
+
+    ``api`` should make no retries of its own (``api_client(retries=False)``): urllib3's
+    default tries a connection four times, each with the whole timeout."""
 
     def __init__(self, api: Any, namespace: str, name: str, timeout: float) -> None:
         from kubernetes import client
@@ -185,7 +208,7 @@ class LeaseStore:
         self.coordination = client.CoordinationV1Api(api)
         self.namespace = namespace
         self.name = name
-        self.timeout = (min(timeout, 5.0), timeout)
+        self.timeout = timeout  # a number: urllib3's total, connect and read together
         self.description = f"Lease {namespace}/{name}"
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
@@ -392,10 +415,10 @@ def build_elector(
 ) -> LeaderElector:
     le = settings.leader_election
     store = LeaseStore(
-        api if api is not None else api_client(),
+        api if api is not None else api_client(retries=False),
         settings.daemon_namespace,
         le.lease,
-        timeout=max(1.0, le.renew_deadline.total_seconds() / 2),
+        timeout=request_timeout(le.renew_deadline),
     )
     return LeaderElector(
         store,

@@ -1,8 +1,10 @@
 """What the scheduler loop and the HTTP API share: one engine, its last pass, the metrics.
 
 The loop calls ``tick``; the API asks for readiness, status, operations, and files
-manual requests (journaled by the engine before they are acknowledged), then wakes
-the loop so a request is carried out now rather than at the next check.
+manual requests (journaled by the engine before they are acknowledged). On the leader
+it then wakes the loop so a request is carried out now rather than at the next check;
+a standby files requests too, into the shared journal, and the leader carries them out
+at its next pass.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class DaemonService:
         now = now or self.clock()
         if not self.leadership.leader:
             return self._standby(now)
-        result = self.engine.reconcile(now=now)
+        result = self.engine.reconcile(now=now, on_loaded=self._loaded)
         for error in result.errors:
             log.error("%s", error)
         self.metrics.observe(result, self.settings, now)
@@ -104,6 +106,13 @@ class DaemonService:
             elif self._not_ready:
                 self._not_ready = "; ".join(result.errors) or "the anchor did not answer"
         return result
+
+    def _loaded(self, state: State) -> None:
+        """The pass loaded the journal and the anchor answered: ready now, not when the
+        pass ends (a first issue at 5,000 clients takes about a minute)."""
+        with self._lock:
+            self._known = state
+            self._not_ready = ""
 
     def _standby(self, now: datetime) -> PassResult:
         """Not the leader: no engine, no publishing; status and metrics from the journal."""
@@ -186,13 +195,19 @@ class DaemonService:
         return view
 
     def request(self, target: str, reason: str) -> str:
-        """Journal the request (raises engine.RequestError, JournalOffline), then
-        wake the loop."""
+        """Journal the request (raises engine.RequestError, JournalOffline); on the leader,
+        wake the loop so that it is carried out now.
+
+        A standby journals it too (behind a Service either replica answers) and does
+        nothing else: no migration of the journal, no pass. The leader finds the request
+        at its next pass, within ``rotation.check_interval``."""
+        leader = self.leadership.leader
         try:
-            op_id = self.engine.request_rotation(target, reason)
+            op_id = self.engine.request_rotation(target, reason, migrate=leader)
         except JournalError as exc:
             raise JournalOffline(self.engine.journal.description, exc) from None
-        self._wake()
+        if leader:
+            self._wake()
         return op_id
 
     def dry_run(self, target: str, reason: str) -> dict[str, Any]:

@@ -69,15 +69,21 @@ def _throttle_refresh(api: client.ApiClient) -> client.ApiClient:
     return api
 
 
-def api_client(kubeconfig: Path | None = None) -> client.ApiClient:
-    """In-cluster configuration when running in a Pod, else the kubeconfig (or KUBECONFIG)."""
+def api_client(kubeconfig: Path | None = None, *, retries: bool | None = None) -> client.ApiClient:
+    """In-cluster configuration when running in a Pod, else the kubeconfig (or KUBECONFIG).
+
+    ``retries=False``: no urllib3 retries, so a request ends within its own timeout (the
+    Lease's client: by default urllib3 tries a connection that times out four times)."""
+    configuration = client.Configuration()
+    configuration.retries = retries
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         return _throttle_refresh(client.ApiClient(configuration))
     path = str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG")
     try:
-        api: client.ApiClient = config.new_client_from_config(config_file=path)  # type: ignore[no-untyped-call]
+        api: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=path, client_configuration=configuration
+        )
         return _throttle_refresh(api)
     except (config.ConfigException, OSError) as exc:
         raise KubeError(f"cannot load kubeconfig {path or '~/.kube/config'}: {exc}") from None

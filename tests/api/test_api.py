@@ -228,13 +228,27 @@ def test_root_rotation_conflict_dry_run_and_standby(served: Served) -> None:
         assert conflict.status_code == 409 and "in progress" in conflict.json()["error"]
         # Other targets are fine during a rotation.
         assert http.post("/v1/rotate", json={"target": "linkerd-issuer"}).status_code == 202
+        # A standby (the Service routed here): it answers as the leader would, journaling
+        # the request for the leader's next pass; it wakes no pass of its own.
         served.service.leadership = Leadership(leader=False, holder="ca-daemon-7d9f-b")
-        standby = http.post("/v1/rotate", json={"target": "kong"})
-        assert standby.status_code == 503
-        assert standby.json()["leader"] == "ca-daemon-7d9f-b"
+        woken: list[int] = []
+        served.service.on_wake(lambda: woken.append(1))
+        dry = http.post("/v1/rotate", json={"target": "kong", "dry_run": True})
+        assert dry.status_code == 200, dry.text
+        assert {"payments", "orders"} <= {s["name"] for s in dry.json()["steps"]}
+        standby = http.post("/v1/rotate", json={"target": "kong", "reason": "via standby"})
+        assert standby.status_code == 202, standby.text
+        op_id = standby.json()["operation"]
+        assert served.service.engine.journal.load_ca()[0].operation(op_id) is not None
+        assert http.get(f"/v1/operations/{op_id}").json()["state"] == "queued"
         assert http.get("/v1/status").json()["leader"] == "ca-daemon-7d9f-b"
+        assert woken == []
+        served.service.leadership = Leadership(leader=True)
+        served.clock.now = T0 + _minutes(2)
+        served.service.tick()
+        assert http.get(f"/v1/operations/{op_id}").json()["state"] == "succeeded"
     statuses = [line["status"] for line in served.audit()]
-    assert statuses == [200, 202, 409, 202, 503, 200]
+    assert statuses == [200, 202, 409, 202, 200, 202, 200, 200, 200]
 
 
 def _vault_journal_config(tmp_path: Path, address: str, token: str) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """The API server fails loudly and holds up under abuse: a port already in use stops the
 daemon before any token is written; idle connections are closed and capped, so a flood
-of them never starves the passes of file descriptors or fills the log."""
+of them never starves the passes of file descriptors or fills the log. And a long pass
+never starves the probes: /healthz and /readyz answer well within the chart's probe
+timeout throughout a first issue of thousands of clients, and the daemon is ready as soon
+as it loaded the journal, not when that pass ends."""
 
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ from tests.support.cli import ca_daemon, daemon_env
 from tests.support.servers.tools import ServerProcess, free_port
 
 pytestmark = pytest.mark.integration
+
+CHART_VALUES = Path(__file__).resolve().parents[2] / "charts" / "ca-daemon" / "values.yaml"
+# Enough clients for a first pass of many seconds (about 2 ms each to issue and publish).
+LONG_PASS_CLIENTS = 2000
 
 # The daemon runs with this many file descriptors; more idle connections than that are
 # opened against it (the case that used to stop every pass with "Too many open files").
@@ -106,3 +113,53 @@ def test_idle_connections_are_closed_and_capped(tmp_path: Path) -> None:
         for sock in idle:
             sock.close()
         daemon.stop()
+
+
+def test_probes_answer_throughout_a_long_first_pass(tmp_path: Path) -> None:
+    probes = yaml.safe_load(CHART_VALUES.read_text())["probes"]
+    timeout = min(p["timeoutSeconds"] for p in probes.values())
+    address = f"127.0.0.1:{free_port()}"
+    url = f"http://{address}"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "anchor": {"local": {"dir": str(tmp_path / "data")}},
+                "publish": {"kubernetes": {"enabled": False}},
+                "kong": {
+                    "clients": [
+                        {"name": f"c{i:04d}", "common_name": f"kong.c{i:04d}.upstream"}
+                        for i in range(LONG_PASS_CLIENTS)
+                    ]
+                },
+            }
+        )
+    )
+    clients = tmp_path / "data" / "out" / "kong" / "clients"
+    daemon = ServerProcess(
+        "ca-daemon run",
+        [sys.executable, "-m", "ca_daemon", "run", "--config", str(cfg)],
+        log_path=tmp_path / "daemon.log",
+        env=daemon_env({"CA_DAEMON_SERVER__ADDRESS": address}),
+        cwd=tmp_path,
+    )
+    slowest = 0.0
+    ready_before_published = False
+    try:
+        daemon.wait_ready(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200)
+        deadline = time.monotonic() + 300
+        while not (clients.is_dir() and len(list(clients.iterdir())) == LONG_PASS_CLIENTS):
+            assert time.monotonic() < deadline, "the first pass did not publish in 5 minutes"
+            published = clients.is_dir()
+            for path in ("/healthz", "/readyz"):
+                started = time.monotonic()
+                answer = httpx.get(f"{url}{path}", timeout=timeout)
+                slowest = max(slowest, time.monotonic() - started)
+                if path == "/readyz" and answer.status_code == 200 and not published:
+                    ready_before_published = True
+            time.sleep(0.1)
+    finally:
+        daemon.stop()
+    # Half the probe timeout at most: the kubelet's probes never fail on a busy pass.
+    assert slowest < timeout / 2, slowest
+    assert ready_before_published, "ready only once the first pass had published"

@@ -148,9 +148,14 @@ def test_deployment_is_hardened(helm: Helm, tmp_path: Path) -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
-    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["resources"]["requests"]
+    # No service links: a Service named ca-daemon* would put CA_DAEMON_PORT and the like
+    # under the daemon's own prefix. Pod network and DNS are Kubernetes' defaults.
+    assert pod["enableServiceLinks"] is False
+    assert "hostNetwork" not in pod and "dnsPolicy" not in pod
+    # The identity the Lease holder takes (POD_NAME before HOSTNAME).
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     volumes = {v["name"]: v for v in pod["volumes"]}
     vault = volumes["vault-token"]["projected"]["sources"][0]["serviceAccountToken"]
     assert vault["audience"] == "vault"
@@ -161,6 +166,74 @@ def test_deployment_is_hardened(helm: Helm, tmp_path: Path) -> None:
     assert config["leader_election"] == {"enabled": True, "namespace": "ca-daemon"}
     (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
     assert pdb["spec"]["minAvailable"] == 1
+
+
+def test_probes_give_the_api_time_to_start_and_survive_a_long_pass(
+    helm: Helm, tmp_path: Path
+) -> None:
+    """The startup probe holds liveness and readiness back until the API listens (the
+    readiness probe used to start at once); each probe waits 5 s for an answer (the API
+    answers within a second during a pass at 5,000 clients, tests/api/test_server_limits.py);
+    every timing is a value, checked by the schema."""
+    (dep,) = [d for d in render(helm, tmp_path) if d["kind"] == "Deployment"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    startup, live, ready = c["startupProbe"], c["livenessProbe"], c["readinessProbe"]
+    assert startup["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert live["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert ready["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    assert all(p["timeoutSeconds"] == 5 for p in (startup, live, ready))
+    assert "initialDelaySeconds" not in ready  # the startup probe is the delay
+    assert live["periodSeconds"] * live["failureThreshold"] >= 30
+
+    changed = {"probes": {"readiness": {"periodSeconds": 2, "initialDelaySeconds": 1}}}
+    (dep,) = [d for d in render(helm, tmp_path, changed) if d["kind"] == "Deployment"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["readinessProbe"]["periodSeconds"] == 2
+    assert c["readinessProbe"]["initialDelaySeconds"] == 1
+    assert c["readinessProbe"]["timeoutSeconds"] == 5  # the other defaults stay
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"probes": {"liveness": {"timeoutSecond": 5}}}))
+    out = helm.run("template", "x", str(CHART), "--values", str(bad), check=False)
+    assert out.returncode != 0 and "/probes/liveness" in out.stderr, out.stderr
+
+
+def test_host_network_and_dns_policy_are_values(helm: Helm, tmp_path: Path) -> None:
+    values = {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"}
+    (dep,) = [d for d in render(helm, tmp_path, values) if d["kind"] == "Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["enableServiceLinks"] is False
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"dnsPolicy": "ClusterFirstWithHostNetwork"}))
+    out = helm.run("template", "x", str(CHART), "--values", str(bad), check=False)
+    assert out.returncode != 0 and "/dnsPolicy" in out.stderr, out.stderr
+
+
+def test_the_vault_token_reviewer_is_rendered_only_when_asked_for(
+    helm: Helm, tmp_path: Path
+) -> None:
+    def reviewer(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {d["kind"]: d for d in docs if "vault-reviewer" in d["metadata"]["name"]}
+
+    assert reviewer(render(helm, tmp_path)) == {}
+    found = reviewer(render(helm, tmp_path, {"vault": {"tokenReviewer": {"create": True}}}))
+    assert sorted(found) == ["ClusterRoleBinding", "Secret", "ServiceAccount"]
+    sa = found["ServiceAccount"]
+    assert sa["metadata"]["name"] == "ca-daemon-vault-reviewer"
+    assert sa["automountServiceAccountToken"] is False
+    # Least privilege: the built-in role that creates TokenReviews (and SARs), no more.
+    assert found["ClusterRoleBinding"]["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "system:auth-delegator",
+    }
+    secret = found["Secret"]
+    assert secret["type"] == "kubernetes.io/service-account-token"
+    assert secret["metadata"]["annotations"]["kubernetes.io/service-account.name"] == (
+        "ca-daemon-vault-reviewer"
+    )
 
 
 # --- RBAC: the same rules as `ca-daemon config rbac` -------------------------------------

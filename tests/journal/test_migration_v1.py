@@ -27,7 +27,7 @@ from ca_daemon.model.state import STATE_VERSION
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.pki.keys import load_private_key, private_key_pem
 from ca_daemon.service.metrics import Metrics
-from ca_daemon.service.service import DaemonService, Leadership
+from ca_daemon.service.service import DaemonService, JournalOffline, Leadership
 from ca_daemon.service.wiring import build_engine
 from tests.support.cli import ca_daemon
 from tests.support.journal_files import credential_docs, shard_files
@@ -193,6 +193,11 @@ def test_a_standby_reads_an_older_layout_without_moving_it(tmp_path: Path) -> No
     assert standby.state is not None
     assert sorted(k for k, _ in standby.state.credentials()) == sorted(docs)
     assert service.status()["phase"] == "steady"
+    # A request asked of the standby: a dry run is answered; the request itself would be
+    # written over a layout moved in memory only, so it is refused (503), never moved.
+    assert service.dry_run("kong", "via the standby")["steps"]
+    with pytest.raises(JournalOffline, match="older layout, which only the leader moves"):
+        service.request("kong", "via the standby")
     after = {p: p.read_bytes() for p in data.glob("state*") if p.is_file()}
     after |= {p: p.read_bytes() for p in data.glob("state.d/**/*.json")}
     assert after == files  # nothing moved, nothing written
@@ -202,3 +207,10 @@ def test_a_standby_reads_an_older_layout_without_moving_it(tmp_path: Path) -> No
     assert json.loads((data / "state.json").read_text())["state"]["version"] == STATE_VERSION
     assert sorted(credential_docs(data)) == sorted(docs)
     assert not list(data.glob("state.d/credentials/*.json"))
+
+    # Moved: the standby's request is journaled, and it writes nothing but the CA record.
+    service.leadership = Leadership(leader=False, holder="the-new-leader")
+    shards = {p: p.read_bytes() for p in data.glob("state.d/**/*.json")}
+    op_id = service.request("kong", "via the standby")
+    assert {p: p.read_bytes() for p in data.glob("state.d/**/*.json")} == shards
+    assert service.operation(op_id) is not None

@@ -118,9 +118,20 @@ def test_release_empties_the_holder_with_a_one_second_lease() -> None:
 def test_identities_are_the_hostname_and_a_random_suffix(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("POD_NAME", raising=False)
     monkeypatch.setenv("HOSTNAME", "ca-daemon-7d9f")
     a, b = new_identity(), new_identity()
     assert a.startswith("ca-daemon-7d9f_") and b.startswith("ca-daemon-7d9f_") and a != b
+
+
+def test_the_pod_name_comes_before_the_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the host network HOSTNAME is the node's name, the same for both replicas; the
+    chart's POD_NAME (downward API) says which Pod holds the Lease."""
+    monkeypatch.setenv("HOSTNAME", "node-1")
+    monkeypatch.setenv("POD_NAME", "ca-daemon-7d9f-x2k4q")
+    assert new_identity().startswith("ca-daemon-7d9f-x2k4q_")
+    monkeypatch.setenv("POD_NAME", "")  # unset by the downward API: the hostname again
+    assert new_identity().startswith("node-1_")
 
 
 @dataclass

@@ -6,16 +6,21 @@ test), so they share one journal the way two Pods of the chart do. Short, real
 durations: a 4s lease (3s renew deadline, 1s retry), a pass every second, 20-second
 issuer and client certificates, a 3-second propagation delay.
 
+The replicas share a host name (as on the host network) and differ in ``POD_NAME``, as
+the chart sets it: the Lease's holder names the Pod.
+
 1. Exactly one leads (the Lease's holder; ``ca_daemon_leader`` 1 there, 0 on the other);
-   the standby answers ``POST /v1/rotate`` with 503 naming the leader and issues
-   nothing. A manual root rotation is started through the leader's API; the leader is
-   killed with SIGKILL while ``propagating``; the standby takes the Lease within
-   ``lease_duration`` + one check and completes the rotation. The SPEC's invariants are
-   checked on the cluster at every poll, and no extra root is made.
+   both are ready. A manual root rotation is asked of the *standby* (a Service routes to
+   either): it answers 202, journals it, serves ``GET /v1/operations/{id}`` and issues
+   nothing; the leader carries it out at its next pass. The leader is killed with
+   SIGKILL while ``propagating``; the standby takes the Lease within ``lease_duration``
+   + one check and completes the rotation. The SPEC's invariants are checked on the
+   cluster at every poll, and no extra root is made.
 2. A deposed leader: SIGSTOP the leader past its lease; the standby takes over and
    renews; SIGCONT the old one: it sees it lost the Lease, acts no more (its issuance
    counters stand still, it reports ``ca_daemon_leader`` 0), and what the new leader
-   published never goes back (certificates and ``ca-daemon.io/generation``).
+   published never goes back (certificates and ``ca-daemon.io/generation``). A request
+   asked of the deposed one is carried out by the new leader, never by it.
 """
 
 from __future__ import annotations
@@ -204,6 +209,13 @@ class Pair:
             timeout=10,
         )
 
+    def operation(self, replica: Replica, op_id: str) -> httpx.Response:
+        return httpx.get(
+            f"{replica.url}/v1/operations/{op_id}",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10,
+        )
+
     def status(self, replica: Replica) -> dict[str, Any]:
         response = httpx.get(
             f"{replica.url}/v1/status",
@@ -274,7 +286,9 @@ def pair(kube: Kube, openbao: OpenBao, tmp_path: Path) -> Iterator[Pair]:
     kubeconfig = kube.write_kubeconfig(cluster.token, tmp_path / "sa.kubeconfig")
     replicas = []
     for name in ("a", "b"):
-        env = daemon_env({"KUBECONFIG": str(kubeconfig), "HOSTNAME": f"ca-daemon-{name}"})
+        env = daemon_env(
+            {"KUBECONFIG": str(kubeconfig), "HOSTNAME": "node-1", "POD_NAME": f"ca-daemon-{name}"}
+        )
         url = "http://" + env["CA_DAEMON_SERVER__ADDRESS"]
         argv = [sys.executable, "-m", "ca_daemon", "run", "--config", str(cluster.config)]
         replicas.append(Replica(f"ca-daemon-{name}", url, tmp_path / f"{name}.log", argv, env))
@@ -314,18 +328,27 @@ def test_kill_9_of_the_leader_mid_rotation_the_standby_takes_over_and_completes_
     p.until("the standby naming the leader", lambda: p.status(standby)["leader"] == holder)
     old_root = p.record().active_root
     assert old_root is not None
+    # Both Ready: the standby serves status and requests.
+    for replica in (leader, standby):
+        ready = httpx.get(f"{replica.url}/readyz", timeout=5)
+        assert ready.status_code == 200, (replica.name, ready.text)
 
-    # The standby refuses, naming the leader, and has issued nothing.
-    refused = p.rotate(standby, "trust-anchor", "wrong replica")
-    assert refused.status_code == 503, refused.text
-    assert refused.json()["leader"] == holder and holder in refused.json()["error"]
-    assert standby.issued() == 0
-
-    accepted = p.rotate(leader, "trust-anchor", "failover drill")
+    # Asked of the standby: journaled there (202), carried out by the leader.
+    accepted = p.rotate(standby, "trust-anchor", "failover drill, via the standby")
     assert accepted.status_code == 202, accepted.text
     operation = accepted.json()["operation"]
+    asked = p.record().operation(operation)
+    assert asked is not None and asked.reason == "failover drill, via the standby"
+    seen = p.operation(standby, operation)
+    assert seen.status_code == 200, seen.text
+    assert seen.json()["target"] == "trust-anchor"
+    # The same target asked of the leader is the same operation.
+    again = p.rotate(leader, "trust-anchor", "failover drill")
+    assert again.status_code == 202 and again.json()["operation"] == operation
     p.until("propagating", lambda: p.record().phase is Phase.PROPAGATING)
     assert standby.issued() == 0, "the standby ran the engine"
+    on_standby = p.operation(standby, operation).json()
+    assert on_standby["state"] == "running" and on_standby["phase"] != "steady", on_standby
     transitions = p.lease_spec().get("leaseTransitions", 0)
 
     leader.kill(signal.SIGKILL)
@@ -435,7 +458,17 @@ def test_a_deposed_leader_resumed_after_its_lease_does_not_overwrite_the_new_lea
     assert p.lease_spec()["holderIdentity"] == holder  # never taken back
     assert new.issued() > renewed_by_new  # the new leader kept renewing meanwhile
     assert any(len(seen) > 1 for seen in history.values()), history
-    refused = p.rotate(old, "trust-anchor", "deposed")
-    assert refused.status_code == 503 and refused.json()["leader"] == holder
+    # Asked of the deposed replica: journaled, and carried out by the new leader alone.
+    accepted = p.rotate(old, "linkerd-issuer", "asked of the deposed one")
+    assert accepted.status_code == 202, accepted.text
+    op_id = accepted.json()["operation"]
+
+    def carried_out() -> bool:
+        op = p.record().operation(op_id)
+        return op is not None and op.state is OpState.SUCCEEDED
+
+    p.until("the request carried out by the new leader", carried_out, timeout=30)
+    assert p.operation(old, op_id).json()["state"] == "succeeded"
+    assert old.issued() == old_issued, "the deposed leader issued"
     assert "lost leadership" in old.log.read_text() or "standing by" in old.log.read_text()
     assert p.observations > 20

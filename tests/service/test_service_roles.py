@@ -1,0 +1,140 @@
+"""The service as the leader and as a standby, over one journal (local files, shared the
+way two Pods share Vault's KV): when each is ready, and what a standby does with a
+request asked of it (journals it, and nothing else; the leader carries it out)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
+from ca_daemon.config.loading import load_settings
+from ca_daemon.config.settings import Settings
+from ca_daemon.journal.open import file_journal
+from ca_daemon.model.state import OpState
+from ca_daemon.model.world import TrustWorld
+from ca_daemon.publish.base import PublishReport
+from ca_daemon.publish.directory import DirectoryPublisher
+from ca_daemon.rotation.engine import Engine
+from ca_daemon.service.metrics import Metrics
+from ca_daemon.service.service import DaemonService, Leadership
+from tests.support.clock import NOW
+from tests.support.rotation_harness import Clock
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+
+def _settings(tmp_path: Path) -> Settings:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "anchor": {"local": {"dir": str(tmp_path / "data")}},
+                "publish": {"kubernetes": {"enabled": False}},
+                "kong": {
+                    "clients": [
+                        {"name": n, "common_name": f"kong.{n}.upstream"}
+                        for n in ("payments", "orders")
+                    ]
+                },
+            }
+        )
+    )
+    return load_settings(path)
+
+
+class Watching:
+    """A publisher that notes whether the service called itself ready while publishing."""
+
+    description = "watching"
+
+    def __init__(self) -> None:
+        self.service: DaemonService | None = None
+        self.ready_while_publishing: list[str | None] = []
+
+    def publish(self, world: TrustWorld) -> PublishReport:
+        assert self.service is not None
+        self.ready_while_publishing.append(self.service.readiness())
+        return PublishReport(self.description)
+
+
+def _service(
+    settings: Settings, *publishers: Watching, leader: bool = True, clock: Clock | None = None
+) -> DaemonService:
+    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
+    clock = clock or Clock(NOW)
+    engine = Engine(
+        settings,
+        LocalAnchor(settings.anchor.local.dir, passphrase),
+        file_journal(settings, passphrase),
+        [DirectoryPublisher(settings.publish_directory), *publishers],
+        clock=clock,
+    )
+    service = DaemonService(settings, engine, Metrics(), clock)
+    service.leadership = Leadership(leader=leader, holder=None if leader else "the-leader")
+    return service
+
+
+def _files(data: Path) -> dict[str, bytes]:
+    """Every file under the data directory: journal, anchor, what is published."""
+    return {str(p.relative_to(data)): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+
+
+def test_the_leader_is_ready_once_loaded_not_when_its_first_pass_ends(tmp_path: Path) -> None:
+    """A first issue at 5,000 clients takes a minute: readiness must not wait for it."""
+    settings = _settings(tmp_path)
+    watching = Watching()
+    service = _service(settings, watching)
+    watching.service = service
+    assert service.readiness() == "the first pass has not run yet"
+    assert service.tick().ok
+    assert watching.ready_while_publishing == [None]  # ready in the middle of the pass
+
+
+def test_a_standby_is_ready_once_it_read_the_journal(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    assert _service(settings).tick().ok  # the leader bootstrapped the journal
+    standby = _service(settings, leader=False)
+    assert standby.readiness() is not None
+    standby.tick()
+    assert standby.readiness() is None
+
+
+def test_a_standby_journals_a_request_and_the_leader_carries_it_out(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    clock = Clock(NOW)
+    leader = _service(settings, clock=clock)
+    assert leader.tick().ok
+    standby = _service(settings, leader=False, clock=clock)
+    standby.tick()
+    clock.now = NOW + timedelta(minutes=1)
+    woken: list[int] = []
+    standby.on_wake(lambda: woken.append(1))
+    data = settings.anchor.local.dir
+    assert settings.publish_directory.is_relative_to(data)
+    before = _files(data)
+
+    dry = standby.dry_run("kong/payments", "asked of the standby")
+    assert [s["name"] for s in dry["steps"] if s["action"] == "IssueKongClient"] == ["payments"]
+    op_id = standby.request("kong/payments", "asked of the standby")
+    assert standby.request("kong/payments", "again") == op_id  # one operation per target
+
+    # Only the CA record changed (the request): no credential, no CA, nothing published,
+    # no pass woken.
+    after = _files(data)
+    assert sorted(after) == sorted(before)
+    changed = sorted(p for p in after if after[p] != before[p])
+    assert changed == ["state.json", "state.version"], changed
+    assert woken == []
+    view = standby.operation(op_id)
+    assert view is not None and view["state"] == OpState.QUEUED.value
+
+    # The leader finds it at its next pass.
+    result = leader.tick()
+    assert result.ok, result.errors
+    assert [s.name for s in result.steps if s.action == "IssueKongClient"] == ["payments"]
+    done = standby.operation(op_id)
+    assert done is not None and done["state"] == OpState.SUCCEEDED.value
