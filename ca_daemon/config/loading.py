@@ -7,8 +7,10 @@ With no file at all the packaged embedded default stands in for the YAML layer.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -90,7 +92,12 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    lines = []
+    return "invalid configuration:\n  " + "\n  ".join(dict.fromkeys(_problems(exc)))
+
+
+def _located(exc: ValidationError) -> list[tuple[tuple[int | str, ...], str]]:
+    """(location, line) for each problem, the location without pydantic's tags."""
+    found = []
     for error in exc.errors():
         # Pydantic tags union members and validators into loc; drop those for a plain path.
         loc = tuple(
@@ -101,13 +108,77 @@ def describe_validation_error(exc: ValidationError) -> str:
         cause = error.get("ctx", {}).get("error")
         if isinstance(cause, RuleError):
             for path, rule in cause.problems:
-                lines.append(f"{_field_path((*loc, path))}: {rule}")
+                where = (*loc, *_parse_path(path))
+                found.append((where, f"{_field_path((*loc, path))}: {rule}"))
             continue
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{_field_path(loc)}: {message}")
-    return "invalid configuration:\n  " + "\n  ".join(dict.fromkeys(lines))
+        found.append((loc, f"{_field_path(loc)}: {message}"))
+    return found
+
+
+def _parse_path(path: str) -> tuple[int | str, ...]:
+    """``kong.clients[0].lifetime`` as ("kong", "clients", 0, "lifetime")."""
+    return tuple(
+        int(part[1:-1]) if part.startswith("[") else part
+        for part in re.findall(r"\[\d+\]|[^.\[\]]+", path)
+    )
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    return [line for _, line in _located(exc)]
+
+
+# Rules across fields (unique names, renewal margins, name lengths) run only once every
+# field they read is valid, so one check would report them only after the field errors
+# were fixed. Later rounds drop the keys already found wrong and validate again.
+_ROUNDS = 5
+
+
+def _drop(layer: dict[str, Any], loc: tuple[int | str, ...]) -> bool:
+    """Remove ``loc`` from ``layer``; False when it is not there (e.g. a missing key)."""
+    node: Any = layer
+    for part in loc[:-1]:
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if not (in_list or (isinstance(node, dict) and part in node)):
+            return False
+        node = node[part]
+    last = loc[-1] if loc else None
+    if isinstance(node, dict) and last in node:
+        del node[last]
+        return True
+    return False
+
+
+def _within(loc: tuple[int | str, ...], removed: list[tuple[int | str, ...]]) -> bool:
+    """``loc`` is in a section one of the ``removed`` keys belonged to: its check may now
+    judge a default the file never set, so it is not reported."""
+    return any(loc[: len(r) - 1] == r[:-1] for r in removed)
+
+
+def _later_rounds(
+    yaml_layer: Mapping[str, Any], overrides: Mapping[str, Any], first: ValidationError
+) -> list[str]:
+    layer = copy.deepcopy(dict(yaml_layer))
+    errors, removed, lines = _located(first), [], []
+    for _ in range(_ROUNDS):
+        dropped = [loc for loc, _ in errors if _drop(layer, loc)]
+        if not dropped:
+            break
+        removed += dropped
+        token = YAML_LAYER.set(layer)
+        try:
+            Settings(**dict(overrides))
+            break
+        except ValidationError as exc:
+            errors = _located(exc)
+            lines += [line for loc, line in errors if not _within(loc, removed)]
+        except SettingsError:
+            break
+        finally:
+            YAML_LAYER.reset(token)
+    return lines
 
 
 def _environment_problems(environ: Mapping[str, str]) -> list[str]:
@@ -165,7 +236,10 @@ def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None 
     try:
         return Settings(**dict(overrides or {}))
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
+        lines = [*_problems(exc), *_later_rounds(yaml_layer, overrides or {}, exc)]
+        raise ConfigError(
+            "invalid configuration:\n  " + "\n  ".join(dict.fromkeys(lines))
+        ) from None
     except SettingsError as exc:  # the checks above should leave nothing for this
         raise ConfigError(f"invalid environment: {exc}: {exc.__cause__}") from None
     finally:

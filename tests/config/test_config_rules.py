@@ -376,3 +376,31 @@ def test_a_settings_error_left_over_is_still_a_config_error(
     monkeypatch.setenv("CA_DAEMON_KONG__CLIENTS", "[{")
     with pytest.raises(ConfigError, match=r'field "kong" .*: Expecting property name'):
         load_settings()
+
+
+def test_rules_across_fields_are_listed_with_the_field_errors(tmp_path: Path) -> None:
+    """Unique names and renewal margins are checked only once the fields they read are
+    valid; they are still reported in the same run as the field errors, and nothing is
+    reported about a default standing in for a field that was wrong."""
+    path = _write(
+        tmp_path,
+        {
+            "root": {"lifetime": "10x"},
+            "linkerd": {"issuer": {"lifetime": "1h", "rotate_before": "59m"}},
+            "kong": {
+                "clients": [
+                    {"name": "a", "common_name": "a", "lifetime": "bogus", "rotate_before": "800h"},
+                    {"name": "a", "common_name": "b"},
+                ]
+            },
+        },
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    fields = [ln.split(":")[0].strip() for ln in str(caught.value).splitlines()[1:]]
+    assert fields == [
+        "root.lifetime",
+        "kong.clients[0].lifetime",
+        "kong.clients",  # names must be unique
+        "linkerd.issuer.rotate_before",  # the margin rule, judged on the whole settings
+    ]
