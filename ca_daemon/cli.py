@@ -231,6 +231,11 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
             steps = answer["steps"]
             for step in steps:
                 print(f"would {step['action']} {step['kind']} {step['name']} ({step['reason']})")
+            if answer.get("path"):
+                print("the whole rotation, at the earliest (each at the first check after):")
+                for event in answer["path"]:
+                    approx = "" if event["exact"] else "~"
+                    print(f"  {approx}{event['at']}  {event['action']}: {event['reason']}")
             if answer.get("operation"):
                 print(f"already requested: operation {answer['operation']} (a request joins it)")
             elif not steps:

@@ -65,6 +65,64 @@ def forecast(state: State, settings: Settings, start: datetime, until: datetime)
     return simulate(state, settings, start, until).events
 
 
+# The root rotation's own steps, in the order they come (`rotate --dry-run` shows them).
+ROTATION_PATH = (
+    "StartOperation",
+    "PrepareRoot",
+    "Propagate",
+    "ConfirmBundle",
+    "NoteRestart",
+    "RestartLinkerd",
+    "Activate",
+    "StartRetiring",
+    "Retire",
+)
+
+
+def rotation_path(state: State, settings: Settings, start: datetime) -> list[Event]:
+    """The whole root rotation queued in ``state``: each of its steps with its earliest
+    date (as ``plan`` dates are: the daemon acts at its first check after each), up to
+    the old root's retirement, and the credentials re-issued under the new root at
+    activation, as one ``Reissue`` event."""
+    s = settings
+    lifetimes = [s.linkerd.issuer.lifetime, s.kong.intermediate.lifetime]
+    lifetimes += [c.lifetime for c in s.kong.clients]
+    delay = s.rotation.retire_delay
+    # The old root retires once everything under it has expired (or after retire_delay).
+    horizon = s.rotation.propagation_delay + s.rotation.clock_skew + max(lifetimes)
+    if isinstance(delay, timedelta):
+        horizon = max(horizon, s.rotation.propagation_delay + delay)
+    until = start + horizon + timedelta(days=1)
+    events = simulate(state, settings, start, until, resolution=DEFAULT_RESOLUTION).events
+    path: list[Event] = []
+    activated: Event | None = None
+    reissued = 0
+    for event in events:
+        if event.action in ROTATION_PATH and event.kind == "trust-anchor":
+            path.append(event)
+            if event.action == "Activate":
+                activated = event
+            if event.action == "Retire":
+                break
+        elif (
+            activated is not None and event.at == activated.at and event.action.startswith("Issue")
+        ):
+            reissued += 1
+    if activated is not None and reissued:
+        path.insert(
+            path.index(activated) + 1,
+            Event(
+                activated.at,
+                "trust-anchor",
+                activated.name,
+                "Reissue",
+                f"{reissued} certificate(s) re-issued under the new root",
+                activated.exact,
+            ),
+        )
+    return path
+
+
 # --- reading the journal, without writing ----------------------------------------------
 
 

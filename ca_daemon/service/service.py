@@ -19,6 +19,7 @@ from typing import Any
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import JournalError, ServiceError
 from ca_daemon.model.state import Operation, OpState, State
+from ca_daemon.report.forecast import rotation_path
 from ca_daemon.report.status import operation_view, optional_iso, status_view
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.plan import Observations, plan
@@ -238,4 +239,9 @@ class DaemonService:
             summary.append(
                 {"action": action, "kind": kind.value, "name": name, "reason": step.reason}
             )
-        return {**answer, "steps": summary}
+        answer = {**answer, "steps": summary}
+        if target in ROOT_TARGETS:
+            # The whole way to the old root's retirement, dated, on a simulated clock.
+            path = rotation_path(hypothetical, self.settings, now)
+            answer["path"] = [event.to_json() for event in path]
+        return answer

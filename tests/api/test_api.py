@@ -219,6 +219,22 @@ def test_root_rotation_conflict_dry_run_and_standby(served: Served) -> None:
         dry = http.post("/v1/rotate", json={"target": "trust-anchor", "dry_run": True})
         assert dry.status_code == 200
         assert [s["action"] for s in dry.json()["steps"]][:1] == ["PrepareRoot"]
+        # The whole path, dated: activation after the propagation delay, retirement once
+        # everything under the old root has expired.
+        path = dry.json()["path"]
+        assert [p["action"] for p in path] == [
+            "PrepareRoot",
+            "Propagate",
+            "ConfirmBundle",
+            "Activate",
+            "Reissue",
+            "StartRetiring",
+            "Retire",
+        ]
+        at = {p["action"]: datetime.fromisoformat(p["at"]) for p in path}
+        delay = served.service.settings.rotation.propagation_delay
+        assert at["Activate"] == at["ConfirmBundle"] + delay
+        assert at["Retire"] > at["Activate"] + delay
         assert served.service.engine.journal.load_ca()[0].operations == ()
         started = http.post("/v1/rotate", json={"target": "trust-anchor", "reason": "drill"})
         assert started.status_code == 202
