@@ -72,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     rotate = commands.add_parser(
         "rotate", parents=[common, api], help="ask the running daemon to rotate"
     )
-    rotate.add_argument("--url", help="the running daemon's API (default: http://<server.address>)")
+    rotate.add_argument(
+        "--url",
+        help="the running daemon's API (default: http://<server.address> of --config, so "
+        "pass the daemon's own configuration, or --url)",
+    )
     rotate.add_argument(
         "target",
         help="trust-anchor, linkerd-issuer, kong-intermediate, kong, kong/<name> or all",
@@ -209,6 +213,18 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _unreachable_hint(args: argparse.Namespace) -> str:
+    """Where a default URL came from, for a daemon that did not answer there."""
+    if args.url:
+        return ""
+    config = args.config or os.environ.get(CONFIG_ENV)
+    source = f"the configuration {config}" if config else "the embedded default (no --config)"
+    return (
+        f" (the URL is http://<server.address> of {source}; pass --url, or the daemon's "
+        "own configuration with --config)"
+    )
+
+
 def _client(args: argparse.Namespace, settings: Settings) -> ApiClient:
     # local import: start-up time, each command loads only what it runs
     from ca_daemon.api.client import Client, default_url, read_token
@@ -222,6 +238,7 @@ def _client(args: argparse.Namespace, settings: Settings) -> ApiClient:
 
 def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     # local import: start-up time, each command loads only what it runs
+    from ca_daemon.api.client import DaemonUnreachable
     from ca_daemon.errors import ApiError
 
     try:
@@ -255,6 +272,9 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return EXIT_INTERRUPTED
+    except DaemonUnreachable as exc:
+        print(f"error: {exc}{_unreachable_hint(args)}", file=sys.stderr)
+        return EXIT_FAILED
     except ApiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

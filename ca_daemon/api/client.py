@@ -45,6 +45,10 @@ def read_token(path: Path) -> str:
     return token
 
 
+class DaemonUnreachable(ApiError):
+    """Nothing answered at the URL (refused, timed out, not HTTP)."""
+
+
 @dataclass
 class Client:
     """``expect_proof``: the daemon uses the static token; before the token is sent the
@@ -66,7 +70,7 @@ class Client:
             )
             answer = response.json() if response.status_code == 200 else {}
         except (httpx.HTTPError, ValueError) as exc:
-            raise ApiError(f"{self.url}: unreachable ({type(exc).__name__})") from None
+            raise DaemonUnreachable(f"{self.url}: unreachable ({type(exc).__name__})") from None
         given = answer.get("proof") if isinstance(answer, dict) else None
         if given is None and isinstance(answer, dict) and answer.get("daemon") == "ca-daemon":
             # A daemon with server.auth=kubernetes shares no token it could prove; this CLI
@@ -95,7 +99,7 @@ class Client:
                 timeout=30,
             )
         except httpx.HTTPError as exc:
-            raise ApiError(f"{self.url}: unreachable ({type(exc).__name__})") from None
+            raise DaemonUnreachable(f"{self.url}: unreachable ({type(exc).__name__})") from None
         try:
             data = response.json()
         except ValueError:

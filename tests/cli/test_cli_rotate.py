@@ -262,3 +262,22 @@ def test_the_cli_never_sends_its_token_to_a_server_that_cannot_prove_it_holds_it
     assert says in run.stderr and "the token was not sent" in run.stderr
     assert "not-yours" not in run.stdout
     assert _Squatter.seen and all("the-real-token" not in seen for seen in _Squatter.seen)
+
+
+def test_no_daemon_at_the_default_url_says_where_that_url_came_from(tmp_path: Path) -> None:
+    """rotate's default URL is server.address of the configuration it was given; when
+    nothing answers there, the error says so and what to pass instead."""
+    cfg, address = _api(tmp_path)  # nothing listens on this address
+    token = tmp_path / "api-token"
+    token.write_text("some-token\n")
+    token.chmod(0o600)
+    run = ca_daemon("rotate", "kong", "--config", str(cfg), cwd=tmp_path)
+    assert run.returncode == 1
+    assert ": unreachable (ConnectError)" in run.stderr
+    assert f"http://<server.address> of the configuration {cfg}" in run.stderr
+    assert "pass --url" in run.stderr
+    # With --url the operator chose the address: no hint about defaults.
+    explicit = ca_daemon(
+        "rotate", "kong", "--config", str(cfg), "--url", f"http://{address}", cwd=tmp_path
+    )
+    assert explicit.returncode == 1 and "pass --url" not in explicit.stderr
