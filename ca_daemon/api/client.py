@@ -130,30 +130,34 @@ class Client:
         say: Callable[[str], None],
         sleep: Callable[[float], None] = time.sleep,
         until: str = "end",
+        clock: Callable[[], float] = time.monotonic,
     ) -> dict[str, Any]:
         """Poll the operation until it ends, saying each change of progress once;
         ``until="effect"``: a root rotation only until it is in effect (the new root signs
         everything and the old one's retirement is scheduled), which is weeks earlier.
 
         The operation is journaled, so a daemon that is briefly unavailable (a failover, a
-        Vault restart) is waited for, up to TRANSIENT_SECONDS in a row.
+        Vault restart) is waited for, up to TRANSIENT_SECONDS in a row, counted on the
+        clock: a poll of a vanished address can itself take a whole request timeout.
         """
         last = ""
-        waited = 0.0
+        unavailable_since: float | None = None
         while True:
             try:
                 view = self.operation(op_id)
             except ApiError as exc:
-                if not exc.transient or waited >= TRANSIENT_SECONDS:
+                now = clock()
+                if unavailable_since is None:
+                    unavailable_since = now
+                if not exc.transient or now - unavailable_since >= TRANSIENT_SECONDS:
                     raise
                 line = f"{exc}; still waiting"
                 if line != last:
                     say(line)
                     last = line
                 sleep(POLL_SECONDS)
-                waited += POLL_SECONDS
                 continue
-            waited = 0.0
+            unavailable_since = None
             line = _progress(view)
             if line != last:
                 say(line)
