@@ -674,7 +674,12 @@ def _propagating_publishing(w: World, old_ref: str) -> None:
     record = w.record()
     assert record.rotation is not None and record.rotation.confirmed_at is not None
     assert record.rotation.confirmed_at >= healed_at  # it starts only now
-    assert record.rotation.restarted
+    # Linkerd is rolled from the second after the confirmation, at the next pass.
+    assert not record.rotation.restarted
+    follow_wall_clock(w.clock, pause=1.0)
+    recovered(w)
+    record = w.record()
+    assert record.rotation is not None and record.rotation.restarted
     nxt = record.root(RootRole.NEXT)
     assert nxt is not None
     bundle = roots_in_bundle(w)
