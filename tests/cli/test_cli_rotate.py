@@ -80,6 +80,9 @@ def test_rotate_trust_anchor_and_wait(tmp_path: Path) -> None:
             [sys.executable, "-m", "ca_daemon", "rotate", "trust-anchor", "--reason", "drill",
              "--wait=retired", *api],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # As in a terminal, whatever ran the tests: a background job (CI's `cmd &`)
+            # passes SIGINT on ignored, and Python then never raises KeyboardInterrupt.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         # While it runs, a second root rotation conflicts.
         conflict = None
@@ -171,6 +174,9 @@ def test_ctrl_c_during_wait_stops_only_the_waiting(tmp_path: Path) -> None:
             [sys.executable, "-m", "ca_daemon", "rotate", "trust-anchor", "--wait",
              "--config", str(cfg), "--url", url],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # As in a terminal, whatever ran the tests: a background job (CI's `cmd &`)
+            # passes SIGINT on ignored, and Python then never raises KeyboardInterrupt.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         assert follow.stdout is not None
         first = follow.stdout.readline()  # "operation <id>: trust-anchor"
