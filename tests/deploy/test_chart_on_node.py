@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from tests.support.chart_deployment import (
     ROOT,
     TRUST_ROOTS,
     Release,
+    ServiceFront,
     api_url,
     app_service,
     b64,
@@ -62,6 +64,7 @@ from tests.support.chart_deployment import (
 )
 from tests.support.cluster_rotation import VAULT_BACKDATE
 from tests.support.invariants import InvariantChecker, read_cluster
+from tests.support.relay import Relay
 from tests.support.servers.helm import Helm
 from tests.support.servers.images import ca_daemon_image
 from tests.support.servers.linkerd import LinkerdCheck
@@ -203,9 +206,7 @@ def test_first_pass_publishes_everything_and_verify_passes(
     bundle = trust_bundle(kube)
     inject_app(kube, bundle)
     for ns, name in [(LINKERD_NS, d) for d in LINKERD_DEPLOYMENTS] + [(APP_NS, APP)]:
-        wait_for(
-            f"{ns}/{name} rolled out", lambda ns=ns, name=name: rolled_out(kube, ns, name), 120
-        )
+        wait_for(f"{ns}/{name} rolled out", partial(rolled_out, kube, ns, name), 120)
     _check_linkerd(deployed, linkerd_check)
     result = subprocess.run(
         [
@@ -238,7 +239,8 @@ def _check_linkerd(deployed: Deployed, linkerd_check: LinkerdCheck) -> None:
         path = deployed.workdir / name
         path.write_bytes(data)
         path.chmod(0o600)
-    code, output = linkerd_check(*(deployed.workdir / n for n in files))
+    bundle, crt, key = (deployed.workdir / n for n in files)
+    code, output = linkerd_check(bundle, crt, key)
     assert code == 0, output
 
 
@@ -295,25 +297,32 @@ def test_root_rotation_through_the_pods_survives_deleting_the_leader_twice(
     checker = InvariantChecker(PROPAGATION_DELAY - timedelta(seconds=4), VAULT_BACKDATE)
     token = operator_token(kube, deployed.workdir)
     cli_log = deployed.workdir / "rotate.log"
-    # The operator's request reaches the standby: it must be accepted there too.
+    # The chart's configuration (server.auth: kubernetes): the CLI sends the operator's token.
+    rotate = [
+        sys.executable,
+        "-m",
+        "ca_daemon",
+        "rotate",
+        "trust-anchor",
+        "--config",
+        str(deployed.config_file()),
+        "--token-file",
+        str(token),
+        "--reason",
+        "yearly trust-anchor rotation",
+    ]
+    # The request reaches the standby: it is accepted there, for the leader to carry out.
+    asked = subprocess.run(
+        [*rotate, "--url", api_url(standby)], env=cli_env(), capture_output=True, text=True
+    )
+    assert asked.returncode == 0, asked.stdout + asked.stderr
+    op_id = asked.stdout.split()[1].rstrip(":")
+    # Then followed through the Service to the end, whichever Pods come and go: asking
+    # again joins the same operation.
+    front = Relay(ServiceFront(kube))
+    front.open()
     cli = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ca_daemon",
-            "rotate",
-            "trust-anchor",
-            "--wait=retired",
-            # The chart's configuration (server.auth: kubernetes): send the operator's token.
-            "--config",
-            str(deployed.config_file()),
-            "--url",
-            api_url(standby),
-            "--token-file",
-            str(token),
-            "--reason",
-            "yearly trust-anchor rotation",
-        ],
+        [*rotate, "--wait=retired", "--url", f"http://127.0.0.1:{front.port}"],
         env=cli_env(),
         stdout=cli_log.open("w"),
         stderr=subprocess.STDOUT,
@@ -377,8 +386,10 @@ def test_root_rotation_through_the_pods_survives_deleting_the_leader_twice(
         if cli.poll() is None:
             cli.kill()
         cli.wait()
+        front.cut()
         output = cli_log.read_text()
     assert cli.returncode == 0, f"{seen}\n{output}\n{deployed.release.pods_detail()}"
+    assert output.startswith(f"operation {op_id}: trust-anchor"), output  # joined, not new
     assert seen["graceful"] and seen["forced"], seen
     assert seen["gate_held"] and seen["reinjected"], seen
     # The whole rotation happened: only the new root is left, and it signs everything.

@@ -100,6 +100,34 @@ def api_url(pod: dict[str, Any]) -> str:
     return f"http://{pod['status']['podIP']}:{PORT}"
 
 
+class ServiceFront:
+    """What kube-proxy would do for the daemon's Service (this node has none): each
+    connection goes to one of the ready endpoints the endpoint controller lists in the
+    Service's EndpointSlices, in turn. Use as a Relay target."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self._turn = 0
+
+    def ready(self) -> list[tuple[str, int]]:
+        path = f"/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"
+        listed = get(self.kube, f"{path}?labelSelector=kubernetes.io/service-name={RELEASE}")
+        found = []
+        for piece in (listed or {}).get("items", []):
+            port = next(p["port"] for p in piece.get("ports") or [] if p.get("name") == "http")
+            for endpoint in piece.get("endpoints") or []:
+                if (endpoint.get("conditions") or {}).get("ready"):
+                    found += [(address, port) for address in endpoint["addresses"]]
+        return sorted(found)
+
+    def __call__(self) -> tuple[str, int]:
+        endpoints = self.ready()
+        if not endpoints:
+            raise LookupError("no ready endpoint")
+        self._turn += 1
+        return endpoints[self._turn % len(endpoints)]
+
+
 # --- Vault ----------------------------------------------------------------------------------
 
 

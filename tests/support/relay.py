@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 from tests.support.servers.tools import free_port
 
 
 class Relay:
-    """A TCP relay from 127.0.0.1:``port`` to ``target``, that can be cut and restored."""
+    """A TCP relay from 127.0.0.1:``port`` to ``target``, that can be cut and restored.
+    ``target`` may be a function, asked anew for each connection (a Service's ready
+    endpoints, as kube-proxy picks one); a connection it has none for is closed."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int] | Callable[[], tuple[str, int]]) -> None:
         self.target = target
         self.port = free_port()
         self._listener: socket.socket | None = None
@@ -30,7 +33,13 @@ class Relay:
                 client, _ = listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                target = self.target() if callable(self.target) else self.target
+                upstream = socket.create_connection(target, timeout=5)
+                upstream.settimeout(None)
+            except (OSError, LookupError):  # no endpoint, or it refused
+                client.close()
+                continue
             with self._lock:
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):

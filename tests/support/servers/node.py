@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -54,8 +55,10 @@ FIXED_PATHS = (
     Path("/var/lib/kubelet"),
     Path("/var/log/containers"),
     Path("/var/log/pods"),
+    Path("/run/netns"),
 )
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+OWNER_FILE = "owner.pid"  # the test process that started the node
 IPTABLES = ("iptables", "ip6tables")
 
 
@@ -421,8 +424,72 @@ def _cleanup(workdir: Path, socket: Path, created: list[Path]) -> Iterator[None]
             subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
+def _processes() -> dict[int, list[str]]:
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                raw = (proc / "cmdline").read_bytes().split(b"\0")
+                found[int(proc.name)] = [a.decode(errors="replace") for a in raw if a]
+    return found
+
+
+def _node_workdirs(processes: dict[int, list[str]]) -> set[Path]:
+    """Work dirs of nodes still running here, found from their containerd, its shims and
+    their kubelet: stale unless their owner runs (a run killed before its tear-down)."""
+    # containerd's --config and its shims' -address, the kubelet's --config.
+    ours = {
+        ("containerd", "config.toml"),
+        ("containerd", "containerd.sock"),
+        ("kubelet", "config.yaml"),
+    }
+    found = set()
+    for argv in processes.values():
+        for arg in argv:
+            path = Path(arg.split("=", 1)[-1])
+            if (path.parent.name, path.name) in ours:
+                found.add(path.parent.parent)
+    return found
+
+
+def _owner_alive(workdir: Path) -> bool:
+    """The test process that started the node in ``workdir`` still runs (its node is
+    live, not stale: another run on this machine, to be refused, never reclaimed)."""
+    try:
+        pid = int((workdir / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return False  # gone, or a node from before owners were written
+    return Path(f"/proc/{pid}").exists() and pid != os.getpid()
+
+
+def _reclaim() -> list[str]:
+    """Remove what a killed run's node left: its processes (anything naming its work dir
+    or serving on HOST_IP), containers, mounts, network namespaces, cgroups and bridge.
+    Returns what was found, for the log."""
+    processes = _processes()
+    workdirs = _node_workdirs(processes)
+    if any(_owner_alive(w) for w in workdirs):
+        return []  # another run's node is live: refused below, never touched
+    if not workdirs and not _kubepods_cgroups() and not _netns_of_pods():
+        return []
+    marks = [str(w) for w in workdirs] + [HOST_IP]
+    mine = {pid for pid, argv in processes.items() if any(m in a for a in argv for m in marks)}
+    mine.discard(os.getpid())
+    _kill_pids(mine)
+    _kill_containers()
+    _unmount(*workdirs)
+    for ns in _netns_of_pods():
+        _run("ip", "netns", "delete", ns.name, check=False)
+    for group in _kubepods_cgroups():
+        with contextlib.suppress(OSError):
+            group.rmdir()
+    _remove_bridge()
+    return [*marks[:-1], f"{len(mine)} processes"]
+
+
 def _leftovers() -> list[str]:
-    """What a node of ours would leave behind: refuse to share the machine with it."""
+    """What a node would leave behind, after reclaiming a killed run's: refuse to share
+    the machine with anything still there."""
     found = [str(p) for p in _kubepods_cgroups()[:1]]
     found += [str(p) for p in _netns_of_pods()]
     return found
@@ -450,8 +517,11 @@ def own_node(workdir: Path, images: list[Image]) -> Iterator[Node]:
         missing(f"the CNI bridge plugin is not in {CNI_BIN} (containernetworking-plugins)")
     if os.geteuid() != 0:
         missing("a node needs root")
+    if reclaimed := _reclaim():
+        warnings.warn(f"removed a node a killed run left behind: {reclaimed}", stacklevel=2)
     if leftovers := _leftovers():
         pytest.fail(f"a node of an earlier run is still here: {leftovers}")
+    (workdir / OWNER_FILE).write_text(str(os.getpid()))
     created = [p for p in FIXED_PATHS if not p.exists()]
     socket = workdir / "containerd" / "containerd.sock"
     with ExitStack() as stack:
