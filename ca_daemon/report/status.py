@@ -147,8 +147,13 @@ def notes(settings: Settings) -> list[str]:
 
 def waiting_for(state: State, settings: Settings, now: datetime) -> str | None:
     """What a root rotation waits for, as plan() decides it from the journal alone (the
-    running daemon also knows what publishers and Pods showed on its last pass)."""
-    observations = Observations(cluster=settings.kubernetes_enabled and settings.linkerd.enabled)
+    running daemon also knows what publishers and Pods showed on its last pass; the
+    lagging Pods it journals)."""
+    rotation = state.ca.rotation
+    pending = tuple(rotation.pending_pods) if rotation and rotation.pending_count else None
+    observations = Observations(
+        cluster=settings.kubernetes_enabled and settings.linkerd.enabled, pending_pods=pending
+    )
     steps = plan(state, now, settings, observations)
     return next((s.text for s in steps if isinstance(s, Wait)), None)
 

@@ -20,7 +20,7 @@ from ca_daemon.config.settings import Settings
 from ca_daemon.errors import JournalError, ServiceError
 from ca_daemon.model.state import Operation, OpState, State
 from ca_daemon.report.forecast import rotation_path
-from ca_daemon.report.status import operation_view, optional_iso, status_view
+from ca_daemon.report.status import operation_view, optional_iso, status_view, waiting_for
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.plan import Observations, plan
 from ca_daemon.rotation.requests import check_target, ensure_can_start_rotation
@@ -186,8 +186,16 @@ class DaemonService:
         if op.target in ROOT_TARGETS and rotation and rotation.operation == op.id:
             view["phase"] = record.phase.value
             with self._lock:
-                last = self._last
-            view["waiting_for"] = last.waiting if last else None
+                last, known = self._last, self._known
+            if last is not None and self.leadership.leader:
+                view["waiting_for"] = last.waiting
+            else:
+                # A standby (or a leader before its first pass) says what the journal says,
+                # in the leader's words: behind a Service, polls alternate between them.
+                now = self.clock()
+                view["waiting_for"] = waiting_for(
+                    replace(known or State(), ca=record), self.settings, now
+                )
             view["pending_pods"] = list(rotation.pending_pods)
             # Milestones: when the new root took over signing, and when the old one leaves
             # every bundle (known once everything was re-issued under the new root).

@@ -138,3 +138,24 @@ def test_a_standby_journals_a_request_and_the_leader_carries_it_out(tmp_path: Pa
     assert [s.name for s in result.steps if s.action == "IssueKongClient"] == ["payments"]
     done = standby.operation(op_id)
     assert done is not None and done["state"] == OpState.SUCCEEDED.value
+
+
+def test_a_standby_tells_what_a_rotation_waits_for_as_the_leader_does(tmp_path: Path) -> None:
+    """Behind a Service, `rotate --wait` polls either replica: both must say the same, or
+    its progress lines flap. The standby reads the wait from the journal."""
+    settings = _settings(tmp_path)
+    clock = Clock(NOW)
+    leader = _service(settings, clock=clock)
+    assert leader.tick().ok
+    standby = _service(settings, leader=False, clock=clock)
+    standby.tick()
+    op_id = standby.request("trust-anchor", "drill")
+    phases = []
+    for minutes in (1, 2, 12, 13):  # prepare and propagate, the delay, activate, retiring
+        clock.now = NOW + timedelta(minutes=minutes)
+        assert leader.tick().ok
+        said, journaled = leader.operation(op_id), standby.operation(op_id)
+        assert said is not None and journaled is not None
+        assert journaled["waiting_for"] == said["waiting_for"], minutes
+        phases.append((said["phase"], said["waiting_for"] is not None))
+    assert ("propagating", True) in phases and ("retiring", True) in phases, phases
