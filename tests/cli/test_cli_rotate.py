@@ -53,15 +53,19 @@ def test_rotate_trust_anchor_and_wait(tmp_path: Path) -> None:
     )
     outputs: list[str] = []
     try:
+        # Ready (journal and anchor loaded) comes before the first pass has published:
+        # wait for both.
+        out = tmp_path / "data" / "out"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
+                ready = httpx.get(f"{url}/readyz", timeout=1).status_code == 200
             except httpx.TransportError:
-                pass
+                ready = False
+            if ready and (out / "linkerd" / "tls.key").exists():
+                break
             time.sleep(0.2)
-        keys = _published_keys(tmp_path / "data" / "out")
+        keys = _published_keys(out)
         token = tmp_path / "api-token"
         assert token.stat().st_mode & 0o777 == 0o600
         assert str(token) in log.read_text()  # its path is printed at start-up
