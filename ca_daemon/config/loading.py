@@ -11,7 +11,7 @@ import copy
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, get_origin
@@ -91,8 +91,10 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return path or "(top level)"
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    return "invalid configuration:\n  " + "\n  ".join(dict.fromkeys(_problems(exc)))
+def describe_validation_error(exc: ValidationError, more: Iterable[str] = ()) -> str:
+    """One line per problem (``more`` after those of ``exc``), each once."""
+    lines = [*(line for _, line in _located(exc)), *more]
+    return "invalid configuration:\n  " + "\n  ".join(dict.fromkeys(lines))
 
 
 def _located(exc: ValidationError) -> list[tuple[tuple[int | str, ...], str]]:
@@ -109,7 +111,7 @@ def _located(exc: ValidationError) -> list[tuple[tuple[int | str, ...], str]]:
         if isinstance(cause, RuleError):
             for path, rule in cause.problems:
                 where = (*loc, *_parse_path(path))
-                found.append((where, f"{_field_path((*loc, path))}: {rule}"))
+                found.append((where, f"{_field_path(where)}: {rule}"))
             continue
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
@@ -124,10 +126,6 @@ def _parse_path(path: str) -> tuple[int | str, ...]:
         int(part[1:-1]) if part.startswith("[") else part
         for part in re.findall(r"\[\d+\]|[^.\[\]]+", path)
     )
-
-
-def _problems(exc: ValidationError) -> list[str]:
-    return [line for _, line in _located(exc)]
 
 
 # Rules across fields (unique names, renewal margins, name lengths) run only once every
@@ -236,10 +234,8 @@ def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None 
     try:
         return Settings(**dict(overrides or {}))
     except ValidationError as exc:
-        lines = [*_problems(exc), *_later_rounds(yaml_layer, overrides or {}, exc)]
-        raise ConfigError(
-            "invalid configuration:\n  " + "\n  ".join(dict.fromkeys(lines))
-        ) from None
+        later = _later_rounds(yaml_layer, overrides or {}, exc)
+        raise ConfigError(describe_validation_error(exc, later)) from None
     except SettingsError as exc:  # the checks above should leave nothing for this
         raise ConfigError(f"invalid environment: {exc}: {exc.__cause__}") from None
     finally:

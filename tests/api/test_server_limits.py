@@ -19,6 +19,7 @@ import yaml
 
 from tests.support.cli import ca_daemon, daemon_env
 from tests.support.servers.tools import ServerProcess, free_port
+from tests.support.settings import local_config, numbered_clients
 
 pytestmark = pytest.mark.integration
 
@@ -33,18 +34,11 @@ IDLE = 80
 
 
 def _config(tmp_path: Path, address: str) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "anchor": {"local": {"dir": str(tmp_path / "data")}},
-                "publish": {"kubernetes": {"enabled": False}},
-                "rotation": {"check_interval": "1s"},
-                "server": {"address": address, "token_file": str(tmp_path / "api-token")},
-            }
-        )
+    return local_config(
+        tmp_path,
+        rotation={"check_interval": "1s"},
+        server={"address": address, "token_file": str(tmp_path / "api-token")},
     )
-    return path
 
 
 def test_a_port_in_use_stops_the_daemon_before_a_token_is_written(tmp_path: Path) -> None:
@@ -120,21 +114,7 @@ def test_probes_answer_throughout_a_long_first_pass(tmp_path: Path) -> None:
     timeout = min(p["timeoutSeconds"] for p in probes.values())
     address = f"127.0.0.1:{free_port()}"
     url = f"http://{address}"
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "anchor": {"local": {"dir": str(tmp_path / "data")}},
-                "publish": {"kubernetes": {"enabled": False}},
-                "kong": {
-                    "clients": [
-                        {"name": f"c{i:04d}", "common_name": f"kong.c{i:04d}.upstream"}
-                        for i in range(LONG_PASS_CLIENTS)
-                    ]
-                },
-            }
-        )
-    )
+    cfg = local_config(tmp_path, kong=numbered_clients(LONG_PASS_CLIENTS))
     clients = tmp_path / "data" / "out" / "kong" / "clients"
     daemon = ServerProcess(
         "ca-daemon run",

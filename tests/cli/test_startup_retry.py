@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from ca_daemon.config.loading import load_settings
 from ca_daemon.daemon import STARTUP_RETRY_CAP, run_forever
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.results import PassResult
 from ca_daemon.service.wiring import build_engine
+from tests.support.settings import local_config
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -63,16 +63,7 @@ def _failing_then(engine: Engine, outcomes: Iterator[bool]) -> None:
 def test_failures_before_the_first_ready_pass_are_retried_within_the_cap(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "anchor": {"local": {"dir": str(tmp_path / "data")}},
-                "publish": {"kubernetes": {"enabled": False}},
-                "rotation": {"check_interval": "1h"},
-            }
-        )
-    )
+    path = local_config(tmp_path, rotation={"check_interval": "1h"})
     settings = load_settings(path)
     engine = build_engine(settings)
     # Six failures at start, one pass that works (ready), then six failures again.

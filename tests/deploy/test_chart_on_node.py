@@ -50,7 +50,6 @@ from tests.support.chart_deployment import (
     client,
     configure_vault,
     daemon_pods,
-    get,
     inject_app,
     install_control_plane,
     is_ready,
@@ -68,7 +67,7 @@ from tests.support.relay import Relay
 from tests.support.servers.helm import Helm
 from tests.support.servers.images import ca_daemon_image
 from tests.support.servers.linkerd import LinkerdCheck
-from tests.support.servers.node import HOST_IP, Node, wait_for
+from tests.support.servers.node import HOST_IP, Node, processes, wait_for
 from tests.support.servers.openbao import OpenBao, own_openbao
 
 pytestmark = pytest.mark.integration
@@ -101,7 +100,7 @@ class Deployed:
         return path
 
     def get(self, path: str) -> Any:
-        return get(self.kube, path)
+        return self.kube.get(path)
 
 
 @pytest.fixture(scope="module")
@@ -147,18 +146,13 @@ def _leader_and_standby(deployed: Deployed) -> tuple[dict[str, Any], dict[str, A
 
 def _daemon_processes() -> list[int]:
     """PIDs of `ca-daemon run` processes on this machine (the Pods' main processes)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        daemon = any(a.endswith(b"/ca-daemon") for a in argv[:2])
-        if daemon and b"run" in argv and b"/etc/ca-daemon/config.yaml" in argv:
-            found.append(int(proc.name))
-    return found
+    return [
+        pid
+        for pid, argv in processes().items()
+        if any(a.endswith("/ca-daemon") for a in argv[:2])
+        and "run" in argv
+        and "/etc/ca-daemon/config.yaml" in argv
+    ]
 
 
 def test_both_pods_run_hardened_and_exactly_one_leads(deployed: Deployed) -> None:

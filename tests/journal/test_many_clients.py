@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from ca_daemon.config.loading import load_settings
 from ca_daemon.journal.format import SHARDS
@@ -14,6 +13,7 @@ from ca_daemon.report.verify import Thresholds, verify_directory
 from ca_daemon.service.wiring import build_engine
 from tests.support.clock import NOW
 from tests.support.journal_files import credential_docs, shard_files
+from tests.support.settings import local_config, numbered_clients
 
 pytestmark = pytest.mark.integration
 
@@ -21,21 +21,7 @@ CLIENTS = 1000
 
 
 def test_a_thousand_clients_are_issued_in_one_pass(tmp_path: Path) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "anchor": {"local": {"dir": str(tmp_path / "data")}},
-                "publish": {"kubernetes": {"enabled": False}},
-                "kong": {
-                    "clients": [
-                        {"name": f"c{i:04d}", "common_name": f"kong.c{i:04d}.upstream"}
-                        for i in range(CLIENTS)
-                    ]
-                },
-            }
-        )
-    )
+    config = local_config(tmp_path, kong=numbered_clients(CLIENTS))
     settings = load_settings(config)
     result = build_engine(settings).reconcile(now=NOW)
     assert result.ok, result.errors[:5]

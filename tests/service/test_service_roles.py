@@ -8,10 +8,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import yaml
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
-from ca_daemon.config.loading import load_settings
 from ca_daemon.config.settings import Settings
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.state import OpState
@@ -23,27 +21,9 @@ from ca_daemon.service.metrics import Metrics
 from ca_daemon.service.service import DaemonService, Leadership
 from tests.support.clock import NOW
 from tests.support.rotation_harness import Clock
+from tests.support.settings import two_clients
 
 pytestmark = pytest.mark.usefixtures("clean_env")
-
-
-def _settings(tmp_path: Path) -> Settings:
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "anchor": {"local": {"dir": str(tmp_path / "data")}},
-                "publish": {"kubernetes": {"enabled": False}},
-                "kong": {
-                    "clients": [
-                        {"name": n, "common_name": f"kong.{n}.upstream"}
-                        for n in ("payments", "orders")
-                    ]
-                },
-            }
-        )
-    )
-    return load_settings(path)
 
 
 class Watching:
@@ -78,6 +58,15 @@ def _service(
     return service
 
 
+def _leader_and_standby(settings: Settings, clock: Clock) -> tuple[DaemonService, DaemonService]:
+    """Two replicas on one journal: the leader bootstrapped it, the standby has read it."""
+    leader = _service(settings, clock=clock)
+    assert leader.tick().ok
+    standby = _service(settings, leader=False, clock=clock)
+    standby.tick()
+    return leader, standby
+
+
 def _files(data: Path) -> dict[str, bytes]:
     """Every file under the data directory: journal, anchor, what is published."""
     return {str(p.relative_to(data)): p.read_bytes() for p in data.rglob("*") if p.is_file()}
@@ -85,7 +74,7 @@ def _files(data: Path) -> dict[str, bytes]:
 
 def test_the_leader_is_ready_once_loaded_not_when_its_first_pass_ends(tmp_path: Path) -> None:
     """A first issue at 5,000 clients takes a minute: readiness must not wait for it."""
-    settings = _settings(tmp_path)
+    settings = two_clients(tmp_path)
     watching = Watching()
     service = _service(settings, watching)
     watching.service = service
@@ -95,7 +84,7 @@ def test_the_leader_is_ready_once_loaded_not_when_its_first_pass_ends(tmp_path: 
 
 
 def test_a_standby_is_ready_once_it_read_the_journal(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    settings = two_clients(tmp_path)
     assert _service(settings).tick().ok  # the leader bootstrapped the journal
     standby = _service(settings, leader=False)
     assert standby.readiness() is not None
@@ -104,12 +93,9 @@ def test_a_standby_is_ready_once_it_read_the_journal(tmp_path: Path) -> None:
 
 
 def test_a_standby_journals_a_request_and_the_leader_carries_it_out(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    settings = two_clients(tmp_path)
     clock = Clock(NOW)
-    leader = _service(settings, clock=clock)
-    assert leader.tick().ok
-    standby = _service(settings, leader=False, clock=clock)
-    standby.tick()
+    leader, standby = _leader_and_standby(settings, clock)
     clock.now = NOW + timedelta(minutes=1)
     woken: list[int] = []
     standby.on_wake(lambda: woken.append(1))
@@ -143,12 +129,9 @@ def test_a_standby_journals_a_request_and_the_leader_carries_it_out(tmp_path: Pa
 def test_a_standby_tells_what_a_rotation_waits_for_as_the_leader_does(tmp_path: Path) -> None:
     """Behind a Service, `rotate --wait` polls either replica: both must say the same, or
     its progress lines flap. The standby reads the wait from the journal."""
-    settings = _settings(tmp_path)
+    settings = two_clients(tmp_path)
     clock = Clock(NOW)
-    leader = _service(settings, clock=clock)
-    assert leader.tick().ok
-    standby = _service(settings, leader=False, clock=clock)
-    standby.tick()
+    leader, standby = _leader_and_standby(settings, clock)
     op_id = standby.request("trust-anchor", "drill")
     phases = []
     for minutes in (1, 2, 12, 13):  # prepare and propagate, the delay, activate, retiring

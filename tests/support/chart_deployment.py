@@ -16,8 +16,6 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -50,22 +48,12 @@ LINKERD_DEPLOYMENTS = ("linkerd-destination", "linkerd-identity", "linkerd-proxy
 IDLE = ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
 
 
-def get(kube: Kube, path: str) -> Any:
-    """The parsed object at ``path``, or None when it is absent."""
-    with kube.http() as http:
-        response = http.get(path)
-    if response.status_code == 404:
-        return None
-    response.raise_for_status()
-    return response.json()
-
-
 def b64(secret: Any, key: str) -> bytes:
     return base64.b64decode(secret["data"][key])
 
 
 def pods(kube: Kube, namespace: str, selector: str) -> list[dict[str, Any]]:
-    listed = get(kube, f"/api/v1/namespaces/{namespace}/pods?labelSelector={selector}")
+    listed = kube.get(f"/api/v1/namespaces/{namespace}/pods?labelSelector={selector}")
     return list(listed["items"]) if listed else []
 
 
@@ -82,7 +70,7 @@ def daemon_pods(kube: Kube) -> list[dict[str, Any]]:
 
 def lease_holder(kube: Kube) -> str:
     """The Pod that holds the Lease (its identity is ``<pod>_<random>``), or ''."""
-    lease = get(kube, f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/{RELEASE}")
+    lease = kube.get(f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/{RELEASE}")
     holder: str = ((lease or {}).get("spec") or {}).get("holderIdentity") or ""
     return holder.rpartition("_")[0]
 
@@ -111,7 +99,7 @@ class ServiceFront:
 
     def ready(self) -> list[tuple[str, int]]:
         path = f"/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"
-        listed = get(self.kube, f"{path}?labelSelector=kubernetes.io/service-name={RELEASE}")
+        listed = self.kube.get(f"{path}?labelSelector=kubernetes.io/service-name={RELEASE}")
         found = []
         for piece in (listed or {}).get("items", []):
             port = next(p["port"] for p in piece.get("ports") or [] if p.get("name") == "http")
@@ -143,20 +131,8 @@ def configure_vault(kube: Kube, bao: OpenBao, workdir: Path) -> None:
     token Vault sends with each TokenReview."""
     kube.create_namespace("vault-auth")
     kube.create_service_account("vault-auth", "token-reviewer")
-    kube.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": "vault-token-reviewer"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "system:auth-delegator",
-            },
-            "subjects": [
-                {"kind": "ServiceAccount", "name": "token-reviewer", "namespace": "vault-auth"}
-            ],
-        }
+    kube.bind_cluster_role(
+        "vault-token-reviewer", "system:auth-delegator", "vault-auth", "token-reviewer"
     )
     reviewer = token_file(
         kube, "vault-auth", "token-reviewer", workdir / "reviewer.jwt", expiration_seconds=86400
@@ -312,7 +288,7 @@ def app_service(kube: Kube) -> None:
 
 def rolled_out(kube: Kube, namespace: str, name: str) -> bool:
     """The Deployment's latest template runs, Ready, and no older Pod is left."""
-    live = get(kube, f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}")
+    live = kube.get(f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}")
     status = live.get("status") or {}
     replicas = live["spec"]["replicas"]
     return bool(
@@ -324,7 +300,7 @@ def rolled_out(kube: Kube, namespace: str, name: str) -> bool:
 
 
 def trust_bundle(kube: Kube) -> str:
-    cm = get(kube, f"/api/v1/namespaces/{LINKERD_NS}/configmaps/{TRUST_ROOTS}")
+    cm = kube.get(f"/api/v1/namespaces/{LINKERD_NS}/configmaps/{TRUST_ROOTS}")
     pem: str = cm["data"]["ca-bundle.crt"]
     return pem
 
@@ -393,20 +369,11 @@ def wait_ready_pods(release: Release, count: int, timeout: float = 180) -> list[
 def operator_token(kube: Kube, workdir: Path) -> Path:
     """An operator allowed to request rotations: bound to the chart's rotations role."""
     kube.create_service_account("default", "platform-operator")
-    kube.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": "platform-operator-rotates"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": f"ca-daemon:{NAMESPACE}:{RELEASE}:rotate",
-            },
-            "subjects": [
-                {"kind": "ServiceAccount", "name": "platform-operator", "namespace": "default"}
-            ],
-        }
+    kube.bind_cluster_role(
+        "platform-operator-rotates",
+        f"ca-daemon:{NAMESPACE}:{RELEASE}:rotate",
+        "default",
+        "platform-operator",
     )
     return token_file(
         kube, "default", "platform-operator", workdir / "operator.token", expiration_seconds=7200
@@ -417,10 +384,3 @@ def cli_env() -> dict[str, str]:
     """The CLI as an operator runs it on a workstation: none of the daemon's settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CA_DAEMON_")}
     return env
-
-
-def poll(seconds: float) -> Iterator[float]:
-    """Monotonic ticks every ``seconds`` (the caller decides when to stop)."""
-    while True:
-        yield time.monotonic()
-        time.sleep(seconds)

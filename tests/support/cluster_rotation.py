@@ -180,12 +180,7 @@ class RotationCluster:
         }
 
     def get(self, path: str) -> Any:
-        with self.kube.http() as http:
-            response = http.get(path)
-        if response.status_code == 404:
-            return None
-        response.raise_for_status()
-        return response.json()
+        return self.kube.get(path)
 
     def secret(self, ns: str, name: str) -> Any:
         return self.get(f"/api/v1/namespaces/{ns}/secrets/{name}")

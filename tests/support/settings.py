@@ -52,21 +52,32 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     return make
 
 
+def local_config(tmp_path: Path, **sections: Any) -> Path:
+    """config.yaml in ``tmp_path``: the embedded default's local anchor (in ``data``) and
+    directory publishing, Kubernetes off, plus ``sections``."""
+    path = tmp_path / "config.yaml"
+    data = {
+        "anchor": {"local": {"dir": str(tmp_path / "data")}},
+        "publish": {"kubernetes": {"enabled": False}},
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def numbered_clients(count: int) -> dict[str, Any]:
+    """A ``kong`` section with ``count`` clients, c0000 to c<count-1>."""
+    return {
+        "clients": [
+            {"name": f"c{i:04d}", "common_name": f"kong.c{i:04d}.upstream"} for i in range(count)
+        ]
+    }
+
+
 def two_clients(tmp_path: Path) -> Settings:
     """The embedded default's local anchor and directory with two Kong clients."""
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "anchor": {"local": {"dir": str(tmp_path / "data")}},
-                "publish": {"kubernetes": {"enabled": False}},
-                "kong": {
-                    "clients": [
-                        {"name": "payments", "common_name": "kong.payments.upstream"},
-                        {"name": "orders", "common_name": "kong.orders.upstream"},
-                    ]
-                },
-            }
-        )
-    )
-    return load_settings(path)
+    clients = [
+        {"name": "payments", "common_name": "kong.payments.upstream"},
+        {"name": "orders", "common_name": "kong.orders.upstream"},
+    ]
+    return load_settings(local_config(tmp_path, kong={"clients": clients}))

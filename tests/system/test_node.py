@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.chart_deployment import get, is_ready
+from tests.support.chart_deployment import is_ready
 from tests.support.servers.images import BUSYBOX_IMAGE
 from tests.support.servers.node import HOST_IP, SUBNET, Node, wait_for
 
@@ -52,18 +52,18 @@ def test_a_pod_runs_on_the_node_and_the_host_reaches_it(node: Node) -> None:
     kube.create_namespace("node-smoke")
     wait_for(
         "the default ServiceAccount (the controller-manager makes it)",
-        lambda: get(kube, "/api/v1/namespaces/node-smoke/serviceaccounts/default") is not None,
+        lambda: kube.get("/api/v1/namespaces/node-smoke/serviceaccounts/default") is not None,
         60,
     )
     kube.apply(_pod("echo"))
     path = "/api/v1/namespaces/node-smoke/pods/echo"
     wait_for(
         "the Pod Ready",
-        lambda: is_ready(get(kube, path)),
+        lambda: is_ready(kube.get(path)),
         120,
-        lambda: f"{get(kube, path)}\n{node.pod_logs('node-smoke', 'echo')}",
+        lambda: f"{kube.get(path)}\n{node.pod_logs('node-smoke', 'echo')}",
     )
-    pod = get(kube, path)
+    pod = kube.get(path)
     assert pod["spec"]["nodeName"] == "127.0.0.1"
     ip = pod["status"]["podIP"]
     prefix = SUBNET.rsplit(".", 1)[0]
@@ -72,4 +72,4 @@ def test_a_pod_runs_on_the_node_and_the_host_reaches_it(node: Node) -> None:
         assert conn.recv(64).strip() == b"10001"
     with kube.http() as http:
         assert http.delete(path).status_code == 200
-    wait_for("the Pod gone", lambda: get(kube, path) is None, 60)
+    wait_for("the Pod gone", lambda: kube.get(path) is None, 60)

@@ -103,6 +103,15 @@ class Kube:
             config_file=str(kubeconfig)
         )
 
+    def get(self, path: str) -> Any:
+        """The parsed object (or list) at API ``path`` as admin; None when it is absent."""
+        with self.http() as http:
+            response = http.get(path)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply of one object (any kind in _PLURALS); returns the stored object."""
         with self.http() as http:
@@ -126,6 +135,24 @@ class Kube:
                 "apiVersion": "v1",
                 "kind": "ServiceAccount",
                 "metadata": {"namespace": namespace, "name": name},
+            }
+        )
+
+    def bind_cluster_role(self, name: str, role: str, namespace: str, service_account: str) -> None:
+        """ClusterRoleBinding ``name``: ClusterRole ``role`` to that ServiceAccount."""
+        self.apply(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": name},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": role,
+                },
+                "subjects": [
+                    {"kind": "ServiceAccount", "name": service_account, "namespace": namespace}
+                ],
             }
         )
 

@@ -343,17 +343,11 @@ def _kill_containers() -> None:
 
 def _shim_pids(socket: Path) -> set[int]:
     """containerd's shims for this node: they outlive containerd itself."""
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"containerd-shim-runc-v2") and str(socket).encode() in argv:
-            pids.add(int(proc.name))
-    return pids
+    return {
+        pid
+        for pid, argv in processes().items()
+        if argv and argv[0].endswith("containerd-shim-runc-v2") and str(socket) in argv
+    }
 
 
 def _mounts_under(*roots: Path) -> list[str]:
@@ -424,7 +418,8 @@ def _cleanup(workdir: Path, socket: Path, created: list[Path]) -> Iterator[None]
             subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-def _processes() -> dict[int, list[str]]:
+def processes() -> dict[int, list[str]]:
+    """Every process on this machine: its argv by PID."""
     found = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -434,7 +429,7 @@ def _processes() -> dict[int, list[str]]:
     return found
 
 
-def _node_workdirs(processes: dict[int, list[str]]) -> set[Path]:
+def _node_workdirs(argvs: dict[int, list[str]]) -> set[Path]:
     """Work dirs of nodes still running here, found from their containerd, its shims and
     their kubelet: stale unless their owner runs (a run killed before its tear-down)."""
     # containerd's --config and its shims' -address, the kubelet's --config.
@@ -444,7 +439,7 @@ def _node_workdirs(processes: dict[int, list[str]]) -> set[Path]:
         ("kubelet", "config.yaml"),
     }
     found = set()
-    for argv in processes.values():
+    for argv in argvs.values():
         for arg in argv:
             path = Path(arg.split("=", 1)[-1])
             if (path.parent.name, path.name) in ours:
@@ -466,14 +461,14 @@ def _reclaim() -> list[str]:
     """Remove what a killed run's node left: its processes (anything naming its work dir
     or serving on HOST_IP), containers, mounts, network namespaces, cgroups and bridge.
     Returns what was found, for the log."""
-    processes = _processes()
-    workdirs = _node_workdirs(processes)
+    argvs = processes()
+    workdirs = _node_workdirs(argvs)
     if any(_owner_alive(w) for w in workdirs):
         return []  # another run's node is live: refused below, never touched
     if not workdirs and not _kubepods_cgroups() and not _netns_of_pods():
         return []
     marks = [str(w) for w in workdirs] + [HOST_IP]
-    mine = {pid for pid, argv in processes.items() if any(m in a for a in argv for m in marks)}
+    mine = {pid for pid, argv in argvs.items() if any(m in a for a in argv for m in marks)}
     mine.discard(os.getpid())
     _kill_pids(mine)
     _kill_containers()
