@@ -72,6 +72,36 @@ def check_service_name(value: str) -> str:
     return value
 
 
+def check_ingress_class(value: str) -> str:
+    # KIC compares kubernetes.io/ingress.class with its --ingress-class, the name of an
+    # IngressClass object: a DNS subdomain (and so a valid annotation value).
+    if len(value) > MAX_SUBDOMAIN or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise ValueError(
+            f"is not an IngressClass name (at most {MAX_SUBDOMAIN} characters: DNS labels "
+            "of lowercase letters, digits and '-' joined by '.')"
+        )
+    return value
+
+
+# Kong CA objects are named after their root: the Kong-wide CA Secret and, per Service
+# namespace with verify_upstream, the CA reference ConfigMap. No configured object may
+# take such a name, or two owners would fight over one object.
+_KONG_CA_OBJECT = re.compile("kong-upstream-ca-[0-9a-f]{8}")
+
+
+def kong_ca_object_name(sha256_hex: str) -> str:
+    return f"kong-upstream-ca-{sha256_hex[:8]}"
+
+
+def check_not_kong_ca_name(value: str) -> str:
+    if _KONG_CA_OBJECT.fullmatch(value):
+        raise ValueError(
+            "is reserved: kong-upstream-ca-<8 hex> names the Kong CA objects ca-daemon "
+            "publishes per trusted root"
+        )
+    return value
+
+
 def check_configmap_key(value: str) -> str:
     if (
         len(value) > MAX_SUBDOMAIN

@@ -39,6 +39,8 @@ from ca_daemon.config.names import (
     check_configmap_key,
     check_dns_label,
     check_dns_subdomain,
+    check_ingress_class,
+    check_not_kong_ca_name,
     check_service_name,
 )
 from ca_daemon.config.service_links import is_service_link
@@ -187,6 +189,13 @@ class LinkerdConfig(Section):
     issuer: LinkerdIssuer = LinkerdIssuer()
     issuer_secret: ObjectName = "linkerd-identity-issuer"
     trust_roots_configmap: ObjectName = "linkerd-identity-trust-roots"
+    # Linkerd's identity controller says, with an Event on its Deployment, whether it
+    # loaded each new issuer; a root rotation retires the old root only once it loaded
+    # one under the new root. "none": no identity controller reads this issuer Secret.
+    confirm: Literal["events", "none"] = "events"
+    # An issuer with no answer for this long is reported (metric, alert, Warning Event).
+    confirm_timeout: Duration = timedelta(minutes=10)
+    identity_deployment: ObjectName = "linkerd-identity"
 
 
 class KongIntermediate(Renewal):
@@ -203,6 +212,8 @@ class KongClient(Renewal):
     rotate_before: Duration = timedelta(hours=240)
     secret: ObjectName | None = None
     service: str | None = None
+    # Kong verifies the upstream's server certificate against the trusted roots.
+    verify_upstream: bool = False
 
     @field_validator("service")
     @classmethod
@@ -233,6 +244,9 @@ class KongConfig(Section):
     intermediate: KongIntermediate = KongIntermediate()
     clients: list[KongClient] = Field(default_factory=list)
     admin_api: KongAdminApi = KongAdminApi()
+    # kubernetes.io/ingress.class on the Kong CA Secrets (KIC 3.0-3.3 ingest only those
+    # of their own class).
+    ingress_class: Annotated[str, AfterValidator(check_ingress_class)] = "kong"
 
     @field_validator("clients")
     @classmethod
@@ -246,6 +260,21 @@ class KongConfig(Section):
         shared = sorted({s for s in services if services.count(s) > 1})
         if shared:
             raise ValueError(f"each service takes one client; shared: {', '.join(shared)}")
+        problems = []
+        for i, client in enumerate(clients):
+            if client.verify_upstream and not client.service:
+                problems.append(
+                    (
+                        f"[{i}].verify_upstream",
+                        "needs service: only a Service can be told to verify its upstream",
+                    )
+                )
+            try:
+                check_not_kong_ca_name(client.secret_name)
+            except ValueError as exc:
+                problems.append((f"[{i}].secret", str(exc)))
+        if problems:
+            raise RuleError(problems)
         return clients
 
     @model_validator(mode="after")
@@ -400,7 +429,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fits_rotation_and_x509(self) -> Settings:
-        problems = [*self._renewal_margins(), *self._derived_name_lengths()]
+        problems = [
+            *self._renewal_margins(),
+            *self._derived_name_lengths(),
+            *self._kong_ca_names_taken(),
+        ]
         if problems:
             raise RuleError(problems)
         return self
@@ -446,6 +479,20 @@ class Settings(BaseSettings):
                     f"too long: {what} {name} would be {len(name)} characters, "
                     f"X.509 allows {MAX_COMMON_NAME}",
                 )
+
+    def _kong_ca_names_taken(self) -> Iterator[tuple[str, str]]:
+        """Objects of other roles named like a Kong CA object (kong.clients[].secret is
+        checked in KongConfig)."""
+        named = [
+            ("linkerd.issuer_secret", self.linkerd.issuer_secret),
+            ("linkerd.trust_roots_configmap", self.linkerd.trust_roots_configmap),
+            *((f"bundles[{i}].configmap", b.configmap) for i, b in enumerate(self.bundles)),
+        ]
+        for path, name in named:
+            try:
+                check_not_kong_ca_name(name)
+            except ValueError as exc:
+                yield path, str(exc)
 
     # Derived defaults: computed, never stored, so they follow the fields they depend on.
 

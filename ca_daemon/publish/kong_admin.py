@@ -10,9 +10,13 @@ reconciliation that needs no memory of earlier passes:
 
 Writes happen only where the live entity differs, ``PUT`` (an upsert that replaces) is sent
 with every field, and everything the daemon owns carries ``MANAGED_TAG``: entities without
-it are never changed or deleted. A retired root is deleted only once no Service lists it in
-``ca_certificates``. Kong in DB-less mode refuses every Admin API write; that is detected up
-front and reported once, with nothing written.
+it are never changed or deleted. Every write is read back: Kong (or a proxy in front of
+it) answering 200 while holding something else is a publish failure, not a success. A
+client with ``verify_upstream`` has its Service list the trusted roots' CA Certificates in
+``ca_certificates``, with ``tls_verify`` on; the daemon owns both fields there. A retired
+root is deleted only once no Service lists it in ``ca_certificates``. Kong in DB-less mode
+refuses every Admin API write; that is detected up front and reported once, with nothing
+written.
 
 Tested against a stand-in Kong (tests/support/fake_kong_admin.py) that enforces Kong's entity rules,
 because no Kong binary can run in this project's test environment.
@@ -68,10 +72,35 @@ def client_certificate_id(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class ServiceWant:
+    certificate: str  # the client's Certificate id
+    ca_certificates: tuple[str, ...] = ()  # with verify_upstream: every trusted root's
+
+    def body(self) -> Entity:
+        """The fields to PATCH (only those the daemon owns on this Service)."""
+        body: Entity = {"client_certificate": {"id": self.certificate}}
+        if self.ca_certificates:
+            body |= {"ca_certificates": list(self.ca_certificates), "tls_verify": True}
+        return body
+
+
+def _service_view(service: Mapping[str, Any], want: ServiceWant) -> dict[str, Any]:
+    """The fields of ``service`` the daemon owns, as compared: Kong keeps ca_certificates
+    in the order sent, and the order means nothing to it."""
+    view: dict[str, Any] = {
+        "client_certificate": (service.get("client_certificate") or {}).get("id")
+    }
+    if want.ca_certificates:
+        view["ca_certificates"] = sorted(service.get("ca_certificates") or [])
+        view["tls_verify"] = service.get("tls_verify")
+    return view
+
+
+@dataclass(frozen=True)
 class Desired:
     certificates: dict[str, Entity]  # Certificate id → every field we PUT
     ca_certificates: dict[str, Entity]  # CA Certificate id → every field we PUT
-    services: dict[str, str]  # Kong Service name or id → Certificate id it must use
+    services: dict[str, ServiceWant]  # Kong Service name or id → what it must use
     problems: dict[str, str] = field(default_factory=dict)  # object → why it cannot be met
     generation: Generation = UNKNOWN  # of the CA part of the world
 
@@ -110,21 +139,25 @@ def desired_entities(world: TrustWorld, clients: Sequence[KongClient]) -> Desire
         stable_id(root): {"cert": render_pem([root]), "tags": [MANAGED_TAG, ROOT_TAG, *ca_tags]}
         for root in world.roots
     }
-    wanted: dict[str, list[str]] = {}
+    wanted: dict[str, list[KongClient]] = {}
     for client in clients:
         if client.service and client.name in world.kong_clients:
-            wanted.setdefault(client.service, []).append(client.name)
-    services: dict[str, str] = {}
+            wanted.setdefault(client.service, []).append(client)
+    roots = tuple(stable_id(root) for root in world.roots)
+    services: dict[str, ServiceWant] = {}
     problems: dict[str, str] = {}
-    for service, names in wanted.items():
-        if len(names) > 1:
+    for service, named in wanted.items():
+        if len(named) > 1:
             # A Service has one client certificate; picking one would flap between passes.
             problems[f"service/{service}"] = (
-                f"clients {', '.join(names)} all name this Kong Service, which can use only "
-                "one client certificate: give each client its own service"
+                f"clients {', '.join(c.name for c in named)} all name this Kong Service, which "
+                "can use only one client certificate: give each client its own service"
             )
         else:
-            services[service] = client_certificate_id(names[0])
+            (client,) = named
+            services[service] = ServiceWant(
+                client_certificate_id(client.name), roots if client.verify_upstream else ()
+            )
     return Desired(certificates, ca_certificates, services, problems, generation_of(world))
 
 
@@ -184,6 +217,10 @@ class KongUnavailable(PublishError):
 
 class KongRefused(PublishError):
     """Kong refused one request; the message is Kong's own, safe to report."""
+
+
+class KongMismatch(KongRefused):
+    """Kong accepted a write but, read back, holds something else."""
 
 
 class KongAdminPublisher:
@@ -346,10 +383,12 @@ class _Pass:
             self._guarded(f"ca_certificate/{ca_id}", self._put_ca, ca_id, body)
         for cert_id, body in desired.certificates.items():
             self._guarded(f"certificate/{cert_id}", self._put_certificate, cert_id, body)
-        for service, cert_id in desired.services.items():
-            if f"certificate/{cert_id}" in self.report.errors:
-                continue  # its certificate is not in Kong as wanted; that error says why
-            self._guarded(f"service/{service}", self._point_service, service, cert_id)
+        for service, want in desired.services.items():
+            needs = [f"certificate/{want.certificate}"]
+            needs += [f"ca_certificate/{ca_id}" for ca_id in want.ca_certificates]
+            if any(need in self.report.errors for need in needs):
+                continue  # what it would point at is not in Kong as wanted; that error says why
+            self._guarded(f"service/{service}", self._point_service, service, want)
         self._guarded("ca_certificates", self._retire_roots, set(desired.ca_certificates))
         self._guarded("certificates", self._retire_clients, set(desired.certificates))
 
@@ -394,6 +433,7 @@ class _Pass:
         assert want is not None
         if self._settle(obj, live, want, known=True):
             self.admin.write("PUT", f"/ca_certificates/{ca_id}", body)
+            self._read_back(obj, f"/ca_certificates/{ca_id}", want, _CA_FIELDS)
             self._wrote(obj, want)
 
     def _put_certificate(self, cert_id: str, body: Entity) -> None:
@@ -410,28 +450,61 @@ class _Pass:
             if ours != UNKNOWN and theirs > ours:
                 raise KongRefused(_newer(obj, theirs, ours, "overwriting"))
             self.admin.write("PUT", f"/certificates/{cert_id}", body)
+            self._read_back(obj, f"/certificates/{cert_id}", want, _CERT_FIELDS)
             self._wrote(obj, want)
 
-    def _point_service(self, service: str, cert_id: str) -> None:
+    def _read_back(
+        self, obj: str, path: str, want: Mapping[str, Any], fields: Sequence[str]
+    ) -> None:
+        """What Kong holds at ``path`` after a write must be what was written."""
+        held = _comparable(self.admin.get(path), fields)
+        if held != want:
+            # Names only: a value may be a key.
+            differ = [f for f in fields if held is None or held.get(f) != want.get(f)]
+            raise KongMismatch(
+                f"{obj}: Kong accepted the write but holds something else "
+                f"({', '.join(differ) if held is not None else 'nothing'} differ when read "
+                "back); not published"
+            )
+
+    def _point_service(self, service: str, want: ServiceWant) -> None:
         obj = f"service/{service}"
-        live = self.admin.get(f"/services/{service}")
+        path = f"/services/{service}"
+        live = self.admin.get(path)
         if live is None:
             raise KongRefused(
                 f"Kong has no Service {service!r} (named as a client's service): create it, "
                 "or fix kong.clients[].service"
             )
-        current = live.get("client_certificate") or {}
-        want = {"client_certificate": cert_id}
-        if not self._settle(obj, {"client_certificate": current.get("id")}, want):
+        body = want.body()
+        target = _service_view(body, want)
+        if not self._settle(obj, _service_view(live, want), target):
             return
         protocol = live.get("protocol")
         if protocol not in TLS_PROTOCOLS:
             raise KongRefused(
                 f"Kong Service {service!r} uses protocol {protocol}; Kong sends a client "
-                "certificate only over TLS, so the service must use protocol https (or tls)"
+                "certificate and verifies upstreams only over TLS, so the service must use "
+                "protocol https (or tls)"
             )
-        self.admin.write("PATCH", f"/services/{service}", {"client_certificate": {"id": cert_id}})
-        self._wrote(obj, want)
+        if want.ca_certificates:
+            # What a Service trusts is fenced like an entity: a deposed leader must not
+            # take a root off it. Its own tags are kept; the generation tag is ours.
+            theirs = entity_generation(live)
+            if self._generation != UNKNOWN and theirs[:2] > self._generation[:2]:
+                raise KongRefused(_newer(obj, theirs, self._generation, "updating"))
+            kept = [t for t in live.get("tags") or [] if not t.startswith(GENERATION_TAG_PREFIX)]
+            body["tags"] = kept + _generation_tags(self._generation)
+        self.admin.write("PATCH", path, body)
+        held = self.admin.get(path)
+        if held is None or _service_view(held, want) != target:
+            view = _service_view(held or {}, want)
+            differ = [f for f in target if view.get(f) != target[f]]
+            raise KongMismatch(
+                f"{obj}: Kong accepted the PATCH but holds something else ({', '.join(differ)} "
+                "differ when read back); not published"
+            )
+        self._wrote(obj, target)
 
     def _all_services(self) -> list[Entity]:
         if self._services is None:

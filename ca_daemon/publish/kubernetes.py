@@ -56,6 +56,9 @@ from ca_daemon.publish.k8s_objects import (
     content_hash,
     desired_objects,
     desired_service_patches,
+    named_cas,
+    trust_annotations,
+    verifying_namespaces,
     warning_event,
 )
 from ca_daemon.util.kube import KubeConflict, call
@@ -71,7 +74,16 @@ _MANAGED = f"{MANAGED_BY}={MANAGER}"
 # from it was not listed (the LIST failed): its objects are read one GET at a time.
 _Listed = dict[tuple[str, str], dict[str, Any]]
 # Objects that carry the trust bundle: a root rotation waits until all of them hold it.
-_BUNDLE_ROLES = {Role.LINKERD_ISSUER, Role.LINKERD_TRUST_ROOTS, Role.KONG_CA, Role.BUNDLE}
+_BUNDLE_ROLES = {
+    Role.LINKERD_ISSUER,
+    Role.LINKERD_TRUST_ROOTS,
+    Role.KONG_CA,
+    Role.KONG_CA_REF,
+    Role.BUNDLE,
+}
+# On a Service that verifies its upstream: the journal generation its trust annotations
+# were written from, so that a deposed leader cannot name retired roots again.
+TRUST_GENERATION = "ca-daemon.io/trust-generation"
 
 
 def _decode(data: Mapping[str, str] | None) -> dict[str, str]:
@@ -153,6 +165,32 @@ def _fence(obj: DesiredObject, live: Any) -> None:
         )
 
 
+def _fence_service(patch: ServicePatch, live: Any) -> None:
+    """As _fence, for the trust annotations of a verifying Service."""
+    theirs = parse_generation((live.metadata.annotations or {}).get(TRUST_GENERATION))
+    if patch.generation != UNKNOWN and theirs[:2] > patch.generation[:2]:
+        raise KubeError(
+            f"{patch.ref}: its CA certificates were named from journal generation "
+            f"{format_generation(theirs)}, newer than this pass's "
+            f"{format_generation(patch.generation)} (another replica leads now?); not going "
+            f"back. If the journal was restored or rebuilt on purpose, remove the "
+            f"{TRUST_GENERATION} annotation"
+        )
+
+
+class _ServiceMissing(KubeError):
+    """The Service to annotate does not exist: nothing there can name a CA."""
+
+
+@dataclass
+class _Annotated:
+    """What annotating one Service came to."""
+
+    report: PublishReport
+    missing: bool = False
+    trusts_bundle: bool = True  # names every trusted root (or does not verify)
+
+
 class KubernetesPublisher:
     def __init__(self, settings: Settings, api: client.ApiClient) -> None:
         self.settings = settings
@@ -180,22 +218,42 @@ class KubernetesPublisher:
         self._parallel(
             lambda i: self._reconcile_guarded(desired[i], own[i], listed), range(len(desired))
         )
+        # In place before this pass wrote anything: KIC has had a sync to see them.
+        ready = {o.ref for o, r in zip(desired, own, strict=True) if not (r.changed or r.errors)}
         patches = desired_service_patches(world, self.settings)
         services = self._list_services(
             {ns for _, ns in _crowded(("", p.namespace) for p in patches)}
         )
-        own_patches = [PublishReport(self.description) for _ in patches]
+        annotated = [_Annotated(PublishReport(self.description)) for _ in patches]
         self._parallel(
-            lambda i: self._annotate_guarded(patches[i], own_patches[i], services),
+            lambda i: self._annotate_guarded(patches[i], annotated[i], services, ready),
             range(len(patches)),
         )
-        for part in own + own_patches:
+        for part in own + [a.report for a in annotated]:
             report.changed += part.changed
             report.drifted += part.drifted
             report.errors.update(part.errors)
-        self._retire_kong_cas(desired, report, listed, generation_of(world))
+        # A verifying Service not brought up to date may still name what retires now.
+        unsettled = {
+            p.namespace
+            for p, a in zip(patches, annotated, strict=True)
+            if p.trust and a.report.errors and not a.missing
+        }
+        lingering = self._retire_references(world, desired, report, listed, unsettled)
+        self._retire_kong_cas(desired, report, listed, generation_of(world), lingering)
         carriers = {o.ref for o in desired if o.role in _BUNDLE_ROLES}
+        # A verifying Service carries the bundle too (Kong trusts what it names); one that
+        # does not exist trusts nothing and holds nothing up.
+        carriers |= {
+            p.ref for p, a in zip(patches, annotated, strict=True) if p.trust and not a.missing
+        }
         report.bundle_errors = [ref for ref in report.errors if ref in carriers]
+        # Not an error: the roots it does not name yet are named on the next pass.
+        report.bundle_errors += [
+            f"{p.ref} (names the new root on the next pass)"
+            for p, a in zip(patches, annotated, strict=True)
+            if not a.trusts_bundle and p.ref not in report.errors
+        ]
         return report
 
     def _parallel(self, work: Callable[[int], None], items: Iterable[int]) -> None:
@@ -388,16 +446,26 @@ class KubernetesPublisher:
     # --- services and retired CAs ----------------------------------------------------------
 
     def _annotate_guarded(
-        self, patch: ServicePatch, report: PublishReport, listed: dict[str, dict[str, Any]]
+        self,
+        patch: ServicePatch,
+        out: _Annotated,
+        listed: dict[str, dict[str, Any]],
+        ready: set[str],
     ) -> None:
         try:
-            self._annotate_service(patch, report, listed)
+            out.trusts_bundle = self._annotate_service(patch, out.report, listed, ready)
         except KubeError as exc:
-            report.errors[patch.ref] = str(exc)
+            out.report.errors[patch.ref] = str(exc)
+            out.missing = isinstance(exc, _ServiceMissing)
 
     def _annotate_service(
-        self, patch: ServicePatch, report: PublishReport, listed: dict[str, dict[str, Any]]
-    ) -> None:
+        self,
+        patch: ServicePatch,
+        report: PublishReport,
+        listed: dict[str, dict[str, Any]],
+        ready: set[str],
+    ) -> bool:
+        """Annotate the Service; whether it names every trusted root (when it verifies)."""
         what = f"annotate {patch.ref}"
         found = listed.get(patch.namespace)
         if found is not None:
@@ -413,22 +481,118 @@ class KubernetesPublisher:
             )
             live = None if doc is None else _live(doc)
         if live is None:
-            raise KubeError(
+            raise _ServiceMissing(
                 f"{what}: Service not found; create it or fix kong.clients[].service "
                 "(its client Secret is published anyway)"
             )
-        if not _missing_or_different(patch.annotations, live.metadata.annotations):
-            return
+        annotations = dict(patch.annotations)
+        trusts_bundle = True
+        if patch.trust:
+            kong_ns = self.settings.kong.namespace
+            usable = {
+                name
+                for name in patch.trust
+                if f"secret/{kong_ns}/{name}" in ready
+                and f"configmap/{patch.namespace}/{name}" in ready
+            }
+            trust = trust_annotations(patch.trust, live.metadata.annotations, usable)
+            trusts_bundle = named_cas(trust) == list(patch.trust)
+            if _missing_or_different(trust, live.metadata.annotations):
+                _fence_service(patch, live)
+                annotations |= trust
+                if patch.generation != UNKNOWN:
+                    annotations[TRUST_GENERATION] = format_generation(patch.generation)
+        if not _missing_or_different(annotations, live.metadata.annotations):
+            return trusts_bundle
         call(
             what,
             self.core.patch_namespaced_service,
             patch.name,
             patch.namespace,
-            {"metadata": {"annotations": dict(patch.annotations)}},
+            {"metadata": {"annotations": annotations}},
             _content_type="application/merge-patch+json",
             raw=True,
         )
         report.changed.append(patch.ref)
+        return trusts_bundle
+
+    def _retire_references(
+        self,
+        world: TrustWorld,
+        desired: list[DesiredObject],
+        report: PublishReport,
+        listed: _Listed,
+        unsettled: set[str],
+    ) -> set[str]:
+        """Delete the CA references of retired roots in each verifying namespace; return
+        the names of every one found (deleted or not): their roots' Kong CA Secrets stay
+        one more pass, because KIC may see those go before it sees the Services stop
+        naming them, and a Service naming a missing CA verifies against nothing of ours."""
+        generation = generation_of(world)
+        found: set[str] = set()
+        for namespace in verifying_namespaces(world, self.settings):
+            keep = {
+                o.name for o in desired if o.role == Role.KONG_CA_REF and o.namespace == namespace
+            }
+            where = f"configmap/{namespace}/kong-upstream-ca-*"
+            try:
+                refs = self._managed_with_role("ConfigMap", namespace, Role.KONG_CA_REF, listed)
+                stale = [r for r in refs if r.metadata.name not in keep]
+                found |= {r.metadata.name for r in stale}
+                if stale and namespace in unsettled:
+                    report.errors[where] = (
+                        f"references of retired roots kept: a verifying Service in {namespace} "
+                        "could not be updated this pass and may still name them"
+                    )
+                    continue
+                for ref in stale:
+                    self._delete_retired(
+                        "ConfigMap", namespace, ref, generation, report, "root retired"
+                    )
+            except KubeError as exc:
+                report.errors[where] = str(exc)
+        return found
+
+    def _managed_with_role(
+        self, kind: str, namespace: str, role: str, listed: _Listed
+    ) -> list[Any]:
+        """The objects of ``role`` in ``namespace``: from the pass's LIST of its managed
+        objects when it was made (those this pass created are kept anyway), else listed."""
+        known = listed.get((kind, namespace))
+        if known is not None:
+            return [o for o in known.values() if (o.metadata.labels or {}).get(ROLE) == role]
+        selector = f"{MANAGED_BY}={MANAGER},{ROLE}={role}"
+        what = f"list {kind}s of role {role} in {namespace}"
+        found = self._list(what, self._api(kind).list, namespace, label_selector=selector)
+        return list(found.values())
+
+    def _delete_retired(
+        self,
+        kind: str,
+        namespace: str,
+        live: Any,
+        generation: Generation,
+        report: PublishReport,
+        why: str,
+    ) -> None:
+        name = live.metadata.name
+        ref = f"{kind.lower()}/{namespace}/{name}"
+        theirs = parse_generation((live.metadata.annotations or {}).get(GENERATION))
+        if generation != UNKNOWN and theirs[:2] > generation[:2]:
+            # Written from a newer journal (another replica leads): not ours to drop.
+            report.errors[ref] = (
+                f"{ref} comes from journal generation {format_generation(theirs)}, "
+                f"newer than this pass's {format_generation(generation)}; not deleting it"
+            )
+            return
+        delete = (
+            self.core.delete_namespaced_secret
+            if kind == "Secret"
+            else self.core.delete_namespaced_config_map
+        )
+        call(f"delete {ref}", delete, name, namespace, raw=True)
+        self._written.discard(ref)
+        report.changed.append(f"{ref} (deleted: {why})")
 
     def _retire_kong_cas(
         self,
@@ -436,48 +600,19 @@ class KubernetesPublisher:
         report: PublishReport,
         listed: _Listed,
         generation: Generation,
+        lingering: set[str],
     ) -> None:
         kong = self.settings.kong
         if not (kong.enabled and kong.delivery == "kubernetes"):
             return
-        keep = {o.name for o in desired if o.role == Role.KONG_CA}
-        selector = f"{MANAGED_BY}={MANAGER},{ROLE}={Role.KONG_CA}"
-        what = f"list Kong CA Secrets in {kong.namespace}"
+        # A root whose references were still found this pass keeps its Secret one more.
+        keep = {o.name for o in desired if o.role == Role.KONG_CA} | lingering
         try:
-            # The pass's LIST of the namespace's managed Secrets has them all (those it
-            # created since are kept anyway); list again only when it was not made.
-            known = listed.get(("Secret", kong.namespace))
-            if known is not None:
-                secrets = [
-                    s for s in known.values() if (s.metadata.labels or {}).get(ROLE) == Role.KONG_CA
-                ]
-            else:
-                listed_now = self._list(
-                    what, self.core.list_namespaced_secret, kong.namespace, label_selector=selector
-                )
-                secrets = list(listed_now.values())
-            for secret in secrets:
-                name = secret.metadata.name
-                if name in keep:
-                    continue
-                ref = f"secret/{kong.namespace}/{name}"
-                theirs = parse_generation((secret.metadata.annotations or {}).get(GENERATION))
-                if generation != UNKNOWN and theirs[:2] > generation[:2]:
-                    # Written from a newer journal (another replica leads): not ours to drop.
-                    report.errors[ref] = (
-                        f"{ref} comes from journal generation {format_generation(theirs)}, "
-                        f"newer than this pass's {format_generation(generation)}; not deleting it"
+            for secret in self._managed_with_role("Secret", kong.namespace, Role.KONG_CA, listed):
+                if secret.metadata.name not in keep:
+                    self._delete_retired(
+                        "Secret", kong.namespace, secret, generation, report, "root retired"
                     )
-                    continue
-                call(
-                    f"delete {ref}",
-                    self.core.delete_namespaced_secret,
-                    name,
-                    kong.namespace,
-                    raw=True,
-                )
-                self._written.discard(ref)
-                report.changed.append(f"{ref} (deleted: root retired)")
         except KubeError as exc:
             report.errors[f"secret/{kong.namespace}/kong-upstream-ca-*"] = str(exc)
 

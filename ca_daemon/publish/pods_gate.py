@@ -158,3 +158,9 @@ def pending_event_name(trust_roots_configmap: str) -> str:
     """The one Event that reports laggards (on the trust-roots ConfigMap): a fixed name,
     so that each pass updates it instead of adding another, and RBAC can pin it."""
     return f"{trust_roots_configmap}.ca-daemon-pods-pending"
+
+
+def issuer_event_name(issuer_secret: str) -> str:
+    """The one Event that reports an issuer Linkerd refused or never confirmed (on the
+    issuer Secret): a fixed name, updated in place, that RBAC can pin."""
+    return f"{issuer_secret}.ca-daemon-issuer-unconfirmed"

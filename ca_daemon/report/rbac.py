@@ -3,7 +3,10 @@ plus one ClusterRole when Linkerd's meshed Pods (which live anywhere) must be re
 
 Names are pinned with resourceNames wherever Kubernetes allows it (``create`` and
 ``list`` cannot be pinned; Kong CA Secrets are named after root fingerprints, so
-they need get/list/update/delete by label in the Kong namespace; the workloads
+they need get/list/update/delete by label in the Kong namespace, and so do the CA
+reference ConfigMaps in each namespace with a ``verify_upstream`` client's Service:
+ConfigMaps, not Secrets, so that the daemon never needs to read an application's
+Secrets there; the workloads
 ``linkerd.restart`` rolls are found at run time, so their patch cannot be pinned).
 A pass reads a namespace's Secrets, ConfigMaps or Services to annotate with one LIST
 (Secrets and ConfigMaps by the ``managed-by`` label) when it holds LIST_FROM of them or
@@ -29,7 +32,7 @@ from typing import Any
 
 from ca_daemon.config.settings import Settings
 from ca_daemon.publish.k8s_objects import LIST_FROM, split_service
-from ca_daemon.publish.pods_gate import pending_event_name
+from ca_daemon.publish.pods_gate import issuer_event_name, pending_event_name
 
 ROLE_NAME = "ca-daemon"
 _RBAC = "rbac.authorization.k8s.io/v1"
@@ -56,6 +59,7 @@ def namespace_rules(
     configmaps: dict[str, list[str]] = defaultdict(list)
     services: dict[str, list[str]] = defaultdict(list)
     kong_ca_namespace: str | None = None
+    verifying: set[str] = set()
     linkerd = settings.linkerd
     if linkerd.enabled:
         ns = linkerd.namespace
@@ -68,6 +72,8 @@ def namespace_rules(
             if client.service:
                 ns, name = split_service(client.service, kong.namespace)
                 services[ns].append(name)
+                if client.verify_upstream:
+                    verifying.add(ns)
             else:
                 ns = kong.namespace
             secrets[ns].append(client.secret_name)
@@ -94,12 +100,23 @@ def namespace_rules(
     if kong_ca_namespace is not None:
         rules[kong_ca_namespace].append(_rule("secrets", ["get", "list", "update", "delete"]))
         rules[kong_ca_namespace].append(_rule("secrets", ["create"]))
+    for ns in sorted(verifying):
+        rules[ns].append(_rule("configmaps", ["get", "list", "update", "delete"]))
+        rules[ns].append(_rule("configmaps", ["create"]))
     if linkerd.enabled and linkerd.restart != "none":
         # The control plane's Deployments: their names vary with extensions, so unpinned.
         rules[linkerd.namespace].append(_rule("deployments", ["list", "patch"], group="apps"))
     if linkerd.enabled and linkerd.gate == "pods":
         event = pending_event_name(linkerd.trust_roots_configmap)
         rules[linkerd.namespace].append(_rule("events", ["get", "patch"], [event]))
+    if linkerd.enabled and linkerd.confirm == "events":
+        # Linkerd's identity controller answers with Events on its Deployment; an identity
+        # Pod started after the issuer loaded it without one. And our own Warning Event.
+        rules[linkerd.namespace] += [
+            _rule("events", ["list"]),
+            _rule("pods", ["list"]),
+            _rule("events", ["get", "patch"], [issuer_event_name(linkerd.issuer_secret)]),
+        ]
     if daemon_ns is not None and settings.leader_election_enabled:
         lease = settings.leader_election.lease
         group = "coordination.k8s.io"

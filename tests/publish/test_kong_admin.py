@@ -33,6 +33,8 @@ from tests.support.kong_delivery import (
     config_file,
     kong_setup,
     kong_stand_in,
+    only_report,
+    state_of,
 )
 from tests.support.pki import issue, make_ca, self_signed_root
 
@@ -43,16 +45,6 @@ pytestmark = pytest.mark.integration
 def kong() -> Iterator[FakeKong]:
     with kong_stand_in() as fake:
         yield fake
-
-
-def _report(result: PassResult) -> PublishReport:
-    (report,) = result.reports
-    return report
-
-
-def _state(result: PassResult) -> State:
-    assert result.state is not None
-    return result.state
 
 
 def _public(key_or_cert: Any) -> bytes:
@@ -82,7 +74,7 @@ def test_first_pass_publishes_everything_and_second_pass_writes_nothing(
     setup = kong_setup(tmp_path, kong)
     first = setup.engine.reconcile(now=NOW)
     assert first.ok, first.errors
-    state = _state(first)
+    state = state_of(first)
     store = kong.store
 
     assert set(store.certificates) == {cert_id(n) for n in CLIENTS}
@@ -106,7 +98,7 @@ def test_first_pass_publishes_everything_and_second_pass_writes_nothing(
         assert live is not None
         assert live["client_certificate"] == {"id": cert_id(name)}
 
-    report = _report(first)
+    report = only_report(first)
     assert set(report.changed) == {
         *(f"certificate/{cert_id(n)}" for n in CLIENTS),
         *(f"ca_certificate/{stable_id(r)}" for r in roots),
@@ -118,7 +110,7 @@ def test_first_pass_publishes_everything_and_second_pass_writes_nothing(
     second = setup.engine.reconcile(now=NOW.replace(hour=13))
     assert second.ok, second.errors
     assert store.writes == writes  # nothing differed, so nothing was written
-    assert _report(second).changed == []
+    assert only_report(second).changed == []
 
 
 def test_forced_rotation_updates_the_same_certificate_in_place(
@@ -134,7 +126,7 @@ def test_forced_rotation_updates_the_same_certificate_in_place(
     setup.engine.request_rotation("kong/payments", "test", now=NOW.replace(hour=13))
     result = setup.engine.reconcile(now=NOW.replace(hour=13, minute=1))
     assert result.ok, result.errors
-    state = _state(result)
+    state = state_of(result)
 
     assert set(store.certificates) == set(before)  # no new entity: the same id, updated
     updated = store.certificates[payments]
@@ -147,7 +139,7 @@ def test_forced_rotation_updates_the_same_certificate_in_place(
     assert store.certificates[cert_id("orders")] == before[cert_id("orders")]
     # The Service already points at that id: nothing but the one PUT was needed.
     assert store.writes[writes:] == [("PUT", f"/certificates/{payments}")]
-    report = _report(result)
+    report = only_report(result)
     assert report.changed == [f"certificate/{payments}"]
     assert report.drifted == []  # a rotation is the daemon's own change, not drift
     _assert_no_key_material(result, state)
@@ -162,7 +154,7 @@ def test_http_service_is_reported_and_the_rest_still_published(
     setup = kong_setup(tmp_path, kong)
 
     result = setup.engine.reconcile(now=NOW)
-    error = _report(result).errors
+    error = only_report(result).errors
     assert set(error) == {"service/orders-api"}
     assert "protocol http" in error["service/orders-api"]
     assert "must use protocol https" in error["service/orders-api"]
@@ -172,7 +164,7 @@ def test_http_service_is_reported_and_the_rest_still_published(
     assert payments is not None
     assert payments["client_certificate"] == {"id": cert_id("payments")}
     assert set(kong.store.certificates) == {cert_id(n) for n in CLIENTS}
-    _assert_no_key_material(result, _state(result))
+    _assert_no_key_material(result, state_of(result))
 
 
 def test_db_less_kong_gets_one_clear_error_and_no_write(tmp_path: Path, kong: FakeKong) -> None:
@@ -180,7 +172,7 @@ def test_db_less_kong_gets_one_clear_error_and_no_write(tmp_path: Path, kong: Fa
     setup = kong_setup(tmp_path, kong)
 
     result = setup.engine.reconcile(now=NOW)
-    report = _report(result)
+    report = only_report(result)
     assert list(report.errors) == ["kong"]
     message = report.errors["kong"]
     assert kong.url in message and "DB-less" in message and "database=off" in message
@@ -198,7 +190,7 @@ def test_wrong_token_is_a_clear_error_and_nothing_is_written(
     setup = kong_setup(tmp_path, kong, token="not-the-token")
 
     result = setup.engine.reconcile(now=NOW)
-    report = _report(result)
+    report = only_report(result)
     assert list(report.errors) == ["kong"]
     message = report.errors["kong"]
     assert kong.url in message and "HTTP 401" in message and "token_file" in message
@@ -212,7 +204,7 @@ def test_unreachable_kong_names_the_url(tmp_path: Path, kong: FakeKong) -> None:
         url = gone.url  # a port that was just served and is now closed
     setup = kong_setup(tmp_path, kong, url=url)
 
-    report = _report(setup.engine.reconcile(now=NOW))
+    report = only_report(setup.engine.reconcile(now=NOW))
     assert list(report.errors) == ["kong"]
     assert f"cannot reach the Kong Admin API at {url}" in report.errors["kong"]
 
@@ -230,7 +222,7 @@ def test_retired_root_is_deleted_only_once_no_service_references_it(
     setup = kong_setup(tmp_path, kong)
     first = setup.engine.reconcile(now=NOW)
     assert first.ok, first.errors
-    world = desired_world(_state(first), setup.settings)
+    world = desired_world(state_of(first), setup.settings)
     _, old = self_signed_root("old root")
     old_id = stable_id(old)
     with_old = replace(world, roots=(old, *world.roots))
@@ -259,7 +251,7 @@ def test_dropped_client_certificate_is_deleted_once_its_service_moves_off(
     setup = kong_setup(tmp_path, kong)
     first = setup.engine.reconcile(now=NOW)
     assert first.ok, first.errors
-    world = desired_world(_state(first), setup.settings)
+    world = desired_world(state_of(first), setup.settings)
     only_payments = replace(world, kong_clients={"payments": world.kong_clients["payments"]})
     orders = cert_id("orders")
 
@@ -279,7 +271,7 @@ def test_drift_is_reported_and_repaired(tmp_path: Path, kong: FakeKong) -> None:
     setup = kong_setup(tmp_path, kong)
     first = setup.engine.reconcile(now=NOW)
     assert first.ok, first.errors
-    state = _state(first)
+    state = state_of(first)
     store = kong.store
     payments, orders = cert_id("payments"), cert_id("orders")
     wanted = {k: dict(v) for k, v in store.certificates.items()}
@@ -294,7 +286,7 @@ def test_drift_is_reported_and_repaired(tmp_path: Path, kong: FakeKong) -> None:
 
     result = setup.engine.reconcile(now=NOW.replace(hour=13))
     assert result.ok, result.errors
-    report = _report(result)
+    report = only_report(result)
     assert set(report.drifted) == {
         f"certificate/{payments}",
         f"ca_certificate/{root_id}",
@@ -315,7 +307,7 @@ def test_edited_ca_certificate_is_drift_even_after_a_restart(
     kong.store.ca_certificates[root_id]["tags"] = ["edited"]
 
     restarted = kong_setup(tmp_path, kong)  # a new process remembers nothing it wrote
-    report = _report(restarted.engine.reconcile(now=NOW.replace(hour=13)))
+    report = only_report(restarted.engine.reconcile(now=NOW.replace(hour=13)))
     assert report.drifted == [f"ca_certificate/{root_id}"]
     assert "managed-by-ca-daemon" in kong.store.ca_certificates[root_id]["tags"]
 
@@ -334,8 +326,8 @@ def test_refused_certificate_is_left_as_is_and_its_key_never_reported(
     kong.store.fault = echo_body
     setup = kong_setup(tmp_path, kong)
     result = setup.engine.reconcile(now=NOW)
-    state = _state(result)
-    report = _report(result)
+    state = state_of(result)
+    report = only_report(result)
 
     assert set(report.errors) == {f"certificate/{payments}"}
     assert "refused by policy" in report.errors[f"certificate/{payments}"]
@@ -359,7 +351,8 @@ def test_https_admin_api_is_verified_against_the_configured_ca(tmp_path: Path) -
         for service in CLIENTS.values():
             kong.store.add_service(service)
 
-        refused = _report(kong_setup(tmp_path, kong, ca_cert=other_ca).engine.reconcile(now=NOW))
+        engine = kong_setup(tmp_path, kong, ca_cert=other_ca).engine
+        refused = only_report(engine.reconcile(now=NOW))
         assert list(refused.errors) == ["kong"]
         assert f"cannot reach the Kong Admin API at {kong.url}" in refused.errors["kong"]
         assert "CERTIFICATE_VERIFY_FAILED" in refused.errors["kong"]
@@ -438,5 +431,5 @@ def test_an_edited_certificate_is_drift_for_a_fresh_process_too(
     fresh = kong_setup(tmp_path, kong)  # another process: nothing remembered
     result = fresh.engine.reconcile(now=NOW.replace(minute=5))
     assert result.ok, result.errors
-    assert _report(result).drifted == [f"certificate/{payments}"]
+    assert only_report(result).drifted == [f"certificate/{payments}"]
     assert kong.store.certificates[payments]["cert"] == published["cert"]

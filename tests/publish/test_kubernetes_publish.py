@@ -76,12 +76,15 @@ def test_every_object_has_the_exact_shape(cluster: Cluster) -> None:
     assert client["type"] == "kubernetes.io/tls"
     assert set(client["data"]) == {"tls.crt", "tls.key"}
     _managed(client)
+    # Kong Operator / newer KIC ignore a Secret without this label, even when referenced.
+    assert client["metadata"]["labels"]["konghq.com/secret"] == "true"
     chain = _certs(b64(client, "tls.crt"))
     assert len(chain) == 2
     _identity(client, chain[0])
     assert c.secret(c.kong_ns, "kong-upstream-payments") is None
     orders = c.secret(c.kong_ns, "kong-upstream-orders")  # no service: kong.namespace
     assert orders["type"] == "kubernetes.io/tls"
+    assert orders["metadata"]["labels"]["konghq.com/secret"] == "true"
 
     service = c.get(f"/api/v1/namespaces/{c.app_ns}/services/payments-api")
     annotations = service["metadata"]["annotations"]
@@ -94,6 +97,7 @@ def test_every_object_has_the_exact_shape(cluster: Cluster) -> None:
     assert ca is not None
     _managed(ca)
     assert ca["metadata"]["labels"]["konghq.com/ca-cert"] == "true"
+    assert ca["metadata"]["labels"]["konghq.com/secret"] == "true"
     assert ca["metadata"]["annotations"]["kubernetes.io/ingress.class"] == "kong"
     assert set(ca["data"]) == {"cert", "id"}
     assert _certs(b64(ca, "cert")) == [root]

@@ -11,7 +11,10 @@ Admin API can trip over, and answers errors in Kong's JSON shape
 - CA Certificate: exactly one PEM certificate, CA=true, not expired; cert unique.
 - Service: ``client_certificate``, ``ca_certificates``, ``tls_verify`` and
   ``tls_verify_depth`` only when the protocol is https or tls; ``client_certificate``
-  must reference an existing Certificate, which then cannot be deleted.
+  must reference an existing Certificate, which then cannot be deleted;
+  ``ca_certificates`` is an array of UUIDs that Kong does not check against its CA
+  Certificates (not a foreign key: kong/db/schema/entities/services.lua), ``tls_verify``
+  a boolean.
 - A CA Certificate a Service still lists cannot be deleted.
 - ``Kong-Admin-Token`` is checked when a token is set (401 otherwise).
 - DB-less mode: ``GET /`` reports ``database: off`` and every write answers 405.
@@ -93,6 +96,10 @@ class KongStore:
     # Lets a test make Kong (or a proxy in front of it) misbehave: called with
     # (method, path, body) before the rules; a KongError it returns is the answer.
     fault: Callable[[str, str, Entity], KongError | None] | None = None
+    # Lets a test make a write that Kong answers as accepted store something else (a
+    # proxy or plugin rewriting bodies, a lost write): called with (method, path, body);
+    # the body it returns is stored, while the answer is made from the body sent.
+    rewrite: Callable[[str, str, Entity], Entity | None] | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
@@ -189,13 +196,24 @@ class KongStore:
 
     def check_service(self, entity: Entity) -> None:
         if entity.get("protocol") not in TLS_PROTOCOLS:
-            errors = {
+            not_null = {
                 f: "value must be null"
                 for f in TLS_ONLY_SERVICE_FIELDS
                 if entity.get(f) not in (None, [])
             }
-            if errors:
-                raise _schema_violation(errors)
+            if not_null:
+                raise _schema_violation(not_null)
+        errors: dict[str, str] = {}
+        cas = entity.get("ca_certificates")
+        if cas is not None and (
+            not isinstance(cas, list)
+            or any(not isinstance(c, str) or not _valid_uuid(c) for c in cas)
+        ):
+            errors["ca_certificates"] = "expected an array of valid UUIDs"
+        if entity.get("tls_verify") is not None and not isinstance(entity["tls_verify"], bool):
+            errors["tls_verify"] = "expected a boolean"
+        if errors:
+            raise _schema_violation(errors)
         ref = entity.get("client_certificate")
         if ref is not None:
             if not isinstance(ref, dict) or "id" not in ref:
@@ -345,12 +363,16 @@ def build_app(store: KongStore) -> Starlette:
         entity.update(body)
         entity["id"] = entity_id
         _validate(collection, entity, entity_id)
+        answer = dict(entity)
+        stored = _rewritten("PUT", collection, key, body)
+        if stored is not None:
+            entity = {**_defaults(collection, entity_id, existing), **stored, "id": entity_id}
         if existing is not None:
             existing.clear()
             existing.update(entity)
         else:
             store.table(collection)[entity_id] = entity
-        return JSONResponse(entity)
+        return JSONResponse(answer)
 
     def _patch(collection: str, key: str, body: Entity) -> Response:
         existing = _find(collection, key)
@@ -358,8 +380,17 @@ def build_app(store: KongStore) -> Starlette:
             return JSONResponse({"message": "Not found"}, status_code=404)
         entity = {**existing, **body, "id": existing["id"]}
         _validate(collection, entity, str(existing["id"]))
+        answer = dict(entity)
+        stored = _rewritten("PATCH", collection, key, body)
+        if stored is not None:
+            entity = {**existing, **stored, "id": existing["id"]}
         existing.update(entity)  # in place: tests may hold the entity they created
-        return JSONResponse(existing)
+        return JSONResponse(answer)
+
+    def _rewritten(method: str, collection: str, key: str, body: Entity) -> Entity | None:
+        if store.rewrite is None:
+            return None
+        return store.rewrite(method, f"/{collection}/{key}", dict(body))
 
     def _delete(collection: str, key: str, body: Entity) -> Response:
         existing = _find(collection, key)

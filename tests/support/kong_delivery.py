@@ -16,9 +16,12 @@ from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config.loading import load_settings
 from ca_daemon.config.settings import Settings
 from ca_daemon.journal.open import file_journal
+from ca_daemon.model.state import State
 from ca_daemon.pki.bundle import KONG_ID_NAMESPACE
+from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.kong_admin import KongAdminPublisher
 from ca_daemon.rotation.engine import Engine
+from ca_daemon.rotation.results import PassResult
 from tests.support.clock import NOW
 from tests.support.fake_kong_admin import FakeKong, serve
 
@@ -98,3 +101,14 @@ def kong_setup(
         [publisher],
     )
     return Setup(kong, settings, engine, publisher)
+
+
+def only_report(result: PassResult) -> PublishReport:
+    """The one publisher's report of a pass."""
+    (report,) = result.reports
+    return report
+
+
+def state_of(result: PassResult) -> State:
+    assert result.state is not None
+    return result.state

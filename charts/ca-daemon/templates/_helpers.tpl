@@ -84,6 +84,8 @@ Output: JSON {"namespaces": {ns: [rules]}, "cluster": [rules]}.
 {{- $linkerdNs := get $l "namespace" | default "linkerd" -}}
 {{- $restart := get $l "restart" | default "control-plane" -}}
 {{- $gate := get $l "gate" | default "pods" -}}
+{{- $confirm := get $l "confirm" | default "events" -}}
+{{- $issuerSecret := get $l "issuer_secret" | default "linkerd-identity-issuer" -}}
 {{- $trustRoots := get $l "trust_roots_configmap" | default "linkerd-identity-trust-roots" -}}
 {{- $k := get $c "kong" | default dict -}}
 {{- $kongEnabled := true -}}
@@ -95,6 +97,7 @@ Output: JSON {"namespaces": {ns: [rules]}, "cluster": [rules]}.
 {{- $secrets := dict -}}
 {{- $configmaps := dict -}}
 {{- $services := dict -}}
+{{- $verifying := dict -}}
 {{- $kongCaNs := "" -}}
 {{- if $linkerdEnabled -}}
 {{- $_ := set $secrets $linkerdNs (append (get $secrets $linkerdNs | default list) (get $l "issuer_secret" | default "linkerd-identity-issuer")) -}}
@@ -109,6 +112,7 @@ Output: JSON {"namespaces": {ns: [rules]}, "cluster": [rules]}.
 {{- $name := last $parts -}}
 {{- if gt (len $parts) 1 -}}{{- $ns = first $parts -}}{{- end -}}
 {{- $_ := set $services $ns (append (get $services $ns | default list) $name) -}}
+{{- if $client.verify_upstream -}}{{- $_ := set $verifying $ns true -}}{{- end -}}
 {{- end -}}
 {{- $secret := $client.secret | default (printf "kong-upstream-%s" $client.name) -}}
 {{- $_ := set $secrets $ns (append (get $secrets $ns | default list) $secret) -}}
@@ -146,6 +150,12 @@ Output: JSON {"namespaces": {ns: [rules]}, "cluster": [rules]}.
     (dict "apiGroups" (list "") "resources" (list "secrets") "verbs" (list "get" "list" "update" "delete"))
     (dict "apiGroups" (list "") "resources" (list "secrets") "verbs" (list "create")))) -}}
 {{- end -}}
+{{- /* CA reference ConfigMaps (verify_upstream) are named after root fingerprints. */ -}}
+{{- range $ns, $_ := $verifying -}}
+{{- $_ := set $rules $ns (concat (get $rules $ns | default list) (list
+    (dict "apiGroups" (list "") "resources" (list "configmaps") "verbs" (list "get" "list" "update" "delete"))
+    (dict "apiGroups" (list "") "resources" (list "configmaps") "verbs" (list "create")))) -}}
+{{- end -}}
 {{- if and $linkerdEnabled (ne $restart "none") -}}
 {{- $_ := set $rules $linkerdNs (append (get $rules $linkerdNs | default list)
     (dict "apiGroups" (list "apps") "resources" (list "deployments") "verbs" (list "list" "patch"))) -}}
@@ -153,6 +163,12 @@ Output: JSON {"namespaces": {ns: [rules]}, "cluster": [rules]}.
 {{- if and $linkerdEnabled (eq $gate "pods") -}}
 {{- $_ := set $rules $linkerdNs (append (get $rules $linkerdNs | default list)
     (dict "apiGroups" (list "") "resources" (list "events") "verbs" (list "get" "patch") "resourceNames" (list (printf "%s.ca-daemon-pods-pending" $trustRoots)))) -}}
+{{- end -}}
+{{- if and $linkerdEnabled (eq $confirm "events") -}}
+{{- $_ := set $rules $linkerdNs (concat (get $rules $linkerdNs | default list) (list
+    (dict "apiGroups" (list "") "resources" (list "events") "verbs" (list "list"))
+    (dict "apiGroups" (list "") "resources" (list "pods") "verbs" (list "list"))
+    (dict "apiGroups" (list "") "resources" (list "events") "verbs" (list "get" "patch") "resourceNames" (list (printf "%s.ca-daemon-issuer-unconfirmed" $issuerSecret))))) -}}
 {{- end -}}
 {{- /* Leader election (the chart turns it on): the one Lease, in the release namespace. */ -}}
 {{- $lease := get (get $c "leader_election" | default dict) "lease" | default "ca-daemon" -}}
