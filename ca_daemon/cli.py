@@ -104,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="check the live cluster instead (default when Kubernetes publishing is on)",
     )
+    verify.add_argument(
+        "--json",
+        action="store_true",
+        help="print the findings as JSON (docs/reference.md has the schema)",
+    )
 
     forecast.add_parser(commands)
     config = commands.add_parser("config", parents=[common], help="configuration tools")
@@ -341,6 +346,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     # local import: start-up time, each command loads only what it runs
+    from ca_daemon.report.findings import Report
     from ca_daemon.report.verify import Thresholds, verify_published
 
     thresholds = Thresholds.from_settings(settings)
@@ -356,15 +362,24 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             report = verify_cluster(api_client(args.kubeconfig), settings, now, thresholds)
         except KubeError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            if args.json:
+                unread = Report()
+                unread.add("cluster-unreadable", where, str(exc))
+                print(json.dumps(unread.as_json(where), indent=2))
             return EXIT_FAILED
     else:
         where = str(args.dir or settings.publish_directory)
         report = verify_published(settings, Path(where), now)
+    if args.json:
+        print(json.dumps(report.as_json(where), indent=2))
+        return EXIT_OK if report.ok else EXIT_FAILED
     for line in report.checked:
         print(f"checked {line}")
-    for problem in report.problems:
-        print(f"PROBLEM {problem}")
-    print(f"{where}: {'OK' if report.ok else f'{len(report.problems)} problem(s)'}")
+    for skipped in report.skipped:
+        print(f"SKIPPED {skipped}")
+    for found in report.findings:
+        print(f"PROBLEM {found.line}")
+    print(f"{where}: {'OK' if report.ok else f'{len(report.findings)} problem(s)'}")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
