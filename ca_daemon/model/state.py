@@ -130,6 +130,18 @@ class Rotation:
 
 
 @dataclass(frozen=True)
+class IssuerAnswer:
+    """What Linkerd's identity controller last said about the issuer with ``serial``
+    (hex): it loaded it (an ``IssuerUpdated`` Event, or an identity Pod that started
+    with it) or refused it (``IssuerUpdateSkipped``, ``IssuerValidationFailed``)."""
+
+    serial: str
+    loaded: bool
+    at: datetime
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class CaRecord:
     phase: Phase = Phase.STEADY
     phase_since: datetime | None = None
@@ -145,6 +157,9 @@ class CaRecord:
     # issued (or a phase entered) before then was published, so finding it missing is drift
     # whichever replica published it.
     published_at: datetime | None = None
+    # Linkerd's answer about the issuer last published (journaled, so every replica and
+    # the rotation's retirement decide on the same fact).
+    issuer_answer: IssuerAnswer | None = None
 
     def root(self, role: RootRole) -> RootEntry | None:
         return next((r for r in self.roots if r.role is role), None)
@@ -352,7 +367,26 @@ def ca_to_json(record: CaRecord) -> dict[str, Any]:
         "operations": [_operation_to_json(o) for o in record.operations],
         "epoch": record.epoch,
         "published_at": _iso(record.published_at),
+        "issuer_answer": _answer_to_json(record.issuer_answer),
     }
+
+
+def _answer_to_json(answer: IssuerAnswer | None) -> dict[str, Any] | None:
+    if answer is None:
+        return None
+    return {
+        "serial": answer.serial,
+        "loaded": answer.loaded,
+        "at": _iso(answer.at),
+        "message": answer.message,
+    }
+
+
+def _answer_from_json(data: Mapping[str, Any] | None) -> IssuerAnswer | None:
+    at = _time(data.get("at")) if data else None
+    if data is None or at is None:
+        return None
+    return IssuerAnswer(str(data["serial"]), bool(data["loaded"]), at, data.get("message") or "")
 
 
 def ca_from_json(data: Mapping[str, Any]) -> CaRecord:
@@ -385,6 +419,7 @@ def ca_from_json(data: Mapping[str, Any]) -> CaRecord:
         operations=tuple(_operation_from_json(o) for o in data.get("operations", [])),
         epoch=int(data.get("epoch") or 0),
         published_at=_time(data.get("published_at")),
+        issuer_answer=_answer_from_json(data.get("issuer_answer")),
     )
 
 

@@ -23,10 +23,17 @@ from kubernetes import client
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import KubeError
 from ca_daemon.publish.k8s_objects import warning_event
+from ca_daemon.publish.linkerd_identity import (
+    COMPONENT_LABEL,
+    Answer,
+    answer_from_events,
+    answer_from_pods,
+)
 from ca_daemon.publish.pods_gate import (
     CONTROL_PLANE_NS_LABEL,
     Pod,
     is_meshed,
+    issuer_event_name,
     pending_event_name,
     pod_ref,
 )
@@ -37,6 +44,7 @@ log = logging.getLogger(__name__)
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 PENDING_REASON = "TrustBundlePending"
+ISSUER_REASON = "IssuerNotConfirmed"
 # How many pod names the Event spells out; the rest is a count (status lists them all).
 EVENT_NAMES = 10
 _MESSAGE_LIMIT = 1024  # the API server's limit for an Event note
@@ -76,6 +84,7 @@ class LinkerdRollout:
         self.description = "linkerd-rollout"
         # The last (bundle hash, pods) reported, so an unchanged set writes nothing.
         self._reported: tuple[str, tuple[str, ...]] | None = None
+        self._issuer_reported: str | None = None  # the issuer problem last reported
 
     # --- restarts ----------------------------------------------------------------------------
 
@@ -187,6 +196,35 @@ class LinkerdRollout:
             )
         return workloads
 
+    # --- the identity controller's answer ----------------------------------------------------
+
+    def issuer_answer(self, since: datetime) -> Answer | None:
+        """What the identity controller said about the issuer made at ``since``: its Events
+        about its Deployment, and its Pods (one that started after ``since`` loaded it at
+        start, without an Event); the newer answer wins. None: no answer yet."""
+        linkerd = self.settings.linkerd
+        ns, deployment = linkerd.namespace, linkerd.identity_deployment
+        events = call(
+            f"list events in {ns}",
+            self.core.list_namespaced_event,
+            ns,
+            field_selector=f"involvedObject.name={deployment}",
+            raw=True,
+        )
+        pods = call(
+            f"list identity pods in {ns}",
+            self.core.list_namespaced_pod,
+            ns,
+            label_selector=f"{COMPONENT_LABEL}=identity",
+            raw=True,
+        )
+        answers = [
+            answer_from_events(events.get("items") or [], deployment, since),
+            answer_from_pods(pods.get("items") or [], since),
+        ]
+        found = [a for a in answers if a is not None]
+        return max(found, key=lambda a: a.at) if found else None
+
     # --- the pods gate -----------------------------------------------------------------------
 
     def _meshed_pods(self) -> Iterator[Pod]:
@@ -239,22 +277,44 @@ class LinkerdRollout:
             f"{len(pods)} meshed pod(s) do not yet hold the trust bundle "
             f"sha256:{bundle_hash[:16]} and must be restarted: {shown}{more}"
         )[:_MESSAGE_LIMIT]
+        linkerd = self.settings.linkerd
+        name = pending_event_name(linkerd.trust_roots_configmap)
         try:
-            self._write_event(message)
+            self._write_event(
+                name, PENDING_REASON, message, "ConfigMap", linkerd.trust_roots_configmap
+            )
         except KubeError as exc:
             log.warning("could not record event %s: %s", PENDING_REASON, exc)
             return
         self._reported = key
 
-    def _write_event(self, message: str) -> None:
+    def report_issuer(self, problem: str | None) -> None:
+        """One Warning Event on the issuer Secret while Linkerd refused the issuer, or said
+        nothing about it for ``linkerd.confirm_timeout``; written when the problem changes.
+        Best effort: a failure is logged, never raised."""
+        if problem is None or problem == self._issuer_reported:
+            self._issuer_reported = problem
+            return
         linkerd = self.settings.linkerd
-        ns, name = linkerd.namespace, pending_event_name(linkerd.trust_roots_configmap)
+        name = issuer_event_name(linkerd.issuer_secret)
+        try:
+            self._write_event(
+                name, ISSUER_REASON, problem[:_MESSAGE_LIMIT], "Secret", linkerd.issuer_secret
+            )
+        except KubeError as exc:
+            log.warning("could not record event %s: %s", ISSUER_REASON, exc)
+            return
+        self._issuer_reported = problem
+
+    def _write_event(self, name: str, reason: str, message: str, kind: str, about: str) -> None:
+        ns = self.settings.linkerd.namespace
         ref = f"event/{ns}/{name}"
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         live = call(f"read {ref}", self.core.read_namespaced_event, name, ns, missing_ok=True)
         if live is None:
             try:
-                call(f"create {ref}", self.core.create_namespaced_event, ns, self._event(message))
+                event = self._event(name, reason, message, kind, about)
+                call(f"create {ref}", self.core.create_namespaced_event, ns, event)
                 return
             except KubeConflict:  # created meanwhile (another replica): update it instead
                 live = call(f"read {ref}", self.core.read_namespaced_event, name, ns)
@@ -262,7 +322,7 @@ class LinkerdRollout:
             return  # e.g. reported by the process before a restart
         patch = {
             "type": "Warning",
-            "reason": PENDING_REASON,
+            "reason": reason,
             "message": message,
             "count": (live.count or 1) + 1,
             "lastTimestamp": now,
@@ -276,28 +336,26 @@ class LinkerdRollout:
             _content_type=_MERGE_PATCH,
         )
 
-    def _event(self, message: str) -> dict[str, Any]:
-        linkerd = self.settings.linkerd
-        ns, configmap = linkerd.namespace, linkerd.trust_roots_configmap
+    def _event(self, name: str, reason: str, message: str, kind: str, about: str) -> dict[str, Any]:
+        ns = self.settings.linkerd.namespace
         involved: dict[str, Any] = {
             "apiVersion": "v1",
-            "kind": "ConfigMap",
+            "kind": kind,
             "namespace": ns,
-            "name": configmap,
+            "name": about,
         }
+        read = (
+            self.core.read_namespaced_config_map
+            if kind == "ConfigMap"
+            else self.core.read_namespaced_secret
+        )
         try:
-            live = call(
-                f"read configmap/{ns}/{configmap}",
-                self.core.read_namespaced_config_map,
-                configmap,
-                ns,
-                missing_ok=True,
-            )
+            live = call(f"read {kind.lower()}/{ns}/{about}", read, about, ns, missing_ok=True)
         except KubeError:
             live = None  # the Event is still useful without the uid
         if live is not None:
             involved["uid"] = live.metadata.uid
-        metadata = {"name": pending_event_name(configmap), "namespace": ns}
+        metadata = {"name": name, "namespace": ns}
         return warning_event(
-            metadata, involved, PENDING_REASON, message, datetime.now(UTC), socket.gethostname()
+            metadata, involved, reason, message, datetime.now(UTC), socket.gethostname()
         )

@@ -12,6 +12,7 @@ from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import Operation, Phase, RootRole, State
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
+from ca_daemon.rotation.issuer_confirmation import confirmation
 from ca_daemon.rotation.plan import Observations, plan, renew_at, root_due_at
 from ca_daemon.rotation.steps import Wait
 
@@ -126,7 +127,24 @@ def status_view(
         "issuers": issuers,
         "clients": clients,
         "operations": [operation_view(op) for op in ca.operations],
+        "linkerd_issuer": linkerd_issuer_view(state, settings, now),
         "notes": notes(settings),
+    }
+
+
+def linkerd_issuer_view(state: State, settings: Settings, now: datetime) -> dict[str, Any] | None:
+    """Whether Linkerd's identity controller loaded the journal's issuer (None: not asked:
+    files only, Linkerd off or ``linkerd.confirm: none``)."""
+    found = confirmation(state, settings, now, settings.kubernetes_enabled)
+    if found is None:
+        return None
+    return {
+        "state": found.state,
+        "serial": found.serial,
+        "issued_at": _iso(found.issued),
+        "answered_at": optional_iso(found.answered_at),
+        "message": found.message,
+        "text": found.text(now),
     }
 
 
@@ -204,6 +222,8 @@ def render_table(view: dict[str, Any]) -> str:
     ]
     head = [f"note: {line}" for line in view.get("notes", [])]
     head.append(f"rotation phase: {view['phase']}")
+    if view.get("linkerd_issuer"):
+        head.append(f"linkerd: {view['linkerd_issuer']['text']}")
     rotation = view.get("rotation")
     if rotation:
         if rotation.get("waiting_for"):
@@ -244,10 +264,13 @@ def expired(state: State, settings: Settings, now: datetime) -> list[str]:
 
 
 def warnings(state: State, settings: Settings, now: datetime) -> list[str]:
-    """What is not yet broken but should not be: a steady root inside root.rotate_before."""
+    """What is not yet broken but should not be: a steady root inside root.rotate_before;
+    an issuer Linkerd refused or has not confirmed within linkerd.confirm_timeout."""
+    found = confirmation(state, settings, now, settings.kubernetes_enabled)
+    issuer = [found.text(now)] if found is not None and found.problem else []
     if state.ca.phase is not Phase.STEADY:
-        return []  # a rotation is under way: a root near its end is expected
-    return [
+        return issuer  # a rotation is under way: a root near its end is expected
+    return issuer + [
         f"trust anchor {r.ref} expires at {_when(r.cert.not_valid_after_utc)}, inside "
         f"root.rotate_before, and no root rotation has started: is the daemon running?"
         for r in state.ca.roots

@@ -30,6 +30,7 @@ from ca_daemon.model.state import (
 )
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.profiles import Kind, Subject, capped_validity, check_profile
+from ca_daemon.publish.linkerd_identity import Answer
 from ca_daemon.rotation.plan import retire_after
 from ca_daemon.rotation.rebuild import rebuild
 from ca_daemon.rotation.steps import (
@@ -67,6 +68,10 @@ class Rollout(Protocol):
     def pending_pods(self, bundle_pem: str, confirmed_at: datetime) -> list[str]: ...
 
     def report_pending(self, pods: list[str], bundle_hash: str) -> None: ...
+
+    def issuer_answer(self, since: datetime) -> Answer | None: ...
+
+    def report_issuer(self, problem: str | None) -> None: ...
 
 
 def require(

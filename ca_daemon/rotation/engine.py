@@ -30,6 +30,7 @@ from ca_daemon.model.state import (
     LINKERD_ISSUER,
     CaRecord,
     IssuedEntry,
+    IssuerAnswer,
     Operation,
     OpState,
     Phase,
@@ -41,6 +42,7 @@ from ca_daemon.pki.bundle import bundle_hash
 from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.rotation import ca_steps
 from ca_daemon.rotation.ca_steps import Rollout
+from ca_daemon.rotation.issuer_confirmation import confirmation
 from ca_daemon.rotation.plan import Observations, covers, plan
 from ca_daemon.rotation.renewals import credential_key, issue
 from ca_daemon.rotation.requests import check_target, ensure_can_start_rotation
@@ -77,6 +79,7 @@ log = logging.getLogger(__name__)
 # one pass. Reaching this means plan() is not converging: a bug, reported as an error.
 _MAX_ROUNDS = 50
 _PENDING_SHOWN = 20
+_ANSWER_SHOWN = 1024  # of the identity controller's message, as an Event note holds
 _BOOKKEEPING = (StartOperation, FinishOperation)
 
 
@@ -215,6 +218,8 @@ class Engine:
             result.errors.append(_describe(exc))
         if result.anchor_up and on_loaded is not None:
             on_loaded(state)
+        if result.anchor_up:
+            state = self._confirm_issuer(p, state)
 
         published: TrustWorld | None = None
         if result.anchor_up:
@@ -536,6 +541,39 @@ class Engine:
             p.result.errors.append(f"{what}: {_describe(exc)}")
             return state
         return replace(state, ca=record)
+
+    # --- Linkerd's answer about the issuer -----------------------------------------------------
+
+    def _confirm_issuer(self, p: _Pass, state: State) -> State:
+        """Ask Linkerd's identity controller about the journal's issuer until it loaded it;
+        journal its answer (every replica, and the rotation's retirement, decide on that)
+        and report a refusal, or a silence past ``linkerd.confirm_timeout``."""
+        before = confirmation(state, self.settings, p.now, self.rollout is not None)
+        if self.rollout is None or before is None:
+            return state
+        if before.state != "loaded":
+            issuer = state.linkerd_issuer
+            assert issuer is not None
+            try:
+                answer = self.rollout.issuer_answer(issuer.issued)
+            except Exception as exc:
+                p.result.errors.append(f"asking Linkerd about the issuer: {_describe(exc)}")
+                return state
+            if answer is not None:
+                found = IssuerAnswer(
+                    before.serial, answer.loaded, answer.at, answer.message[:_ANSWER_SHOWN]
+                )
+                if found != state.ca.issuer_answer:
+                    if found.loaded:
+                        log.info("Linkerd loaded issuer %s at %s", found.serial, found.at)
+                    else:
+                        log.warning("Linkerd refused issuer %s: %s", found.serial, found.message)
+                    record = replace(state.ca, issuer_answer=found)
+                    state = self._record(p, state, record, "recording Linkerd's answer")
+        after = confirmation(state, self.settings, p.now, True)
+        assert after is not None
+        self.rollout.report_issuer(after.text(p.now) if after.problem else None)
+        return state
 
     # --- operations --------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from ca_daemon.model.state import (
 from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem
 from ca_daemon.pki.profiles import Subject, subject_alt_names
 from ca_daemon.rotation.checks import UNTRUSTED, journal_problems
+from ca_daemon.rotation.issuer_confirmation import issuer_unconfirmed
 from ca_daemon.rotation.rebuild import ca_number
 from ca_daemon.rotation.steps import (
     ALL,
@@ -341,6 +342,9 @@ def _root_rotation(
         lagging = _under_old_chain(state, settings)
         if lagging:
             return [Wait(f"re-issuing under the new root: {lagging} credential(s) to go")]
+        unconfirmed = issuer_unconfirmed(state, settings, now, obs.cluster)
+        if unconfirmed is not None:
+            return [Wait(unconfirmed)]
         return [StartRetiring()]
     assert rotation.retire_after is not None
     if now >= rotation.retire_after:

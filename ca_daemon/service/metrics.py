@@ -14,6 +14,7 @@ from ca_daemon import __version__
 from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import OpState, Phase, State, trusted_roots
 from ca_daemon.report.status import cert_rows
+from ca_daemon.rotation.issuer_confirmation import confirmation
 from ca_daemon.rotation.results import PassResult
 from ca_daemon.rotation.steps import ISSUING_STEPS
 
@@ -100,6 +101,28 @@ class Metrics:
             "check_interval.",
             registry=r,
         )
+        # Linkerd's identity controller's answer about the issuer in the journal; absent
+        # when it is not asked (files only, Linkerd off, linkerd.confirm: none).
+        self.issuer_loaded = Gauge(
+            "ca_daemon_linkerd_issuer_loaded",
+            "1 when Linkerd's identity controller loaded the issuer (by serial), else 0.",
+            ("serial",),
+            registry=r,
+        )
+        self.issuer_unconfirmed = Gauge(
+            "ca_daemon_linkerd_issuer_unconfirmed_seconds",
+            "Seconds since the issuer was made that Linkerd has not confirmed loading it; "
+            "0 once it did.",
+            ("serial",),
+            registry=r,
+        )
+        self.issuer_problem = Gauge(
+            "ca_daemon_linkerd_issuer_problem",
+            "1 when Linkerd refused the issuer (refused) or said nothing about it for "
+            "linkerd.confirm_timeout (overdue).",
+            ("reason",),
+            registry=r,
+        )
         self.build_info = Gauge(
             "ca_daemon_build_info", "Build information.", ("version",), registry=r
         )
@@ -149,6 +172,20 @@ class Metrics:
         counts = collections.Counter(op.state for op in state.ca.operations)
         for op_state in OpState:
             self.operations.labels(op_state.value).set(counts.get(op_state, 0))
+        self._observe_issuer(state, settings, now)
+
+    def _observe_issuer(self, state: State, settings: Settings, now: datetime) -> None:
+        for gauge in (self.issuer_loaded, self.issuer_unconfirmed, self.issuer_problem):
+            gauge.clear()
+        found = confirmation(state, settings, now, settings.kubernetes_enabled)
+        if found is None:
+            return
+        loaded = found.state == "loaded"
+        self.issuer_loaded.labels(found.serial).set(1 if loaded else 0)
+        waited = 0.0 if loaded else max(0.0, (now - found.issued).total_seconds())
+        self.issuer_unconfirmed.labels(found.serial).set(float(int(waited)))
+        for reason in ("refused", "overdue"):
+            self.issuer_problem.labels(reason).set(1 if found.state == reason else 0)
 
 
 def _seconds(moment: datetime) -> float:

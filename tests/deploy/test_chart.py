@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from ca_daemon.config.loading import load_settings
+from ca_daemon.model.state import Phase
 from ca_daemon.report.rbac import manifests
 from ca_daemon.report.verify import Thresholds
 from ca_daemon.report.verify_cluster import verify_cluster
@@ -23,10 +24,12 @@ from ca_daemon.service.wiring import build_runtime
 from ca_daemon.util.kube import api_client
 from tests.support.cli import daemon_env
 from tests.support.kube_cluster import await_rbac
+from tests.support.linkerd_identity import IdentityStandIn
 from tests.support.metrics_exposition import METRIC_NAME, default_settings, exposition, samples
 from tests.support.rotation_harness import Clock
 from tests.support.servers.helm import Helm
 from tests.support.servers.kube import Kube
+from tests.support.servers.linkerd import LinkerdCheck
 from tests.support.servers.tools import free_port, unique
 
 pytestmark = pytest.mark.integration
@@ -424,7 +427,11 @@ def test_every_rendered_object_applies(helm: Helm, kube: Kube, tmp_path: Path) -
 
 
 def test_daemon_runs_as_the_charts_service_account(
-    helm: Helm, kube: Kube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    helm: Helm,
+    kube: Kube,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    linkerd_check: LinkerdCheck,
 ) -> None:
     ns, linkerd_ns, kong_ns, app_ns, bundle_ns = (
         unique(f"chart-{n}") for n in ("cad", "linkerd", "kong", "pay", "bundles")
@@ -492,8 +499,9 @@ def test_daemon_runs_as_the_charts_service_account(
         assert issuer.status_code == 200
         assert issuer.json()["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "ca-daemon"
 
-    # A whole root rotation, still as the chart's ServiceAccount (simulated clock).
-    _rotate_root_as(kubeconfig, config_file, monkeypatch)
+    # A whole root rotation, still as the chart's ServiceAccount (simulated clock), with
+    # Linkerd's identity controller confirming the new issuer (through its Events).
+    _rotate_root_as(kubeconfig, config_file, monkeypatch, kube, linkerd_ns, linkerd_check)
 
     # And nothing else: a Secret the chart does not name, in a namespace it writes to.
     with kube.http() as http:
@@ -511,11 +519,21 @@ def test_daemon_runs_as_the_charts_service_account(
             assert http.get(path).status_code == 403, path
 
 
-def _rotate_root_as(kubeconfig: Path, config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _rotate_root_as(
+    kubeconfig: Path,
+    config_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kube: Kube,
+    linkerd_ns: str,
+    linkerd_check: LinkerdCheck,
+) -> None:
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     settings = load_settings(config_file)
     runtime = build_runtime(settings)
     clock = Clock(datetime.now(UTC))
+    identity = IdentityStandIn(
+        kube, linkerd_ns, linkerd_check, config_file.parent, lambda: clock.now
+    )
     engine = Engine(
         settings,
         runtime.anchor,
@@ -534,8 +552,13 @@ def _rotate_root_as(kubeconfig: Path, config_file: Path, monkeypatch: pytest.Mon
         actions += [s.action for s in result.steps]
         if "Retire" in actions:
             break
+        if result.state.ca.phase is Phase.PROPAGATING and not identity.restarts:
+            identity.restart()  # rolled: it reads the two-root bundle
+        if identity.restarts:
+            identity.sync()
         clock.now += timedelta(hours=6)
     assert "Activate" in actions and "Retire" in actions, actions
+    assert [e["reason"] for e in identity.events][:1] == ["IssuerUpdated"], identity.events
     after = [r.ref for r in engine.journal.load().state.ca.roots]
     assert len(after) == 1 and after != before
     # What is published checks out as Linkerd and Kong would see it, at the clock's time.

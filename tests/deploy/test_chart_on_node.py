@@ -32,6 +32,7 @@ from ca_daemon.publish.pods_gate import pending_event_name
 from tests.support.chart_deployment import (
     APP,
     APP_NS,
+    IDENTITY,
     ISSUER_SECRET,
     KONG_NS,
     LINKERD_DEPLOYMENTS,
@@ -115,7 +116,7 @@ def deployed(
         configure_vault(kube, bao, workdir)
         for ns in (LINKERD_NS, KONG_NS, APP_NS):
             kube.create_namespace(ns)
-        install_control_plane(kube)
+        install_control_plane(kube, image)
         app_service(kube)
         release = Release(node, helm, workdir)
         content = values(image, kube, bao, CLIENTS)
@@ -403,6 +404,13 @@ def test_root_rotation_through_the_pods_survives_deleting_the_leader_twice(
         live = deployed.get(f"/apis/apps/v1/namespaces/{LINKERD_NS}/deployments/{name}")
         assert RESTARTED_AT in (live["spec"]["template"]["metadata"].get("annotations") or {})
     _check_linkerd(deployed, linkerd_check)
+    # Linkerd's identity controller, really restarted by the roll, loaded each issuer it
+    # was handed (under the new root too) and said so; retirement waited for that word.
+    events = deployed.get(
+        f"/api/v1/namespaces/{LINKERD_NS}/events?fieldSelector=involvedObject.name={IDENTITY}"
+    )
+    reasons = [e["reason"] for e in events["items"]]
+    assert "IssuerUpdated" in reasons and "IssuerUpdateSkipped" not in reasons, reasons
     # The re-created Pods are back: two Ready, one leads, the other stands by.
     leader, standby = _leader_and_standby(deployed)
     assert leader["metadata"]["name"] not in (seen["graceful"], seen["forced"])

@@ -41,7 +41,7 @@ Make = Callable[..., Settings]
 
 
 def test_gate_time_restart_none_needs_nothing_cluster_wide(make_settings: Make) -> None:
-    s = make_settings({"linkerd": {"gate": "time", "restart": "none"}})
+    s = make_settings({"linkerd": {"gate": "time", "restart": "none", "confirm": "none"}})
     assert _docs(s, "ClusterRole") == []
     assert _docs(s, "ClusterRoleBinding") == []
     rules = _linkerd_role(s)
@@ -50,7 +50,7 @@ def test_gate_time_restart_none_needs_nothing_cluster_wide(make_settings: Make) 
 
 
 def test_gate_pods_lists_pods_cluster_wide_and_updates_its_one_event(make_settings: Make) -> None:
-    s = make_settings({"linkerd": {"gate": "pods", "restart": "none"}})
+    s = make_settings({"linkerd": {"gate": "pods", "restart": "none", "confirm": "none"}})
     assert _cluster_rules(s) == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
     (binding,) = _docs(s, "ClusterRoleBinding")
     (role,) = _docs(s, "ClusterRole")
@@ -73,6 +73,25 @@ def test_gate_pods_lists_pods_cluster_wide_and_updates_its_one_event(make_settin
             "resourceNames": ["linkerd-identity-trust-roots.ca-daemon-pods-pending"],
         }
     ]
+
+
+def test_confirm_events_reads_linkerd_s_events_and_identity_pods_in_its_namespace_only(
+    make_settings: Make,
+) -> None:
+    s = make_settings({"linkerd": {"gate": "time", "restart": "none", "confirm": "events"}})
+    rules = _linkerd_role(s)
+    assert _grants(rules, "", "events") == {"create", "list", "get", "patch"}
+    assert _grants(rules, "", "pods") == {"list"}
+    pinned = [r for r in rules if "get" in r["verbs"] and "events" in r["resources"]]
+    assert pinned == [
+        {
+            "apiGroups": [""],
+            "resources": ["events"],
+            "verbs": ["get", "patch"],
+            "resourceNames": ["linkerd-identity-issuer.ca-daemon-issuer-unconfirmed"],
+        }
+    ]
+    assert _docs(s, "ClusterRole") == []  # nothing beyond the control plane's namespace
 
 
 def test_restart_control_plane_patches_deployments_in_linkerd_only(make_settings: Make) -> None:

@@ -6,15 +6,21 @@ a meshed workload whose Pods really run, and `helm install` with an operator's v
 The stand-in control plane: three Deployments named as Linkerd's, each Pod with a
 ``linkerd-proxy`` container whose trust anchors come from the trust-roots ConfigMap by
 ``configMapKeyRef`` (the kubelet resolves it when the container starts, as with Linkerd's
-``proxy.loadTrustBundleFromConfigMap``). The meshed workload is what Linkerd's injector
-writes: the control-plane label, the trust-root hash annotation and the anchors as a
-literal env value; the test plays the injector when it re-creates those Pods.
+``proxy.loadTrustBundleFromConfigMap``). ``linkerd-identity``'s Pod also runs the
+identity controller's issuer handling for real (tests/support/identity_controller.py, in
+the daemon's image, with the linkerd-check binary mounted): it reads the anchors when it
+starts, watches the mounted issuer Secret and records Linkerd's Events.
+
+The meshed workload is what Linkerd's injector writes: the control-plane label, the
+trust-root hash annotation and the anchors as a literal env value; the test plays the
+injector when it re-creates those Pods.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,6 +50,7 @@ PROPAGATION_DELAY = timedelta(seconds=10)
 ISSUER_SECRET = "linkerd-identity-issuer"
 TRUST_ANCHORS = "LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS"
 LINKERD_DEPLOYMENTS = ("linkerd-destination", "linkerd-identity", "linkerd-proxy-injector")
+IDENTITY = "linkerd-identity"
 # PID 1 of a busybox container ignores SIGTERM unless told otherwise.
 IDLE = ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
 
@@ -261,11 +268,82 @@ def _deployment(
     }
 
 
-def install_control_plane(kube: Kube) -> None:
+def install_control_plane(kube: Kube, image: Image) -> None:
     """The stand-in Linkerd control plane; its Pods start once the trust roots exist."""
     ref = {"valueFrom": {"configMapKeyRef": {"name": TRUST_ROOTS, "key": "ca-bundle.crt"}}}
     for name in LINKERD_DEPLOYMENTS:
-        kube.apply(_deployment(LINKERD_NS, name, ref, {}))
+        deployment = _deployment(LINKERD_NS, name, ref, {})
+        if name == IDENTITY:
+            _identity_controller(kube, deployment, image)
+        kube.apply(deployment)
+
+
+def _identity_controller(kube: Kube, deployment: dict[str, Any], image: Image) -> None:
+    """Run Linkerd's issuer handling in the identity Pod, as its ServiceAccount, which may
+    record Events in the control plane's namespace (as Linkerd's chart grants)."""
+    kube.create_service_account(LINKERD_NS, IDENTITY)
+    kube.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"namespace": LINKERD_NS, "name": IDENTITY},
+            "rules": [
+                {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "get", "patch"]}
+            ],
+        }
+    )
+    kube.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"namespace": LINKERD_NS, "name": IDENTITY},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": IDENTITY},
+            "subjects": [{"kind": "ServiceAccount", "name": IDENTITY, "namespace": LINKERD_NS}],
+        }
+    )
+    script = (ROOT / "tests" / "support" / "identity_controller.py").read_text()
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"namespace": LINKERD_NS, "name": "identity-stand-in"},
+            "data": {"identity_controller.py": script},
+        }
+    )
+    checker = os.path.realpath(shutil.which("linkerd-check") or "linkerd-check")
+    api_port = kube.server.rpartition(":")[2]
+    namespace = {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    template = deployment["spec"]["template"]
+    template["metadata"]["labels"]["linkerd.io/control-plane-component"] = "identity"
+    spec = template["spec"]
+    spec["serviceAccountName"] = IDENTITY
+    spec["automountServiceAccountToken"] = True
+    spec["containers"].append(
+        {
+            "name": "identity",
+            "image": image.name,
+            "imagePullPolicy": "Never",
+            "command": ["python3", "/stand-in/identity_controller.py"],
+            "env": [
+                {"name": "POD_NAMESPACE", "valueFrom": namespace},
+                # No kube-proxy on this node: the apiserver where it listens.
+                {"name": "KUBERNETES_SERVICE_HOST", "value": HOST_IP},
+                {"name": "KUBERNETES_SERVICE_PORT", "value": api_port},
+            ],
+            "volumeMounts": [
+                {"name": "trust-roots", "mountPath": "/var/run/linkerd/identity/trust-roots"},
+                {"name": "issuer", "mountPath": "/var/run/linkerd/identity/issuer"},
+                {"name": "stand-in", "mountPath": "/stand-in"},
+                {"name": "linkerd-check", "mountPath": "/opt/linkerd-check"},
+            ],
+        }
+    )
+    spec["volumes"] = [
+        {"name": "trust-roots", "configMap": {"name": TRUST_ROOTS}},
+        {"name": "issuer", "secret": {"secretName": ISSUER_SECRET}},
+        {"name": "stand-in", "configMap": {"name": "identity-stand-in"}},
+        {"name": "linkerd-check", "hostPath": {"path": checker, "type": "File"}},
+    ]
 
 
 def inject_app(kube: Kube, bundle: str) -> None:

@@ -37,6 +37,7 @@ from ca_daemon.pki.bundle import bundle_hash, fingerprint, parse_pem_certificate
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.publish.kubernetes import KubernetesPublisher
+from ca_daemon.publish.linkerd_identity import Answer
 from ca_daemon.publish.linkerd_rollout import RESTARTED_AT, LinkerdRollout
 from ca_daemon.report.rbac import manifests
 from ca_daemon.rotation.engine import Engine
@@ -79,9 +80,12 @@ def rotation_config(
     linkerd_ns: str | None = None,
     kong_ns: str = "kong",
     app_ns: str | None = None,
+    confirm: str = "none",
 ) -> Path:
     """Short lifetimes (the old chain is retired ~60h after activation), a propagation
-    delay of seconds, Kubernetes publishing when a Linkerd namespace is given."""
+    delay of seconds, Kubernetes publishing when a Linkerd namespace is given.
+    ``confirm``: whether retirement waits for Linkerd's identity controller to confirm
+    the new issuer ("events"; tests that play it: tests/support/linkerd_identity.py)."""
     payments: dict[str, Any] = {
         "name": "payments",
         "common_name": "kong.payments.upstream",
@@ -115,7 +119,12 @@ def rotation_config(
         config["publish"] = {"kubernetes": {"enabled": False}}
     else:
         config["publish"] = {"kubernetes": {"enabled": True}}
-        config["linkerd"] |= {"namespace": linkerd_ns, "restart": "control-plane", "gate": "pods"}
+        config["linkerd"] |= {
+            "namespace": linkerd_ns,
+            "restart": "control-plane",
+            "gate": "pods",
+            "confirm": confirm,
+        }
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -167,6 +176,7 @@ class RotationCluster:
     token: str  # the daemon's ServiceAccount
     root_mount: str
     kong_mount: str
+    sa_namespace: str  # the daemon's own: its ServiceAccount, Lease and Events
 
     @property
     def settings(self) -> Settings:
@@ -194,6 +204,12 @@ class RotationCluster:
         issuer = self.secret(self.linkerd_ns, ISSUER_SECRET)
         data = base64.b64decode(issuer["data"]["tls.crt"])
         return parse_pem_certificates(data, what="issuer")[0]
+
+    def issuer_cert_or_none(self) -> x509.Certificate | None:
+        """The issuer, or None before the first publish."""
+        if self.secret(self.linkerd_ns, ISSUER_SECRET) is None:
+            return None
+        return self.issuer_cert()
 
     def kong_ca_secrets(self) -> dict[str, str]:
         """Kong CA Secrets by name -> fingerprint of the root each holds."""
@@ -233,7 +249,7 @@ class RotationCluster:
 
 
 def make_rotation_cluster(
-    kube: Kube, vault: VaultAdmin, workdir: Path, prefix: str
+    kube: Kube, vault: VaultAdmin, workdir: Path, prefix: str, confirm: str = "none"
 ) -> RotationCluster:
     """Namespaces, Vault mounts named for this test, the daemon's ServiceAccount bound to
     `config rbac` output, and a Linkerd control plane made of Deployments."""
@@ -266,6 +282,7 @@ def make_rotation_cluster(
         linkerd_ns=linkerd_ns,
         kong_ns=kong_ns,
         app_ns=app_ns,
+        confirm=confirm,
     )
     kube.create_service_account(sa_ns, "ca-daemon")
     for doc in manifests(load_settings(config), sa_ns, "ca-daemon"):
@@ -284,6 +301,7 @@ def make_rotation_cluster(
         token,
         f"{mounts}-root",
         f"{mounts}-kong",
+        sa_ns,
     )
 
 
@@ -495,6 +513,12 @@ class RecordingRollout:
 
     def report_pending(self, pods: list[str], bundle_hash: str) -> None:
         self.inner.report_pending(pods, bundle_hash)
+
+    def issuer_answer(self, since: datetime) -> Answer | None:
+        return self.inner.issuer_answer(since)
+
+    def report_issuer(self, problem: str | None) -> None:
+        self.inner.report_issuer(problem)
 
 
 @dataclass

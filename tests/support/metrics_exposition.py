@@ -78,6 +78,14 @@ def exposition(settings: Settings, *, troubled: bool) -> str:
     assert result.ok is not troubled, result.errors
     metrics = Metrics()
     metrics.observe(result, settings, NOW)
+    if troubled and result.state is not None:
+        # As a daemon publishing to a cluster sees the issuer while Linkerd has not said
+        # it loaded it (the directory-only default never asks): the issuer gauges too.
+        publish = settings.publish.model_copy(
+            update={"kubernetes": settings.publish.kubernetes.model_copy(update={"enabled": True})}
+        )
+        clustered = settings.model_copy(update={"publish": publish})
+        metrics.observe_state(result.state, clustered, NOW)
     return generate_latest(metrics.registry).decode()
 
 

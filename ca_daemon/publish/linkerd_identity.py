@@ -1,0 +1,117 @@
+"""What Linkerd's identity controller says about the issuer it runs with.
+
+Linkerd's identity controller (linkerd2 ``pkg/identity/service.go``, ``Service.Run``)
+reloads its issuer whenever the files of the mounted issuer Secret change, and records an
+Event each time: Normal ``IssuerUpdated`` ("Updated identity issuer") when the new issuer
+loaded, Warning ``IssuerUpdateSkipped`` ("Skipping issuer update as certs could not be
+read from disk: <error>") when it did not, typically because it does not verify against
+the trust anchors the controller read once at start; the old issuer stays in use then.
+``Certify`` records Warning ``IssuerValidationFailed`` when the issuer in use no longer
+verifies (expired, or not under the anchors). ``controller/cmd/identity/main.go`` records
+them with client-go's EventBroadcaster as core/v1 Events, source component
+``linkerd-identity``, about ``{apps/v1 Deployment <namespace>/linkerd-identity}`` with no
+uid, in the control plane's namespace. client-go's correlator folds an identical repeat
+into the same Event (``count`` + 1, a new ``lastTimestamp``), so an Event's time is its
+``lastTimestamp`` (or ``eventTime``/``series`` when an events.k8s.io writer made it).
+
+No Event is recorded at start (``Initialize`` loads the files without one): an identity
+Pod whose container started, ready, after the issuer was made read that issuer then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+LOADED = "IssuerUpdated"
+SKIPPED = "IssuerUpdateSkipped"
+FAILED = "IssuerValidationFailed"
+# The label Linkerd's control-plane chart puts on the identity controller's Pods.
+COMPONENT_LABEL = "linkerd.io/control-plane-component"
+IDENTITY_CONTAINER = "identity"
+
+
+@dataclass(frozen=True)
+class Answer:
+    loaded: bool
+    at: datetime
+    message: str
+
+
+def _time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def event_time(event: Mapping[str, Any]) -> datetime | None:
+    """When an Event last happened, whichever API wrote it."""
+    series = event.get("series") or {}
+    times = [
+        _time(event.get("lastTimestamp")),
+        _time(series.get("lastObservedTime")),
+        _time(event.get("eventTime")),
+        _time(event.get("firstTimestamp")),
+    ]
+    found = [t for t in times if t is not None]
+    return max(found) if found else None
+
+
+def answer_from_events(
+    events: Iterable[Mapping[str, Any]], deployment: str, since: datetime
+) -> Answer | None:
+    """The identity controller's last word about an issuer made at ``since``: the newest of
+    its issuer Events about ``deployment`` from that second on (Event times have whole
+    seconds), or None when it said nothing since."""
+    floor = since.astimezone(UTC).replace(microsecond=0)
+    newest: tuple[datetime, Mapping[str, Any]] | None = None
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        if event.get("reason") not in (LOADED, SKIPPED, FAILED):
+            continue
+        if involved.get("kind") != "Deployment" or involved.get("name") != deployment:
+            continue
+        at = event_time(event)
+        if at is None or at < floor:
+            continue
+        if newest is None or at > newest[0]:
+            newest = (at, event)
+    if newest is None:
+        return None
+    at, event = newest
+    return Answer(event.get("reason") == LOADED, at, str(event.get("message") or ""))
+
+
+def answer_from_pods(pods: Iterable[Mapping[str, Any]], since: datetime) -> Answer | None:
+    """Every identity Pod ready with a container started after ``since``: each read the
+    issuer from disk at start, so it runs with the one made at ``since`` (or a newer one).
+    None when there is no such Pod, or one still runs from before."""
+    started: list[datetime] = []
+    for pod in pods:
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        status = pod.get("status") or {}
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        )
+        container = next(
+            (
+                c
+                for c in status.get("containerStatuses") or []
+                if c.get("name") == IDENTITY_CONTAINER
+            ),
+            None,
+        )
+        running = ((container or {}).get("state") or {}).get("running") or {}
+        at = _time(running.get("startedAt"))
+        if not ready or at is None or at <= since:
+            return None
+        started.append(at)
+    if not started:
+        return None
+    return Answer(True, max(started), "identity controller started with it")
