@@ -726,6 +726,7 @@ def _run_once_as(uid: int, config: Path, logs: Path) -> tuple[int, str]:
     import encodings.utf_8_sig  # noqa: F401  (the YAML loader's, imported on first use)
 
     import ca_daemon.cli as cli
+    import ca_daemon.daemon  # noqa: F401  (run's, with APScheduler's executors, on first use)
 
     with logs.open("wb") as out:
         pid = os.fork()
