@@ -23,12 +23,14 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import pytest
 
 from tests.support.fake_kong_admin import FakeKong, KongStore, serve
 from tests.support.kube_cluster import await_rbac
@@ -132,6 +134,16 @@ class RaftOpenBao:
         if self._server is not None:
             self._server.stop()
             self._server = None
+
+
+@pytest.fixture(scope="module")
+def raft_bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RaftOpenBao]:
+    """An OpenBao that can be killed and sealed, one per test module."""
+    server = RaftOpenBao(tmp_path_factory.mktemp("raft-openbao"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def write_token_file(path: Path, token: str) -> None:

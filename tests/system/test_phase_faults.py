@@ -45,7 +45,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -127,15 +127,6 @@ RENEWAL = "renewal"
 KONG_SERVICE = "payments-api"
 # Rotation passes on the wall clock before the propagation delay (3s) is surely over.
 WALL_PASSES = 40
-
-
-@pytest.fixture(scope="module")
-def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RaftOpenBao]:
-    server = RaftOpenBao(tmp_path_factory.mktemp("raft-openbao"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 # --- where a fault is timed inside a pass -----------------------------------------------------
@@ -601,14 +592,14 @@ def roots_in_bundle(w: World) -> list[str]:
 def test_fault_in_each_moment_keeps_the_credentials_and_the_work_resumes(
     kind: str,
     kube: Kube,
-    bao: RaftOpenBao,
+    raft_bao: RaftOpenBao,
     linkerd_check: LinkerdCheck,
     tmp_path: Path,
     subtests: pytest.Subtests,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="ca_daemon")
-    w = make_world(kind, kube, bao, tmp_path, linkerd_check)
+    w = make_world(kind, kube, raft_bao, tmp_path, linkerd_check)
     try:
         first = w.tick()
         assert first.ok, first.errors
@@ -828,18 +819,18 @@ def _failed_pass_with_vault_down(
 
 @pytest.mark.parametrize("kind", VAULT_KINDS)
 def test_a_vault_fault_before_a_due_renewal_counts_a_failed_rotation(
-    kind: str, bao: RaftOpenBao, tmp_path: Path
+    kind: str, raft_bao: RaftOpenBao, tmp_path: Path
 ) -> None:
     """The renewal cell's missing half: the issuer is due, Vault is down before the pass."""
-    metrics, _ = _failed_pass_with_vault_down(kind, bao, tmp_path)
+    metrics, _ = _failed_pass_with_vault_down(kind, raft_bao, tmp_path)
     assert metric(metrics, "ca_daemon_rotations_total", result="failure") > 0
 
 
 @pytest.mark.parametrize("kind", VAULT_KINDS)
 def test_a_vault_outage_is_not_reported_as_a_lost_journal(
-    kind: str, bao: RaftOpenBao, tmp_path: Path
+    kind: str, raft_bao: RaftOpenBao, tmp_path: Path
 ) -> None:
     """Moving a healthy journal aside because Vault was sealed would make the next pass
     rebuild it from the anchor: an outage must not be answered with that advice."""
-    _, errors = _failed_pass_with_vault_down(kind, bao, tmp_path)
+    _, errors = _failed_pass_with_vault_down(kind, raft_bao, tmp_path)
     assert errors and not any("move it aside" in e for e in errors), errors

@@ -8,12 +8,14 @@ TokenRequest works with the API server alone.
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import signal
 import ssl
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,8 @@ class Kube:
     admin_token: str
     admin_kubeconfig: Path
     workdir: Path
+    # own_kube's process, for tests that stop the apiserver itself and start it again.
+    apiserver: Apiserver | None = field(default=None, compare=False, repr=False)
 
     def http(self, token: str | None = None) -> httpx.Client:
         """httpx client authenticated with `token` (default: admin); use as a context manager."""
@@ -230,48 +234,76 @@ def own_kube(
     server_url = f"https://{address}:{port}"
     etcd_server, etcd_url = _start_etcd(etcd, workdir)
     with running(etcd_server):
-        api = ServerProcess(
-            "kube-apiserver",
-            [
-                apiserver,
-                f"--etcd-servers={etcd_url}",
-                f"--secure-port={port}",
-                f"--bind-address={address}",
-                f"--advertise-address={address}",
-                f"--cert-dir={workdir / 'certs'}",
-                f"--tls-cert-file={serving_crt}",
-                f"--tls-private-key-file={serving_key}",
-                "--authorization-mode=RBAC",
-                f"--token-auth-file={tokens}",
-                f"--service-account-issuer={server_url}",
-                f"--service-account-key-file={sa_key}",
-                f"--service-account-signing-key-file={sa_key}",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--allow-privileged=true",
-                # As envtest: the ServiceAccount admission plugin wants a `default` SA that
-                # only the controller-manager creates, absent but on the node.
-                *([] if controller_manager else ["--disable-admission-plugins=ServiceAccount"]),
-                *extra_args,
-            ],
-            log_path=workdir / "kube-apiserver.log",
+        argv = [
+            apiserver,
+            f"--etcd-servers={etcd_url}",
+            f"--secure-port={port}",
+            f"--bind-address={address}",
+            f"--advertise-address={address}",
+            f"--cert-dir={workdir / 'certs'}",
+            f"--tls-cert-file={serving_crt}",
+            f"--tls-private-key-file={serving_key}",
+            "--authorization-mode=RBAC",
+            f"--token-auth-file={tokens}",
+            f"--service-account-issuer={server_url}",
+            f"--service-account-key-file={sa_key}",
+            f"--service-account-signing-key-file={sa_key}",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=true",
+            # As envtest: the ServiceAccount admission plugin wants a `default` SA that
+            # only the controller-manager creates, absent but on the node.
+            *([] if controller_manager else ["--disable-admission-plugins=ServiceAccount"]),
+            *extra_args,
+        ]
+        process = Apiserver(argv, workdir / "kube-apiserver.log")
+        kube = Kube(
+            server=server_url,
+            ca_file=ca_file,
+            admin_token=admin_token,
+            admin_kubeconfig=workdir / "admin.kubeconfig",
+            workdir=workdir,
+            apiserver=process,
         )
-        with running(api):
-            kube = Kube(
-                server=server_url,
-                ca_file=ca_file,
-                admin_token=admin_token,
-                admin_kubeconfig=workdir / "admin.kubeconfig",
-                workdir=workdir,
-            )
-            kube.write_kubeconfig(admin_token, kube.admin_kubeconfig)
-
-            def ready() -> bool:
-                with kube.http() as http:
-                    return http.get("/readyz").status_code == 200
-
-            # /readyz turns 200 once RBAC bootstrap roles and the other post-start hooks ran.
-            api.wait_ready(ready, timeout=120)
+        kube.write_kubeconfig(admin_token, kube.admin_kubeconfig)
+        process.ready = lambda: _ready(kube)
+        process.start()
+        try:
             yield kube
+        finally:
+            process.stop()
+
+
+def _ready(kube: Kube) -> bool:
+    with kube.http() as http:
+        return http.get("/readyz").status_code == 200
+
+
+class Apiserver:
+    """own_kube's kube-apiserver: killed and started again on the same etcd, port, certs
+    and tokens, as a control-plane node that crashed and came back."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self.ready: Callable[[], bool] = lambda: True
+        self.process: ServerProcess | None = None
+
+    def start(self) -> None:
+        self.process = ServerProcess("kube-apiserver", self.argv, log_path=self.log_path)
+        # /readyz turns 200 once RBAC bootstrap roles and the other post-start hooks ran.
+        self.process.wait_ready(self.ready, timeout=120)
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, connections dropped, as when the node dies."""
+        assert self.process is not None
+        os.killpg(self.process.proc.pid, signal.SIGKILL)
+        self.process.proc.wait()
+        self.stop()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
 
 
 @pytest.fixture(scope="session")
