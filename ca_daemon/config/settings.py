@@ -195,7 +195,6 @@ class LinkerdConfig(Section):
     confirm: Literal["events", "none"] = "events"
     # An issuer with no answer for this long is reported (metric, alert, Warning Event).
     confirm_timeout: Duration = timedelta(minutes=10)
-    identity_deployment: ObjectName = "linkerd-identity"
 
 
 class KongIntermediate(Renewal):

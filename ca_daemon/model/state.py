@@ -131,13 +131,15 @@ class Rotation:
 
 @dataclass(frozen=True)
 class IssuerAnswer:
-    """What Linkerd's identity controller last said about the issuer with ``serial``
-    (hex): it loaded it (an ``IssuerUpdated`` Event, or an identity Pod that started
-    with it) or refused it (``IssuerUpdateSkipped``, ``IssuerValidationFailed``)."""
+    """The issuer with ``serial`` (hex), first written to the cluster at ``published_at``,
+    and what Linkerd's identity controller said about it since: loaded it (an
+    ``IssuerUpdated`` Event, or an identity Pod that started with it), refused it
+    (``IssuerUpdateSkipped``, ``IssuerValidationFailed``), or nothing yet (None)."""
 
     serial: str
-    loaded: bool
-    at: datetime
+    published_at: datetime
+    loaded: bool | None = None
+    at: datetime | None = None
     message: str = ""
 
 
@@ -376,6 +378,7 @@ def _answer_to_json(answer: IssuerAnswer | None) -> dict[str, Any] | None:
         return None
     return {
         "serial": answer.serial,
+        "published_at": _iso(answer.published_at),
         "loaded": answer.loaded,
         "at": _iso(answer.at),
         "message": answer.message,
@@ -383,10 +386,17 @@ def _answer_to_json(answer: IssuerAnswer | None) -> dict[str, Any] | None:
 
 
 def _answer_from_json(data: Mapping[str, Any] | None) -> IssuerAnswer | None:
-    at = _time(data.get("at")) if data else None
-    if data is None or at is None:
+    published = _time(data.get("published_at")) if data else None
+    if data is None or published is None:
         return None
-    return IssuerAnswer(str(data["serial"]), bool(data["loaded"]), at, data.get("message") or "")
+    loaded = data.get("loaded")
+    return IssuerAnswer(
+        str(data["serial"]),
+        published,
+        None if loaded is None else bool(loaded),
+        _time(data.get("at")),
+        data.get("message") or "",
+    )
 
 
 def ca_from_json(data: Mapping[str, Any]) -> CaRecord:

@@ -66,6 +66,8 @@ from ca_daemon.util.ratelimit import limit_kubernetes_client, limiter
 
 log = logging.getLogger(__name__)
 
+KUBERNETES = "kubernetes"  # this publisher's description, and its reports' target
+
 _ATTEMPTS = 3
 # Items per LIST page (client-go's pager uses the same).
 _PAGE = 500
@@ -195,7 +197,7 @@ class KubernetesPublisher:
     def __init__(self, settings: Settings, api: client.ApiClient) -> None:
         self.settings = settings
         self.core = client.CoreV1Api(api)
-        self.description = "kubernetes"
+        self.description = KUBERNETES
         self.concurrency = settings.publish.kubernetes.concurrency
         _pool_at_least(api, self.concurrency)
         k8s = settings.publish.kubernetes

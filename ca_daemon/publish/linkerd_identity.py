@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 LOADED = "IssuerUpdated"
 SKIPPED = "IssuerUpdateSkipped"
 FAILED = "IssuerValidationFailed"
+# controller/cmd/identity/main.go names the object of its Events with this constant,
+# whatever the Deployment is called.
+IDENTITY_DEPLOYMENT = "linkerd-identity"
 # The label Linkerd's control-plane chart puts on the identity controller's Pods.
 COMPONENT_LABEL = "linkerd.io/control-plane-component"
 IDENTITY_CONTAINER = "identity"
@@ -61,14 +64,17 @@ def event_time(event: Mapping[str, Any]) -> datetime | None:
     return max(found) if found else None
 
 
-def answer_from_events(
-    events: Iterable[Mapping[str, Any]], deployment: str, since: datetime
-) -> Answer | None:
-    """The identity controller's last word about an issuer made at ``since``: the newest of
-    its issuer Events about ``deployment`` from that second on (Event times have whole
-    seconds), or None when it said nothing since."""
-    floor = since.astimezone(UTC).replace(microsecond=0)
-    newest: tuple[datetime, Mapping[str, Any]] | None = None
+def _whole_second_after(moment: datetime) -> datetime:
+    """The first whole second not before ``moment``."""
+    moment = moment.astimezone(UTC)
+    floor = moment.replace(microsecond=0)
+    return floor if floor == moment else floor + timedelta(seconds=1)
+
+
+def _event_answers(
+    events: Iterable[Mapping[str, Any]], deployment: str, start: datetime
+) -> list[Answer]:
+    found = []
     for event in events:
         involved = event.get("involvedObject") or {}
         if event.get("reason") not in (LOADED, SKIPPED, FAILED):
@@ -76,20 +82,14 @@ def answer_from_events(
         if involved.get("kind") != "Deployment" or involved.get("name") != deployment:
             continue
         at = event_time(event)
-        if at is None or at < floor:
-            continue
-        if newest is None or at > newest[0]:
-            newest = (at, event)
-    if newest is None:
-        return None
-    at, event = newest
-    return Answer(event.get("reason") == LOADED, at, str(event.get("message") or ""))
+        if at is not None and at >= start:
+            found.append(Answer(event.get("reason") == LOADED, at, str(event.get("message") or "")))
+    return found
 
 
-def answer_from_pods(pods: Iterable[Mapping[str, Any]], since: datetime) -> Answer | None:
-    """Every identity Pod ready with a container started after ``since``: each read the
-    issuer from disk at start, so it runs with the one made at ``since`` (or a newer one).
-    None when there is no such Pod, or one still runs from before."""
+def answer_from_pods(pods: Iterable[Mapping[str, Any]], after: datetime) -> Answer | None:
+    """Every identity Pod ready with its container started after ``after``: each read the
+    issuer from disk at start. None when there is no such Pod, or one runs from before."""
     started: list[datetime] = []
     for pod in pods:
         if (pod.get("metadata") or {}).get("deletionTimestamp"):
@@ -109,9 +109,37 @@ def answer_from_pods(pods: Iterable[Mapping[str, Any]], since: datetime) -> Answ
         )
         running = ((container or {}).get("state") or {}).get("running") or {}
         at = _time(running.get("startedAt"))
-        if not ready or at is None or at <= since:
+        if not ready or at is None or at <= after:
             return None
         started.append(at)
     if not started:
         return None
     return Answer(True, max(started), "identity controller started with it")
+
+
+def decide(
+    events: Iterable[Mapping[str, Any]],
+    pods: Iterable[Mapping[str, Any]],
+    deployment: str,
+    published_at: datetime,
+) -> Answer | None:
+    """The identity controller's answer about the issuer first written to the cluster at
+    ``published_at``; None: nothing yet.
+
+    Only what happened from the next whole second on counts: Event times have whole
+    seconds, and a reload just before or in that second may be of the Secret's previous
+    contents (the controller reloads on any change of the mounted Secret, a new ``ca.crt``
+    included). A refusal outweighs any load: the replicas of an HA control plane record
+    Events that cannot be told apart, and one that refused keeps signing with the old
+    issuer; it is over only when every identity Pod started after it."""
+    start = _whole_second_after(published_at)
+    answers = _event_answers(events, deployment, start)
+    pods = list(pods)
+    refusals = [a for a in answers if not a.loaded]
+    if refusals:
+        refusal = max(refusals, key=lambda a: a.at)
+        return answer_from_pods(pods, refusal.at) or refusal
+    loads = [a for a in answers if a.loaded]
+    if loads:
+        return max(loads, key=lambda a: a.at)
+    return answer_from_pods(pods, start)

@@ -25,9 +25,9 @@ from ca_daemon.errors import KubeError
 from ca_daemon.publish.k8s_objects import warning_event
 from ca_daemon.publish.linkerd_identity import (
     COMPONENT_LABEL,
+    IDENTITY_DEPLOYMENT,
     Answer,
-    answer_from_events,
-    answer_from_pods,
+    decide,
 )
 from ca_daemon.publish.pods_gate import (
     CONTROL_PLANE_NS_LABEL,
@@ -198,17 +198,16 @@ class LinkerdRollout:
 
     # --- the identity controller's answer ----------------------------------------------------
 
-    def issuer_answer(self, since: datetime) -> Answer | None:
-        """What the identity controller said about the issuer made at ``since``: its Events
-        about its Deployment, and its Pods (one that started after ``since`` loaded it at
-        start, without an Event); the newer answer wins. None: no answer yet."""
-        linkerd = self.settings.linkerd
-        ns, deployment = linkerd.namespace, linkerd.identity_deployment
+    def issuer_answer(self, published_at: datetime) -> Answer | None:
+        """What the identity controller said about the issuer first written at
+        ``published_at``: its Events about its Deployment, and its Pods (decided by
+        ``linkerd_identity.decide``). None: no answer yet."""
+        ns = self.settings.linkerd.namespace
         events = call(
             f"list events in {ns}",
             self.core.list_namespaced_event,
             ns,
-            field_selector=f"involvedObject.name={deployment}",
+            field_selector=f"involvedObject.name={IDENTITY_DEPLOYMENT}",
             raw=True,
         )
         pods = call(
@@ -218,12 +217,9 @@ class LinkerdRollout:
             label_selector=f"{COMPONENT_LABEL}=identity",
             raw=True,
         )
-        answers = [
-            answer_from_events(events.get("items") or [], deployment, since),
-            answer_from_pods(pods.get("items") or [], since),
-        ]
-        found = [a for a in answers if a is not None]
-        return max(found, key=lambda a: a.at) if found else None
+        return decide(
+            events.get("items") or [], pods.get("items") or [], IDENTITY_DEPLOYMENT, published_at
+        )
 
     # --- the pods gate -----------------------------------------------------------------------
 

@@ -141,7 +141,7 @@ def linkerd_issuer_view(state: State, settings: Settings, now: datetime) -> dict
     return {
         "state": found.state,
         "serial": found.serial,
-        "issued_at": _iso(found.issued),
+        "published_at": _iso(found.since) if found.out else None,
         "answered_at": optional_iso(found.answered_at),
         "message": found.message,
         "text": found.text(now),

@@ -40,9 +40,10 @@ from ca_daemon.model.state import (
 from ca_daemon.model.world import TrustWorld, desired_world, newest_content
 from ca_daemon.pki.bundle import bundle_hash
 from ca_daemon.publish.base import Publisher, PublishReport
+from ca_daemon.publish.kubernetes import KUBERNETES
 from ca_daemon.rotation import ca_steps
 from ca_daemon.rotation.ca_steps import Rollout
-from ca_daemon.rotation.issuer_confirmation import confirmation
+from ca_daemon.rotation.issuer_confirmation import asks, confirmation, issuer_serial
 from ca_daemon.rotation.plan import Observations, covers, plan
 from ca_daemon.rotation.renewals import credential_key, issue
 from ca_daemon.rotation.requests import check_target, ensure_can_start_rotation
@@ -80,6 +81,7 @@ log = logging.getLogger(__name__)
 _MAX_ROUNDS = 50
 _PENDING_SHOWN = 20
 _ANSWER_SHOWN = 1024  # of the identity controller's message, as an Event note holds
+_NOTING = "noting Linkerd's issuer"
 _BOOKKEEPING = (StartOperation, FinishOperation)
 
 
@@ -226,7 +228,10 @@ class Engine:
             state, published = self._advance(p, state)
         if published is None and state.ca.active_root is not None and not p.refused:
             world = self._world(p, state)
+            first = len(result.reports)
             _, accepted = self._publish(p, world, state)
+            if result.anchor_up:
+                state = self._note_issuer_out(p, state, result.reports[first:])
             if accepted and result.anchor_up:
                 state = self._note_published(p, state, world)
         state = self._fail_operations(p, state)
@@ -299,7 +304,9 @@ class Engine:
             world = self._world(p, state)
             if world == published:
                 return state, published
+            first = len(p.result.reports)
             observations, accepted = self._publish(p, world, state)
+            state = self._note_issuer_out(p, state, p.result.reports[first:])
             state = self._record_pending(p, state, observations.pending_pods)
             if accepted:
                 state = self._note_published(p, state, world)
@@ -545,35 +552,60 @@ class Engine:
     # --- Linkerd's answer about the issuer -----------------------------------------------------
 
     def _confirm_issuer(self, p: _Pass, state: State) -> State:
-        """Ask Linkerd's identity controller about the journal's issuer until it loaded it;
-        journal its answer (every replica, and the rotation's retirement, decide on that)
-        and report a refusal, or a silence past ``linkerd.confirm_timeout``."""
-        before = confirmation(state, self.settings, p.now, self.rollout is not None)
-        if self.rollout is None or before is None:
+        """Ask Linkerd's identity controller about the issuer in the cluster, and journal
+        its answer (every replica, and the rotation's retirement, decide on that). Asked
+        until ``linkerd.confirm_timeout`` after it went out even once loaded: a replica of
+        an HA control plane may still refuse it. A refusal, or a silence past the timeout,
+        is reported."""
+        found = confirmation(state, self.settings, p.now, self.rollout is not None)
+        record = state.ca.issuer_answer
+        if self.rollout is None or found is None or record is None:
             return state
-        if before.state != "loaded":
-            issuer = state.linkerd_issuer
-            assert issuer is not None
+        timeout = self.settings.linkerd.confirm_timeout
+        settled = found.state == "loaded" and p.now >= record.published_at + timeout
+        if found.out and not settled:
             try:
-                answer = self.rollout.issuer_answer(issuer.issued)
+                answer = self.rollout.issuer_answer(record.published_at)
             except Exception as exc:
                 p.result.errors.append(f"asking Linkerd about the issuer: {_describe(exc)}")
                 return state
-            if answer is not None:
-                found = IssuerAnswer(
-                    before.serial, answer.loaded, answer.at, answer.message[:_ANSWER_SHOWN]
-                )
-                if found != state.ca.issuer_answer:
-                    if found.loaded:
-                        log.info("Linkerd loaded issuer %s at %s", found.serial, found.at)
-                    else:
-                        log.warning("Linkerd refused issuer %s: %s", found.serial, found.message)
-                    record = replace(state.ca, issuer_answer=found)
-                    state = self._record(p, state, record, "recording Linkerd's answer")
-        after = confirmation(state, self.settings, p.now, True)
-        assert after is not None
-        self.rollout.report_issuer(after.text(p.now) if after.problem else None)
+            heard = (answer.loaded, answer.at, answer.message[:_ANSWER_SHOWN]) if answer else None
+            if heard is not None and heard != (record.loaded, record.at, record.message):
+                loaded, at, message = heard
+                if loaded:
+                    log.info("Linkerd loaded issuer %s at %s", record.serial, at)
+                else:
+                    log.warning("Linkerd refused issuer %s: %s", record.serial, message)
+                updated = replace(record, loaded=loaded, at=at, message=message)
+                state = self._record(p, state, replace(state.ca, issuer_answer=updated), _NOTING)
+                found = confirmation(state, self.settings, p.now, True) or found
+        self.rollout.report_issuer(found.text(p.now) if found.problem else None)
         return state
+
+    def _note_issuer_out(self, p: _Pass, state: State, reports: Sequence[PublishReport]) -> State:
+        """Journal when the journal's issuer was first written to the cluster: Linkerd's
+        answers count from then on, never from before (it also reloads, and answers, when
+        only the Secret's ca.crt changes). An issuer already there when the journal has no
+        record at all (kept from before ca-daemon asked Linkerd) is taken as loaded."""
+        issuer = state.linkerd_issuer
+        record = state.ca.issuer_answer
+        if self.rollout is None or issuer is None or not asks(self.settings, True):
+            return state
+        serial = issuer_serial(issuer.cert)
+        if record is not None and record.serial == serial:
+            return state
+        linkerd = self.settings.linkerd
+        ref = f"secret/{linkerd.namespace}/{linkerd.issuer_secret}"
+        cluster = next((r for r in reversed(reports) if r.target == KUBERNETES), None)
+        if cluster is None or "*" in cluster.errors or ref in cluster.errors:
+            return state  # not out yet
+        if ref in cluster.changed:
+            noted = IssuerAnswer(serial, p.now)
+        elif record is None:
+            noted = IssuerAnswer(serial, p.now, True, p.now, "already published: not asked")
+        else:  # written by a pass that stopped before it could note it
+            noted = IssuerAnswer(serial, issuer.issued)
+        return self._record(p, state, replace(state.ca, issuer_answer=noted), _NOTING)
 
     # --- operations --------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ refused, or unanswered for ``linkerd.confirm_timeout``, is reported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
 
@@ -31,9 +31,15 @@ def _stamp(at: datetime) -> str:
 class IssuerConfirmation:
     state: Confirmation
     serial: str
-    issued: datetime
+    since: datetime  # when it was first written to the cluster (or made, until then)
     answered_at: datetime | None = None
     message: str = ""
+    out: bool = True  # written to the cluster yet
+
+    @property
+    def where(self) -> str:
+        since = _stamp(self.since)
+        return f"in the cluster since {since}" if self.out else f"made {since}, not yet published"
 
     def text(self, now: datetime) -> str:
         match self.state:
@@ -42,7 +48,7 @@ class IssuerConfirmation:
                 return f"Linkerd loaded issuer {self.serial} at {_stamp(self.answered_at)}"
             case "refused":
                 return f"Linkerd refused issuer {self.serial}: {self.message}"
-        waited = int((now - self.issued).total_seconds())
+        waited = int((now - self.since).total_seconds())
         return f"no answer from Linkerd about issuer {self.serial} after {waited}s"
 
     @property
@@ -50,22 +56,34 @@ class IssuerConfirmation:
         return self.state in ("refused", "overdue")
 
 
+def asks(settings: Settings, cluster: bool) -> bool:
+    """Whether Linkerd's identity controller is asked at all: Linkerd on, publishing to a
+    cluster to read its Events from, and ``linkerd.confirm: events``."""
+    linkerd = settings.linkerd
+    return linkerd.enabled and linkerd.confirm == "events" and cluster
+
+
 def confirmation(
     state: State, settings: Settings, now: datetime, cluster: bool
 ) -> IssuerConfirmation | None:
-    """Linkerd's answer about the journal's issuer; None when it cannot be asked: Linkerd
-    off, ``linkerd.confirm: none``, no issuer yet, or no cluster to read Events from."""
-    linkerd = settings.linkerd
+    """Linkerd's answer about the journal's issuer; None when it is not asked, or when the
+    journal never noted an issuer published (one from before ca-daemon asked Linkerd)."""
     issuer = state.linkerd_issuer
-    if not (linkerd.enabled and linkerd.confirm == "events" and cluster) or issuer is None:
+    record = state.ca.issuer_answer
+    if not asks(settings, cluster) or issuer is None or record is None:
         return None
     serial = issuer_serial(issuer.cert)
-    answer = state.ca.issuer_answer
-    if answer is not None and answer.serial == serial:
-        verdict: Confirmation = "loaded" if answer.loaded else "refused"
-        return IssuerConfirmation(verdict, serial, issuer.issued, answer.at, answer.message)
-    overdue = now - issuer.issued >= linkerd.confirm_timeout
-    return IssuerConfirmation("overdue" if overdue else "waiting", serial, issuer.issued)
+    if record.serial != serial:  # made, not yet out in the cluster
+        return replace(_waiting(serial, issuer.issued, now, settings), out=False)
+    if record.loaded is None:
+        return _waiting(serial, record.published_at, now, settings)
+    verdict: Confirmation = "loaded" if record.loaded else "refused"
+    return IssuerConfirmation(verdict, serial, record.published_at, record.at, record.message)
+
+
+def _waiting(serial: str, since: datetime, now: datetime, settings: Settings) -> IssuerConfirmation:
+    overdue = now - since >= settings.linkerd.confirm_timeout
+    return IssuerConfirmation("overdue" if overdue else "waiting", serial, since)
 
 
 def issuer_unconfirmed(
@@ -78,6 +96,5 @@ def issuer_unconfirmed(
     if found.state == "refused":
         return f"Linkerd's identity controller refused issuer {found.serial}: {found.message}"
     return (
-        f"waiting for Linkerd's identity controller to load issuer {found.serial} "
-        f"(issued {_stamp(found.issued)})"
+        f"waiting for Linkerd's identity controller to load issuer {found.serial} ({found.where})"
     )

@@ -182,7 +182,7 @@ class Metrics:
             return
         loaded = found.state == "loaded"
         self.issuer_loaded.labels(found.serial).set(1 if loaded else 0)
-        waited = 0.0 if loaded else max(0.0, (now - found.issued).total_seconds())
+        waited = 0.0 if loaded else max(0.0, (now - found.since).total_seconds())
         self.issuer_unconfirmed.labels(found.serial).set(float(int(waited)))
         for reason in ("refused", "overdue"):
             self.issuer_problem.labels(reason).set(1 if found.state == reason else 0)

@@ -10,10 +10,11 @@ by tests/linkerd-check, the faithful re-implementation of its checks.
   (``linkerd.io/control-plane-component: identity``, container ``identity``), ready, with
   the container's start time set through pods/status as the kubelet would.
 - ``sync()``: the kubelet updated the mounted Secret and fsnotify fired
-  (``Service.Run``): when the issuer changed, it is checked against the anchors read at
-  start; Normal ``IssuerUpdated`` "Updated identity issuer" when it loads, else Warning
-  ``IssuerUpdateSkipped`` "Skipping issuer update as certs could not be read from disk:
-  <Linkerd's error>", and the old issuer stays.
+  (``Service.Run``, on any change of the Secret's files, a new ``ca.crt`` alone too): the
+  issuer is checked against the anchors read at start; Normal ``IssuerUpdated``
+  "Updated identity issuer" when it loads, else Warning ``IssuerUpdateSkipped``
+  "Skipping issuer update as certs could not be read from disk: <Linkerd's error>", and
+  the old issuer stays.
 
 Events are recorded as client-go's EventBroadcaster does (``tools/record/event.go``
 ``makeEvent``, the correlator): core/v1, named ``<object>.<unix nanos in hex>``, about
@@ -54,23 +55,26 @@ class IdentityStandIn:
     workdir: Path
     now: Callable[[], datetime] = lambda: datetime.now(UTC)
     anchors: bytes = b""
-    issuer: tuple[bytes, bytes] | None = None  # tls.crt, tls.key as loaded
-    seen: tuple[bytes, bytes] | None = None  # the mounted files as last synced
+    issuer: tuple[bytes, ...] | None = None  # tls.crt, tls.key as loaded
+    seen: tuple[bytes, ...] | None = None  # the mounted files as last synced
     events: list[dict[str, Any]] = field(default_factory=list)
     restarts: int = 0
     _last: tuple[str, str, str] | None = None  # (name, reason, message) last recorded
 
-    def _files(self) -> tuple[bytes, bytes] | None:
+    def _files(self) -> tuple[bytes, ...] | None:
+        """tls.crt, tls.key and ca.crt: Linkerd reloads when any of the mounted files
+        changes (a new ca.crt alone too), though it reads only the first two."""
         secret = self.kube.get(f"/api/v1/namespaces/{self.namespace}/secrets/{ISSUER_SECRET}")
         if secret is None:
             return None
         data = secret["data"]
-        return base64.b64decode(data["tls.crt"]), base64.b64decode(data["tls.key"])
+        return tuple(base64.b64decode(data[k]) for k in ("tls.crt", "tls.key", "ca.crt"))
 
     def restart(self) -> None:
         cm = self.kube.get(f"/api/v1/namespaces/{self.namespace}/configmaps/{TRUST_ROOTS}")
         self.anchors = cm["data"]["ca-bundle.crt"].encode()
-        self.issuer = self.seen = self._files()
+        self.seen = self._files()
+        self.issuer = self.seen[:2] if self.seen else None
         self._last = None  # a new process: a new correlator cache
         self.restarts += 1
         self._pod()
@@ -81,16 +85,16 @@ class IdentityStandIn:
         if files is None or files == self.seen:
             return None
         self.seen = files
-        error = self._check(files)
+        error = self._check(files[:2])
         kind, reason, message = UPDATED if error is None else skipped(error)
         if error is None:
-            self.issuer = files
+            self.issuer = files[:2]
         self._record(kind, reason, message)
         return reason
 
-    def _check(self, files: tuple[bytes, bytes]) -> str | None:
+    def _check(self, files: tuple[bytes, ...]) -> str | None:
         """Linkerd's error for these issuer files under the anchors read at start."""
-        crt, key = files
+        crt, key = files[0], files[1]
         paths = {}
         for name, data in (("ca.crt", self.anchors), ("tls.crt", crt), ("tls.key", key)):
             paths[name] = self.workdir / f"identity-{name}"

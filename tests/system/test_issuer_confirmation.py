@@ -14,10 +14,12 @@ deciding with Linkerd's own checks (tests/linkerd-check).
    the alert reads is 1 and the daemon records a Warning Event; a restart of the identity
    controller confirms it, and the rotation goes on.
 3. A renewed issuer with no answer is reported once ``linkerd.confirm_timeout`` passed.
+4. An issuer that went out before ca-daemon asked Linkerd (an upgrade) is taken as loaded.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ca_daemon.journal.journal import Seen
 from ca_daemon.model.state import Phase
 from ca_daemon.publish.linkerd_rollout import ISSUER_REASON
 from ca_daemon.publish.pods_gate import issuer_event_name
@@ -86,7 +89,10 @@ def _start(
     mesh = Mesh(kube, cluster.linkerd_ns, cluster.app_ns)
     mesh.control_plane(started=d.clock.now - HOUR)
     first = _pass(d)
-    assert first.state is not None and first.state.ca.issuer_answer is None
+    assert first.state is not None and first.state.linkerd_issuer is not None
+    noted = first.state.ca.issuer_answer  # out in the cluster, nothing heard yet
+    assert noted is not None and noted.loaded is None
+    assert noted.serial == issuer_serial(first.state.linkerd_issuer.cert)
     identity = IdentityStandIn(
         kube, cluster.linkerd_ns, linkerd_check, workdir, lambda: d.clock.now
     )
@@ -115,6 +121,9 @@ def _activate(
         replaced = mesh.follow_restarts(c.restarted_at())
         if restart and any(p.startswith(f"{c.linkerd_ns}/{DEPLOYMENT}-") for p in replaced):
             identity.restart()
+        # The kubelet delivers the issuer Secret's new ca.crt: Linkerd reloads the old issuer
+        # and says IssuerUpdated, which must not count for the issuer activation publishes.
+        identity.sync()
     raise AssertionError(f"not activated after {WALL_PASSES} passes: {result.waiting}")
 
 
@@ -128,6 +137,9 @@ def test_a_confirmed_issuer_lets_the_rotation_retire(
     serial = issuer_serial(c.issuer_cert())
     assert activated.state.linkerd_issuer is not None
     assert issuer_serial(activated.state.linkerd_issuer.cert) == serial
+    assert "IssuerUpdated" in [e["reason"] for e in identity.events]  # the old one's reload
+    out = activated.state.ca.issuer_answer
+    assert out is not None and out.serial == serial and out.loaded is None
     # Published, not yet confirmed: no retirement, whatever the clock says.
     for _ in range(2):
         d.clock.now += timedelta(seconds=30)
@@ -135,7 +147,7 @@ def test_a_confirmed_issuer_lets_the_rotation_retire(
         assert waiting.state is not None and waiting.state.ca.phase is Phase.ACTIVATED
         assert waiting.waiting == (
             f"waiting for Linkerd's identity controller to load issuer {serial} "
-            f"(issued {activated.state.linkerd_issuer.issued:%Y-%m-%dT%H:%M:%SZ})"
+            f"(in the cluster since {out.published_at:%Y-%m-%dT%H:%M:%SZ})"
         )
     assert identity.sync() == "IssuerUpdated"
     retiring = _pass(d)
@@ -237,3 +249,20 @@ def test_a_renewed_issuer_with_no_answer_is_reported_after_the_timeout(
     loaded = _pass(d)
     assert _metric(d, loaded, "ca_daemon_linkerd_issuer_problem", reason="overdue") == 0
     assert _metric(d, loaded, "ca_daemon_linkerd_issuer_loaded", serial=serial) == 1
+
+
+def test_an_issuer_published_before_ca_daemon_asked_linkerd_is_taken_as_loaded(
+    kube: Kube, openbao: OpenBao, linkerd_check: LinkerdCheck, tmp_path: Path
+) -> None:
+    """After an upgrade the journal has no record of the issuer going out, and Linkerd's
+    Events about it expired long ago: it is not reported, and not asked about."""
+    _, d, _, _ = _start(kube, openbao, tmp_path, "cnfup", linkerd_check)
+    record, version = d.engine.journal.load_ca()
+    d.engine.journal.record_ca(Seen(version, {}, {}), replace(record, issuer_answer=None))
+    d.clock.now += HOUR
+    upgraded = _pass(d)
+    assert upgraded.state is not None
+    answer = upgraded.state.ca.issuer_answer
+    assert answer is not None and answer.loaded, answer
+    assert answer.message == "already published: not asked"
+    assert _metric(d, upgraded, "ca_daemon_linkerd_issuer_problem", reason="overdue") == 0
