@@ -23,6 +23,8 @@ from ca_daemon.publish.k8s_objects import (
     KONG_CLIENT_CERT,
     KONG_PROTOCOL,
     KONG_SECRET_LABEL,
+    MANAGED_BY,
+    MANAGER,
     TLS_SECRET,
 )
 from ca_daemon.publish.pods_gate import TRUST_ROOT_ANNOTATION, is_meshed
@@ -225,7 +227,9 @@ def _double(service: Obj, port: int, protocol: str, secret: str, hops: list[Hop]
 
 def kong_secret_labels(secrets: Iterable[Obj]) -> list[Finding]:
     """Kong Operator reads only Secrets labelled ``konghq.com/secret: "true"``, even those
-    a Service names (developer.konghq.com/operator/reference/secrets)."""
+    a Service names (developer.konghq.com/operator/reference/secrets). Only the daemon's
+    own Secrets are judged: KIC's default Secret selector is empty, so a user's Secret
+    without the label works there, and whether Kong Operator runs is not known here."""
     return [
         finding(
             "kong-secret-unlabelled",
@@ -234,7 +238,7 @@ def kong_secret_labels(secrets: Iterable[Obj]) -> list[Finding]:
             "does not read it",
         )
         for s in sorted(secrets, key=ref)
-        if _labels(s).get(KONG_SECRET_LABEL) != "true"
+        if _labels(s).get(MANAGED_BY) == MANAGER and _labels(s).get(KONG_SECRET_LABEL) != "true"
     ]
 
 

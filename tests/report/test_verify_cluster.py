@@ -319,6 +319,37 @@ def test_a_kong_secret_without_kongs_label(kube: Kube, tmp_path: Path, secret: s
     assert found["object"] == f"Secret {namespace}/{name}"
 
 
+def test_a_users_own_client_secret_without_kongs_label_is_not_a_finding(
+    kube: Kube, tmp_path: Path
+) -> None:
+    """KIC reads a Secret a Service names whatever its labels: only the daemon's own Secrets
+    must carry the label Kong Operator filters on."""
+    c = published_cluster(kube, tmp_path, "vuser")
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "shop-cert", "namespace": c.app_ns},
+            "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": "", "tls.key": ""},
+        }
+    )
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "shop-api",
+                "namespace": c.app_ns,
+                "annotations": {"konghq.com/client-cert": "shop-cert"},
+            },
+            "spec": {"ports": [{"port": 443}]},
+        }
+    )
+    code, doc = _verify(c)
+    assert (code, doc["findings"]) == (0, []), doc
+
+
 def test_a_kong_ca_secret_of_another_ingress_class(kube: Kube, tmp_path: Path) -> None:
     c = make_cluster(kube, tmp_path, "vclass")
     config = yaml.safe_load(c.config.read_text())
