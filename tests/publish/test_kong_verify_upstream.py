@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -331,6 +332,90 @@ def test_a_root_rotation_never_gives_kic_a_duplicate_or_a_missing_ca(
     retired = next(i for i, h in enumerate(history) if i > added and h[1] == 1)
     assert history[retired][2:] == (2, 1), history
     assert history[retired + 1][2:] == (1, 1), history
+
+
+def _may_patch(kube: Kube, setup: Setup, short: str) -> bool:
+    """What the apiserver's authorizer now says of the daemon patching that Service."""
+    ns, name = short.split("/")
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": f"system:serviceaccount:{_sa_namespace(setup)}:ca-daemon",
+            "resourceAttributes": {
+                "namespace": setup.namespaces[ns],
+                "verb": "patch",
+                "resource": "services",
+                "name": name,
+            },
+        },
+    }
+    with kube.http() as http:
+        answer = http.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", json=review)
+    answer.raise_for_status()
+    return bool(answer.json()["status"].get("allowed"))
+
+
+def _sa_namespace(setup: Setup) -> str:
+    payload = setup.token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    sub: str = claims["sub"]  # system:serviceaccount:<namespace>:<name>
+    return sub.split(":")[2]
+
+
+def _set_service_patch(kube: Kube, setup: Setup, short: str, allowed: bool) -> None:
+    """Take the daemon's right to patch one verifying Service away, or give it back."""
+    ns = setup.namespaces[short.split("/")[0]]
+    live = kube.get(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/ca-daemon")
+    for rule in live["rules"]:
+        if rule["resources"] == ["services"]:
+            rule["verbs"] = ["get", "patch"] if allowed else ["get"]
+    role = {k: live[k] for k in ("apiVersion", "kind", "rules")}
+    kube.apply(role | {"metadata": {"name": "ca-daemon", "namespace": ns}})
+    deadline = time.monotonic() + 30
+    while _may_patch(kube, setup, short) != allowed:
+        assert time.monotonic() < deadline, "RBAC never changed"
+        time.sleep(0.1)
+
+
+def test_a_service_not_updated_keeps_the_references_of_the_root_retiring(
+    kube: Kube, tmp_path: Path
+) -> None:
+    """The pass that retires the old root cannot patch one verifying Service: that
+    namespace keeps the old root's reference (the Service may still name it, and KIC would
+    otherwise verify against nothing), and so does its Kong CA Secret; both go once the
+    Service is up to date."""
+    s = _setup(kube, tmp_path, "verifykeep")
+    engine = s.engine()
+    blocked = VERIFYING["payments"]
+    old_name = None
+    for hour in range(60):
+        now = T0 + timedelta(hours=hour)
+        if hour == 2:
+            engine.request_rotation("trust-anchor", "test", now=now)
+        record, _ = engine.journal.load_ca()
+        if old_name is None and record.roots:
+            old_name = kong_ca_secret_name(trusted_roots(record)[0])
+        retire_after = record.rotation.retire_after if record.rotation else None
+        if retire_after is not None and now >= retire_after:
+            _set_service_patch(kube, s, blocked, allowed=False)
+            result = engine.reconcile(now=now)
+            break
+        assert engine.reconcile(now=now).ok, hour
+    else:
+        raise AssertionError("never came to retire the old root")
+    assert old_name is not None
+    kept = [e for e in result.errors if "references of retired roots kept" in e]
+    assert kept and s.namespaces["pay"] in kept[0], result.errors
+    assert old_name in [r["metadata"]["name"] for r in s.references("pay")]
+    assert old_name not in [r["metadata"]["name"] for r in s.references("ord")]
+    old_secret = f"/api/v1/namespaces/{s.kong_ns}/secrets/{old_name}"
+    assert kube.get(old_secret) is not None
+    _set_service_patch(kube, s, blocked, allowed=True)
+    for later in range(hour + 1, hour + 4):
+        engine.reconcile(now=T0 + timedelta(hours=later))
+    assert old_name not in [r["metadata"]["name"] for r in s.references("pay")]
+    assert kube.get(old_secret) is None
 
 
 def test_a_stale_writer_cannot_take_a_root_off_a_service(kube: Kube, tmp_path: Path) -> None:
