@@ -72,17 +72,6 @@ def check_service_name(value: str) -> str:
     return value
 
 
-def check_ingress_class(value: str) -> str:
-    # KIC compares kubernetes.io/ingress.class with its --ingress-class, the name of an
-    # IngressClass object: a DNS subdomain (and so a valid annotation value).
-    if len(value) > MAX_SUBDOMAIN or not _DNS_SUBDOMAIN.fullmatch(value):
-        raise ValueError(
-            f"is not an IngressClass name (at most {MAX_SUBDOMAIN} characters: DNS labels "
-            "of lowercase letters, digits and '-' joined by '.')"
-        )
-    return value
-
-
 # Kong CA objects are named after their root: the Kong-wide CA Secret and, per Service
 # namespace with verify_upstream, the CA reference ConfigMap. No configured object may
 # take such a name, or two owners would fight over one object.

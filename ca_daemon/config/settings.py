@@ -39,7 +39,6 @@ from ca_daemon.config.names import (
     check_configmap_key,
     check_dns_label,
     check_dns_subdomain,
-    check_ingress_class,
     check_not_kong_ca_name,
     check_service_name,
 )
@@ -244,8 +243,9 @@ class KongConfig(Section):
     clients: list[KongClient] = Field(default_factory=list)
     admin_api: KongAdminApi = KongAdminApi()
     # kubernetes.io/ingress.class on the Kong CA Secrets (KIC 3.0-3.3 ingest only those
-    # of their own class).
-    ingress_class: Annotated[str, AfterValidator(check_ingress_class)] = "kong"
+    # of their own class): KIC compares it with its --ingress-class, an IngressClass's
+    # object name.
+    ingress_class: Annotated[str, AfterValidator(check_dns_subdomain)] = "kong"
 
     @field_validator("clients")
     @classmethod

@@ -94,5 +94,5 @@ def test_ingress_class_reaches_the_effective_configuration(tmp_path: Path) -> No
 def test_ingress_class_is_an_ingress_class_name_never_echoed(tmp_path: Path, value: str) -> None:
     run = _check(tmp_path, {"kong": {"ingress_class": value}})
     assert run.returncode == 2, run.stdout
-    assert "kong.ingress_class: is not an IngressClass name" in run.stderr
+    assert "kong.ingress_class: is not a valid Kubernetes object name" in run.stderr
     assert SECRET not in run.stderr + run.stdout
