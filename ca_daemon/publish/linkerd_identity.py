@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 LOADED = "IssuerUpdated"
@@ -64,11 +64,8 @@ def event_time(event: Mapping[str, Any]) -> datetime | None:
     return max(found) if found else None
 
 
-def _whole_second_after(moment: datetime) -> datetime:
-    """The first whole second not before ``moment``."""
-    moment = moment.astimezone(UTC)
-    floor = moment.replace(microsecond=0)
-    return floor if floor == moment else floor + timedelta(seconds=1)
+def _whole_second(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(microsecond=0)
 
 
 def _event_answers(
@@ -126,13 +123,15 @@ def decide(
     """The identity controller's answer about the issuer first written to the cluster at
     ``published_at``; None: nothing yet.
 
-    Only what happened from the next whole second on counts: Event times have whole
-    seconds, and a reload just before or in that second may be of the Secret's previous
-    contents (the controller reloads on any change of the mounted Secret, a new ``ca.crt``
-    included). A refusal outweighs any load: the replicas of an HA control plane record
+    Only what happened from that second on counts (Event times have whole seconds): the
+    controller reloads on any change of the mounted Secret, a new ``ca.crt`` included, so a
+    reload before is of the Secret's previous contents. (Within the publish's own second
+    it cannot be told apart; the daemon writes the issuer Secret once per change, and a
+    kubelet that delivered the write as fast as that must be counted.) A refusal
+    outweighs any load: the replicas of an HA control plane record
     Events that cannot be told apart, and one that refused keeps signing with the old
     issuer; it is over only when every identity Pod started after it."""
-    start = _whole_second_after(published_at)
+    start = _whole_second(published_at)
     answers = _event_answers(events, deployment, start)
     pods = list(pods)
     refusals = [a for a in answers if not a.loaded]
