@@ -231,9 +231,7 @@ class Engine:
             first = len(result.reports)
             _, accepted = self._publish(p, world, state)
             if result.anchor_up:
-                state = self._note_issuer_out(p, state, result.reports[first:])
-            if accepted and result.anchor_up:
-                state = self._note_published(p, state, world)
+                state = self._note_published(p, state, world, result.reports[first:], accepted)
         state = self._fail_operations(p, state)
         if not result.anchor_up:
             self._note_blocked(state, p.now, result)
@@ -306,10 +304,8 @@ class Engine:
                 return state, published
             first = len(p.result.reports)
             observations, accepted = self._publish(p, world, state)
-            state = self._note_issuer_out(p, state, p.result.reports[first:])
             state = self._record_pending(p, state, observations.pending_pods)
-            if accepted:
-                state = self._note_published(p, state, world)
+            state = self._note_published(p, state, world, p.result.reports[first:], accepted)
             published = world
         p.result.errors.append(f"the pass did not settle in {_MAX_ROUNDS} rounds; stopped")
         return state, published
@@ -468,17 +464,31 @@ class Engine:
         )
         return observations, accepted
 
-    def _note_published(self, p: _Pass, state: State, world: TrustWorld) -> State:
-        """Journal that every object of ``world`` is out, once per new content (a steady
-        pass writes nothing): the replica that leads next can then tell an object deleted
-        by someone from one never published."""
+    def _note_published(
+        self,
+        p: _Pass,
+        state: State,
+        world: TrustWorld,
+        reports: Sequence[PublishReport],
+        accepted: bool,
+    ) -> State:
+        """Journal, in one write, what this publish put out: that every object of ``world``
+        is out, once every publisher accepted all of it and once per new content (a steady
+        pass writes nothing), so that the replica leading next can tell an object deleted
+        by someone from one never published; and when the journal's issuer first reached
+        the cluster, from when Linkerd's answers about it count."""
+        record = state.ca
+        issuer_out = self._issuer_out(state, reports, p.now)
+        if issuer_out is not None:
+            record = replace(record, issuer_answer=issuer_out)
         newest = newest_content(world)
-        noted = state.ca.published_at
-        if newest is None or (noted is not None and noted >= newest):
+        noted = record.published_at
+        if accepted and newest is not None and (noted is None or noted < newest):
+            # Never before the content itself (another replica's clock may be ahead of
+            # ours), or every pass would note it again.
+            record = replace(record, published_at=max(p.now, newest))
+        if record is state.ca:
             return state
-        # Never before the content itself (another replica's clock may be ahead of ours),
-        # or every pass would note it again.
-        record = replace(state.ca, published_at=max(p.now, newest))
         return self._record(p, state, record, "noting what is published")
 
     def _still_current(self, p: _Pass) -> bool:
@@ -582,30 +592,31 @@ class Engine:
         self.rollout.report_issuer(found.text(p.now) if found.problem else None)
         return state
 
-    def _note_issuer_out(self, p: _Pass, state: State, reports: Sequence[PublishReport]) -> State:
-        """Journal when the journal's issuer was first written to the cluster: Linkerd's
-        answers count from then on, never from before (it also reloads, and answers, when
-        only the Secret's ca.crt changes). An issuer already there when the journal has no
-        record at all (kept from before ca-daemon asked Linkerd) is taken as loaded."""
+    def _issuer_out(
+        self, state: State, reports: Sequence[PublishReport], now: datetime
+    ) -> IssuerAnswer | None:
+        """A new record when this publish is the first to put the journal's issuer in the
+        cluster (None: nothing to note). Linkerd's answers count from then on, never from
+        before: it also reloads, and answers, when only the Secret's ca.crt changes. An
+        issuer already there when the journal has no record at all (kept from before
+        ca-daemon asked Linkerd) is taken as loaded."""
         issuer = state.linkerd_issuer
         record = state.ca.issuer_answer
         if self.rollout is None or issuer is None or not asks(self.settings, True):
-            return state
+            return None
         serial = issuer_serial(issuer.cert)
         if record is not None and record.serial == serial:
-            return state
+            return None
         linkerd = self.settings.linkerd
         ref = f"secret/{linkerd.namespace}/{linkerd.issuer_secret}"
         cluster = next((r for r in reversed(reports) if r.target == KUBERNETES), None)
         if cluster is None or "*" in cluster.errors or ref in cluster.errors:
-            return state  # not out yet
+            return None  # not out yet
         if ref in cluster.changed:
-            noted = IssuerAnswer(serial, p.now)
-        elif record is None:
-            noted = IssuerAnswer(serial, p.now, True, p.now, "already published: not asked")
-        else:  # written by a pass that stopped before it could note it
-            noted = IssuerAnswer(serial, issuer.issued)
-        return self._record(p, state, replace(state.ca, issuer_answer=noted), _NOTING)
+            return IssuerAnswer(serial, now)
+        if record is None:
+            return IssuerAnswer(serial, now, True, now, "already published: not asked")
+        return IssuerAnswer(serial, issuer.issued)  # written by a pass that stopped short
 
     # --- operations --------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ troubled one (a refused issuance, a publish error, drift) where every metric has
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,10 +22,12 @@ from ca_daemon.config.loading import embedded_default, load_settings
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import AnchorError
 from ca_daemon.journal.open import file_journal
+from ca_daemon.model.state import IssuerAnswer
 from ca_daemon.model.world import TrustWorld
 from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
+from ca_daemon.rotation.issuer_confirmation import issuer_serial
 from ca_daemon.service.metrics import Metrics
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -78,14 +81,18 @@ def exposition(settings: Settings, *, troubled: bool) -> str:
     assert result.ok is not troubled, result.errors
     metrics = Metrics()
     metrics.observe(result, settings, NOW)
-    if troubled and result.state is not None:
-        # As a daemon publishing to a cluster sees the issuer while Linkerd has not said
-        # it loaded it (the directory-only default never asks): the issuer gauges too.
+    state = result.state
+    if troubled and state is not None and state.linkerd_issuer is not None:
+        # As a daemon publishing to a cluster sees the issuer it put out while Linkerd has
+        # not said it loaded it (the directory-only default never asks): the issuer gauges.
         publish = settings.publish.model_copy(
             update={"kubernetes": settings.publish.kubernetes.model_copy(update={"enabled": True})}
         )
         clustered = settings.model_copy(update={"publish": publish})
-        metrics.observe_state(result.state, clustered, NOW)
+        out = IssuerAnswer(issuer_serial(state.linkerd_issuer.cert), NOW)
+        metrics.observe_state(
+            replace(state, ca=replace(state.ca, issuer_answer=out)), clustered, NOW
+        )
     return generate_latest(metrics.registry).decode()
 
 
