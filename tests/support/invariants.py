@@ -113,7 +113,11 @@ class InvariantChecker:
         self.observations = 0
         self.certificates_seen: set[str] = set()
 
-    def observe(self, now: datetime, published: Published) -> None:
+    def observe(self, now: datetime, published: Published, since: datetime | None = None) -> None:
+        """``since``: the last moment the snapshot before this one was read. A root seen in
+        every bundle for the first time became so after then; a caller whose snapshots
+        can be seconds apart (a server it reads was down) says so, and the root is dated
+        from then instead of from ``now``, which would be late."""
         problems: list[str] = []
         bundles = {
             where: {fingerprint(r): r for r in roots} for where, roots in published.bundles.items()
@@ -132,7 +136,7 @@ class InvariantChecker:
                 )
             del self.in_every_bundle_since[fp]
         for fp in everywhere:
-            self.in_every_bundle_since.setdefault(fp, now)
+            self.in_every_bundle_since.setdefault(fp, since or now)
         if self.observations == 0:
             self.bootstrap |= everywhere
 
