@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from ca_daemon.anchor.base import CA
@@ -165,7 +166,11 @@ def rebuild(
     keep = max(lifetimes, default=timedelta(0)) + timedelta(hours=24) + s.rotation.clock_skew
     if isinstance(s.rotation.retire_delay, timedelta):
         keep = max(keep, s.rotation.retire_delay)
-    record = rebuild_ca_record(cas, state.credentials(), now, keep)
+    # Requests accepted while the record was missing (any replica may journal one) are
+    # all it holds: they stay, to be carried out or refused on the rebuilt record.
+    record = replace(
+        rebuild_ca_record(cas, state.credentials(), now, keep), operations=state.ca.operations
+    )
     roles = ", ".join(f"{r.ref} ({r.role.value})" for r in record.roots) or "none valid"
     inters = ", ".join(f"{i.ref} under {i.root_ref}" for i in record.intermediates) or "none"
     log.warning(
