@@ -12,7 +12,7 @@ from datetime import datetime
 from cryptography import x509
 
 from ca_daemon.config.settings import Settings
-from ca_daemon.model.state import IssuedEntry, State, trusted_roots
+from ca_daemon.model.state import LINKERD_ISSUER, IssuedEntry, State, client_key, trusted_roots
 from ca_daemon.pki.bundle import render_pem
 
 
@@ -33,6 +33,10 @@ class TrustWorld:
     # Each credential's record version ("linkerd-issuer", "kong/<name>"), for the same
     # purpose per published object.
     versions: Mapping[str, int] = field(default_factory=dict, compare=False)
+    # Configured credentials the journal holds none of ("linkerd-issuer", "kong/<name>"):
+    # a first issue failed, maybe after a lost journal. Whatever was published for them
+    # before stays as it is; a missing credential is no reason to unpublish one.
+    kept: frozenset[str] = frozenset()
 
     @property
     def bundle_pem(self) -> str:
@@ -47,9 +51,13 @@ def desired_world(
 ) -> TrustWorld:
     kong = settings.kong.enabled
     configured = {c.name for c in settings.kong.clients}
+    linkerd = settings.linkerd.enabled
+    kept = {LINKERD_ISSUER} if linkerd and state.linkerd_issuer is None else set()
+    if kong:
+        kept |= {client_key(n) for n in configured - set(state.kong_clients)}
     return TrustWorld(
         roots=tuple(trusted_roots(state.ca)),
-        linkerd_issuer=state.linkerd_issuer if settings.linkerd.enabled else None,
+        linkerd_issuer=state.linkerd_issuer if linkerd else None,
         kong_clients=(
             {n: e for n, e in state.kong_clients.items() if n in configured} if kong else {}
         ),
@@ -58,6 +66,7 @@ def desired_world(
         published_at=state.ca.published_at,
         phase_since=state.ca.phase_since,
         versions=dict(versions or {}),
+        kept=frozenset(kept),
     )
 
 

@@ -22,6 +22,7 @@ import stat
 from pathlib import Path
 
 from ca_daemon.model.generation import UNKNOWN, format_generation, generation_of, parse_generation
+from ca_daemon.model.state import KONG_PREFIX, LINKERD_ISSUER
 from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import render_pem, stable_id
 from ca_daemon.publish.base import PublishReport
@@ -98,8 +99,26 @@ class DirectoryPublisher:
         # Published files are never read back into the journal: whatever someone put in
         # their place (not PEM, another key, an expired certificate, 5 MB of anything) is
         # replaced from the journal and reported as drift.
-        tree = write_tree_atomic(self.root, desired_files(world), managed=TOP_LEVEL)
+        files = {**self._kept_files(world), **desired_files(world)}
+        tree = write_tree_atomic(self.root, files, managed=TOP_LEVEL)
         return PublishReport(target=self.description, changed=tree.changed, drifted=tree.edited)
+
+    def _kept_files(self, world: TrustWorld) -> dict[str, tuple[bytes, int]]:
+        """The files of credentials the journal has none of, as they are published now
+        (with the current bundle beside them): never removed for that alone."""
+        files: dict[str, tuple[bytes, int]] = {}
+        for key in sorted(world.kept):
+            client = key.removeprefix(KONG_PREFIX)
+            folder = "linkerd" if key == LINKERD_ISSUER else f"kong/clients/{client}"
+            try:
+                crt = (self.root / folder / "tls.crt").read_bytes()
+                key_pem = (self.root / folder / "tls.key").read_bytes()
+            except OSError:
+                continue  # never published: nothing to keep
+            files[f"{folder}/tls.crt"] = (crt, CERT_MODE)
+            files[f"{folder}/tls.key"] = (key_pem, KEY_MODE)
+            files[f"{folder}/ca.crt"] = (world.bundle_pem.encode(), CERT_MODE)
+        return files
 
     def _refusal(self) -> str | None:
         """Why ``root`` is not ours to publish into; creates it (0755) when missing.
