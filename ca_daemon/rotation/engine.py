@@ -294,7 +294,10 @@ class Engine:
                     return state, published
                 continue
             renewals = [s for s in steps if isinstance(s, CREDENTIAL_STEPS)]
-            if renewals:
+            observe_first = published is None and any(
+                isinstance(s, Wait) and s.after_publish for s in steps
+            )
+            if renewals and not observe_first:
                 state = self._run_batch(p, renewals, state)
                 continue
             if state.ca.active_root is None:

@@ -388,7 +388,7 @@ def _propagating(state: State, now: datetime, settings: Settings, obs: Observati
         return [Wait("propagation delay", ready_at)]
     if linkerd.enabled and linkerd.gate == "pods" and obs.cluster:
         if obs.pending_pods is None:
-            return [Wait("checking which meshed pods hold the two-root bundle")]
+            return [Wait("checking which meshed pods hold the two-root bundle", after_publish=True)]
         if obs.pending_pods:
             shown = ", ".join(obs.pending_pods[:5])
             more = f" and {len(obs.pending_pods) - 5} more" if len(obs.pending_pods) > 5 else ""

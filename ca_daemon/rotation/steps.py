@@ -142,6 +142,10 @@ class Wait:
 
     reason: str
     until: datetime | None = None
+    # Only a publish can tell (which meshed Pods hold the bundle): the engine publishes
+    # before renewing, or a credential renewed under the old root just before the
+    # activation would be issued again under the new one in the same pass.
+    after_publish: bool = False
 
     @property
     def text(self) -> str:
