@@ -68,6 +68,7 @@ from ca_daemon.rotation.steps import (
     IssueKongClient,
     IssueKongIntermediate,
     IssueLinkerdIssuer,
+    RebuildJournal,
     Refuse,
     StartOperation,
     Step,
@@ -90,6 +91,10 @@ class _Pass:
     """What one pass loaded and what it did so far; nothing of it outlives the pass."""
 
     now: datetime
+    # This process's clock when the pass began (``now`` may be a request's, later): a
+    # rebuilt journal's epoch comes from it. From a request's clock, a second rebuild
+    # in the same seconds could get a lower epoch, and publishers would refuse it for good.
+    read_at: datetime
     result: PassResult
     seen: Seen
     failed: set[str] = field(default_factory=set)  # targets that failed: what they sign waits
@@ -212,7 +217,7 @@ class Engine:
         # back) must still count as done once re-issued now, or each round would re-issue
         # it again: the pass decides as of the latest request it sees.
         requested = [o.requested_at for o in state.ca.operations if o.open]
-        p = _Pass(max([now, *requested]), result, loaded.seen())
+        p = _Pass(max([now, *requested]), now, result, loaded.seen())
         try:
             self.anchor.check()
             result.anchor_up = True
@@ -320,8 +325,9 @@ class Engine:
         record = state.ca
         try:
             for step in steps:
+                at = p.read_at if isinstance(step, RebuildJournal) else p.now
                 record = ca_steps.apply(
-                    step, replace(state, ca=record), p.now, self.anchor, self.settings, self.rollout
+                    step, replace(state, ca=record), at, self.anchor, self.settings, self.rollout
                 )
             self._write_ca(p, record)
         except JournalConflict:
