@@ -162,6 +162,10 @@ class CaRecord:
     # Linkerd's answer about the issuer last published (journaled, so every replica and
     # the rotation's retirement decide on the same fact).
     issuer_answer: IssuerAnswer | None = None
+    # The latest end of a credential replaced (or dropped) before it expired by one that
+    # ends sooner (its lifetime was shortened): it may still be presented until then, so
+    # the next activation counts it in the old chain, and the old root stays that long.
+    outlived_until: datetime | None = None
 
     def root(self, role: RootRole) -> RootEntry | None:
         return next((r for r in self.roots if r.role is role), None)
@@ -370,6 +374,7 @@ def ca_to_json(record: CaRecord) -> dict[str, Any]:
         "epoch": record.epoch,
         "published_at": _iso(record.published_at),
         "issuer_answer": _answer_to_json(record.issuer_answer),
+        "outlived_until": _iso(record.outlived_until),
     }
 
 
@@ -430,6 +435,7 @@ def ca_from_json(data: Mapping[str, Any]) -> CaRecord:
         epoch=int(data.get("epoch") or 0),
         published_at=_time(data.get("published_at")),
         issuer_answer=_answer_from_json(data.get("issuer_answer")),
+        outlived_until=_time(data.get("outlived_until")),
     )
 
 

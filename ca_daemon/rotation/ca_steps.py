@@ -220,6 +220,8 @@ def _activate(
     published_until = max(
         (entry.cert.not_valid_after_utc for _, entry in state.credentials()), default=now
     )
+    if ca.outlived_until is not None:
+        published_until = max(published_until, ca.outlived_until)
     roles = {old.ref: RootRole.RETIRING, nxt.ref: RootRole.ACTIVE}
     return replace(
         record,

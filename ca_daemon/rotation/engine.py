@@ -120,6 +120,21 @@ def _blocked(step: Step, failed: set[str]) -> bool:
             return ROTATION in failed
 
 
+def _outlived(state: State, changes: dict[str, IssuedEntry | None]) -> datetime | None:
+    """A new ``outlived_until`` when a replaced or dropped credential ends later than
+    what replaces it (a shortened lifetime); None when nothing outlives its replacement."""
+    until = state.ca.outlived_until
+    for key, entry in changes.items():
+        before = state.credential(key)
+        if before is None:
+            continue
+        end = before.cert.not_valid_after_utc
+        replaced_sooner = entry is None or end > entry.cert.not_valid_after_utc
+        if replaced_sooner and (until is None or end > until):
+            until = end
+    return until if until != state.ca.outlived_until else None
+
+
 def _describe(exc: BaseException) -> str:
     # Every exception type is contained; a bare one (e.g. KeyError) still says what it is.
     text = str(exc)
@@ -428,12 +443,17 @@ class Engine:
                     changes_made[key] = entry
                     log.info("%s %s: %s", type(step).__name__, name, step.reason)
                     p.result.steps.append(StepResult(step, kind, name, manual=is_manual(step)))
+        outlived = _outlived(state, changes_made)
         state = state.with_credentials(changes_made)
-        if created:
+        record = state.ca
+        if outlived is not None:
+            record = replace(record, outlived_until=outlived)
+        if created or record is not state.ca:
             # A credential made anew starts again at revision 1, below what an object
             # published from the one it replaces (a client dropped and re-added, a corrupt
-            # shard removed) may carry. Saving the CA record moves the generation past it.
-            state = self._record(p, state, state.ca, "moving the journal generation on")
+            # shard removed) may carry. Saving the CA record moves the generation past it
+            # (and notes a replaced certificate that outlives its replacement).
+            state = self._record(p, state, record, "noting the credentials issued")
         return state
 
     # --- publishing and what it shows --------------------------------------------------------
