@@ -65,6 +65,7 @@ class Setup:
     token: str
     kong_ns: str
     namespaces: dict[str, str]  # "pay"/"ord" -> the real namespace
+    sa_namespace: str  # the daemon's ServiceAccount's
 
     @property
     def settings(self) -> Settings:
@@ -148,7 +149,7 @@ def _setup(kube: Kube, workdir: Path, prefix: str) -> Setup:
         ns, name = short.split("/")
         path = f"/api/v1/namespaces/{namespaces[ns]}/services/{name}"
         await_rbac(kube, token, path, allowed=True)
-    return Setup(kube, config, token, kong_ns, namespaces)
+    return Setup(kube, config, token, kong_ns, namespaces, sa_ns)
 
 
 # --- what KIC would see -------------------------------------------------------------------
@@ -341,7 +342,7 @@ def _may_patch(kube: Kube, setup: Setup, short: str) -> bool:
         "apiVersion": "authorization.k8s.io/v1",
         "kind": "SubjectAccessReview",
         "spec": {
-            "user": f"system:serviceaccount:{_sa_namespace(setup)}:ca-daemon",
+            "user": f"system:serviceaccount:{setup.sa_namespace}:ca-daemon",
             "resourceAttributes": {
                 "namespace": setup.namespaces[ns],
                 "verb": "patch",
@@ -354,13 +355,6 @@ def _may_patch(kube: Kube, setup: Setup, short: str) -> bool:
         answer = http.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", json=review)
     answer.raise_for_status()
     return bool(answer.json()["status"].get("allowed"))
-
-
-def _sa_namespace(setup: Setup) -> str:
-    payload = setup.token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    sub: str = claims["sub"]  # system:serviceaccount:<namespace>:<name>
-    return sub.split(":")[2]
 
 
 def _set_service_patch(kube: Kube, setup: Setup, short: str, allowed: bool) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -75,13 +74,6 @@ TIMEOUT = 90.0
 GENERATION = "ca-daemon.io/generation"
 # A published object as seen: its certificate's fingerprint and its generation annotation.
 Seen = tuple[str, tuple[int, ...] | None]
-
-
-def _sa_namespace(token: str) -> str:
-    payload = token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    subject: str = claims["sub"]  # system:serviceaccount:<namespace>:<name>
-    return subject.split(":")[2]
 
 
 @dataclass
@@ -250,7 +242,7 @@ def pair(kube: Kube, openbao: OpenBao, tmp_path: Path) -> Iterator[Pair]:
     cluster = make_rotation_cluster(
         kube, VaultAdmin(openbao.address, openbao.token), tmp_path, "le"
     )
-    sa_ns = _sa_namespace(cluster.token)
+    sa_ns = cluster.sa_namespace
     lease = unique("cad-leader")
     renewal = {"lifetime": "20s", "rotate_before": "8s"}
     doc = yaml.safe_load(cluster.config.read_text())

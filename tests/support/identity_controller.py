@@ -81,11 +81,10 @@ def event_body(
     }
 
 
-def check(anchors: Path, crt: Path, key: Path, now: datetime | None = None) -> str | None:
+def check(anchors: Path, crt: Path, key: Path) -> str | None:
     """Linkerd's error for the issuer files under ``anchors``, or None when it loads."""
-    at = [f"--now={stamp(now)}"] if now else []
     result = subprocess.run(
-        [CHECK, f"--bundle={anchors}", f"--issuer-crt={crt}", f"--issuer-key={key}", *at],
+        [CHECK, f"--bundle={anchors}", f"--issuer-crt={crt}", f"--issuer-key={key}"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -2,7 +2,8 @@
 
 ``exposition(settings, troubled=...)`` renders a fresh registry after a clean pass, or a
 troubled one (a refused issuance, a publish error, drift) where every metric has samples;
-``samples`` parses it back; ``METRIC_NAME`` finds metric names in PromQL.
+``samples`` parses it back; ``values``/``metric`` read one metric from a registry;
+``METRIC_NAME`` finds metric names in PromQL.
 """
 
 from __future__ import annotations
@@ -94,6 +95,22 @@ def exposition(settings: Settings, *, troubled: bool) -> str:
             replace(state, ca=replace(state.ca, issuer_answer=out)), clustered, NOW
         )
     return generate_latest(metrics.registry).decode()
+
+
+def values(metrics: Metrics, name: str, **labels: str) -> list[float]:
+    """The values of ``name``'s samples with ``labels``, read from the /metrics text."""
+    text = generate_latest(metrics.registry).decode()
+    return [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
+def metric(metrics: Metrics, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples with ``labels`` (0 when there is none)."""
+    return sum(values(metrics, name, **labels))
 
 
 def samples(text: str) -> dict[str, list[dict[str, str]]]:

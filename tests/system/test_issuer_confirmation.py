@@ -24,8 +24,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ca_daemon.journal.journal import Seen
 from ca_daemon.model.state import Phase
@@ -47,6 +45,7 @@ from tests.support.cluster_rotation import (
 )
 from tests.support.identity_controller import DEPLOYMENT
 from tests.support.linkerd_identity import ISSUER_SECRET, IdentityStandIn
+from tests.support.metrics_exposition import values
 from tests.support.servers.kube import Kube
 from tests.support.servers.linkerd import LinkerdCheck
 from tests.support.servers.openbao import OpenBao
@@ -68,14 +67,8 @@ def _metric(d: Daemon, result: PassResult, name: str, **labels: str) -> float:
     metrics = Metrics()
     assert result.state is not None
     metrics.observe_state(result.state, d.engine.settings, d.clock.now)
-    text = generate_latest(metrics.registry).decode()
-    found = [
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    ]
-    assert len(found) == 1, (name, labels, text)
+    found = values(metrics, name, **labels)
+    assert len(found) == 1, (name, labels, found)
     return found[0]
 
 

@@ -55,7 +55,6 @@ import pytest
 import yaml
 from cryptography import x509
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ca_daemon.anchor.base import CA, Anchor, existing_cas
 from ca_daemon.config.loading import load_settings
@@ -104,6 +103,7 @@ from tests.support.fault_kinds import (
     write_token_file,
 )
 from tests.support.invariants import InvariantChecker, Published
+from tests.support.metrics_exposition import metric
 from tests.support.relay import Relay
 from tests.support.rotation_harness import Clock
 from tests.support.servers.kube import Kube
@@ -231,17 +231,6 @@ class Observer:
 
 
 # --- one world per fault kind -----------------------------------------------------------------
-
-
-def metric(metrics: Metrics, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples with ``labels``, read from the /metrics text."""
-    text = generate_latest(metrics.registry).decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def _digest(value: Any) -> str:
@@ -466,7 +455,7 @@ def make_world(
             fault = RbacDenied(
                 kube,
                 cluster.token,
-                bindings(manifests(settings, _sa_namespace(cluster.token), "ca-daemon")),
+                bindings(manifests(settings, cluster.sa_namespace, "ca-daemon")),
                 [
                     f"/api/v1/namespaces/{cluster.linkerd_ns}/configmaps/"
                     "linkerd-identity-trust-roots",
@@ -517,14 +506,6 @@ def make_world(
     world_ref.append(world)
     world.mesh.control_plane(started=clock.now - HOUR)
     return world
-
-
-def _sa_namespace(token: str) -> str:
-    """The ServiceAccount's namespace, from its token's claims (sub)."""
-    payload = token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    sub: str = claims["sub"]  # system:serviceaccount:<namespace>:<name>
-    return sub.split(":")[2]
 
 
 # --- what every cell asserts ------------------------------------------------------------------
