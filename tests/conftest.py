@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.support.servers.node",
     "tests.support.fault_kinds",
     "tests.support.settings",
+    "tests.support.hypothesis_profiles",
 ]

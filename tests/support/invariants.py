@@ -51,7 +51,8 @@ def read_directory(out: Path) -> Published:
     )
     bundles["kong/ca"] = cas
     clients = {}
-    for client_dir in sorted((out / "kong" / "clients").iterdir()):
+    client_dirs = out / "kong" / "clients"  # absent while no client was ever issued
+    for client_dir in sorted(client_dirs.iterdir() if client_dirs.is_dir() else ()):
         clients[client_dir.name] = _certs((client_dir / "tls.crt").read_bytes(), "client")
         bundles[f"kong/clients/{client_dir.name}/ca.crt"] = _certs(
             (client_dir / "ca.crt").read_bytes(), "client ca.crt"
