@@ -139,9 +139,10 @@ def apply(
             return record
         case Propagate():
             return replace(ca, phase=Phase.PROPAGATING, phase_since=now)
-        case ConfirmBundle(bundle=bundle):
+        case ConfirmBundle(bundle=bundle, at=at):
             assert ca.rotation is not None
-            rotation = replace(ca.rotation, confirmed_at=now, confirmed_bundle=bundle)
+            confirmed = max(now, at) if at is not None else now
+            rotation = replace(ca.rotation, confirmed_at=confirmed, confirmed_bundle=bundle)
             return replace(ca, rotation=rotation)
         case NoteRestart():
             # Journaled before the roll: a retry after a crash patches the same

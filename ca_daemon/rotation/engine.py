@@ -97,6 +97,7 @@ class _Pass:
     read_at: datetime
     result: PassResult
     seen: Seen
+    clocked: bool = True  # time comes from the engine's clock, read again as it moves on
     failed: set[str] = field(default_factory=set)  # targets that failed: what they sign waits
     refused: bool = False  # the journal contradicts itself or the anchor: publish nothing
 
@@ -217,6 +218,7 @@ class Engine:
         anchor answered, before anything is done: a first issue of thousands of clients
         takes a minute, and the daemon is ready (it can answer for the journal) long
         before it ends."""
+        clocked = now is None  # a caller's fixed ``now`` also stands for later moments
         now = now or self.clock()
         result = PassResult()
         try:
@@ -232,7 +234,7 @@ class Engine:
         # back) must still count as done once re-issued now, or each round would re-issue
         # it again: the pass decides as of the latest request it sees.
         requested = [o.requested_at for o in state.ca.operations if o.open]
-        p = _Pass(max([now, *requested]), now, result, loaded.seen())
+        p = _Pass(max([now, *requested]), now, result, loaded.seen(), clocked=clocked)
         try:
             self.anchor.check()
             result.anchor_up = True
@@ -488,6 +490,7 @@ class Engine:
         bundle = bundle_hash(world.bundle_pem)
         observations = Observations(
             bundle=bundle if confirmed else None,
+            bundle_at=self.clock() if p.clocked else None,  # a slow pass confirms late
             pending_pods=self._pending_pods(p, world, state, bundle),
             cluster=self.rollout is not None,
         )

@@ -78,6 +78,7 @@ class Observations:
     """What the last publish showed, fed back into the decision."""
 
     bundle: str | None = None  # hash of the bundle *every* publisher confirmed; else None
+    bundle_at: datetime | None = None  # when they had (the clock read after publishing)
     pending_pods: tuple[str, ...] | None = None  # meshed Pods lagging; None: not checked
     cluster: bool = False  # Linkerd's workloads can be rolled and gated (Kubernetes)
     # The anchor's named CAs when the engine listed them (None: not listed this pass):
@@ -368,7 +369,7 @@ def _propagating(state: State, now: datetime, settings: Settings, obs: Observati
     expected = bundle_hash(render_pem(trusted_roots(state.ca)))
     if rotation.confirmed_at is None:
         if obs.bundle == expected:
-            return [ConfirmBundle(bundle=expected)]
+            return [ConfirmBundle(bundle=expected, at=obs.bundle_at)]
         return [Wait("waiting for every publisher to confirm the two-root bundle")]
     linkerd = settings.linkerd
     if linkerd.enabled and linkerd.restart != "none" and obs.cluster and not rotation.restarted:

@@ -64,6 +64,9 @@ class Propagate:
 @dataclass(frozen=True)
 class ConfirmBundle:
     bundle: str
+    # When the publishers confirmed it (the propagation delay counts from then), which a
+    # slow pass may reach well after the time it decided on.
+    at: datetime | None = None
     reason: str = "every publisher holds the two-root bundle"
 
 

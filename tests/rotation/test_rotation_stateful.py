@@ -692,6 +692,20 @@ def test_a_certificate_replaced_by_a_shorter_lived_one_holds_the_old_root() -> N
     )
 
 
+def test_a_confirmation_a_slow_pass_reaches_late_dates_the_delay_from_then() -> None:
+    """A pass paused (here: while the other engine ran, 12 minutes later) before the
+    publish that completed the confirmation journaled the time it began: the propagation
+    delay was over at once, and the next pass activated a root that had been in every
+    bundle for seconds. Found by `make prove`."""
+    _replay(
+        lambda m: m.reconfigure({"payments", "orders"}, False, "all", "time"),
+        lambda m: m.manual_request("trust-anchor", 0, False),
+        lambda m: m.target_fails("refuse", 1),
+        lambda m: m.second_engine_runs_inside_a_pass(7, [timedelta(minutes=12)]),
+        lambda m: m.time_passes([TWO_SECONDS, TWO_SECONDS]),
+    )
+
+
 class _RefusingIssuer(LocalAnchor):
     def sign_ca(self, *args: Any, **kwargs: Any) -> Any:
         raise AnchorError("local anchor: signing refused (test)")
