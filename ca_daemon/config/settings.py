@@ -314,6 +314,10 @@ class RotationConfig(Section):
     check_interval: Duration = timedelta(seconds=60)
     propagation_delay: Duration = timedelta(minutes=10)
     retire_delay: Duration | Literal["auto"] = "auto"
+    # When a scheduled rotation's old root leaves the bundles: "expiry", once nothing under
+    # it can still be valid (retire_delay); "proof", once nothing under it is in use (every
+    # credential replaced, every meshed Pod restarted twice). Emergencies always use proof.
+    retire: Literal["expiry", "proof"] = "expiry"
     clock_skew: Duration = timedelta(minutes=5)
     jitter: float = Field(default=0.05, ge=0.0, le=0.5)
     # Renewals of many credentials run in parallel batches of this size; the anchor
@@ -347,6 +351,8 @@ class ServerSar(Section):
     group: str = "ca-daemon.io"
     resource: str = "rotations"
     verb: str = "create"
+    # An emergency root rotation (after a key leaked) asks for this verb instead.
+    emergency_verb: str = "emergency"
 
 
 class ServerConfig(Section):
@@ -432,6 +438,7 @@ class Settings(BaseSettings):
             *self._renewal_margins(),
             *self._derived_name_lengths(),
             *self._kong_ca_names_taken(),
+            *self._proof_needs_a_data_plane_roll(),
         ]
         if problems:
             raise RuleError(problems)
@@ -492,6 +499,21 @@ class Settings(BaseSettings):
                 check_not_kong_ca_name(name)
             except ValueError as exc:
                 yield path, str(exc)
+
+    def _proof_needs_a_data_plane_roll(self) -> Iterator[tuple[str, str]]:
+        # Proof is every meshed Pod restarted; rolling only the control plane never gets
+        # there. "none" is allowed: the operator rolls, and the gate waits for it.
+        linkerd = self.linkerd
+        if (
+            self.rotation.retire == "proof"
+            and linkerd.enabled
+            and linkerd.restart == "control-plane"
+        ):
+            yield (
+                "rotation.retire",
+                "proof needs every meshed Pod restarted: set linkerd.restart to all "
+                "(or to none and roll the data plane yourself)",
+            )
 
     # Derived defaults: computed, never stored, so they follow the fields they depend on.
 

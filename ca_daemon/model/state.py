@@ -101,6 +101,8 @@ class Operation:
     state: OpState = OpState.QUEUED
     result: str | None = None
     finished_at: datetime | None = None
+    # Asked for after a key leaked: a root rotation that retires the old root on proof.
+    emergency: bool = False
 
     @property
     def open(self) -> bool:
@@ -109,11 +111,21 @@ class Operation:
 
 @dataclass(frozen=True)
 class Rotation:
-    """The root rotation in progress: the journaled facts each phase is decided on."""
+    """The root rotation in progress: the journaled facts each phase is decided on.
+
+    Retiring on ``proof`` rolls the data plane twice more, each time from a bundle every
+    publisher confirmed: once everything is re-issued (so every proxy's leaf comes from the
+    new issuer), and once the bundle {new} is out (so no proxy trusts the old root). The
+    confirmation, restart and pending fields below hold the stage in progress: activation
+    and the start of retirement clear them for the next one."""
 
     started_at: datetime
     trigger: str  # "schedule" | "manual"
     operation: str | None = None
+    emergency: bool = False
+    # "expiry": the old root stays until nothing under it can be valid; "proof": it leaves
+    # once nothing under it is in use (every credential replaced, every proxy restarted).
+    retire_on: str = "expiry"
     # Every publisher confirmed the two-root bundle (its hash) at this time.
     confirmed_at: datetime | None = None
     confirmed_bundle: str | None = None
@@ -127,6 +139,22 @@ class Rotation:
     # The latest not-after of anything published under the old chain at activation.
     old_chain_until: datetime | None = None
     retire_after: datetime | None = None
+
+    @property
+    def proof(self) -> bool:
+        return self.retire_on == "proof"
+
+    def next_stage(self) -> Rotation:
+        """This rotation with the confirmation, roll and lagging Pods cleared."""
+        return replace(
+            self,
+            confirmed_at=None,
+            confirmed_bundle=None,
+            restart_at=None,
+            restarted=False,
+            pending_pods=(),
+            pending_count=0,
+        )
 
 
 @dataclass(frozen=True)
@@ -197,8 +225,12 @@ class CaRecord:
 
 
 def trusted_roots(record: CaRecord) -> list[x509.Certificate]:
-    """Roots every verifier must trust now: a prepared next root is not yet among them."""
+    """Roots every verifier must trust now: a prepared next root is not yet among them,
+    and a root retiring on proof was proven unused, so it is left out already."""
     hidden = {RootRole.NEXT} if record.phase in (Phase.STEADY, Phase.PREPARED) else set()
+    rotation = record.rotation
+    if record.phase is Phase.RETIRING and rotation is not None and rotation.proof:
+        hidden = {RootRole.RETIRING}
     return normalize(r.cert for r in record.roots if r.role not in hidden)
 
 
@@ -288,6 +320,8 @@ def _rotation_to_json(rotation: Rotation) -> dict[str, Any]:
         "started_at": _iso(rotation.started_at),
         "trigger": rotation.trigger,
         "operation": rotation.operation,
+        "emergency": rotation.emergency,
+        "retire_on": rotation.retire_on,
         "confirmed_at": _iso(rotation.confirmed_at),
         "confirmed_bundle": rotation.confirmed_bundle,
         "restart_at": _iso(rotation.restart_at),
@@ -307,6 +341,8 @@ def _rotation_from_json(data: Mapping[str, Any]) -> Rotation:
         started_at=started,
         trigger=data["trigger"],
         operation=data.get("operation"),
+        emergency=bool(data.get("emergency")),
+        retire_on=data.get("retire_on") or "expiry",
         confirmed_at=_time(data.get("confirmed_at")),
         confirmed_bundle=data.get("confirmed_bundle"),
         restart_at=_time(data.get("restart_at")),
@@ -328,6 +364,7 @@ def _operation_to_json(op: Operation) -> dict[str, Any]:
         "state": op.state.value,
         "result": op.result,
         "finished_at": _iso(op.finished_at),
+        "emergency": op.emergency,
     }
 
 
@@ -342,6 +379,7 @@ def _operation_from_json(data: Mapping[str, Any]) -> Operation:
         state=OpState(data["state"]),
         result=data.get("result"),
         finished_at=_time(data.get("finished_at")),
+        emergency=bool(data.get("emergency")),
     )
 
 

@@ -247,15 +247,16 @@ class LinkerdRollout:
             if not token:
                 return
 
-    def pending_pods(self, bundle_pem: str, confirmed_at: datetime) -> list[str]:
+    def pending_pods(
+        self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
+    ) -> list[str]:
         """Meshed Pods (``namespace/name``, sorted) that do not hold ``bundle_pem``, decided
         as ``linkerd check --proxy`` decides (see ``pods_gate``); the control-plane
-        namespace included."""
+        namespace included. ``restarted``: also those not restarted since."""
         if confirmed_at.tzinfo is None:
             confirmed_at = confirmed_at.replace(tzinfo=UTC)
-        return decide_pending(
-            self._meshed_pods(), bundle_pem, confirmed_at, self.settings.linkerd.namespace
-        )
+        namespace = self.settings.linkerd.namespace
+        return decide_pending(self._meshed_pods(), bundle_pem, confirmed_at, namespace, restarted)
 
     def report_pending(self, pods: list[str], bundle_hash: str) -> None:
         """One Warning Event on the trust-roots ConfigMap naming the laggards, updated in
@@ -270,8 +271,8 @@ class LinkerdRollout:
         shown = ", ".join(key[1][:EVENT_NAMES])
         more = f" (and {len(pods) - EVENT_NAMES} more)" if len(pods) > EVENT_NAMES else ""
         message = (
-            f"{len(pods)} meshed pod(s) do not yet hold the trust bundle "
-            f"sha256:{bundle_hash[:16]} and must be restarted: {shown}{more}"
+            f"{len(pods)} meshed pod(s) must be restarted before the root rotation goes on "
+            f"(published trust bundle sha256:{bundle_hash[:16]}): {shown}{more}"
         )[:_MESSAGE_LIMIT]
         linkerd = self.settings.linkerd
         name = pending_event_name(linkerd.trust_roots_configmap)

@@ -96,7 +96,11 @@ def is_meshed(pod: Pod, control_plane_ns: str | None = None) -> bool:
 
 
 def decide(
-    pod: Pod, bundle_pem: str, confirmed_at: datetime, control_plane_ns: str | None = None
+    pod: Pod,
+    bundle_pem: str,
+    confirmed_at: datetime,
+    control_plane_ns: str | None = None,
+    restarted: bool = False,
 ) -> Decision:
     """Whether ``pod`` holds ``bundle_pem`` (confirmed by every publisher at ``confirmed_at``).
 
@@ -115,6 +119,10 @@ def decide(
       annotation is used nowhere else: it can be edited on a live Pod, on control-plane
       Pods it is Helm's hash of its own value, and the env is in the same object anyway.
     - With several proxy containers, every one must hold the bundle.
+    - ``restarted`` (retiring a root on proof): a proxy container running since
+      ``confirmed_at`` or before is pending whatever it holds. Its certificate may come
+      from the old issuer; one started later got its certificate from the new issuer,
+      which Linkerd had loaded before ``confirmed_at``.
     """
     if not is_meshed(pod, control_plane_ns):
         return Decision(Verdict.NOT_MESHED, "no linkerd-proxy container for this control plane")
@@ -122,6 +130,9 @@ def decide(
         return Decision(Verdict.NOT_MESHED, "finished: no proxy runs")
     want = bundle_pem.strip()
     for container in _proxy_containers(pod):
+        started = _started_at(pod, str(container.get("name")))
+        if restarted and started is not None and started <= confirmed_at:
+            return Decision(Verdict.PENDING, "proxy started before everything was re-issued")
         env = [e for e in container.get("env") or [] if e.get("name") == TRUST_ANCHORS_ENV]
         if not env:
             annotations = (pod.get("metadata") or {}).get("annotations") or {}
@@ -131,7 +142,6 @@ def decide(
         var = env[-1]  # as in Kubernetes, the last of duplicate names wins
         ref = (var.get("valueFrom") or {}).get("configMapKeyRef")
         if ref is not None:
-            started = _started_at(pod, str(container.get("name")))
             if started is not None and started <= confirmed_at:
                 return Decision(Verdict.PENDING, "proxy started before the bundle was confirmed")
             continue
@@ -145,12 +155,15 @@ def pending_pods(
     bundle_pem: str,
     confirmed_at: datetime,
     control_plane_ns: str | None = None,
+    restarted: bool = False,
 ) -> list[str]:
-    """``namespace/name`` of every meshed Pod that does not hold ``bundle_pem``, sorted."""
+    """``namespace/name`` of every meshed Pod that does not hold ``bundle_pem`` (or, with
+    ``restarted``, was not restarted since ``confirmed_at``), sorted."""
     return sorted(
         pod_ref(pod)
         for pod in pods
-        if decide(pod, bundle_pem, confirmed_at, control_plane_ns).verdict is Verdict.PENDING
+        if decide(pod, bundle_pem, confirmed_at, control_plane_ns, restarted).verdict
+        is Verdict.PENDING
     )
 
 

@@ -212,7 +212,9 @@ class CurrentRollout:
     def restart(self, scope: Literal["control-plane", "all"], at: datetime) -> list[str]:
         return []
 
-    def pending_pods(self, bundle_pem: str, confirmed_at: datetime) -> list[str]:
+    def pending_pods(
+        self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
+    ) -> list[str]:
         return []
 
     def report_pending(self, pods: list[str], bundle_hash: str) -> None:

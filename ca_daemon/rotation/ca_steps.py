@@ -65,7 +65,9 @@ class Rollout(Protocol):
 
     def restart(self, scope: Literal["control-plane", "all"], at: datetime) -> list[str]: ...
 
-    def pending_pods(self, bundle_pem: str, confirmed_at: datetime) -> list[str]: ...
+    def pending_pods(
+        self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
+    ) -> list[str]: ...
 
     def report_pending(self, pods: list[str], bundle_hash: str) -> None: ...
 
@@ -121,6 +123,8 @@ def apply(
             )
         case PrepareRoot(ref=ref, operation=operation):
             made = _root(ref, now, anchor, s)
+            op = ca.operation(operation) if operation else None
+            emergency = op is not None and op.emergency
             record = replace(
                 ca,
                 roots=(*ca.roots, RootEntry(made.ref, made.cert, RootRole.NEXT, now)),
@@ -131,9 +135,10 @@ def apply(
                     started_at=now,
                     trigger="manual" if operation else "schedule",
                     operation=operation,
+                    emergency=emergency,
+                    retire_on="proof" if emergency else s.rotation.retire,
                 ),
             )
-            op = ca.operation(operation) if operation else None
             if op is not None:
                 record = record.with_operation(replace(op, state=OpState.RUNNING))
             return record
@@ -155,7 +160,10 @@ def apply(
             return _activate(state, now, inter_ref, anchor, s)
         case StartRetiring():
             assert ca.rotation is not None
-            rotation = replace(ca.rotation, retire_after=retire_after(state, now, s))
+            if ca.rotation.proof:  # the old root leaves the bundle now, proven unused
+                rotation = replace(ca.rotation.next_stage(), retire_after=now)
+            else:
+                rotation = replace(ca.rotation, retire_after=retire_after(state, now, s))
             return replace(ca, phase=Phase.RETIRING, phase_since=now, rotation=rotation)
         case Retire():
             return _retire(ca, now)
@@ -224,12 +232,15 @@ def _activate(
     if ca.outlived_until is not None:
         published_until = max(published_until, ca.outlived_until)
     roles = {old.ref: RootRole.RETIRING, nxt.ref: RootRole.ACTIVE}
+    # Retiring on proof, the two-root bundle is confirmed and rolled out once more when
+    # everything is re-issued: that stage starts afresh.
+    rotation = ca.rotation.next_stage() if ca.rotation.proof else ca.rotation
     return replace(
         record,
         roots=tuple(replace(r, role=roles.get(r.ref, r.role)) for r in record.roots),
         phase=Phase.ACTIVATED,
         phase_since=now,
-        rotation=replace(ca.rotation, activated_at=now, old_chain_until=published_until),
+        rotation=replace(rotation, activated_at=now, old_chain_until=published_until),
     )
 
 

@@ -33,7 +33,6 @@ from ca_daemon.model.state import (
     IssuerAnswer,
     Operation,
     OpState,
-    Phase,
     State,
     client_key,
 )
@@ -44,9 +43,13 @@ from ca_daemon.publish.kubernetes import KUBERNETES
 from ca_daemon.rotation import ca_steps
 from ca_daemon.rotation.ca_steps import Rollout
 from ca_daemon.rotation.issuer_confirmation import asks, confirmation, issuer_serial
-from ca_daemon.rotation.plan import Observations, covers, plan
+from ca_daemon.rotation.plan import Observations, covers, gate_query, plan
 from ca_daemon.rotation.renewals import credential_key, issue
-from ca_daemon.rotation.requests import check_target, ensure_can_start_rotation
+from ca_daemon.rotation.requests import (
+    check_target,
+    ensure_can_start_emergency,
+    ensure_can_start_rotation,
+)
 from ca_daemon.rotation.results import (
     ROTATION,
     PassResult,
@@ -170,7 +173,13 @@ class Engine:
     # --- manual requests ------------------------------------------------------------------
 
     def request_rotation(
-        self, target: str, reason: str = "", now: datetime | None = None, *, migrate: bool = True
+        self,
+        target: str,
+        reason: str = "",
+        now: datetime | None = None,
+        *,
+        migrate: bool = True,
+        emergency: bool = False,
     ) -> str:
         """Journal a manual rotation request and return its operation id.
 
@@ -181,14 +190,19 @@ class Engine:
         Any replica may ask: the CA record is written with check-and-set, and the leader
         carries the request out at its next pass. ``migrate=False`` (a standby): the only
         write is the request itself; an older journal layout is refused, not moved.
+        ``emergency`` (a key leaked) is refused while one for ``target`` is open.
         """
         check_target(self.settings, target)
         with self._requests:  # one at a time in this process: no check-and-set race here
-            return self._request(target, reason, now, migrate)
+            return self._request(target, reason, now, migrate, emergency)
 
-    def _request(self, target: str, reason: str, now: datetime | None, migrate: bool) -> str:
+    def _request(
+        self, target: str, reason: str, now: datetime | None, migrate: bool, emergency: bool
+    ) -> str:
         for _ in range(5):
             record, version = self.journal.load_ca_to_update(migrate)
+            if emergency:
+                ensure_can_start_emergency(record, target)
             for op in record.operations:
                 if op.open and op.target == target:
                     return op.id
@@ -198,12 +212,14 @@ class Engine:
                 target=target,
                 reason=reason,
                 requested_at=now or self.clock(),
+                emergency=emergency,
             )
             try:
                 self.journal.record_ca(Seen(version, {}, {}), record.with_operation(op))
             except JournalConflict:
                 continue
-            log.info("manual rotation of %s requested (operation %s): %s", target, op.id, reason)
+            kind = "emergency" if emergency else "manual"
+            log.info("%s rotation of %s requested (operation %s): %s", kind, target, op.id, reason)
             return op.id
         raise JournalError(f"{self.journal.description}: kept changing while saving the request")
 
@@ -543,22 +559,13 @@ class Engine:
     def _pending_pods(
         self, p: _Pass, world: TrustWorld, state: State, bundle: str
     ) -> tuple[str, ...] | None:
-        """Meshed Pods still on an old bundle; asked only while propagating, after the
-        two-root bundle was confirmed and Linkerd was rolled."""
-        rotation = state.ca.rotation
-        linkerd = self.settings.linkerd
-        if (
-            self.rollout is None
-            or not linkerd.enabled
-            or linkerd.gate != "pods"
-            or state.ca.phase is not Phase.PROPAGATING
-            or rotation is None
-            or rotation.confirmed_at is None
-            or (linkerd.restart != "none" and not rotation.restarted)
-        ):
+        """Meshed Pods that lag, asked only where a root rotation waits for them (once its
+        stage's bundle was confirmed and Linkerd was rolled since)."""
+        query = gate_query(state, self.settings)
+        if self.rollout is None or query is None:
             return None
         try:
-            pending = self.rollout.pending_pods(world.bundle_pem, rotation.confirmed_at)
+            pending = self.rollout.pending_pods(world.bundle_pem, query.since, query.restarted)
         except Exception as exc:
             p.result.errors.append(f"checking meshed pods: {_describe(exc)}")
             return None

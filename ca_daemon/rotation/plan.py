@@ -35,6 +35,7 @@ from ca_daemon.model.state import (
     Operation,
     OpState,
     Phase,
+    Rotation,
     State,
     client_key,
     trusted_roots,
@@ -44,6 +45,7 @@ from ca_daemon.pki.profiles import Subject, subject_alt_names
 from ca_daemon.rotation.checks import UNTRUSTED, journal_problems
 from ca_daemon.rotation.issuer_confirmation import issuer_unconfirmed
 from ca_daemon.rotation.rebuild import ca_number
+from ca_daemon.rotation.requests import advice
 from ca_daemon.rotation.steps import (
     ALL,
     KONG,
@@ -346,7 +348,17 @@ def _root_rotation(
         unconfirmed = issuer_unconfirmed(state, settings, now, obs.cluster)
         if unconfirmed is not None:
             return [Wait(unconfirmed)]
+        if rotation.proof:
+            return _prove_unused(state, now, settings, obs) or [StartRetiring()]
         return [StartRetiring()]
+    if rotation.proof:
+        # The bundle without the old root: confirmed, rolled out, and held by every Pod.
+        what = "the bundle without the old root"
+        return (
+            _confirm_and_roll(state, now, settings, obs, what)
+            or _pods_gate(settings, obs, rotation, TRUST_OLD)
+            or [Retire(reason=PROVEN_UNUSED)]
+        )
     assert rotation.retire_after is not None
     if now >= rotation.retire_after:
         until = rotation.old_chain_until
@@ -363,16 +375,75 @@ def _root_rotation(
     ]
 
 
+PROVEN_UNUSED = (
+    "proven unused: everything re-issued and published, every meshed Pod restarted since, "
+    "and the bundle without the old root held everywhere"
+)
+# What lagging meshed Pods still do at each stage, and what checking them looks for.
+HOLD_OLD = "hold an old bundle"
+STARTED_BEFORE = "run a proxy started before everything was re-issued"
+TRUST_OLD = "trust the old root"
+_CHECKING = {
+    HOLD_OLD: "hold the two-root bundle",
+    STARTED_BEFORE: "restarted since the re-issue",
+    TRUST_OLD: "hold the bundle without the old root",
+}
+
+
+def restart_scope(rotation: Rotation, settings: Settings) -> str:
+    """What a roll of this rotation restarts: an emergency rolls the data plane whatever
+    ``linkerd.restart`` says, since its proof is every proxy restarted."""
+    return "all" if rotation.emergency else settings.linkerd.restart
+
+
 def _propagating(state: State, now: datetime, settings: Settings, obs: Observations) -> list[Step]:
+    rotation = state.ca.rotation
+    assert rotation is not None
+    steps = _confirm_and_roll(state, now, settings, obs, "the two-root bundle")
+    if steps:
+        return steps
+    assert rotation.confirmed_at is not None
+    ready_at = rotation.confirmed_at + settings.rotation.propagation_delay
+    if now < ready_at:
+        return [Wait("propagation delay", ready_at)]
+    steps = _pods_gate(settings, obs, rotation, HOLD_OLD)
+    if steps:
+        return steps
+    inter_ref = f"kong-{state.ca.serial + 1}" if settings.kong.enabled else None
+    return [Activate(intermediate_ref=inter_ref)]
+
+
+def _prove_unused(state: State, now: datetime, settings: Settings, obs: Observations) -> list[Step]:
+    """Retiring on proof, once everything is re-issued: everything published, then the
+    data plane rolled and every meshed Pod restarted since (its proxy's certificate now
+    comes from the new issuer, which Linkerd already loaded)."""
+    rotation = state.ca.rotation
+    assert rotation is not None
+    issued = [entry.issued for _, entry in state.credentials()]
+    published = state.ca.published_at
+    if issued and (published is None or published < max(issued)):
+        return [Wait("publishing everything re-issued under the new root")]
+    what = "the two-root bundle, after everything was re-issued"
+    return _confirm_and_roll(state, now, settings, obs, what) or _pods_gate(
+        settings, obs, rotation, STARTED_BEFORE
+    )
+
+
+def _confirm_and_roll(
+    state: State, now: datetime, settings: Settings, obs: Observations, bundle: str
+) -> list[Step]:
+    """The step (or the wait) until every publisher confirmed this stage's ``bundle`` and
+    Linkerd was rolled after that; none once both are done."""
     rotation = state.ca.rotation
     assert rotation is not None
     expected = bundle_hash(render_pem(trusted_roots(state.ca)))
     if rotation.confirmed_at is None:
         if obs.bundle == expected:
-            return [ConfirmBundle(bundle=expected, at=obs.bundle_at)]
-        return [Wait("waiting for every publisher to confirm the two-root bundle")]
-    linkerd = settings.linkerd
-    if linkerd.enabled and linkerd.restart != "none" and obs.cluster and not rotation.restarted:
+            why = f"every publisher holds {bundle}"
+            return [ConfirmBundle(bundle=expected, at=obs.bundle_at, reason=why)]
+        return [Wait(f"waiting for every publisher to confirm {bundle}")]
+    scope = restart_scope(rotation, settings)
+    if settings.linkerd.enabled and scope != "none" and obs.cluster and not rotation.restarted:
         if rotation.restart_at is None:
             # Container start times have whole seconds, and the gate counts a start in the
             # confirmation's second as before it: a Pod rolled in that second would be
@@ -382,24 +453,56 @@ def _propagating(state: State, now: datetime, settings: Settings, obs: Observati
                 return [
                     Wait("restarting Linkerd from the second after the confirmation", restart_from)
                 ]
-            return [NoteRestart(scope=linkerd.restart)]
-        return [RestartLinkerd(scope=linkerd.restart)]
-    ready_at = rotation.confirmed_at + settings.rotation.propagation_delay
-    if now < ready_at:
-        return [Wait("propagation delay", ready_at)]
-    if linkerd.enabled and linkerd.gate == "pods" and obs.cluster:
-        if obs.pending_pods is None:
-            return [Wait("checking which meshed pods hold the two-root bundle", after_publish=True)]
-        if obs.pending_pods:
-            shown = ", ".join(obs.pending_pods[:5])
-            more = f" and {len(obs.pending_pods) - 5} more" if len(obs.pending_pods) > 5 else ""
-            return [
-                Wait(
-                    f"{len(obs.pending_pods)} meshed pod(s) still hold an old bundle: {shown}{more}"
-                )
-            ]
-    inter_ref = f"kong-{state.ca.serial + 1}" if settings.kong.enabled else None
-    return [Activate(intermediate_ref=inter_ref)]
+            return [NoteRestart(scope=scope)]
+        return [RestartLinkerd(scope=scope)]
+    return []
+
+
+def _pods_gate(
+    settings: Settings, obs: Observations, rotation: Rotation, lagging: str
+) -> list[Step]:
+    """The wait while meshed Pods lag (they ``lagging``); none once no Pod does."""
+    if not (settings.linkerd.enabled and _gated(settings, rotation) and obs.cluster):
+        return []
+    if obs.pending_pods is None:
+        return [Wait(f"checking which meshed pods {_CHECKING[lagging]}", after_publish=True)]
+    if obs.pending_pods:
+        shown = ", ".join(obs.pending_pods[:5])
+        more = f" and {len(obs.pending_pods) - 5} more" if len(obs.pending_pods) > 5 else ""
+        return [Wait(f"{len(obs.pending_pods)} meshed pod(s) still {lagging}: {shown}{more}")]
+    return []
+
+
+def _gated(settings: Settings, rotation: Rotation) -> bool:
+    # Proof is every Pod restarted: only the pods gate can tell, whatever linkerd.gate says.
+    return settings.linkerd.gate == "pods" or rotation.proof
+
+
+@dataclass(frozen=True)
+class GateQuery:
+    """Which meshed Pods lag: those not holding the published bundle, which every
+    publisher confirmed at ``since``; with ``restarted``, also those whose proxy started
+    at or before then."""
+
+    since: datetime
+    restarted: bool
+
+
+def gate_query(state: State, settings: Settings) -> GateQuery | None:
+    """What the pods gate asks now (None: nothing): during a stage of a root rotation that
+    waits for Pods, once its bundle is confirmed and Linkerd was rolled since."""
+    ca = state.ca
+    rotation = ca.rotation
+    if rotation is None or not settings.linkerd.enabled or not _gated(settings, rotation):
+        return None
+    stage = ca.phase is Phase.PROPAGATING or (
+        rotation.proof and ca.phase in (Phase.ACTIVATED, Phase.RETIRING)
+    )
+    if not stage or rotation.confirmed_at is None:
+        return None
+    if restart_scope(rotation, settings) != "none" and not rotation.restarted:
+        return None
+    return GateQuery(rotation.confirmed_at, restarted=ca.phase is Phase.ACTIVATED)
 
 
 def _under_old_chain(state: State, settings: Settings) -> int:
@@ -439,7 +542,10 @@ def _operations(state: State, obs: Observations) -> list[Step]:
         if op.state is OpState.QUEUED:
             steps.append(StartOperation(op.id))
         elif op.state is OpState.RUNNING and _satisfied(state, op):
-            steps.append(FinishOperation(op.id, True, "re-issued"))
+            said = advice(op.target, op.emergency)
+            steps.append(
+                FinishOperation(op.id, True, f"re-issued; {said}" if said else "re-issued")
+            )
     return steps
 
 

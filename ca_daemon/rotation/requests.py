@@ -1,5 +1,6 @@
 """Which manual rotation requests can be accepted: a known, enabled target, and never a
-second root rotation while one is in progress."""
+second root rotation while one is in progress. An emergency (a key leaked) is asked of
+the trust anchor or the Linkerd issuer only, and never joins a request already open."""
 
 from __future__ import annotations
 
@@ -46,3 +47,43 @@ def ensure_can_start_rotation(record: CaRecord, target: str) -> None:
             f"a root rotation is in progress (phase {record.phase.value}); "
             f"{target} can be requested {when}"
         )
+
+
+# Linkerd proxies cannot be told to distrust one issuer: they trust whatever chains to a
+# root in their bundle, so certificates a leaked issuer key signs stay valid until then.
+LEAKED_ISSUER_ADVICE = (
+    "the new issuer key signs from now on, but Linkerd proxies still accept certificates "
+    "the leaked key signed (or signs) until the root it chains to leaves every bundle: only "
+    "an emergency root rotation removes that trust (ca-daemon rotate trust-anchor "
+    "--emergency --reason ...)"
+)
+
+
+def advice(target: str, emergency: bool) -> str | None:
+    """What an operator must still know after this request is accepted (None: nothing)."""
+    return LEAKED_ISSUER_ADVICE if emergency and target == LINKERD_ISSUER else None
+
+
+# What an emergency can be asked of: the root (retired on proof) and the Linkerd issuer
+# (a new key now). A Kong client is revoked instead.
+EMERGENCY_TARGETS = frozenset({TRUST_ANCHOR, LINKERD_ISSUER})
+
+
+def ensure_can_start_emergency(record: CaRecord, target: str) -> None:
+    """Raise UnknownTarget for a target an emergency does not apply to, and
+    RotationInProgress when one for ``target`` (or any root rotation, for the root) is
+    open already: an emergency is never merged into a request that may finish otherwise."""
+    if target not in EMERGENCY_TARGETS:
+        raise UnknownTarget(
+            f"an emergency applies to trust-anchor or linkerd-issuer, not {target!r}"
+        )
+    roots = target == TRUST_ANCHOR
+    for op in record.operations:
+        if op.open and (op.target == target or (roots and op.target in ROOT_TARGETS)):
+            kind = "an emergency" if op.emergency else "a"
+            raise RotationInProgress(
+                f"{kind} rotation of {op.target} is already {op.state.value} "
+                f"(operation {op.id}); follow it with `ca-daemon status`"
+            )
+    if roots:
+        ensure_can_start_rotation(record, target)

@@ -221,3 +221,23 @@ def test_event_name_is_fixed_per_configmap() -> None:
     name = pending_event_name("linkerd-identity-trust-roots")
     assert name == pending_event_name("linkerd-identity-trust-roots")
     assert name.startswith("linkerd-identity-trust-roots.")
+
+
+def test_retiring_on_proof_every_proxy_must_have_restarted_since_the_confirmation() -> None:
+    """After everything is re-issued, a proxy that holds the bundle but started before
+    still presents a certificate from the old issuer: it lags, however it reads anchors."""
+    before, after = CONFIRMED - timedelta(minutes=5), CONFIRMED + timedelta(seconds=1)
+    for from_configmap in (False, True):
+        old = pod(started=before, from_configmap=from_configmap)
+        new = pod(started=after, from_configmap=from_configmap)
+        assert decide(old, NEW, CONFIRMED, restarted=True).verdict is Verdict.PENDING
+        assert decide(new, NEW, CONFIRMED, restarted=True).verdict is Verdict.CURRENT
+    # Without it, a literal value equal to the bundle is enough, as linkerd check says.
+    assert decide(pod(started=before), NEW, CONFIRMED).verdict is Verdict.CURRENT
+    # A start in the confirmation's second counts as before it (whole seconds).
+    same_second = pod(started=CONFIRMED.replace(microsecond=0))
+    assert decide(same_second, NEW, CONFIRMED, restarted=True).verdict is Verdict.PENDING
+    # A proxy not running yet starts under the new issuer.
+    assert decide(pod(started=None), NEW, CONFIRMED, restarted=True).verdict is Verdict.CURRENT
+    pods = [pod("a", started=before), pod("b", started=after)]
+    assert pending_pods(pods, NEW, CONFIRMED, "linkerd", restarted=True) == ["shop/a"]

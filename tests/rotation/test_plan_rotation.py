@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 
 from ca_daemon.config.settings import Settings
+from ca_daemon.errors import ConfigError
 from ca_daemon.model.state import (
     IntermediateEntry,
     IssuedEntry,
@@ -24,7 +25,15 @@ from ca_daemon.model.state import (
 from ca_daemon.pki.bundle import bundle_hash, render_pem
 from ca_daemon.pki.keys import private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject
-from ca_daemon.rotation.plan import Observations, client_subject, plan, retire_after
+from ca_daemon.rotation.plan import (
+    PROVEN_UNUSED,
+    GateQuery,
+    Observations,
+    client_subject,
+    gate_query,
+    plan,
+    retire_after,
+)
 from ca_daemon.rotation.steps import (
     Activate,
     ConfirmBundle,
@@ -364,3 +373,116 @@ def test_an_operation_finishes_once_its_targets_are_reissued(make_settings: Make
     steps = plan(fresh, NOW, settings)
     assert FinishOperation("k", True, "re-issued") in steps
     assert not any(isinstance(s, IssueKongClient) for s in steps)
+
+
+# --- retiring on proof (an emergency) ------------------------------------------------------
+
+
+def _proving(state: State, phase: Phase = Phase.ACTIVATED, **changes: object) -> State:
+    """``state`` (after activation) retiring on proof, as an emergency; ``changes`` to its
+    rotation record, whose confirmation and roll start afresh at activation."""
+    rotation = state.ca.rotation
+    assert rotation is not None
+    proving = replace(rotation.next_stage(), emergency=True, retire_on="proof", **changes)  # type: ignore[arg-type]
+    return replace(state, ca=replace(state.ca, phase=phase, rotation=proving))
+
+
+def test_an_emergency_rolls_the_data_plane_and_gates_on_pods_whatever_is_configured(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings({"linkerd": {"restart": "none", "gate": "time"}})
+    state = _with_next_root(
+        steady_state(settings),
+        Phase.PROPAGATING,
+        confirmed_at=NOW,
+        emergency=True,
+        retire_on="proof",
+    )
+    later = NOW + timedelta(hours=1)
+    lagging = Observations(cluster=True, pending_pods=("shop/web-1",))
+    assert _actions(plan(state, later, settings, lagging)) == [NoteRestart("all")]
+    rolled = _with_next_root(
+        steady_state(settings),
+        Phase.PROPAGATING,
+        confirmed_at=NOW,
+        restarted=True,
+        emergency=True,
+        retire_on="proof",
+    )
+    assert _actions(plan(rolled, later, settings, lagging)) == []
+    assert "shop/web-1" in _wait(plan(rolled, later, settings, lagging)).reason
+    # The propagation delay still bounds it (where nothing is gated).
+    early = plan(rolled, NOW + timedelta(minutes=1), settings, Observations(cluster=True))
+    assert _wait(early).reason == "propagation delay"
+
+
+def test_proof_waits_until_everything_reissued_is_published(make_settings: MakeSettings) -> None:
+    settings = make_settings({"linkerd": {"confirm": "none"}})
+    reissued = _activated(settings, reissued=True)
+    bundle = Observations(bundle=_two_root_hash(reissued), bundle_at=NOW)
+    proving = _proving(reissued)
+    unpublished = replace(proving, ca=replace(proving.ca, published_at=NOW - DAY))
+    steps = plan(unpublished, NOW, settings, bundle)
+    assert _actions(steps) == []
+    assert _wait(steps).reason == "publishing everything re-issued under the new root"
+    published = replace(unpublished, ca=replace(unpublished.ca, published_at=NOW))
+    (confirm,) = _actions(plan(published, NOW, settings, bundle))
+    assert isinstance(confirm, ConfirmBundle) and confirm.bundle == _two_root_hash(reissued)
+
+
+def test_proof_rolls_again_after_the_reissue_and_waits_for_every_pod(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings({"linkerd": {"confirm": "none", "restart": "all"}})
+    reissued = _activated(settings, reissued=True)
+    published = replace(reissued, ca=replace(reissued.ca, published_at=NOW))
+    later = NOW + timedelta(seconds=2)
+    confirmed = _proving(published, confirmed_at=NOW)
+    assert _actions(plan(confirmed, later, settings, Observations(cluster=True))) == [
+        NoteRestart("all")
+    ]
+    rolled = _proving(published, confirmed_at=NOW, restart_at=NOW, restarted=True)
+    assert gate_query(rolled, settings) == GateQuery(NOW, restarted=True)
+    lagging = plan(rolled, later, settings, Observations(cluster=True, pending_pods=("a/b",)))
+    assert _actions(lagging) == []
+    assert _wait(lagging).reason == (
+        "1 meshed pod(s) still run a proxy started before everything was re-issued: a/b"
+    )
+    opened = plan(rolled, later, settings, Observations(cluster=True, pending_pods=()))
+    assert _actions(opened) == [StartRetiring()]
+    # On files only there is nothing to roll: the confirmation after the re-issue is the proof.
+    files = plan(confirmed, later, settings, Observations(cluster=False))
+    assert _actions(files) == [StartRetiring()]
+
+
+def test_retiring_on_proof_drops_the_old_root_then_rolls_and_gates_before_retiring(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings({"linkerd": {"confirm": "none", "restart": "all"}})
+    reissued = _activated(settings, reissued=True)
+    retiring = _proving(reissued, Phase.RETIRING, retire_after=NOW)
+    roots = trusted_roots(retiring.ca)
+    assert [r.role for r in retiring.ca.roots if r.cert in roots] == [RootRole.ACTIVE]
+    new_only = bundle_hash(render_pem(roots))
+    later = NOW + timedelta(seconds=2)
+    waiting = plan(retiring, later, settings, Observations(bundle=_two_root_hash(reissued)))
+    assert (
+        _wait(waiting).reason
+        == "waiting for every publisher to confirm the bundle without the old root"
+    )
+    (confirm,) = _actions(plan(retiring, later, settings, Observations(bundle=new_only)))
+    assert isinstance(confirm, ConfirmBundle) and confirm.bundle == new_only
+    rolled = _proving(reissued, Phase.RETIRING, retire_after=NOW, confirmed_at=NOW, restarted=True)
+    assert gate_query(rolled, settings) == GateQuery(NOW, restarted=False)
+    lagging = plan(rolled, later, settings, Observations(cluster=True, pending_pods=("a/b",)))
+    assert _wait(lagging).reason == "1 meshed pod(s) still trust the old root: a/b"
+    done = plan(rolled, later, settings, Observations(cluster=True, pending_pods=()))
+    assert _actions(done) == [Retire(reason=PROVEN_UNUSED)]
+
+
+def test_a_scheduled_rotation_may_retire_on_proof(make_settings: MakeSettings) -> None:
+    settings = make_settings({"rotation": {"retire": "proof"}, "linkerd": {"restart": "all"}})
+    assert settings.rotation.retire == "proof"
+    with pytest.raises(ConfigError, match=r"rotation\.retire: proof") as refused:
+        make_settings({"rotation": {"retire": "proof"}, "linkerd": {"restart": "control-plane"}})
+    assert "linkerd.restart" in str(refused.value)

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -49,12 +50,13 @@ from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.state import CaRecord, OpState, Phase, RootRole, State, trusted_roots
 from ca_daemon.model.world import TrustWorld
+from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.chain import verify_ca_under_roots
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.report.verify import verify_directory
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.plan import covers
+from ca_daemon.rotation.plan import PROVEN_UNUSED, covers
 from ca_daemon.rotation.results import PassResult, step_target_name
 from ca_daemon.rotation.steps import ROOT_TARGETS
 from tests.support.invariants import InvariantChecker, Published, read_directory
@@ -81,7 +83,7 @@ RUNNING = OpState.RUNNING
 OP_ORDER = {OpState.QUEUED: 0, OpState.RUNNING: 1, OpState.SUCCEEDED: 2, OpState.FAILED: 2}
 
 # Examples and steps explored in this process, for `make prove` to report.
-EXPLORED = {"examples": 0, "steps": 0, "passes": 0, "rotations": 0, "crashes": 0}
+EXPLORED = {"examples": 0, "steps": 0, "passes": 0, "rotations": 0, "proven": 0, "crashes": 0}
 
 
 def config(
@@ -185,12 +187,13 @@ class RotationMachine(RuleBasedStateMachine):
         self.pods_gated = True
         self.losses = 0
         self.rebuilt = False
+        self.proving: tuple[datetime, int] | None = None  # a proof rotation, and at which loss
         self.settings = self._load()
         self.out = self.settings.publish_directory
         self.checker = InvariantChecker(PROPAGATION, SKEW)
         self.broken: list[str] = []  # invariants broken at a publish
         self.memory = MemoryTarget(on_published=lambda: self._observe("memory"))
-        self.pods = MeshedPods(self.clock, self._linkerd_bundle)
+        self.pods = MeshedPods(self.clock, self._linkerd_bundle, self._linkerd_issuer)
         self.primary = self._replica()
         self.second = self._replica()
         self.reader = self._reader()
@@ -246,6 +249,13 @@ class RotationMachine(RuleBasedStateMachine):
     def _linkerd_bundle(self) -> str:
         return (self.out / "linkerd" / "ca.crt").read_text()
 
+    def _linkerd_issuer(self) -> x509.Certificate | None:
+        return read_directory(self.out).issuer
+
+    def _retiring_on_proof(self) -> bool:
+        record, _ = self.reader.load_ca()
+        return record.rotation is not None and record.rotation.proof
+
     # --- what verifiers see, at every publish -------------------------------------------------
 
     def _observe(self, source: str) -> None:
@@ -268,16 +278,25 @@ class RotationMachine(RuleBasedStateMachine):
             issuer = world.linkerd_issuer.cert if world.linkerd_issuer else None
             clients = {n: (e.cert, *e.chain) for n, e in world.kong_clients.items()}
         try:
-            self.checker.observe(now, Published(bundles, issuer, clients))
+            on_proof = self._retiring_on_proof()
+            self.checker.observe(now, Published(bundles, issuer, clients), on_proof=on_proof)
         except AssertionError as exc:
             # Raised here, the engine would contain it as a failed publish.
             self.broken.append(f"at {now} after publishing to {source}: {exc}")
         if issuer is not None and source == "directory" and self.pods_gated:
             # A meshed Pod's proxy verifies peers under the bundle it started with. (With
             # linkerd.gate: time, that holds only if Pods restart within the delay.)
-            for pod, roots in self.pods.bundles().items():
+            pod_bundles = self.pods.bundles()
+            for pod, roots in pod_bundles.items():
                 for problem in verify_ca_under_roots(issuer, list(roots), now):
                     self.broken.append(f"at {now}: linkerd issuer against {pod}: {problem}")
+            # What each proxy presents must verify wherever it is checked: in every
+            # published bundle and every Pod's.
+            verifiers = {**bundles, **pod_bundles}
+            for pod, presented in self.pods.presented(now).items():
+                for where, roots in verifiers.items():
+                    for problem in verify_ca_under_roots(presented, list(roots), now):
+                        self.broken.append(f"at {now}: {pod} presents, {where}: {problem}")
 
     # --- one pass ----------------------------------------------------------------------------
 
@@ -293,6 +312,7 @@ class RotationMachine(RuleBasedStateMachine):
             replica.boundaries.disarm()
         EXPLORED["passes"] += 1
         assert not self.broken, "\n".join(self.broken)
+        self._proof_ends_with_the_old_root_gone()
         self.pods.tick()
         storm = {k: n for k, n in replica.boundaries.issued.items() if n > 1}
         done = [f"{s.action} {s.name}" for s in result.steps] if result else "(crashed)"
@@ -304,8 +324,29 @@ class RotationMachine(RuleBasedStateMachine):
                     assert any(covers(t, target) for t in open_before), (
                         f"{s.action} {s.name} served a request that was no longer open"
                     )
-            EXPLORED["rotations"] += sum(s.action == "Retire" for s in result.steps)
+            retired = [s for s in result.steps if s.action == "Retire" and s.ok]
+            EXPLORED["rotations"] += len(retired)
+            EXPLORED["proven"] += sum(s.reason == PROVEN_UNUSED for s in retired)
         return result
+
+    def _proof_ends_with_the_old_root_gone(self) -> None:
+        """A root rotation that retires on proof ends only once no meshed Pod trusts the
+        old root any more (a proxy that does would accept what a leaked key signed)."""
+        record, _ = self.reader.load_ca()
+        rotation = record.rotation
+        if rotation is not None and rotation.proof:
+            self.proving = (rotation.started_at, self.losses)
+            return
+        same = rotation is not None and self.proving and rotation.started_at == self.proving[0]
+        if self.proving is None or same:
+            return
+        ended, self.proving = self.proving, None
+        if ended[1] != self.losses:
+            return  # the journal was lost: the rotation was dropped, not finished
+        published = {fingerprint(c) for c in read_directory(self.out).bundles["trust-bundle.pem"]}
+        for pod, roots in self.pods.bundles().items():
+            kept = {fingerprint(c) for c in roots} - published
+            assert not kept, f"{pod} still trusts {sorted(kept)} after a retirement on proof"
 
     def _open_targets(self) -> list[str]:
         try:
@@ -353,14 +394,21 @@ class RotationMachine(RuleBasedStateMachine):
         what=st.sampled_from(ROOT_REQUESTS + TARGETS),
         ahead=st.integers(0, 5),
         standby=st.booleans(),
+        emergency=st.booleans(),
     )
     @step
-    def manual_request(self, what: str, ahead: int, standby: bool) -> None:
-        """A request, from the leader or a standby whose clock may be seconds ahead."""
+    def manual_request(self, what: str, ahead: int, standby: bool, emergency: bool = False) -> None:
+        """A request, from the leader or a standby whose clock may be seconds ahead; an
+        emergency (the root then retires on proof) where one applies."""
+        self._request(what, ahead, standby, emergency)
+
+    def _request(self, what: str, ahead: int, standby: bool, emergency: bool = False) -> None:
         engine = (self.second if standby else self.primary).engine
         at = self.clock.now + timedelta(seconds=ahead)
         try:
-            op_id = engine.request_rotation(what, "prove", now=at, migrate=not standby)
+            op_id = engine.request_rotation(
+                what, "prove", now=at, migrate=not standby, emergency=emergency
+            )
         except RequestError:
             return
         known = self.accepted.get(op_id)
@@ -398,7 +446,7 @@ class RotationMachine(RuleBasedStateMachine):
         def other_passes(where: str) -> None:
             for i, pause in enumerate(pauses):
                 if request and i == 1:  # once the first pass may have ended a rotation
-                    self.manual_request("trust-anchor", 0, True)
+                    self._request("trust-anchor", 0, True)
                 self.clock.now += pause
                 self.pods.operator_restarts()
                 self._pass(self.second)
@@ -576,6 +624,7 @@ def test_rotation_invariants_hold_on_every_path_hypothesis_chooses() -> None:
     if settings().max_examples > 100:  # the long profile says what it explored
         print(f"\nexplored: {EXPLORED}")
     assert EXPLORED["examples"] > 0 and EXPLORED["passes"] > 0
+    assert EXPLORED["proven"] > 0, f"no root retired on proof: {EXPLORED}"
 
 
 # --- what the machine found, kept as ordinary tests (each failed before its fix) -------------
@@ -603,6 +652,13 @@ ROTATING = [  # a root rotation requested, the two-root bundle confirmed, Linker
     lambda m: m.time_passes([TWO_SECONDS]),
 ]
 ACTIVATED = [*ROTATING, lambda m: m.time_passes([timedelta(minutes=11)], True)]
+EMERGENCY = [  # an emergency: its two-root bundle confirmed, the data plane rolled
+    lambda m: m.manual_request("trust-anchor", 0, False, True),
+    lambda m: m.time_passes([MINUTE]),
+    lambda m: m.time_passes([TWO_SECONDS]),
+]
+# Activated, everything re-issued and the two-root bundle confirmed once more.
+REISSUED = [*EMERGENCY, lambda m: m.time_passes([timedelta(minutes=10)])]
 # For each of the rotation's guards, a path on which the machine fails without it (the
 # derandomized examples above find some of these; these find each, every time).
 GUARDED_PATHS: dict[str, list[Callable[[RotationMachine], Any]]] = {
@@ -625,6 +681,21 @@ GUARDED_PATHS: dict[str, list[Callable[[RotationMachine], Any]]] = {
             3, [timedelta(minutes=10), MINUTE, TWO_SECONDS, timedelta(minutes=11)], True
         ),
         lambda m: m.time_passes([MINUTE]),
+    ],
+    # A Pod the second roll did not restart still presents a certificate from the old
+    # issuer: the old root stays until it restarts.
+    "proof: every Pod restarted since the re-issue": [
+        *REISSUED,
+        lambda m: m.pod_lags("web-0", 4),
+        lambda m: m.time_passes([TWO_SECONDS] + [MINUTE] * 3),
+    ],
+    # A Pod the third roll did not restart still trusts the old root: the rotation is
+    # not over until it restarts.
+    "proof: every Pod holds the bundle without the old root": [
+        *REISSUED,
+        lambda m: m.time_passes([TWO_SECONDS]),
+        lambda m: m.pod_lags("web-0", 4),
+        lambda m: m.time_passes([MINUTE] * 4),
     ],
 }
 

@@ -508,8 +508,10 @@ class RecordingRollout:
         self.restarts.append(Restart(at, confirmed, len(self.watch.snapshots), rolled))
         return rolled
 
-    def pending_pods(self, bundle_pem: str, confirmed_at: datetime) -> list[str]:
-        return self.inner.pending_pods(bundle_pem, confirmed_at)
+    def pending_pods(
+        self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
+    ) -> list[str]:
+        return self.inner.pending_pods(bundle_pem, confirmed_at, restarted)
 
     def report_pending(self, pods: list[str], bundle_hash: str) -> None:
         self.inner.report_pending(pods, bundle_hash)

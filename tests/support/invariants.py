@@ -1,7 +1,9 @@
 """The SPEC's three root-rotation invariants, checked on what is *published*.
 
 1. Every published certificate chains to a root in every published bundle.
-2. A root leaves a bundle only after nothing that chains to it can still be valid.
+2. A root leaves a bundle only after nothing that chains to it can still be valid; when
+   it retires on proof (an emergency), only after nothing published chains to it, which
+   1. checks (and the caller checks what is presented, e.g. by meshed Pods).
 3. Nothing is signed by a root before that root has been in every bundle for the
    propagation delay.
 
@@ -114,11 +116,18 @@ class InvariantChecker:
         self.observations = 0
         self.certificates_seen: set[str] = set()
 
-    def observe(self, now: datetime, published: Published, since: datetime | None = None) -> None:
+    def observe(
+        self,
+        now: datetime,
+        published: Published,
+        since: datetime | None = None,
+        on_proof: bool = False,
+    ) -> None:
         """``since``: the last moment the snapshot before this one was read. A root seen in
         every bundle for the first time became so after then; a caller whose snapshots
         can be seconds apart (a server it reads was down) says so, and the root is dated
-        from then instead of from ``now``, which would be late."""
+        from then instead of from ``now``, which would be late. ``on_proof``: a root that
+        leaves now retires on proof, while certificates it signed earlier are valid."""
         problems: list[str] = []
         bundles = {
             where: {fingerprint(r): r for r in roots} for where, roots in published.bundles.items()
@@ -130,7 +139,7 @@ class InvariantChecker:
         # 2. a root that left a bundle: nothing under it may still be valid.
         for fp in set(self.in_every_bundle_since) - everywhere:
             until = self.valid_until.get(fp)
-            if until is not None and until > now:
+            if until is not None and until > now and not on_proof:
                 problems.append(
                     f"root {fp[:12]} left a bundle at {now:%Y-%m-%d %H:%M} while a certificate "
                     f"under it is valid until {until:%Y-%m-%d %H:%M}"

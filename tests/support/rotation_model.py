@@ -148,6 +148,9 @@ class Pod:
     name: str
     started: datetime
     bundle: str  # the trust bundle PEM it read when it started
+    # The issuer its proxy's certificate came from: the one published when it started
+    # (Linkerd's identity controller loads a new one within seconds; the model says at once).
+    issuer: x509.Certificate | None = None
 
 
 @dataclass
@@ -159,6 +162,7 @@ class MeshedPods:
 
     clock: Callable[[], datetime]
     read_bundle: Callable[[], str]
+    read_issuer: Callable[[], x509.Certificate | None] = lambda: None
     names: tuple[str, ...] = ("web-0", "web-1", "api-0")
     description: str = "meshed pods (model)"
     pods: dict[str, Pod] = field(default_factory=dict)
@@ -167,19 +171,28 @@ class MeshedPods:
     reported: list[tuple[str, ...]] = field(default_factory=list)
 
     def start_all(self) -> None:
-        now, bundle = self.clock(), self.read_bundle()
-        self.pods = {n: Pod(n, now, bundle) for n in self.names}
+        now, bundle, issuer = self.clock(), self.read_bundle(), self.read_issuer()
+        self.pods = {n: Pod(n, now, bundle, issuer) for n in self.names}
 
     def operator_restarts(self) -> list[str]:
-        now, bundle = self.clock(), self.read_bundle()
+        now, bundle, issuer = self.clock(), self.read_bundle(), self.read_issuer()
         moved = [n for n in self.pods if self.stuck.get(n, 0) == 0]
         for name in moved:
-            self.pods[name] = Pod(name, now, bundle)
+            self.pods[name] = Pod(name, now, bundle, issuer)
         return moved
 
     def tick(self) -> None:
         """One pass went by."""
         self.stuck = {n: left - 1 for n, left in self.stuck.items() if left > 1}
+
+    def presented(self, now: datetime) -> dict[str, x509.Certificate]:
+        """The issuer behind each Pod's proxy certificate, while that issuer is valid (a
+        proxy renews its certificate within a day, from the issuer loaded then)."""
+        return {
+            f"pod {p.name}": p.issuer
+            for p in self.pods.values()
+            if p.issuer is not None and p.issuer.not_valid_after_utc > now
+        }
 
     def bundles(self) -> dict[str, tuple[x509.Certificate, ...]]:
         return {
@@ -194,7 +207,11 @@ class MeshedPods:
             return ["deployment/linkerd-identity", *self.operator_restarts()]
         return ["deployment/linkerd-identity"]
 
-    def pending_pods(self, bundle_pem: str, confirmed_at: datetime) -> list[str]:
+    def pending_pods(
+        self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
+    ) -> list[str]:
+        # Every model Pod reads its bundle when it starts (as a configMapKeyRef does): one
+        # started since the confirmation holds it, and was restarted since, too.
         want = _fingerprints(bundle_pem)
         return sorted(
             p.name
