@@ -94,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument(
         "--dry-run", action="store_true", help="show the steps it would take; change nothing"
     )
+    rotate.add_argument(
+        "--emergency",
+        action="store_true",
+        help="a key leaked: for trust-anchor, a root rotation whose old root leaves every "
+        "bundle once proven unused (not at expiry); for linkerd-issuer, a new issuer key now. "
+        "Needs --reason, and a permission of its own",
+    )
 
     verify = commands.add_parser(
         "verify", parents=[common], help="check what is published as Linkerd and Kong would"
@@ -248,7 +255,7 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         client = _client(args, settings)
-        answer = client.rotate(args.target, args.reason, args.dry_run)
+        answer = client.rotate(args.target, args.reason, args.dry_run, args.emergency)
         if args.dry_run:
             steps = answer["steps"]
             for step in steps:
@@ -264,7 +271,9 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
                 print("nothing to do")
             return EXIT_OK
         op_id = answer["operation"]
-        print(f"operation {op_id}: {args.target}")
+        print(f"operation {op_id}: {args.target}" + (" (EMERGENCY)" if args.emergency else ""))
+        if answer.get("advice"):
+            print(f"note: {answer['advice']}")
         if not args.wait:
             return EXIT_OK
         try:

@@ -29,6 +29,7 @@ class AuditRecord:
     target: str | None = None
     reason: str | None = None
     operation: str | None = None
+    emergency: bool = False  # an emergency rotation was asked for (its own permission)
 
 
 class AuditLog:
@@ -59,6 +60,8 @@ class AuditLog:
 
 def _sentence(record: AuditRecord) -> str:
     said = f"{record.method} {record.path} {record.status} by {record.caller} from {record.source}"
+    if record.emergency:
+        said = f"EMERGENCY {said}"
     details = [
         f"{k} {v}" for k, v in (("target", record.target), ("operation", record.operation)) if v
     ]

@@ -4,7 +4,8 @@
 0600), compared in constant time. ``kubernetes``: a TokenReview says who the bearer
 is, then a SubjectAccessReview asks whether that user may ``server.sar`` (by default
 ``create rotations.ca-daemon.io``) in the daemon's namespace, as kube-rbac-proxy
-does; reading (status, operations) asks for ``get`` on the same resource. Decisions
+does; reading (status, operations) asks for ``get`` on the same resource, and an
+emergency root rotation for ``server.sar.emergency_verb`` (``emergency``) as well. Decisions
 are cached briefly by the token's hash, never by the token.
 """
 
@@ -47,8 +48,9 @@ class Decision:
 class Authenticator(Protocol):
     description: str
 
-    def decide(self, token: str | None, write: bool) -> Decision:
-        """``write``: the call changes something (a rotation), else it only reads."""
+    def decide(self, token: str | None, write: bool, emergency: bool = False) -> Decision:
+        """``write``: the call changes something (a rotation), else it only reads;
+        ``emergency``: it asks for an emergency rotation, a permission of its own."""
 
     def prove(self, nonce: str) -> str | None:
         """Proof that this daemon holds the token a client would send (None: no such
@@ -92,7 +94,8 @@ class StaticTokenAuth:
         self._problem: str | None = None  # what was last logged about the file
         self._lock = threading.Lock()
 
-    def decide(self, token: str | None, write: bool) -> Decision:
+    def decide(self, token: str | None, write: bool, emergency: bool = False) -> Decision:
+        # One token holds every permission: whoever can read it can ask for anything.
         if not token:
             return Decision(401, "anonymous", "no bearer token")
         expected = self._expected()
@@ -157,16 +160,17 @@ class KubernetesAuth:
     def prove(self, nonce: str) -> str | None:
         return None  # the caller's own Kubernetes token: nothing of it is shared here
 
-    def decide(self, token: str | None, write: bool) -> Decision:
+    def decide(self, token: str | None, write: bool, emergency: bool = False) -> Decision:
         if not token:
             return Decision(401, "anonymous", "no bearer token")
-        key = f"{write}:{hashlib.sha256(token.encode()).hexdigest()}"
+        verb = self.sar.emergency_verb if emergency else self.sar.verb if write else "get"
+        key = f"{verb}:{hashlib.sha256(token.encode()).hexdigest()}"
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None and now - cached[0] < _CACHE_SECONDS:
                 return cached[1]
-        decision = self._review(token, self.sar.verb if write else "get")
+        decision = self._review(token, verb)
         if decision.status != 503:  # an unreachable apiserver is not remembered
             with self._lock:
                 self._cache = {k: v for k, v in self._cache.items() if now - v[0] < _CACHE_SECONDS}

@@ -115,8 +115,12 @@ class Client:
         data: dict[str, Any] = self._call("GET", "/v1/status")
         return data
 
-    def rotate(self, target: str, reason: str, dry_run: bool) -> dict[str, Any]:
-        body = {"target": target, "reason": reason, "dry_run": dry_run}
+    def rotate(
+        self, target: str, reason: str, dry_run: bool, emergency: bool = False
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"target": target, "reason": reason, "dry_run": dry_run}
+        if emergency:  # only when asked: a daemon before emergencies refuses the key
+            body["emergency"] = True
         data: dict[str, Any] = self._call("POST", "/v1/rotate", body)
         return data
 

@@ -42,14 +42,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 from ca_daemon.api.audit import AuditLog, AuditRecord
 from ca_daemon.api.auth import Authenticator, Decision
 from ca_daemon.errors import RequestError, ServiceError
-from ca_daemon.rotation.requests import RotationInProgress, UnknownTarget
+from ca_daemon.rotation.requests import RotationInProgress, UnknownTarget, advice
 from ca_daemon.service.service import DaemonService, JournalOffline
 from ca_daemon.util.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
-_ROTATE_KEYS = {"target", "reason", "dry_run"}
+_ROTATE_KEYS = {"target", "reason", "dry_run", "emergency"}
 _NONCE = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
@@ -69,7 +69,15 @@ def _source(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-async def _rotate_body(request: Request) -> tuple[str, str, bool]:
+@dataclass(frozen=True)
+class _RotateBody:
+    target: str
+    reason: str
+    dry_run: bool
+    emergency: bool
+
+
+async def _rotate_body(request: Request) -> _RotateBody:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
         raise _Refused(413, f"request body over {MAX_BODY} bytes")
@@ -94,7 +102,12 @@ async def _rotate_body(request: Request) -> tuple[str, str, bool]:
         raise _Refused(400, "reason must be a string of at most 1024 characters")
     if not isinstance(dry_run, bool):
         raise _Refused(400, "dry_run must be true or false")
-    return target, reason, dry_run
+    emergency = data.get("emergency", False)
+    if not isinstance(emergency, bool):
+        raise _Refused(400, "emergency must be true or false")
+    if emergency and not reason.strip():
+        raise _Refused(400, "an emergency needs a reason (which key leaked, how it was found)")
+    return _RotateBody(target, reason, dry_run, emergency)
 
 
 Handler = Callable[["Api", Request, dict[str, Any]], Awaitable[Response]]
@@ -132,6 +145,7 @@ def _audited(handler: Handler) -> Callable[[Api, Request], Awaitable[Response]]:
                 target=note.get("target"),
                 reason=note.get("reason"),
                 operation=note.get("operation"),
+                emergency=bool(note.get("emergency")),
             )
         )
         return response
@@ -170,8 +184,8 @@ class Api:
 
     # --- authenticated --------------------------------------------------------------------
 
-    async def _authorize(self, request: Request, write: bool) -> Decision:
-        decision = await run_in_threadpool(self.auth.decide, _bearer(request), write)
+    async def _authorize(self, request: Request, write: bool, emergency: bool = False) -> Decision:
+        decision = await run_in_threadpool(self.auth.decide, _bearer(request), write, emergency)
         if not decision.allowed:
             status = decision.status if decision.status in (401, 403) else 503
             raise _Refused(status, decision.reason, caller=decision.user)
@@ -198,15 +212,19 @@ class Api:
     @_audited
     async def rotate(self, request: Request, note: dict[str, Any]) -> Response:
         note["caller"] = (await self._authorize(request, write=True)).user
-        target, reason, dry_run = await _rotate_body(request)
-        note.update(target=target, reason=reason)
+        body = await _rotate_body(request)
+        target, reason, emergency = body.target, body.reason, body.emergency
+        note.update(target=target, reason=reason, emergency=emergency)
+        if emergency:  # a permission of its own, asked once the body says so
+            await self._authorize(request, write=True, emergency=True)
         # Any replica journals the request (check-and-set on the shared journal) or answers
         # a dry run; only the leader carries it out, at once or, asked here on a standby,
         # at its next pass.
         try:
-            if dry_run:
-                return JSONResponse(await run_in_threadpool(self.service.dry_run, target, reason))
-            op_id = await run_in_threadpool(self.service.request, target, reason)
+            if body.dry_run:
+                steps = await run_in_threadpool(self.service.dry_run, target, reason, emergency)
+                return JSONResponse(steps)
+            op_id = await run_in_threadpool(self.service.request, target, reason, emergency)
         except UnknownTarget as exc:
             raise _Refused(400, str(exc)) from None
         except RotationInProgress as exc:
@@ -214,7 +232,11 @@ class Api:
         except JournalOffline as exc:
             raise _Refused(503, str(exc), journal=exc.journal) from None
         note["operation"] = op_id
-        return JSONResponse({"operation": op_id}, status_code=202)
+        answer: dict[str, Any] = {"operation": op_id}
+        said = advice(target, emergency)
+        if said:
+            answer["advice"] = said
+        return JSONResponse(answer, status_code=202)
 
 
 def build_app(service: DaemonService, auth: Authenticator, audit: AuditLog) -> Starlette:

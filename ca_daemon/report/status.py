@@ -9,7 +9,7 @@ from typing import Any
 from cryptography import x509
 
 from ca_daemon.config.settings import Settings
-from ca_daemon.model.state import Operation, Phase, RootRole, State
+from ca_daemon.model.state import CaRecord, Operation, Phase, RootRole, State
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
 from ca_daemon.rotation.issuer_confirmation import confirmation
@@ -109,6 +109,9 @@ def status_view(
             {
                 "trigger": rotation.trigger,
                 "operation": rotation.operation,
+                "emergency": rotation.emergency,
+                "retire_on": rotation.retire_on,
+                "stage": proof_stage(ca),
                 "started_at": _iso(rotation.started_at),
                 "bundle_confirmed_at": optional_iso(rotation.confirmed_at),
                 "linkerd_restarted_at": optional_iso(rotation.restart_at)
@@ -176,10 +179,24 @@ def waiting_for(state: State, settings: Settings, now: datetime) -> str | None:
     return next((s.text for s in steps if isinstance(s, Wait)), None)
 
 
+def proof_stage(ca: CaRecord) -> str | None:
+    """Where a rotation that retires on proof is, as one of its three rolls (None: it
+    retires on expiry, or none runs)."""
+    rotation = ca.rotation
+    if rotation is None or not rotation.proof:
+        return None
+    if ca.phase in (Phase.PREPARED, Phase.PROPAGATING):
+        return "1 of 3: the two-root bundle out, every meshed Pod restarted to hold it"
+    if ca.phase is Phase.ACTIVATED:
+        return "2 of 3: everything re-issued under the new root, every meshed Pod restarted"
+    return "3 of 3: the bundle without the old root out, every meshed Pod restarted to hold it"
+
+
 def operation_view(op: Operation) -> dict[str, Any]:
     return {
         "id": op.id,
         "target": op.target,
+        "emergency": op.emergency,
         "reason": op.reason,
         "state": op.state.value,
         "requested_at": _iso(op.requested_at),
@@ -226,11 +243,15 @@ def render_table(view: dict[str, Any]) -> str:
         head.append(f"linkerd: {view['linkerd_issuer']['text']}")
     rotation = view.get("rotation")
     if rotation:
+        if rotation.get("emergency"):
+            head.append("EMERGENCY root rotation: the old root leaves once proven unused")
+        if rotation.get("stage"):
+            head.append(f"stage {rotation['stage']}")
         if rotation.get("waiting_for"):
             head.append(f"waiting for: {rotation['waiting_for']}")
         if rotation.get("pending_pods_total"):
             names = ", ".join(rotation["pending_pods"])
-            head.append(f"pods on an old bundle ({rotation['pending_pods_total']}): {names}")
+            head.append(f"pods it waits for ({rotation['pending_pods_total']}): {names}")
     return "\n".join(head) + "\n" + "\n".join(lines)
 
 

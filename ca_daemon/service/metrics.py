@@ -62,6 +62,13 @@ class Metrics:
             ("phase",),
             registry=r,
         )
+        self.emergency = Gauge(
+            "ca_daemon_root_rotation_emergency",
+            "1 while an emergency root rotation (after a key leaked) is in progress; its "
+            "stage (1-3: the three data-plane rolls of a retirement on proof) in the label.",
+            ("stage",),
+            registry=r,
+        )
         self.bundle_roots = Gauge(
             "ca_daemon_trust_bundle_roots", "Roots in the published trust bundle.", registry=r
         )
@@ -83,7 +90,8 @@ class Metrics:
         self.leader = Gauge("ca_daemon_leader", "1 on the leader.", registry=r)
         self.pending_pods = Gauge(
             "ca_daemon_root_rotation_pending_pods",
-            "Meshed Pods that do not yet hold the bundle being propagated.",
+            "Meshed Pods that a root rotation waits for: not yet holding the bundle being "
+            "propagated (or, retiring on proof, not restarted since everything was re-issued).",
             registry=r,
         )
         self.operations = Gauge(
@@ -167,8 +175,11 @@ class Metrics:
             self.phase.labels(phase.value).set(1 if state.ca.phase is phase else 0)
         self.bundle_roots.set(len(trusted_roots(state.ca)))
         rotation = state.ca.rotation
-        propagating = state.ca.phase is Phase.PROPAGATING and rotation is not None
-        self.pending_pods.set(rotation.pending_count if propagating and rotation else 0)
+        gated = state.ca.phase is Phase.PROPAGATING or (rotation is not None and rotation.proof)
+        self.pending_pods.set(rotation.pending_count if gated and rotation else 0)
+        self.emergency.clear()
+        if rotation is not None and rotation.emergency:
+            self.emergency.labels(str(_PROOF_STAGES[state.ca.phase])).set(1)
         counts = collections.Counter(op.state for op in state.ca.operations)
         for op_state in OpState:
             self.operations.labels(op_state.value).set(counts.get(op_state, 0))
@@ -186,6 +197,16 @@ class Metrics:
         self.issuer_unconfirmed.labels(found.serial).set(float(int(waited)))
         for reason in ("refused", "overdue"):
             self.issuer_problem.labels(reason).set(1 if found.state == reason else 0)
+
+
+# Which of the three rolls of a retirement on proof each phase is in.
+_PROOF_STAGES = {
+    Phase.STEADY: 0,
+    Phase.PREPARED: 1,
+    Phase.PROPAGATING: 1,
+    Phase.ACTIVATED: 2,
+    Phase.RETIRING: 3,
+}
 
 
 def _seconds(moment: datetime) -> float:

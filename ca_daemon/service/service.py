@@ -23,7 +23,11 @@ from ca_daemon.report.forecast import rotation_path
 from ca_daemon.report.status import operation_view, optional_iso, status_view, waiting_for
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.plan import Observations, plan
-from ca_daemon.rotation.requests import check_target, ensure_can_start_rotation
+from ca_daemon.rotation.requests import (
+    check_target,
+    ensure_can_start_emergency,
+    ensure_can_start_rotation,
+)
 from ca_daemon.rotation.results import PassResult, step_target
 from ca_daemon.rotation.steps import ROOT_TARGETS, Wait
 from ca_daemon.service.metrics import Metrics
@@ -203,7 +207,7 @@ class DaemonService:
             view["retire_after"] = optional_iso(rotation.retire_after)
         return view
 
-    def request(self, target: str, reason: str) -> str:
+    def request(self, target: str, reason: str, emergency: bool = False) -> str:
         """Journal the request (raises engine.RequestError, JournalOffline); on the leader,
         wake the loop so that it is carried out now.
 
@@ -212,27 +216,36 @@ class DaemonService:
         at its next pass, within ``rotation.check_interval``."""
         leader = self.leadership.leader
         try:
-            op_id = self.engine.request_rotation(target, reason, migrate=leader)
+            op_id = self.engine.request_rotation(
+                target, reason, migrate=leader, emergency=emergency
+            )
         except JournalError as exc:
             raise JournalOffline(self.engine.journal.description, exc) from None
         if leader:
             self._wake()
         return op_id
 
-    def dry_run(self, target: str, reason: str) -> dict[str, Any]:
+    def dry_run(self, target: str, reason: str, emergency: bool = False) -> dict[str, Any]:
         """What this request would do now, without journaling it: the steps plan() would
         take, or, when ``target`` already has a queued or running operation, that one
-        (a real request is answered with it, 202)."""
+        (a real request is answered with it, 202; an emergency is refused, 409)."""
         check_target(self.settings, target)
         state = self._state()
-        answer: dict[str, Any] = {"dry_run": True, "target": target, "steps": []}
+        answer: dict[str, Any] = {
+            "dry_run": True,
+            "target": target,
+            "emergency": emergency,
+            "steps": [],
+        }
+        if emergency:
+            ensure_can_start_emergency(state.ca, target)
         for op in state.ca.operations:
             if op.open and op.target == target:
                 return {**answer, "operation": op.id}
         now = self.clock()
         # A root request starts from the queue; any other is taken as running at once.
         started = OpState.QUEUED if target in ROOT_TARGETS else OpState.RUNNING
-        op = Operation("dry-run", target, reason, now, started)
+        op = Operation("dry-run", target, reason, now, started, emergency=emergency)
         if target in ROOT_TARGETS:
             ensure_can_start_rotation(state.ca, target)
         hypothetical = replace(state, ca=state.ca.with_operation(op))
