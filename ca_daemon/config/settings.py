@@ -185,6 +185,9 @@ class LinkerdConfig(Section):
     namespace: DnsLabel = "linkerd"
     restart: Literal["none", "control-plane", "all"] = "control-plane"
     gate: Literal["time", "pods"] = "pods"
+    # An emergency root rotation rolls every meshed workload ("all"), or only what
+    # ``restart`` says ("as-restart": the operator rolls the rest; the gate names the Pods).
+    emergency_restart: Literal["all", "as-restart"] = "all"
     issuer: LinkerdIssuer = LinkerdIssuer()
     issuer_secret: ObjectName = "linkerd-identity-issuer"
     trust_roots_configmap: ObjectName = "linkerd-identity-trust-roots"

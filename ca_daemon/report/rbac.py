@@ -14,10 +14,13 @@ more, not one GET per object; ``list`` of that kind is granted there and only th
 (one object is read by name with the pinned ``get``: one request either way).
 
 Linkerd (see ca_daemon/publish/linkerd_rollout.py):
-- ``gate: pods`` or ``restart: all``: list Pods cluster-wide (ClusterRole).
+- list Pods cluster-wide (ClusterRole): the pods gate, which an emergency root rotation
+  uses whatever ``gate`` says.
 - ``restart: control-plane`` or ``all``: list and patch Deployments in the Linkerd namespace.
-- ``restart: all``: get and patch Deployments, StatefulSets and DaemonSets, and get
-  ReplicaSets (a Deployment owns its Pods through one), cluster-wide.
+- ``restart: all`` or ``emergency_restart: all`` (the default): get and patch Deployments,
+  StatefulSets and DaemonSets, and get ReplicaSets (a Deployment owns its Pods through
+  one), cluster-wide. ``emergency_restart: as-restart`` keeps that out, and the operator
+  rolls the data plane in an emergency.
 - The pods gate's one Event is updated in place: get/patch of that Event name.
 
 Leader election (on by default with Kubernetes publishing): get/update of the one Lease
@@ -103,10 +106,10 @@ def namespace_rules(
     for ns in sorted(verifying):
         rules[ns].append(_rule("configmaps", ["get", "list", "update", "delete"]))
         rules[ns].append(_rule("configmaps", ["create"]))
-    if linkerd.enabled and linkerd.restart != "none":
+    if linkerd.enabled and (linkerd.restart != "none" or rolls_all(settings)):
         # The control plane's Deployments: their names vary with extensions, so unpinned.
         rules[linkerd.namespace].append(_rule("deployments", ["list", "patch"], group="apps"))
-    if linkerd.enabled and linkerd.gate == "pods":
+    if linkerd.enabled:  # the pods gate, which an emergency uses whatever gate says
         event = pending_event_name(linkerd.trust_roots_configmap)
         rules[linkerd.namespace].append(_rule("events", ["get", "patch"], [event]))
     if linkerd.enabled and linkerd.confirm == "events":
@@ -138,13 +141,19 @@ def cluster_rules(settings: Settings) -> list[dict[str, Any]]:
         rules.append(_rule("subjectaccessreviews", ["create"], group="authorization.k8s.io"))
     if not linkerd.enabled:
         return rules
-    if linkerd.gate == "pods" or linkerd.restart == "all":
-        rules.append(_rule("pods", ["list"]))
-    if linkerd.restart == "all":
+    rules.append(_rule("pods", ["list"]))  # the pods gate, which an emergency always uses
+    if rolls_all(settings):
         rules.append(_rule("replicasets", ["get"], group="apps"))
         workloads = ["deployments", "statefulsets", "daemonsets"]
         rules.append(_rule(workloads, ["get", "patch"], group="apps"))
     return rules
+
+
+def rolls_all(settings: Settings) -> bool:
+    """Whether the daemon may roll meshed workloads anywhere: always (restart: all), or in
+    an emergency (emergency_restart: all)."""
+    linkerd = settings.linkerd
+    return linkerd.restart == "all" or linkerd.emergency_restart == "all"
 
 
 def cluster_role_name(sa_namespace: str, sa_name: str) -> str:

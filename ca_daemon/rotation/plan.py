@@ -391,9 +391,11 @@ _CHECKING = {
 
 
 def restart_scope(rotation: Rotation, settings: Settings) -> str:
-    """What a roll of this rotation restarts: an emergency rolls the data plane whatever
-    ``linkerd.restart`` says, since its proof is every proxy restarted."""
-    return "all" if rotation.emergency else settings.linkerd.restart
+    """What a roll of this rotation restarts: an emergency rolls the data plane too (its
+    proof is every proxy restarted) unless ``linkerd.emergency_restart`` leaves that to
+    the operator."""
+    linkerd = settings.linkerd
+    return "all" if rotation.emergency and linkerd.emergency_restart == "all" else linkerd.restart
 
 
 def _propagating(state: State, now: datetime, settings: Settings, obs: Observations) -> list[Step]:

@@ -40,6 +40,7 @@ ALL_FEATURES = CHART / "ci" / "all-features-values.yaml"
 
 # The chart's own ClusterRole next to the configuration's: the operators' one.
 ROTATE_ROLE_SUFFIX = ":rotate"
+EMERGENCY_ROLE_SUFFIX = ":emergency"
 
 
 def render(
@@ -82,7 +83,9 @@ def _split_rbac(docs: list[dict[str, Any]]) -> tuple[dict[str, list[str]], list[
         if d["kind"] == "Role":
             assert d["metadata"]["namespace"] not in roles, "one Role per namespace"
             roles[d["metadata"]["namespace"]] = _norm(d["rules"])
-        elif d["kind"] == "ClusterRole" and not name.endswith(ROTATE_ROLE_SUFFIX):
+        elif d["kind"] == "ClusterRole" and not name.endswith(
+            (ROTATE_ROLE_SUFFIX, EMERGENCY_ROLE_SUFFIX)
+        ):
             cluster = _norm(d["rules"])
     return roles, cluster
 
@@ -280,6 +283,10 @@ RBAC_CASES: dict[str, dict[str, Any]] = {
         "kong": {"enabled": False},
         "server": {"auth": "kubernetes", "sar": {"group": "example.com", "resource": "rot"}},
     },
+    "emergency-as-restart": {
+        "linkerd": {"restart": "control-plane", "emergency_restart": "as-restart"},
+        "server": {"auth": "kubernetes", "sar": {"emergency_verb": "break-glass"}},
+    },
     "gate-pods-restart-control-plane": {
         "linkerd": {"restart": "control-plane", "gate": "pods"},
         # Two Services (and Secrets) in one namespace: read with one LIST.
@@ -321,6 +328,12 @@ def test_rbac_is_what_config_rbac_prints(helm: Helm, tmp_path: Path, case: str) 
             "verbs": sorted({sar.verb, "get"}, key=[sar.verb, "get"].index),
         }
     ]
+    # The emergency verb in a role of its own, never aggregated into edit or admin.
+    emergency = next(d for d in docs if d["metadata"]["name"].endswith(EMERGENCY_ROLE_SUFFIX))
+    assert emergency["rules"] == [
+        {"apiGroups": [sar.group], "resources": [sar.resource], "verbs": [sar.emergency_verb]}
+    ]
+    assert not any("aggregate" in k for k in emergency["metadata"]["labels"])
 
 
 # --- applied to a real API server --------------------------------------------------------

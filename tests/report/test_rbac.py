@@ -40,18 +40,46 @@ def _cluster_rules(settings: Settings) -> list[dict[str, Any]]:
 Make = Callable[..., Settings]
 
 
-def test_gate_time_restart_none_needs_nothing_cluster_wide(make_settings: Make) -> None:
-    s = make_settings({"linkerd": {"gate": "time", "restart": "none", "confirm": "none"}})
-    assert _docs(s, "ClusterRole") == []
-    assert _docs(s, "ClusterRoleBinding") == []
+PODS_LIST = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+
+
+def test_gate_time_restart_none_needs_only_to_list_pods_cluster_wide(make_settings: Make) -> None:
+    """Listing Pods stays: an emergency root rotation waits on them whatever gate says."""
+    linkerd = {
+        "gate": "time",
+        "restart": "none",
+        "confirm": "none",
+        "emergency_restart": "as-restart",
+    }
+    s = make_settings({"linkerd": linkerd})
+    assert _cluster_rules(s) == PODS_LIST
     rules = _linkerd_role(s)
     assert _grants(rules, "apps", "deployments") == set()
-    assert _grants(rules, "", "events") == {"create"}
+    assert _grants(rules, "", "events") == {"create", "get", "patch"}  # its one pending Event
+
+
+def test_an_emergency_may_roll_every_meshed_workload_unless_told_not_to(
+    make_settings: Make,
+) -> None:
+    default = make_settings({"linkerd": {"restart": "control-plane"}})
+    assert default.linkerd.emergency_restart == "all"
+    rules = _cluster_rules(default)
+    for workload in ("deployments", "statefulsets", "daemonsets"):
+        assert _grants(rules, "apps", workload) == {"get", "patch"}
+    narrow = make_settings({"linkerd": {"restart": "none", "emergency_restart": "as-restart"}})
+    assert _cluster_rules(narrow) == PODS_LIST
+    assert _grants(_linkerd_role(narrow), "apps", "deployments") == set()
 
 
 def test_gate_pods_lists_pods_cluster_wide_and_updates_its_one_event(make_settings: Make) -> None:
-    s = make_settings({"linkerd": {"gate": "pods", "restart": "none", "confirm": "none"}})
-    assert _cluster_rules(s) == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    linkerd = {
+        "gate": "pods",
+        "restart": "none",
+        "confirm": "none",
+        "emergency_restart": "as-restart",
+    }
+    s = make_settings({"linkerd": linkerd})
+    assert _cluster_rules(s) == PODS_LIST
     (binding,) = _docs(s, "ClusterRoleBinding")
     (role,) = _docs(s, "ClusterRole")
     assert binding["roleRef"] == {
@@ -78,12 +106,18 @@ def test_gate_pods_lists_pods_cluster_wide_and_updates_its_one_event(make_settin
 def test_confirm_events_reads_linkerd_s_events_and_identity_pods_in_its_namespace_only(
     make_settings: Make,
 ) -> None:
-    s = make_settings({"linkerd": {"gate": "time", "restart": "none", "confirm": "events"}})
+    linkerd = {
+        "gate": "time",
+        "restart": "none",
+        "confirm": "events",
+        "emergency_restart": "as-restart",
+    }
+    s = make_settings({"linkerd": linkerd})
     rules = _linkerd_role(s)
     assert _grants(rules, "", "events") == {"create", "list", "get", "patch"}
     assert _grants(rules, "", "pods") == {"list"}
     pinned = [r for r in rules if "get" in r["verbs"] and "events" in r["resources"]]
-    assert pinned == [
+    assert pinned[1:] == [
         {
             "apiGroups": [""],
             "resources": ["events"],
@@ -91,13 +125,14 @@ def test_confirm_events_reads_linkerd_s_events_and_identity_pods_in_its_namespac
             "resourceNames": ["linkerd-identity-issuer.ca-daemon-issuer-unconfirmed"],
         }
     ]
-    assert _docs(s, "ClusterRole") == []  # nothing beyond the control plane's namespace
+    assert _cluster_rules(s) == PODS_LIST  # beyond the control plane's namespace: the gate
 
 
 def test_restart_control_plane_patches_deployments_in_linkerd_only(make_settings: Make) -> None:
-    s = make_settings({"linkerd": {"gate": "time", "restart": "control-plane"}})
+    linkerd = {"gate": "time", "restart": "control-plane", "emergency_restart": "as-restart"}
+    s = make_settings({"linkerd": linkerd})
     assert _grants(_linkerd_role(s), "apps", "deployments") == {"list", "patch"}
-    assert _docs(s, "ClusterRole") == []
+    assert _cluster_rules(s) == PODS_LIST
     for role in _docs(s, "Role"):
         if role["metadata"]["namespace"] != "linkerd":
             assert _grants(role["rules"], "apps", "deployments") == set()

@@ -48,6 +48,9 @@ class CheckedPublisher:
     read_back: Callable[[], Published]
     linkerd_view: Callable[[], LinkerdView | None]
     linkerd_check: LinkerdCheck
+    # Whether the rotation in progress retires on proof (read from the journal): a root
+    # may then leave while certificates it signed earlier are still valid.
+    on_proof: Callable[[], bool] = lambda: False
     checks: int = 0
     linkerd_outputs: list[str] = field(default_factory=list)
     description: str = ""
@@ -58,7 +61,7 @@ class CheckedPublisher:
     def publish(self, world: TrustWorld) -> PublishReport:
         report = self.inner.publish(world)
         now = self.clock.now
-        self.checker.observe(now, self.read_back())
+        self.checker.observe(now, self.read_back(), on_proof=self.on_proof())
         view = self.linkerd_view()
         if view is not None:
             with tempfile.TemporaryDirectory() as tmp:

@@ -20,10 +20,11 @@ from ca_daemon.config.settings import Settings
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.state import OpState, Phase
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
+from ca_daemon.pki.chain import verify_ca_under_roots, verify_client_chain
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.report.verify import verify_directory
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.requests import RotationInProgress
+from ca_daemon.rotation.requests import RotationInProgress, UnknownTarget
 from ca_daemon.service.metrics import Metrics
 from tests.support.invariants import InvariantChecker, read_directory
 from tests.support.rotation_configs import T0, short_lifetimes
@@ -78,7 +79,13 @@ def _engine(
         [checked],
         clock=clock,
     )
+    checked.on_proof = lambda: _retiring_on_proof(engine)
     return engine, checked
+
+
+def _retiring_on_proof(engine: Engine) -> bool:
+    record, _ = engine.journal.load_ca()
+    return record.rotation is not None and record.rotation.proof
 
 
 def _bundle_fingerprints(out: Path) -> list[str]:
@@ -181,3 +188,86 @@ def test_a_publisher_that_cannot_confirm_holds_the_rotation(
     result = engine.reconcile()
     assert result.state is not None and result.state.ca.rotation is not None
     assert result.state.ca.rotation.confirmed_at == clock.now
+
+
+def test_an_emergency_drill_on_files_ends_in_about_the_propagation_delay(
+    tmp_path: Path, linkerd_check: LinkerdCheck
+) -> None:
+    """On the embedded default (no cluster to roll) proof is every credential replaced and
+    republished: the old root leaves every file minutes after the request, not when
+    everything it signed has expired (days here), and what the leaked chain signed no
+    longer verifies anywhere."""
+    settings = _settings(tmp_path)
+    clock = Clock(T0)
+    engine, checked = _engine(settings, clock, linkerd_check)
+    out = settings.publish_directory
+    assert engine.reconcile().ok
+    before = read_directory(out)
+    leaked_issuer, leaked_client = before.issuer, before.clients["payments"]
+    assert leaked_issuer is not None
+    with pytest.raises(UnknownTarget, match="an emergency applies to"):
+        engine.request_rotation("kong", "leak", emergency=True)
+    op_id = engine.request_rotation("trust-anchor", "issuer key leaked", emergency=True)
+    with pytest.raises(RotationInProgress, match=op_id):
+        engine.request_rotation("trust-anchor", "again", emergency=True)
+    requested = clock.now
+    metrics = Metrics()
+    actions: list[str] = []
+    stages: set[str] = set()
+    while True:
+        clock.now += settings.rotation.check_interval
+        result = engine.reconcile()
+        assert result.ok, (clock.now, result.errors)
+        assert result.state is not None
+        metrics.observe(result, settings, clock.now)
+        actions += [s.action for s in result.steps if s.action in ROTATION_STEPS]
+        rotation = result.state.ca.rotation
+        if rotation is not None:
+            assert rotation.emergency and rotation.retire_on == "proof"
+            stages |= {k for k, v in _emergency_samples(metrics).items() if v == 1}
+        op = result.state.ca.operation(op_id)
+        assert op is not None
+        if not op.open:
+            break
+        assert clock.now - requested < timedelta(hours=1), (result.waiting, actions)
+    assert op.state is OpState.SUCCEEDED, op
+    took = clock.now - requested
+    # The propagation delay, then a check or two per stage: not the days to expiry.
+    assert (
+        settings.rotation.propagation_delay
+        < took
+        <= settings.rotation.propagation_delay + 5 * (settings.rotation.check_interval)
+    ), took
+    # Confirmed three times: the two-root bundle, again once re-issued, then the new one.
+    assert actions == [
+        "PrepareRoot",
+        "Propagate",
+        "ConfirmBundle",
+        "Activate",
+        "ConfirmBundle",
+        "StartRetiring",
+        "ConfirmBundle",
+        "Retire",
+    ], actions
+    # The stages after activation need no wait on files: they end within the pass.
+    assert "1" in stages, stages
+    assert _emergency_samples(metrics) == {}
+    after = read_directory(out)
+    (root,) = engine.journal.load().state.ca.roots
+    for where, roots in after.bundles.items():
+        assert [fingerprint(r) for r in roots] == [fingerprint(root.cert)], where
+        # What the leaked chain signed is valid for days still, and trusted nowhere.
+        assert verify_ca_under_roots(leaked_issuer, list(roots), clock.now), where
+        assert verify_client_chain(leaked_client[0], leaked_client[1:], list(roots), clock.now)
+    assert leaked_issuer.not_valid_after_utc > clock.now + timedelta(hours=24)
+    assert verify_directory(out, clock.now).ok
+    assert checked.checks > 0 and checked.linkerd_outputs
+
+
+def _emergency_samples(metrics: Metrics) -> dict[str, float]:
+    return {
+        s.labels["stage"]: s.value
+        for family in metrics.registry.collect()
+        if family.name == "ca_daemon_root_rotation_emergency"
+        for s in family.samples
+    }

@@ -84,6 +84,8 @@ Output: JSON {"namespaces": {ns: [rules]}, "cluster": [rules]}.
 {{- $linkerdNs := get $l "namespace" | default "linkerd" -}}
 {{- $restart := get $l "restart" | default "control-plane" -}}
 {{- $gate := get $l "gate" | default "pods" -}}
+{{- $emergencyRestart := get $l "emergency_restart" | default "all" -}}
+{{- $rollsAll := or (eq $restart "all") (eq $emergencyRestart "all") -}}
 {{- $confirm := get $l "confirm" | default "events" -}}
 {{- $issuerSecret := get $l "issuer_secret" | default "linkerd-identity-issuer" -}}
 {{- $trustRoots := get $l "trust_roots_configmap" | default "linkerd-identity-trust-roots" -}}
@@ -156,11 +158,12 @@ Output: JSON {"namespaces": {ns: [rules]}, "cluster": [rules]}.
     (dict "apiGroups" (list "") "resources" (list "configmaps") "verbs" (list "get" "list" "update" "delete"))
     (dict "apiGroups" (list "") "resources" (list "configmaps") "verbs" (list "create")))) -}}
 {{- end -}}
-{{- if and $linkerdEnabled (ne $restart "none") -}}
+{{- if and $linkerdEnabled (or (ne $restart "none") $rollsAll) -}}
 {{- $_ := set $rules $linkerdNs (append (get $rules $linkerdNs | default list)
     (dict "apiGroups" (list "apps") "resources" (list "deployments") "verbs" (list "list" "patch"))) -}}
 {{- end -}}
-{{- if and $linkerdEnabled (eq $gate "pods") -}}
+{{- /* The pods gate, which an emergency root rotation uses whatever gate says. */ -}}
+{{- if $linkerdEnabled -}}
 {{- $_ := set $rules $linkerdNs (append (get $rules $linkerdNs | default list)
     (dict "apiGroups" (list "") "resources" (list "events") "verbs" (list "get" "patch") "resourceNames" (list (printf "%s.ca-daemon-pods-pending" $trustRoots)))) -}}
 {{- end -}}
@@ -185,10 +188,8 @@ Output: JSON {"namespaces": {ns: [rules]}, "cluster": [rules]}.
 {{- $cluster = append $cluster (dict "apiGroups" (list "authorization.k8s.io") "resources" (list "subjectaccessreviews") "verbs" (list "create")) -}}
 {{- end -}}
 {{- if $linkerdEnabled -}}
-{{- if or (eq $gate "pods") (eq $restart "all") -}}
 {{- $cluster = append $cluster (dict "apiGroups" (list "") "resources" (list "pods") "verbs" (list "list")) -}}
-{{- end -}}
-{{- if eq $restart "all" -}}
+{{- if $rollsAll -}}
 {{- $cluster = append $cluster (dict "apiGroups" (list "apps") "resources" (list "replicasets") "verbs" (list "get")) -}}
 {{- $cluster = append $cluster (dict "apiGroups" (list "apps") "resources" (list "deployments" "statefulsets" "daemonsets") "verbs" (list "get" "patch")) -}}
 {{- end -}}
