@@ -435,6 +435,25 @@ class Mesh:
             self._workload(self.app_ns, workload)
         return self._replace(self.app_ns, workload, started, bundle)
 
+    def follow_app_restarts(self, bundle: str, stuck: frozenset[str] = frozenset()) -> list[str]:
+        """The same for the apps' Deployments (``restart: all`` rolls them): a new Pod, its
+        proxy injected with ``bundle`` (the trust-roots ConfigMap's now), for every rolled
+        one that is not ``stuck`` (its new Pod never starts)."""
+        replaced = []
+        for ns, workload in list(self.replica_sets):
+            if ns != self.app_ns or workload in stuck:
+                continue
+            live = self.kube.get(f"/apis/apps/v1/namespaces/{ns}/deployments/{workload}")
+            annotations = live["spec"]["template"]["metadata"].get("annotations") or {}
+            value = annotations.get(RESTARTED_AT)
+            key = f"{ns}/{workload}"
+            if value is None or self.rolled.get(key) == value:
+                continue
+            self.rolled[key] = value
+            started = parse_stamp(value) + timedelta(seconds=1)
+            replaced.append(self._replace(ns, workload, started, bundle))
+        return replaced
+
     def follow_restarts(self, restarted_at: dict[str, str | None]) -> list[str]:
         """The Deployment controller and kubelet: a Deployment whose restartedAt changed gets
         a new Pod whose containers start a second after the roll."""

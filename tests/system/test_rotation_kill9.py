@@ -116,17 +116,23 @@ class Watch:
     checker: InvariantChecker
     snapshots: int = 0
     phases: list[Phase] = field(default_factory=list)
+    # Whether the last root rotation the journal showed retires on proof: kept once it
+    # ended, as a snapshot read after the retirement may be the first without the root.
+    on_proof: bool = False
 
     def record(self) -> CaRecord:
         record, _ = self.journal.load_ca()
         if not self.phases or self.phases[-1] is not record.phase:
             self.phases.append(record.phase)
+        if record.rotation is not None:
+            self.on_proof = record.rotation.proof
         return record
 
     def observe(self) -> None:
+        self.record()  # before the snapshot: what it shows is at least as new
         published = snapshot(self.settings.publish_directory)
         if published is not None:
-            self.checker.observe(datetime.now(UTC), published)
+            self.checker.observe(datetime.now(UTC), published, on_proof=self.on_proof)
             self.snapshots += 1
 
     def until_files(self, what: str, found: Callable[[], set[str]]) -> set[str]:
@@ -279,3 +285,76 @@ def test_kill_9_at_four_points_of_a_root_rotation_then_restart(tmp_path: Path) -
     assert report.ok, report.problems
     assert watch.snapshots > 50 and watch.checker.observations == watch.snapshots
     assert elapsed < 120, elapsed
+
+
+def test_kill_9_at_three_points_of_an_emergency_rotation_then_restart(tmp_path: Path) -> None:
+    """The same daemon, asked for an emergency: killed right after the request was
+    accepted, while propagating, and after it made the new root the anchor's default but
+    before the journal recorded the activation (its save held on the journal's lock).
+    Restarted each time, it retires the old root on proof, long before the old chain
+    (20-second certificates here, so the margin is small but real) would expire."""
+    path = real_time_config(tmp_path)
+    settings = load_settings(path)
+    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
+    journal = file_journal(settings, passphrase)
+    out = settings.publish_directory
+    daemon = Daemon(path, tmp_path / "daemon.log")
+    watch = Watch(settings, journal, daemon, InvariantChecker(PROPAGATION - TOLERANCE, SKEW))
+    daemon.start()
+    try:
+        first = watch.until("bootstrapped", lambda r: r.active_intermediate is not None)
+        assert first.active_root is not None
+        old_ref = first.active_root.ref
+        requester = Engine(
+            settings, LocalAnchor(settings.anchor.local.dir, passphrase), journal, []
+        )
+        operation = requester.request_rotation("trust-anchor", "drill: leak", emergency=True)
+        daemon.kill9("right after the emergency was accepted")
+        op = watch.record().operation(operation)
+        assert op is not None and op.open and op.emergency
+        daemon.start()
+
+        watch.until("propagating", lambda r: r.phase is Phase.PROPAGATING)
+        daemon.kill9("while propagating")
+        daemon.start()
+
+        confirmed = watch.until(
+            "confirmed",
+            lambda r: r.rotation is not None and r.rotation.confirmed_at is not None,
+        )
+        assert confirmed.rotation is not None and confirmed.rotation.emergency
+        with journal_lock(settings):
+            # Activation makes the new Kong intermediate and sets the anchor's defaults,
+            # then blocks on the save.
+            watch.until_files(
+                "the new Kong intermediate made",
+                lambda: (
+                    {p.stem for p in (settings.anchor.local.dir / "anchor").glob("kong-*.crt")}
+                    - {i.ref for i in confirmed.intermediates}
+                ),
+            )
+            daemon.kill9("activated in the anchor, not yet in the journal")
+        assert watch.record().phase is Phase.PROPAGATING
+        daemon.start()
+
+        def done(r: CaRecord) -> bool:
+            found = r.operation(operation)
+            return found is not None and not found.open
+
+        final = watch.until("the emergency finished", done)
+        for _ in range(10):
+            watch.observe()
+            time.sleep(POLL)
+        daemon.alive()
+    finally:
+        daemon.stop()
+    assert len(daemon.kills) == 3
+    result = final.operation(operation)
+    assert result is not None and result.state is OpState.SUCCEEDED, result
+    (root,) = final.roots
+    assert root.ref != old_ref
+    assert _bundle(out) == [fingerprint(root.cert)]
+    assert sorted(_anchor_roots(settings)) == sorted([old_ref, root.ref])
+    assert {Phase.PROPAGATING, Phase.STEADY} <= set(watch.phases)
+    assert verify_directory(out, datetime.now(UTC)).ok
+    assert watch.snapshots > 10 and watch.checker.observations == watch.snapshots
