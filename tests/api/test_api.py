@@ -28,6 +28,8 @@ from ca_daemon.api.client import Client
 from ca_daemon.api.server import ServerThread, build_app
 from ca_daemon.config.loading import load_settings
 from ca_daemon.config.settings import ServerSar, Settings
+from ca_daemon.model.state import OpState
+from ca_daemon.report.forecast import ROTATION_PATH
 from ca_daemon.report.rbac import manifests
 from ca_daemon.service.metrics import Metrics
 from ca_daemon.service.service import DaemonService, Leadership
@@ -339,37 +341,85 @@ def _minutes(n: int) -> Any:
     return timedelta(minutes=n)
 
 
-def test_kubernetes_auth_against_the_real_apiserver(kube: Kube, tmp_path: Path) -> None:
-    """TokenReview says who the caller is; SubjectAccessReview whether it may create
-    rotations.ca-daemon.io in the daemon's namespace."""
+def test_an_emergency_dry_run_shows_what_the_run_then_does(served: Served) -> None:
+    """On the embedded default's parts: the dry run's dated path is the steps the real
+    emergency then takes, and it refuses what a real request would refuse."""
+    served.service.tick()
+    leak = {"target": "trust-anchor", "reason": "issuer key leaked", "emergency": True}
+    with served.client(served.token) as http:
+        for body, status, said in (
+            ({**leak, "reason": ""}, 400, "needs a reason"),
+            ({**leak, "target": "kong"}, 400, "an emergency applies to"),
+            ({**leak, "emergency": "yes"}, 400, "emergency must be true or false"),
+        ):
+            refused = http.post("/v1/rotate", json=body)
+            assert refused.status_code == status and said in refused.json()["error"], refused.text
+        dry = http.post("/v1/rotate", json={**leak, "dry_run": True})
+        assert dry.status_code == 200, dry.text
+        assert dry.json()["emergency"] is True
+        path = [(p["action"], datetime.fromisoformat(p["at"])) for p in dry.json()["path"]]
+        accepted = http.post("/v1/rotate", json=leak)
+        assert accepted.status_code == 202
+        again = http.post("/v1/rotate", json=leak)
+        assert again.status_code == 409 and accepted.json()["operation"] in again.json()["error"]
+        issuer = http.post("/v1/rotate", json={**leak, "target": "linkerd-issuer"})
+        assert issuer.status_code == 202
+        assert "only an emergency root rotation" in issuer.json()["advice"]
+    op_id = accepted.json()["operation"]
+    taken: list[tuple[str, datetime]] = []
+    check = served.settings.rotation.check_interval
+    for _ in range(60):
+        result = served.service.tick()
+        assert result.ok, result.errors
+        taken += [(s.action, served.clock.now) for s in result.steps if s.action in ROTATION_PATH]
+        record, _ = served.service.engine.journal.load_ca()
+        op = record.operation(op_id)
+        assert op is not None
+        if not op.open:
+            break
+        served.clock.now += check
+    assert op.state is OpState.SUCCEEDED, op
+    shown = [(a, at) for a, at in path if a != "Reissue"]  # the dry run's summary line
+    done = [(a, at) for a, at in taken if a != "StartOperation"]
+    assert [a for a, _ in shown] == [a for a, _ in done]
+    # Dated as the daemon acts: each at the first check at or after its date.
+    for (_, planned), (_, at) in zip(shown, done, strict=True):
+        assert planned <= at < planned + check, (shown, taken)
+    lines = served.audit()
+    assert [line["emergency"] for line in lines if line["status"] == 202] == [True, True]
+
+
+def _kubernetes_auth(
+    kube: Kube, verbs_of: dict[str, list[str]]
+) -> tuple[str, KubernetesAuth, dict[str, str]]:
+    """A namespace where each ServiceAccount of ``verbs_of`` may do those verbs on
+    rotations.ca-daemon.io, and the daemon's KubernetesAuth asking as its own
+    ServiceAccount (bound to what `config rbac` prints); the namespace, it and the tokens."""
     ns = unique("api")
     kube.create_namespace(ns)
-    for name in ("operator", "bystander"):
+    for name, verbs in verbs_of.items():
         kube.create_service_account(ns, name)
-    kube.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"namespace": ns, "name": "rotate"},
-            "rules": [
-                {
-                    "apiGroups": ["ca-daemon.io"],
-                    "resources": ["rotations"],
-                    "verbs": ["create", "get"],
-                }
-            ],
-        }
-    )
-    kube.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"namespace": ns, "name": "rotate"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "rotate"},
-            "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": ns}],
-        }
-    )
-    # The daemon asks as its own ServiceAccount, bound to what `config rbac` prints.
+        if not verbs:
+            continue
+        kube.apply(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"namespace": ns, "name": name},
+                "rules": [
+                    {"apiGroups": ["ca-daemon.io"], "resources": ["rotations"], "verbs": verbs}
+                ],
+            }
+        )
+        kube.apply(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"namespace": ns, "name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+            }
+        )
     kube.create_service_account(ns, "daemon")
     rbac_settings = load_settings(
         None, {"server": {"auth": "kubernetes"}, "linkerd": {"enabled": False}}
@@ -379,11 +429,19 @@ def test_kubernetes_auth_against_the_real_apiserver(kube: Kube, tmp_path: Path) 
             kube.apply(doc)
     daemon = kube.api_client(kube.service_account_token(ns, "daemon"))
     auth = KubernetesAuth(daemon, ServerSar(), ns)
-    operator = kube.service_account_token(ns, "operator")
-    bystander = kube.service_account_token(ns, "bystander")
+    tokens = {name: kube.service_account_token(ns, name) for name in verbs_of}
+    first = next(name for name, verbs in verbs_of.items() if verbs)
     deadline = time.monotonic() + 30
-    while auth.decide(operator, True).status == 503 and time.monotonic() < deadline:
+    while auth.decide(tokens[first], True).status == 503 and time.monotonic() < deadline:
         time.sleep(0.2)  # the ClusterRoleBinding reaches the authorizer a moment later
+    return ns, auth, tokens
+
+
+def test_kubernetes_auth_against_the_real_apiserver(kube: Kube, tmp_path: Path) -> None:
+    """TokenReview says who the caller is; SubjectAccessReview whether it may create
+    rotations.ca-daemon.io in the daemon's namespace."""
+    ns, auth, tokens = _kubernetes_auth(kube, {"operator": ["create", "get"], "bystander": []})
+    operator, bystander = tokens["operator"], tokens["bystander"]
     gen = _serve(tmp_path, auth)
     served = next(gen)
     try:
@@ -406,6 +464,43 @@ def test_kubernetes_auth_against_the_real_apiserver(kube: Kube, tmp_path: Path) 
         ]
         text = served.audit_file.read_text()
         assert operator not in text and bystander not in text
+    finally:
+        gen.close()
+
+
+def test_an_emergency_needs_its_own_verb_against_the_real_apiserver(
+    kube: Kube, tmp_path: Path
+) -> None:
+    """May create rotations is not enough for an emergency: the SubjectAccessReview asks
+    for the emergency verb too, and the audit line says EMERGENCY."""
+    ns, auth, tokens = _kubernetes_auth(
+        kube, {"operator": ["create", "get"], "responder": ["create", "get", "emergency"]}
+    )
+    emergency = {"target": "trust-anchor", "reason": "issuer key leaked", "emergency": True}
+    gen = _serve(tmp_path, auth)
+    served = next(gen)
+    try:
+        served.service.tick()
+        with served.client(tokens["operator"]) as http:
+            refused = http.post("/v1/rotate", json=emergency)
+            assert refused.status_code == 403, refused.text
+            assert "may not emergency rotations.ca-daemon.io" in refused.json()["error"]
+            assert http.post("/v1/rotate", json={"target": "kong"}).status_code == 202
+        record, _ = served.service.engine.journal.load_ca()
+        assert [o.target for o in record.operations] == ["kong"]  # the refusal journaled none
+        with served.client(tokens["responder"]) as http:
+            accepted = http.post("/v1/rotate", json=emergency)
+            assert accepted.status_code == 202, accepted.text
+        record, _ = served.service.engine.journal.load_ca()
+        op = record.operation(accepted.json()["operation"])
+        assert op is not None and op.emergency and op.target == "trust-anchor"
+        lines = served.audit()
+        who = f"system:serviceaccount:{ns}"
+        assert [(line["caller"], line["status"], line["emergency"]) for line in lines] == [
+            (f"{who}:operator", 403, True),
+            (f"{who}:operator", 202, False),
+            (f"{who}:responder", 202, True),
+        ]
     finally:
         gen.close()
 
