@@ -222,6 +222,35 @@ def test_wait_returns_once_the_rotation_is_in_effect_with_the_retire_date(
         assert f"once the old root retires, at {view['rotation']['retire_after']}" in again.stderr
 
 
+def test_rotate_emergency_follows_it_to_the_old_root_gone(tmp_path: Path) -> None:
+    """`rotate trust-anchor --emergency --wait=retired` on the embedded default's parts:
+    the old root leaves every file once proven unused, within seconds here."""
+    with _daemon(tmp_path, {}) as (cfg, url, env):
+        api = ("--config", str(cfg), "--url", url)
+        before = json.loads(ca_daemon("status", "--json", *api, cwd=tmp_path, env=env).stdout)
+        (old,) = [r["fingerprint"] for r in before["roots"]]
+        bare = ca_daemon("rotate", "trust-anchor", "--emergency", *api, cwd=tmp_path, env=env)
+        assert bare.returncode == 1 and "needs a reason" in bare.stderr, bare.stderr
+        issuer = ca_daemon(
+            "rotate", "linkerd-issuer", "--emergency", "--reason", "key in a log", *api,
+            cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert issuer.returncode == 0, issuer.stderr
+        assert "note: " in issuer.stdout and "rotate trust-anchor --emergency" in issuer.stdout
+        run = ca_daemon(
+            "rotate", "trust-anchor", "--emergency", "--reason", "key in a log",
+            "--wait=retired", *api, cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert run.stdout.splitlines()[0].endswith("trust-anchor (EMERGENCY)"), run.stdout
+        view = json.loads(ca_daemon("status", "--json", *api, cwd=tmp_path, env=env).stdout)
+        assert view["phase"] == "steady" and view["rotation"] is None
+        (new,) = [r["fingerprint"] for r in view["roots"]]
+        assert new != old
+        done = [o for o in view["operations"] if o["target"] == "trust-anchor"]
+        assert done[-1]["emergency"] is True and done[-1]["state"] == "succeeded"
+
+
 class _Squatter(BaseHTTPRequestHandler):
     """Whatever took the daemon's port: answers everything, and keeps what it was sent."""
 

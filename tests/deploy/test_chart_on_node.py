@@ -418,6 +418,107 @@ def test_root_rotation_through_the_pods_survives_deleting_the_leader_twice(
     assert checker.observations == seen["polls"] > 10
 
 
+def test_an_emergency_through_the_pods_rolls_the_workload_and_retires_on_proof(
+    deployed: Deployed, linkerd_check: LinkerdCheck
+) -> None:
+    """`rotate trust-anchor --emergency` from outside the cluster, as an operator bound to
+    the chart's emergency role too: the daemon (configured with linkerd.restart:
+    control-plane) rolls the meshed workload as well, three times; this test plays
+    Linkerd's injector when the gate names the workload (a rolled Pod keeps the bundle
+    its template was injected with). The old root leaves every bundle once every Pod
+    restarted twice and holds the new root alone, not when the old chain expires."""
+    kube = deployed.kube
+    old_roots = _roots(deployed)
+    assert len(old_roots) == 1
+    token = operator_token(kube, deployed.workdir)
+    kube.bind_cluster_role(
+        "platform-operator-emergency",
+        f"ca-daemon:{NAMESPACE}:{RELEASE}:emergency",
+        "default",
+        "platform-operator",
+    )
+    checker = InvariantChecker(PROPAGATION_DELAY - timedelta(seconds=4), VAULT_BACKDATE)
+    cli_log = deployed.workdir / "emergency.log"
+    front = Relay(ServiceFront(kube))
+    front.open()
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ca_daemon",
+            "rotate",
+            "trust-anchor",
+            "--emergency",
+            "--reason",
+            "drill: issuer key leaked",
+            "--wait=retired",
+            "--config",
+            str(deployed.config_file()),
+            "--token-file",
+            str(token),
+            "--url",
+            f"http://127.0.0.1:{front.port}",
+        ],
+        env=cli_env(),
+        stdout=cli_log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    roots: dict[str, Any] = {}
+    app_rolls: set[str] = set()
+    injected: list[int] = []  # bundle sizes the workload was re-injected with
+    deadline = time.monotonic() + 600
+    try:
+        while cli.poll() is None:
+            assert time.monotonic() < deadline, (
+                f"the emergency did not finish in 10 minutes: {injected}, {app_rolls}\n"
+                f"{cli_log.read_text()}\n{_pending_event(deployed)}"
+            )
+            published = read_cluster(deployed.get, LINKERD_NS, KONG_NS, CLIENT_SECRETS)
+            checker.observe(datetime.now(UTC), published, on_proof=True)
+            roots.update(checker.roots)
+            _check_linkerd(deployed, linkerd_check)
+            live = deployed.get(f"/apis/apps/v1/namespaces/{APP_NS}/deployments/{APP}")
+            rolled = (live["spec"]["template"]["metadata"].get("annotations") or {}).get(
+                RESTARTED_AT
+            )
+            if rolled:
+                app_rolls.add(rolled)
+            bundle = trust_bundle(kube)
+            if APP in _pending_event(deployed) and live_bundle(live) != bundle.strip():
+                inject_app(kube, bundle)  # what the injector puts in a new Pod now
+                injected.append(len(parse_pem_certificates(bundle)))
+            time.sleep(1)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        cli.wait()
+        front.cut()
+    output = cli_log.read_text()
+    assert cli.returncode == 0, f"{output}\n{deployed.release.pods_detail()}"
+    assert "(EMERGENCY)" in output.splitlines()[0], output
+    final_roots = _roots(deployed)
+    assert len(final_roots) == 1 and final_roots[0] not in old_roots, final_roots
+    assert _issuer_root(deployed, roots) == final_roots[0]
+    # The workload was rolled by the daemon in each of the three stages, and re-injected
+    # by the injector's stand-in with the two-root bundle, then with the new root alone.
+    assert len(app_rolls) >= 3, app_rolls
+    # (The first may be the new root alone: the workload's template still held the
+    # bundle of the scheduled rotation before, now retired.)
+    assert 2 in injected and injected[-1] == 1, injected
+    assert injected.index(2) < len(injected) - 1, injected
+    _check_linkerd(deployed, linkerd_check)
+    assert checker.observations > 10
+
+
+def live_bundle(deployment: dict[str, Any]) -> str:
+    """The trust anchors the workload's template injects (what its next Pod holds)."""
+    for container in deployment["spec"]["template"]["spec"]["containers"]:
+        for var in container.get("env") or []:
+            if var["name"] == "LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS":
+                return str(var.get("value", "")).strip()
+    return ""
+
+
 def _observe(
     deployed: Deployed,
     checker: InvariantChecker,

@@ -60,3 +60,39 @@ def test_a_retiring_root_shows_when_it_retires(make_settings: MakeSettings) -> N
     table = render_table(view)
     assert f"retires {retire:%Y-%m-%dT%H:%M:%SZ}" in table
     assert f"(until {retire:%Y-%m-%dT%H:%M:%SZ})" in table  # the wait says it too
+
+
+def test_an_emergency_shows_as_such_with_its_stage_and_the_pods_it_waits_for(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings()
+    state = steady_state(settings)
+    _, new = self_signed_root("new")
+    record = replace(
+        state.ca,
+        serial=3,
+        roots=(
+            replace(state.ca.roots[0], role=RootRole.RETIRING),
+            RootEntry("root-3", new, RootRole.ACTIVE, NOW),
+        ),
+        phase=Phase.ACTIVATED,
+        rotation=Rotation(
+            started_at=NOW,
+            trigger="manual",
+            emergency=True,
+            retire_on="proof",
+            activated_at=NOW,
+            pending_pods=("shop/web-1",),
+            pending_count=1,
+        ),
+    )
+    view = status_view(replace(state, ca=record), settings, NOW)
+    rotation = view["rotation"]
+    assert rotation["emergency"] is True and rotation["retire_on"] == "proof"
+    assert rotation["stage"].startswith("2 of 3: everything re-issued")
+    table = render_table(view)
+    assert "EMERGENCY root rotation" in table
+    assert "pods it waits for (1): shop/web-1" in table
+    # A scheduled rotation that retires on expiry has no stage.
+    scheduled = replace(record, rotation=Rotation(started_at=NOW, trigger="schedule"))
+    assert status_view(replace(state, ca=scheduled), settings, NOW)["rotation"]["stage"] is None

@@ -350,10 +350,10 @@ class RotationMachine(RuleBasedStateMachine):
 
     def _open_targets(self) -> list[str]:
         try:
-            state, *_ = self._journal_state()
+            record, _ = self.reader.load_ca()  # the operations only: no credential shard
         except Exception:
             return []
-        return [o.target for o in state.ca.operations if o.open]
+        return [o.target for o in record.operations if o.open]
 
     # --- rules ---------------------------------------------------------------------------------
 
@@ -386,9 +386,9 @@ class RotationMachine(RuleBasedStateMachine):
         first = self._pass(self.primary)
         again = self._pass(self.primary)
         if first is not None and first.ok and again is not None:
-            issued = [s for s in again.steps if s.action.startswith(("Issue", "Prepare"))]
+            # Counted at the anchor: whatever the pass reports, nothing was signed.
+            issued = dict(self.primary.boundaries.issued)
             assert not issued, f"a pass right after a clean one issued {issued}"
-            assert not self.primary.boundaries.issued, self.primary.boundaries.issued
 
     @rule(
         what=st.sampled_from(ROOT_REQUESTS + TARGETS),

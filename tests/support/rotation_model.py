@@ -52,10 +52,11 @@ class Boundaries:
         self.armed_at = self.action = None
 
     def cross(self, where: str, args: tuple[Any, ...]) -> None:
-        if where.rsplit(".", 1)[-1] in ISSUING:
+        method = where.rsplit(".", 1)[-1]
+        if method in ISSUING:
             # sign_*(ca, csr, subject, validity); create_*(ref, ...): what is made.
-            what = args[2] if where.endswith(("sign_ca", "sign_client")) else args[0]
-            self.issued[(where.rsplit(".", 1)[-1], repr(what))] += 1
+            what = args[2] if method in ("sign_ca", "sign_client") else args[0]
+            self.issued[(method, repr(what))] += 1
         self.calls += 1
         if self.armed_at is not None and self.calls >= self.armed_at and self.action:
             action, self.armed_at, self.action, self.fired = self.action, None, None, where
