@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         "bundle once proven unused (not at expiry); for linkerd-issuer, a new issuer key now. "
         "Needs --reason, and a permission of its own",
     )
+    rotate.add_argument(
+        "--revoke",
+        action="store_true",
+        help="kong/<name> only: a client key leaked; re-issue it, then revoke the certificate "
+        "it replaced and publish the CRLs beside the trust bundle (crl.pem). Needs --reason, "
+        "and the emergency permission",
+    )
 
     verify = commands.add_parser(
         "verify", parents=[common], help="check what is published as Linkerd and Kong would"
@@ -255,11 +262,13 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         client = _client(args, settings)
-        answer = client.rotate(args.target, args.reason, args.dry_run, args.emergency)
+        answer = client.rotate(args.target, args.reason, args.dry_run, args.emergency, args.revoke)
         if args.dry_run:
             steps = answer["steps"]
             for step in steps:
                 print(f"would {step['action']} {step['kind']} {step['name']} ({step['reason']})")
+            if answer.get("revokes"):
+                print(f"would then revoke serial {', '.join(answer['revokes'])}")
             if answer.get("path"):
                 print("the whole rotation, at the earliest (each at the first check after):")
                 for event in answer["path"]:

@@ -6,7 +6,7 @@
 # create the mounts and the kong-client role once (README: "Vault set-up").
 #
 # Deliberately absent: sys/*, any */exported or */sign-verbatim or */sign-self-issued
-# path, key import/export, revocation, and every other KV path.
+# path, key import/export, revocation on the root mount, tidy, and every other KV path.
 
 # Health check: the daemon looks up its own token (also: its TTL, and whether a 403
 # means the token itself is no longer valid).
@@ -63,6 +63,25 @@ path "pki-kong/issuer/+" {
 }
 path "pki-kong/issuer/+/sign/kong-client" {
   capabilities = ["update"]
+}
+
+# A Kong client whose key leaked (rotate kong/<name> --revoke): its replaced certificate
+# is revoked (the role stores nothing, so Vault is handed the certificate), and the CRL
+# of every CA in the bundle is read, and rebuilt before its next update.
+path "pki-kong/revoke" {
+  capabilities = ["update"]
+}
+path "pki-root/issuer/+/crl" {
+  capabilities = ["read"]
+}
+path "pki-kong/issuer/+/crl" {
+  capabilities = ["read"]
+}
+path "pki-root/crl/rotate" {
+  capabilities = ["read"]
+}
+path "pki-kong/crl/rotate" {
+  capabilities = ["read"]
 }
 
 # The rotation journal (KV v2, written with check-and-set): the CA record, and the

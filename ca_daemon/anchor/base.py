@@ -11,7 +11,9 @@ creating a CA and recording it in the journal never leaves two.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from cryptography import x509
@@ -58,6 +60,25 @@ class Anchor(Protocol):
     def set_default(self, root: CA, intermediate: CA | None) -> None:
         """Make ``root`` (and the Kong ``intermediate``) the backend's default issuers, for
         whoever else signs there; the daemon itself always names the issuer it signs with."""
+
+
+@runtime_checkable
+class Revokes(Protocol):
+    """A backend that revokes certificates its CAs signed and publishes their CRLs."""
+
+    def revoke(self, cert: x509.Certificate, issuer: CA) -> None:
+        """Revoke ``cert`` (signed by ``issuer``); revoking it again changes nothing."""
+
+    def crls(
+        self, cas: Sequence[CA], now: datetime, rebuild: bool
+    ) -> list[x509.CertificateRevocationList]:
+        """The current CRL of each of ``cas``; ``rebuild``: made anew first (a fresh
+        next-update), else as the backend holds it."""
+
+
+def revoker(anchor: object) -> Revokes | None:
+    """``anchor`` as a revoking backend, or None when it cannot revoke."""
+    return anchor if isinstance(anchor, Revokes) else None
 
 
 @runtime_checkable

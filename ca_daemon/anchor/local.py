@@ -17,6 +17,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from ca_daemon.anchor.base import CA
 from ca_daemon.errors import AnchorError
 from ca_daemon.pki.bundle import certificate_pem
+from ca_daemon.pki.crl import sign_crl
 from ca_daemon.pki.keys import (
     KeyMaterialError,
     KeyType,
@@ -315,6 +317,40 @@ class LocalAnchor:
         return sign_certificate(
             Kind.KONG_CLIENT, subject, _csr_key(csr), signer, intermediate.cert, validity
         )
+
+    # --- revocation: each CA's revoked serials in anchor/<ref>.revoked, its CRL signed here ---
+
+    def _revoked_path(self, ref: str) -> Path:
+        return self._paths(ref)[0].with_suffix(".revoked")
+
+    def _revoked(self, ref: str) -> list[tuple[int, datetime]]:
+        try:
+            lines = self._revoked_path(ref).read_text(encoding="ascii").split()
+        except FileNotFoundError:
+            return []
+        pairs = (line.split(",", 1) for line in lines)
+        return [(int(serial, 16), datetime.fromisoformat(at)) for serial, at in pairs]
+
+    def revoke(self, cert: x509.Certificate, issuer: CA) -> None:
+        with self._lock:
+            known = self._revoked(issuer.ref)
+            if any(serial == cert.serial_number for serial, _ in known):
+                return
+            known.append((cert.serial_number, cert_time_now()))
+            text = "".join(f"{serial:x},{at.isoformat()}\n" for serial, at in known)
+            ensure_private_dir(self._dir)
+            write_atomic(self._revoked_path(issuer.ref), text.encode(), mode=0o644)
+
+    def crls(
+        self, cas: Sequence[CA], now: datetime, rebuild: bool
+    ) -> list[x509.CertificateRevocationList]:
+        # Made anew on every call: nothing is kept but the serials.
+        return [sign_crl(ca.cert, self._signer(ca), self._revoked(ca.ref), now) for ca in cas]
+
+
+def cert_time_now() -> datetime:
+    """Now, to the second, as X.509 times have it."""
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def _csr_key(csr: x509.CertificateSigningRequest) -> PublicKey:

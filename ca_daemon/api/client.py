@@ -116,11 +116,19 @@ class Client:
         return data
 
     def rotate(
-        self, target: str, reason: str, dry_run: bool, emergency: bool = False
+        self,
+        target: str,
+        reason: str,
+        dry_run: bool,
+        emergency: bool = False,
+        revoke: bool = False,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"target": target, "reason": reason, "dry_run": dry_run}
-        if emergency:  # only when asked: a daemon before emergencies refuses the key
+        # Only when asked: a daemon of an earlier release refuses keys it does not know.
+        if emergency:
             body["emergency"] = True
+        if revoke:
+            body["revoke"] = True
         data: dict[str, Any] = self._call("POST", "/v1/rotate", body)
         return data
 

@@ -49,7 +49,7 @@ from ca_daemon.util.logs import RateLimitedLog
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
-_ROTATE_KEYS = {"target", "reason", "dry_run", "emergency"}
+_ROTATE_KEYS = {"target", "reason", "dry_run", "emergency", "revoke"}
 _NONCE = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
@@ -75,6 +75,7 @@ class _RotateBody:
     reason: str
     dry_run: bool
     emergency: bool
+    revoke: bool
 
 
 async def _rotate_body(request: Request) -> _RotateBody:
@@ -102,12 +103,15 @@ async def _rotate_body(request: Request) -> _RotateBody:
         raise _Refused(400, "reason must be a string of at most 1024 characters")
     if not isinstance(dry_run, bool):
         raise _Refused(400, "dry_run must be true or false")
-    emergency = data.get("emergency", False)
+    emergency, revoke = data.get("emergency", False), data.get("revoke", False)
     if not isinstance(emergency, bool):
         raise _Refused(400, "emergency must be true or false")
-    if emergency and not reason.strip():
-        raise _Refused(400, "an emergency needs a reason (which key leaked, how it was found)")
-    return _RotateBody(target, reason, dry_run, emergency)
+    if not isinstance(revoke, bool):
+        raise _Refused(400, "revoke must be true or false")
+    if (emergency or revoke) and not reason.strip():
+        what = "an emergency" if emergency else "a revocation"
+        raise _Refused(400, f"{what} needs a reason (which key leaked, how it was found)")
+    return _RotateBody(target, reason, dry_run, emergency, revoke)
 
 
 Handler = Callable[["Api", Request, dict[str, Any]], Awaitable[Response]]
@@ -214,17 +218,21 @@ class Api:
         note["caller"] = (await self._authorize(request, write=True)).user
         body = await _rotate_body(request)
         target, reason, emergency = body.target, body.reason, body.emergency
-        note.update(target=target, reason=reason, emergency=emergency)
-        if emergency:  # a permission of its own, asked once the body says so
+        note.update(target=target, reason=reason, emergency=emergency or body.revoke)
+        if emergency or body.revoke:  # a permission of its own, asked once the body says so
             await self._authorize(request, write=True, emergency=True)
         # Any replica journals the request (check-and-set on the shared journal) or answers
         # a dry run; only the leader carries it out, at once or, asked here on a standby,
         # at its next pass.
         try:
             if body.dry_run:
-                steps = await run_in_threadpool(self.service.dry_run, target, reason, emergency)
+                steps = await run_in_threadpool(
+                    self.service.dry_run, target, reason, emergency, body.revoke
+                )
                 return JSONResponse(steps)
-            op_id = await run_in_threadpool(self.service.request, target, reason, emergency)
+            op_id = await run_in_threadpool(
+                self.service.request, target, reason, emergency, body.revoke
+            )
         except UnknownTarget as exc:
             raise _Refused(400, str(exc)) from None
         except RotationInProgress as exc:

@@ -312,6 +312,13 @@ class BundleTarget(Section):
     configmap: ObjectName
     key: Annotated[str, AfterValidator(check_configmap_key)] = "ca-bundle.crt"
 
+    @field_validator("key")
+    @classmethod
+    def _not_the_crls(cls, value: str) -> str:
+        if value == "crl.pem":
+            raise ValueError("crl.pem is taken: the CRLs go there once a Kong client is revoked")
+        return value
+
 
 class RotationConfig(Section):
     check_interval: Duration = timedelta(seconds=60)

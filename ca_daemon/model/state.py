@@ -103,6 +103,11 @@ class Operation:
     finished_at: datetime | None = None
     # Asked for after a key leaked: a root rotation that retires the old root on proof.
     emergency: bool = False
+    # A Kong client's key leaked: once re-issued, the certificate it replaced is revoked.
+    revoke: bool = False
+    # The certificates (PEM) to revoke, noted when the operation started (before any
+    # re-issue replaced them in the journal).
+    revoking: tuple[str, ...] = ()
 
     @property
     def open(self) -> bool:
@@ -172,6 +177,24 @@ class IssuerAnswer:
 
 
 @dataclass(frozen=True)
+class Crls:
+    """The CRLs published next to the trust bundle (PEM, one per CA ``issuers`` names),
+    once something was revoked: fetched at ``fetched_at`` (the daemon's clock), and made
+    anew halfway through their lifetime as the anchor states it (this to next update)."""
+
+    pem: str
+    issuers: tuple[str, ...]
+    this_update: datetime
+    next_update: datetime
+    fetched_at: datetime
+
+    @property
+    def refresh_at(self) -> datetime:
+        # Counted on the daemon's clock, from when it fetched them: the anchor's may differ.
+        return self.fetched_at + (self.next_update - self.this_update) / 2
+
+
+@dataclass(frozen=True)
 class CaRecord:
     phase: Phase = Phase.STEADY
     phase_since: datetime | None = None
@@ -194,6 +217,7 @@ class CaRecord:
     # ends sooner (its lifetime was shortened): it may still be presented until then, so
     # the next activation counts it in the old chain, and the old root stays that long.
     outlived_until: datetime | None = None
+    crls: Crls | None = None
 
     def root(self, role: RootRole) -> RootEntry | None:
         return next((r for r in self.roots if r.role is role), None)
@@ -365,6 +389,8 @@ def _operation_to_json(op: Operation) -> dict[str, Any]:
         "result": op.result,
         "finished_at": _iso(op.finished_at),
         "emergency": op.emergency,
+        "revoke": op.revoke,
+        "revoking": list(op.revoking),
     }
 
 
@@ -380,6 +406,8 @@ def _operation_from_json(data: Mapping[str, Any]) -> Operation:
         result=data.get("result"),
         finished_at=_time(data.get("finished_at")),
         emergency=bool(data.get("emergency")),
+        revoke=bool(data.get("revoke")),
+        revoking=tuple(data.get("revoking") or ()),
     )
 
 
@@ -413,7 +441,30 @@ def ca_to_json(record: CaRecord) -> dict[str, Any]:
         "published_at": _iso(record.published_at),
         "issuer_answer": _answer_to_json(record.issuer_answer),
         "outlived_until": _iso(record.outlived_until),
+        "crls": _crls_to_json(record.crls),
     }
+
+
+def _crls_to_json(crls: Crls | None) -> dict[str, Any] | None:
+    if crls is None:
+        return None
+    return {
+        "pem": crls.pem,
+        "issuers": list(crls.issuers),
+        "this_update": _iso(crls.this_update),
+        "next_update": _iso(crls.next_update),
+        "fetched_at": _iso(crls.fetched_at),
+    }
+
+
+def _crls_from_json(data: Mapping[str, Any] | None) -> Crls | None:
+    if not data:
+        return None
+    this_update, next_update = _time(data.get("this_update")), _time(data.get("next_update"))
+    fetched_at = _time(data.get("fetched_at"))
+    assert this_update is not None and next_update is not None and fetched_at is not None
+    issuers = tuple(data.get("issuers") or ())
+    return Crls(str(data["pem"]), issuers, this_update, next_update, fetched_at)
 
 
 def _answer_to_json(answer: IssuerAnswer | None) -> dict[str, Any] | None:
@@ -474,6 +525,7 @@ def ca_from_json(data: Mapping[str, Any]) -> CaRecord:
         published_at=_time(data.get("published_at")),
         issuer_answer=_answer_from_json(data.get("issuer_answer")),
         outlived_until=_time(data.get("outlived_until")),
+        crls=_crls_from_json(data.get("crls")),
     )
 
 

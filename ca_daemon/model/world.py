@@ -37,6 +37,9 @@ class TrustWorld:
     # a first issue failed, maybe after a lost journal. Whatever was published for them
     # before stays as it is; a missing credential is no reason to unpublish one.
     kept: frozenset[str] = frozenset()
+    # The CRLs of every CA in the bundle (PEM), once something was revoked: published
+    # next to the bundle (crl.pem) for verifiers that check revocation.
+    crls_pem: str | None = None
 
     @property
     def bundle_pem(self) -> str:
@@ -67,6 +70,7 @@ def desired_world(
         phase_since=state.ca.phase_since,
         versions=dict(versions or {}),
         kept=frozenset(kept),
+        crls_pem=state.ca.crls.pem if state.ca.crls else None,
     )
 
 

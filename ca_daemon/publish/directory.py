@@ -32,13 +32,16 @@ KEY_MODE = 0o600
 CERT_MODE = 0o644
 # The top-level entries this publisher owns (the SPEC layout), also in the flat layout
 # an older ca-daemon wrote: one of them the world no longer needs is removed.
-TOP_LEVEL = ("trust-bundle.pem", "linkerd", "kong")
+TOP_LEVEL = ("trust-bundle.pem", "crl.pem", "linkerd", "kong")
+CRLS = "crl.pem"
 
 
 def desired_files(world: TrustWorld) -> dict[str, tuple[bytes, int]]:
     """Relative path → (content, mode) for everything the directory must hold."""
     bundle = world.bundle_pem.encode()
     files: dict[str, tuple[bytes, int]] = {"trust-bundle.pem": (bundle, CERT_MODE)}
+    if world.crls_pem is not None:
+        files[CRLS] = (world.crls_pem.encode(), CERT_MODE)
     if world.linkerd_issuer is not None:
         issuer = world.linkerd_issuer
         files["linkerd/ca.crt"] = (bundle, CERT_MODE)

@@ -154,6 +154,9 @@ def _object(
     )
 
 
+CRLS_KEY = "crl.pem"
+
+
 def _cert_identity(cert: x509.Certificate) -> tuple[str, datetime]:
     return fingerprint(cert), cert.not_valid_after_utc
 
@@ -286,13 +289,15 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                     )
                 )
     for target in settings.bundles:
+        # The CRLs go beside the bundle once something was revoked (nginx's ssl_crl).
+        crls = {CRLS_KEY: world.crls_pem} if world.crls_pem is not None else {}
         objects.append(
             _object(
                 "ConfigMap",
                 target.namespace,
                 target.configmap,
                 Role.BUNDLE,
-                {target.key: bundle},
+                {target.key: bundle, **crls},
                 bundle_identity,
                 generation=ca_only,
                 published=ca_published,

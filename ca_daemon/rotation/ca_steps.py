@@ -15,11 +15,12 @@ from typing import Literal, Protocol
 
 from cryptography import x509
 
-from ca_daemon.anchor.base import CA, Anchor
+from ca_daemon.anchor.base import CA, Anchor, revoker
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import RotationError
 from ca_daemon.model.state import (
     CaRecord,
+    Crls,
     IntermediateEntry,
     OpState,
     Phase,
@@ -28,10 +29,12 @@ from ca_daemon.model.state import (
     Rotation,
     State,
 )
+from ca_daemon.pki.bundle import certificate_pem, parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
+from ca_daemon.pki.crl import crls_pem
 from ca_daemon.pki.profiles import Kind, Subject, capped_validity, check_profile
 from ca_daemon.publish.linkerd_identity import Answer
-from ca_daemon.rotation.plan import retire_after
+from ca_daemon.rotation.plan import covers, crl_issuers, retire_after
 from ca_daemon.rotation.rebuild import rebuild
 from ca_daemon.rotation.steps import (
     Activate,
@@ -45,8 +48,10 @@ from ca_daemon.rotation.steps import (
     PrepareRoot,
     Propagate,
     RebuildJournal,
+    RefreshCrls,
     RestartLinkerd,
     Retire,
+    Revoke,
     StartOperation,
     StartRetiring,
 )
@@ -176,12 +181,74 @@ def apply(
         case StartOperation(operation=op_id):
             op = ca.operation(op_id)
             assert op is not None
+            if op.revoke:  # what the re-issue is about to replace in the journal
+                revoking = tuple(
+                    certificate_pem(entry.cert)
+                    for key, entry in state.credentials()
+                    if covers(op.target, key)
+                )
+                op = replace(op, revoking=revoking)
             return ca.with_operation(replace(op, state=OpState.RUNNING))
+        case Revoke(operation=op_id):
+            return _revoke(ca, op_id, now, anchor)
+        case RefreshCrls():
+            return replace(ca, crls=_crls(ca, now, anchor, rebuild=True))
         case FinishOperation(operation=op_id, ok=ok, reason=reason):
             op = ca.operation(op_id)
             assert op is not None
             done = OpState.SUCCEEDED if ok else OpState.FAILED
             return ca.with_operation(replace(op, state=done, result=reason, finished_at=now))
+
+
+def _revoke(ca: CaRecord, op_id: str, now: datetime, anchor: Anchor) -> CaRecord:
+    """Revoke what the operation's re-issue replaced, fetch the CRLs, finish it."""
+    op = ca.operation(op_id)
+    assert op is not None
+    backend = revoker(anchor)
+    if backend is None:
+        raise IssuanceError(f"{anchor.description} cannot revoke certificates")
+    serials = []
+    for pem in op.revoking:
+        cert = parse_pem_certificates(pem, what="certificate to revoke")[0]
+        issuer = next((i for i in ca.intermediates if directly_issued_by(cert, i.cert)), None)
+        if issuer is None:
+            # Its intermediate retired with its root: nothing trusts it any more.
+            log.info(
+                "serial %x: its intermediate is gone; nothing left to revoke", cert.serial_number
+            )
+            continue
+        backend.revoke(cert, CA(issuer.ref, issuer.cert))
+        serials.append(f"{cert.serial_number:x}")
+    record = replace(ca, crls=_crls(ca, now, anchor, rebuild=False))
+    result = f"re-issued; revoked serial {', '.join(serials) or 'none (already untrusted)'}"
+    done = replace(op, state=OpState.SUCCEEDED, result=result, finished_at=now)
+    return record.with_operation(done)
+
+
+def _crls(ca: CaRecord, now: datetime, anchor: Anchor, rebuild: bool) -> Crls:
+    """The CRLs of every CA in the bundle, checked before they are published: each
+    signed by its CA and naming it, and current."""
+    backend = revoker(anchor)
+    if backend is None:
+        raise IssuanceError(f"{anchor.description} cannot make CRLs")
+    refs = crl_issuers(ca)
+    known = {r.ref: r.cert for r in ca.roots} | {i.ref: i.cert for i in ca.intermediates}
+    cas = [CA(ref, known[ref]) for ref in refs]
+    found = backend.crls(cas, now, rebuild)
+    for ca_entry, crl in zip(cas, found, strict=True):
+        if crl.issuer != ca_entry.cert.subject or not crl.is_signature_valid(
+            ca_entry.cert.public_key()  # type: ignore[arg-type]
+        ):
+            raise IssuanceError(f"the CRL of {ca_entry.ref} from the anchor is not signed by it")
+        if crl.next_update_utc is None or crl.next_update_utc <= now:
+            raise IssuanceError(f"the CRL of {ca_entry.ref} from the anchor is out of date")
+    return Crls(
+        pem=crls_pem(found),
+        issuers=refs,
+        this_update=max(c.last_update_utc for c in found),
+        next_update=min(c.next_update_utc for c in found if c.next_update_utc is not None),
+        fetched_at=now,
+    )
 
 
 def _root(ref: str, now: datetime, anchor: Anchor, s: Settings) -> CA:

@@ -47,6 +47,7 @@ from ca_daemon.rotation.plan import Observations, covers, gate_query, plan
 from ca_daemon.rotation.renewals import credential_key, issue
 from ca_daemon.rotation.requests import (
     check_target,
+    ensure_can_revoke,
     ensure_can_start_emergency,
     ensure_can_start_rotation,
 )
@@ -180,6 +181,7 @@ class Engine:
         *,
         migrate: bool = True,
         emergency: bool = False,
+        revoke: bool = False,
     ) -> str:
         """Journal a manual rotation request and return its operation id.
 
@@ -190,19 +192,28 @@ class Engine:
         Any replica may ask: the CA record is written with check-and-set, and the leader
         carries the request out at its next pass. ``migrate=False`` (a standby): the only
         write is the request itself; an older journal layout is refused, not moved.
-        ``emergency`` (a key leaked) is refused while one for ``target`` is open.
+        ``emergency`` (a key leaked) and ``revoke`` (a Kong client's key leaked: its
+        certificate is revoked once re-issued) are refused while one for ``target`` is open.
         """
         check_target(self.settings, target)
         with self._requests:  # one at a time in this process: no check-and-set race here
-            return self._request(target, reason, now, migrate, emergency)
+            return self._request(target, reason, now, migrate, emergency, revoke)
 
     def _request(
-        self, target: str, reason: str, now: datetime | None, migrate: bool, emergency: bool
+        self,
+        target: str,
+        reason: str,
+        now: datetime | None,
+        migrate: bool,
+        emergency: bool,
+        revoke: bool = False,
     ) -> str:
         for _ in range(5):
             record, version = self.journal.load_ca_to_update(migrate)
             if emergency:
                 ensure_can_start_emergency(record, target)
+            if revoke:
+                ensure_can_revoke(record, target)
             for op in record.operations:
                 if op.open and op.target == target:
                     return op.id
@@ -213,6 +224,7 @@ class Engine:
                 reason=reason,
                 requested_at=now or self.clock(),
                 emergency=emergency,
+                revoke=revoke,
             )
             try:
                 self.journal.record_ca(Seen(version, {}, {}), record.with_operation(op))

@@ -30,6 +30,7 @@ from ca_daemon.config.settings import KongClient, Settings
 from ca_daemon.model.state import (
     KONG_PREFIX,
     LINKERD_ISSUER,
+    CaRecord,
     IntermediateEntry,
     IssuedEntry,
     Operation,
@@ -65,9 +66,11 @@ from ca_daemon.rotation.steps import (
     PrepareRoot,
     Propagate,
     RebuildJournal,
+    RefreshCrls,
     Refuse,
     RestartLinkerd,
     Retire,
+    Revoke,
     StartOperation,
     StartRetiring,
     Step,
@@ -216,6 +219,7 @@ def plan(
         root_signer = _Signer(root.ref, root.cert.not_valid_after_utc)
         steps += _root_rotation(state, now, settings, observations)
         steps += _operations(state, observations)
+        steps += _crl_refresh(ca, now)
 
     issuer_steps: list[Step] = []
     if settings.linkerd.enabled:
@@ -543,6 +547,11 @@ def _operations(state: State, obs: Observations) -> list[Step]:
             continue  # started by PrepareRoot, finished by Retire
         if op.state is OpState.QUEUED:
             steps.append(StartOperation(op.id))
+        elif op.state is OpState.RUNNING and op.revoke and _satisfied(state, op):
+            # Revoked only once its replacement is out: revoking first would leave the
+            # client presenting a revoked certificate until the next publish.
+            if _published_since(state, op):
+                steps.append(Revoke(op.id))
         elif op.state is OpState.RUNNING and _satisfied(state, op):
             said = advice(op.target, op.emergency)
             steps.append(
@@ -560,6 +569,32 @@ def _satisfied(state: State, op: Operation) -> bool:
         for key, entry in state.credentials()
         if covers(op.target, key)
     )
+
+
+def _published_since(state: State, op: Operation) -> bool:
+    published = state.ca.published_at
+    issued = [e.issued for key, e in state.credentials() if covers(op.target, key)]
+    return published is not None and all(i <= published for i in issued)
+
+
+def crl_issuers(record: CaRecord) -> tuple[str, ...]:
+    """The CAs whose CRLs are published: every root in the bundle and its Kong
+    intermediate (a verifier that checks CRLs wants one for each CA of a chain)."""
+    trusted = {fingerprint(c) for c in trusted_roots(record)}
+    roots = [r.ref for r in record.roots if fingerprint(r.cert) in trusted]
+    inters = [i.ref for i in record.intermediates if i.root_ref in roots]
+    return tuple(sorted([*roots, *inters]))
+
+
+def _crl_refresh(record: CaRecord, now: datetime) -> list[Step]:
+    crls = record.crls
+    if crls is None:
+        return []
+    if crls.issuers != crl_issuers(record):
+        return [RefreshCrls("the CAs in the bundle changed")]
+    if now >= crls.refresh_at:
+        return [RefreshCrls(f"halfway to its next update, {crls.next_update:%Y-%m-%dT%H:%M:%SZ}")]
+    return []
 
 
 def _created(inter: IntermediateEntry) -> datetime:

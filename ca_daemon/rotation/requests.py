@@ -41,7 +41,9 @@ def ensure_can_start_rotation(record: CaRecord, target: str) -> None:
     if target in ROOT_TARGETS and record.phase is not Phase.STEADY:
         rotation = record.rotation
         when = "once it is back to steady"
-        if rotation is not None and rotation.retire_after is not None:
+        if rotation is not None and rotation.proof:
+            when = "once its old root is proven unused and retired (ca-daemon status)"
+        elif rotation is not None and rotation.retire_after is not None:
             when = f"once the old root retires, at {rotation.retire_after:%Y-%m-%dT%H:%M:%SZ}"
         raise RotationInProgress(
             f"a root rotation is in progress (phase {record.phase.value}); "
@@ -87,3 +89,18 @@ def ensure_can_start_emergency(record: CaRecord, target: str) -> None:
             )
     if roots:
         ensure_can_start_rotation(record, target)
+
+
+def ensure_can_revoke(record: CaRecord, target: str) -> None:
+    """Raise UnknownTarget unless ``target`` is one Kong client, and RotationInProgress
+    while a request for it is open: a revocation never joins a plain re-issue."""
+    if not target.startswith("kong/"):
+        raise UnknownTarget(
+            f"a revocation applies to one Kong client (kong/<name>), not {target!r}"
+        )
+    for op in record.operations:
+        if op.open and op.target == target:
+            raise RotationInProgress(
+                f"a rotation of {target} is already {op.state.value} (operation {op.id}); "
+                "ask for the revocation once it has finished"
+            )

@@ -26,9 +26,11 @@ from ca_daemon.rotation.steps import (
     PrepareRoot,
     Propagate,
     RebuildJournal,
+    RefreshCrls,
     Refuse,
     RestartLinkerd,
     Retire,
+    Revoke,
     StartOperation,
     StartRetiring,
     Step,
@@ -102,8 +104,10 @@ def step_target(step: Step, settings: Settings) -> tuple[Kind, str, str]:
         case IssueKongIntermediate(ref=ref):
             # Named by its ref, as roots are, so metrics join with the certificate's series.
             return Kind.KONG_INTERMEDIATE, ref, KONG_INTERMEDIATE
-        case StartOperation(operation=op) | FinishOperation(operation=op):
+        case StartOperation(operation=op) | FinishOperation(operation=op) | Revoke(operation=op):
             return Kind.TRUST_ANCHOR, f"operation {op}", f"operation/{op}"
+        case RefreshCrls():
+            return Kind.TRUST_ANCHOR, "crls", "crls"
         case IssueLinkerdIssuer():
             return Kind.LINKERD_ISSUER, settings.linkerd.issuer_secret, LINKERD_ISSUER
         case IssueKongClient(name=name) | DropKongClient(name=name):

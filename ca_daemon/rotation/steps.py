@@ -107,6 +107,22 @@ class IssueKongIntermediate:
 
 
 @dataclass(frozen=True)
+class Revoke:
+    """A revoking operation's client is re-issued and published: the certificates it
+    replaced are revoked in the anchor, the CRLs fetched, and the operation finished."""
+
+    operation: str
+    reason: str = "the replaced certificate is revoked"
+
+
+@dataclass(frozen=True)
+class RefreshCrls:
+    """The published CRLs near their next-update, or no longer those of the bundle's CAs."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class StartOperation:
     operation: str
     reason: str = "manual request"
@@ -181,6 +197,8 @@ CaStep = (
     | IssueKongIntermediate
     | StartOperation
     | FinishOperation
+    | Revoke
+    | RefreshCrls
 )
 CredentialStep = IssueLinkerdIssuer | IssueKongClient | DropKongClient
 Step = CaStep | CredentialStep | Wait | Refuse

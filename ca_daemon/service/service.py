@@ -22,9 +22,10 @@ from ca_daemon.model.state import Operation, OpState, State
 from ca_daemon.report.forecast import rotation_path
 from ca_daemon.report.status import operation_view, optional_iso, status_view, waiting_for
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.plan import Observations, plan
+from ca_daemon.rotation.plan import Observations, covers, plan
 from ca_daemon.rotation.requests import (
     check_target,
+    ensure_can_revoke,
     ensure_can_start_emergency,
     ensure_can_start_rotation,
 )
@@ -207,7 +208,9 @@ class DaemonService:
             view["retire_after"] = optional_iso(rotation.retire_after)
         return view
 
-    def request(self, target: str, reason: str, emergency: bool = False) -> str:
+    def request(
+        self, target: str, reason: str, emergency: bool = False, revoke: bool = False
+    ) -> str:
         """Journal the request (raises engine.RequestError, JournalOffline); on the leader,
         wake the loop so that it is carried out now.
 
@@ -217,7 +220,7 @@ class DaemonService:
         leader = self.leadership.leader
         try:
             op_id = self.engine.request_rotation(
-                target, reason, migrate=leader, emergency=emergency
+                target, reason, migrate=leader, emergency=emergency, revoke=revoke
             )
         except JournalError as exc:
             raise JournalOffline(self.engine.journal.description, exc) from None
@@ -225,7 +228,9 @@ class DaemonService:
             self._wake()
         return op_id
 
-    def dry_run(self, target: str, reason: str, emergency: bool = False) -> dict[str, Any]:
+    def dry_run(
+        self, target: str, reason: str, emergency: bool = False, revoke: bool = False
+    ) -> dict[str, Any]:
         """What this request would do now, without journaling it: the steps plan() would
         take, or, when ``target`` already has a queued or running operation, that one
         (a real request is answered with it, 202; an emergency is refused, 409)."""
@@ -239,13 +244,20 @@ class DaemonService:
         }
         if emergency:
             ensure_can_start_emergency(state.ca, target)
+        if revoke:
+            ensure_can_revoke(state.ca, target)
+            answer["revokes"] = [
+                f"{entry.cert.serial_number:x}"
+                for key, entry in state.credentials()
+                if covers(target, key)
+            ]
         for op in state.ca.operations:
             if op.open and op.target == target:
                 return {**answer, "operation": op.id}
         now = self.clock()
         # A root request starts from the queue; any other is taken as running at once.
         started = OpState.QUEUED if target in ROOT_TARGETS else OpState.RUNNING
-        op = Operation("dry-run", target, reason, now, started, emergency=emergency)
+        op = Operation("dry-run", target, reason, now, started, emergency=emergency, revoke=revoke)
         if target in ROOT_TARGETS:
             ensure_can_start_rotation(state.ca, target)
         hypothetical = replace(state, ca=state.ca.with_operation(op))

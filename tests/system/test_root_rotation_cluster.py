@@ -388,6 +388,13 @@ def test_the_vault_policy_carries_a_whole_rotation(
     first = journal.load().state.ca
     assert first.active_root is not None and first.active_intermediate is not None
     old_root, old_inter = first.active_root.ref, first.active_intermediate.ref
+    # A Kong client revoked under the policy (revoke, every CA's CRL read); the rotation
+    # then rebuilds the CRLs for the CAs that join and leave the bundle (crl/rotate).
+    revoking = engine.request_rotation("kong/payments", "policy drill: leaked", revoke=True)
+    for _ in range(3):
+        run()
+    revoked = journal.load_ca()[0].operation(revoking)
+    assert revoked is not None and revoked.state is OpState.SUCCEEDED, revoked
     operation = engine.request_rotation("trust-anchor", "policy drill")
     for _ in range(WALL_PASSES):
         follow_wall_clock(clock)
@@ -402,9 +409,12 @@ def test_the_vault_policy_carries_a_whole_rotation(
         clock.now += JUMP
         if run() is Phase.STEADY:
             break
-    op = journal.load().state.ca.operation(operation)
+    final = journal.load().state.ca
+    op = final.operation(operation)
     assert op is not None and op.state is OpState.SUCCEEDED, op
     assert admin.issuer_names("pki-root") == sorted([old_root, ca.active_root.ref])
+    assert final.crls is not None
+    assert final.crls.issuers == (ca.active_intermediate.ref, ca.active_root.ref)
 
 
 @pytest.mark.parametrize(
@@ -425,6 +435,11 @@ def test_the_vault_policy_carries_a_whole_rotation(
         ("GET", "pki-kong/key/kong-2", None),
         ("POST", "pki-root/keys/import", {"pem_bundle": "x"}),
         ("POST", "pki-kong/issue/kong-client", {"common_name": "x"}),
+        # Revocation: Kong clients only, never a CA on the root mount, never by key, no tidy.
+        ("POST", "pki-root/revoke", {"serial_number": "01"}),
+        ("POST", "pki-kong/revoke-with-key", {"serial_number": "01", "private_key": "x"}),
+        ("POST", "pki-kong/tidy", {"tidy_revoked_certs": True}),
+        ("POST", "pki-kong/config/crl", {"disable": True}),
         # Default issuers only on the daemon's own two mounts.
         ("POST", "pki-other/config/issuers", {"default": "x"}),
         # The journal: its own records only, never the CA record's history.

@@ -12,6 +12,7 @@ has already capped at the signer's own not-after.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -252,3 +253,42 @@ class VaultPkiAnchor:
                 "format": "pem",
             },
         )
+
+    # --- revocation ------------------------------------------------------------------------
+
+    def _mount_of(self, ca: CA) -> str:
+        return self.cfg.root_mount if ca.ref.startswith("root-") else self.cfg.kong_mount
+
+    def revoke(self, cert: x509.Certificate, issuer: CA) -> None:
+        """``<mount>/revoke`` with the certificate itself: the kong-client role does not
+        store what it signs (``no_store``), and Vault revokes a certificate it did not
+        store once it verifies the signature of one of the mount's issuers. Revoking it
+        again is answered as already revoked."""
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        try:
+            self.client.write(
+                f"{self._mount_of(issuer)}/revoke",
+                f"revoke serial {cert.serial_number:x} of {issuer.ref}",
+                {"certificate": pem},
+            )
+        except AnchorError as exc:
+            if "already revoked" not in str(exc):
+                raise
+
+    def crls(
+        self, cas: Sequence[CA], now: datetime, rebuild: bool
+    ) -> list[x509.CertificateRevocationList]:
+        """Each issuer's CRL (``<mount>/issuer/<ref>/crl``); ``rebuild`` first asks each
+        mount for fresh ones (``<mount>/crl/rotate``), as Vault does not rebuild a CRL that
+        nears its next-update unless told to (``auto_rebuild`` is off by default)."""
+        if rebuild:
+            for mount in sorted({self._mount_of(ca) for ca in cas}):
+                self.client.request("GET", f"{mount}/crl/rotate", f"rebuild the CRLs of {mount}")
+        found = []
+        for ca in cas:
+            mount = self._mount_of(ca)
+            data = self.client.read(f"{mount}/issuer/{ca.ref}/crl", f"read the CRL of {ca.ref}")
+            if not data or not data.get("crl"):
+                raise AnchorError(f"{self.description}: no CRL for {ca.ref} on {mount}")
+            found.append(x509.load_pem_x509_crl(str(data["crl"]).encode()))
+        return found
