@@ -485,6 +485,8 @@ def test_an_emergency_needs_its_own_verb_against_the_real_apiserver(
             refused = http.post("/v1/rotate", json=emergency)
             assert refused.status_code == 403, refused.text
             assert "may not emergency rotations.ca-daemon.io" in refused.json()["error"]
+            revoke = {"target": "kong/payments", "reason": "client key leaked", "revoke": True}
+            assert http.post("/v1/rotate", json=revoke).status_code == 403  # the same verb
             assert http.post("/v1/rotate", json={"target": "kong"}).status_code == 202
         record, _ = served.service.engine.journal.load_ca()
         assert [o.target for o in record.operations] == ["kong"]  # the refusal journaled none
@@ -497,6 +499,7 @@ def test_an_emergency_needs_its_own_verb_against_the_real_apiserver(
         lines = served.audit()
         who = f"system:serviceaccount:{ns}"
         assert [(line["caller"], line["status"], line["emergency"]) for line in lines] == [
+            (f"{who}:operator", 403, True),
             (f"{who}:operator", 403, True),
             (f"{who}:operator", 202, False),
             (f"{who}:responder", 202, True),

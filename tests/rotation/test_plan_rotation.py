@@ -11,6 +11,7 @@ import pytest
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import ConfigError
 from ca_daemon.model.state import (
+    Crls,
     IntermediateEntry,
     IssuedEntry,
     Operation,
@@ -30,6 +31,7 @@ from ca_daemon.rotation.plan import (
     GateQuery,
     Observations,
     client_subject,
+    crl_issuers,
     gate_query,
     plan,
     retire_after,
@@ -43,8 +45,10 @@ from ca_daemon.rotation.steps import (
     NoteRestart,
     PrepareRoot,
     Propagate,
+    RefreshCrls,
     RestartLinkerd,
     Retire,
+    Revoke,
     StartOperation,
     StartRetiring,
     Wait,
@@ -486,3 +490,48 @@ def test_a_scheduled_rotation_may_retire_on_proof(make_settings: MakeSettings) -
     with pytest.raises(ConfigError, match=r"rotation\.retire: proof") as refused:
         make_settings({"rotation": {"retire": "proof"}, "linkerd": {"restart": "control-plane"}})
     assert "linkerd.restart" in str(refused.value)
+
+
+# --- revoking a Kong client, and the CRLs -------------------------------------------------
+
+
+def test_a_revocation_waits_for_the_new_certificate_to_be_published(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings()
+    state = steady_state(settings)
+    op = Operation("r", "kong/payments", "leaked", NOW - DAY, OpState.RUNNING, revoke=True)
+    client = state.kong_clients["payments"]
+    reissued = replace(
+        state,
+        ca=state.ca.with_operation(op),
+        kong_clients={"payments": replace(client, issued_at=NOW)},
+    )
+    unpublished = replace(reissued, ca=replace(reissued.ca, published_at=NOW - DAY))
+    steps = plan(unpublished, NOW, settings)
+    assert not any(isinstance(s, Revoke | FinishOperation) for s in steps)
+    published = replace(reissued, ca=replace(reissued.ca, published_at=NOW))
+    assert Revoke("r") in plan(published, NOW, settings)
+    # Without revoke the same operation just finishes.
+    plain = replace(published, ca=published.ca.with_operation(replace(op, revoke=False)))
+    assert FinishOperation("r", True, "re-issued") in plan(plain, NOW, settings)
+
+
+def test_the_crls_are_made_anew_halfway_and_when_the_bundle_s_cas_change(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings()
+    state = steady_state(settings)
+    issuers = crl_issuers(state.ca)
+    assert issuers == ("kong-2", "root-1")
+    crls = Crls("pem", issuers, NOW - DAY, NOW + 2 * DAY, fetched_at=NOW)
+    current = replace(state, ca=replace(state.ca, crls=crls))
+    assert not any(isinstance(s, RefreshCrls) for s in plan(current, NOW + DAY, settings))
+    halfway = [s for s in plan(current, NOW + 36 * timedelta(hours=1), settings)]
+    assert any(isinstance(s, RefreshCrls) for s in halfway), halfway
+    # A next root joins the bundle (propagating): its CRL is wanted at once.
+    propagating = _with_next_root(current, Phase.PROPAGATING)
+    assert crl_issuers(propagating.ca) == ("kong-2", "root-1", "root-3")
+    assert RefreshCrls("the CAs in the bundle changed") in plan(propagating, NOW, settings)
+    # Nothing revoked yet: no CRLs to keep.
+    assert not any(isinstance(s, RefreshCrls) for s in plan(state, NOW + 30 * DAY, settings))

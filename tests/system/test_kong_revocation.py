@@ -22,8 +22,10 @@ from ca_daemon.pki.bundle import parse_pem_certificates
 from ca_daemon.pki.crl import parse_crls
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.service.wiring import build_engine
+from tests.support.kube_cluster import b64, published_cluster
 from tests.support.pki import issue, make_ca
 from tests.support.rotation_configs import short_lifetimes
+from tests.support.servers.kube import Kube
 from tests.support.servers.nginx import NginxFactory
 from tests.support.servers.openbao import OpenBao
 from tests.support.servers.tools import free_port, unique
@@ -142,5 +144,36 @@ def test_vault_lists_the_revoked_serial_and_nginx_refuses_it(
     _check_crls(out, old_serial)
     (tmp_path / "nginx").mkdir()
     judged = _nginx_judges(nginx_factory, out, tmp_path / "nginx", old, new)
+    assert judged["new"].status_code == 200, judged["new"].text
+    assert judged["old"].status_code == 400 and "SSL certificate error" in judged["old"].text
+
+
+def test_the_bundle_configmap_carries_the_crls_for_an_upstream(
+    tmp_path: Path, kube: Kube, nginx_factory: NginxFactory
+) -> None:
+    """Published to Kubernetes: the bundles[] ConfigMap gets the key crl.pem beside the
+    bundle, as the daemon's ServiceAccount (the RBAC of `config rbac`) writes it, and an
+    upstream configured from that ConfigMap alone refuses the revoked client."""
+    c = published_cluster(kube, tmp_path, "revoke")
+    engine = c.engine()
+    assert engine.reconcile().ok
+    client = c.secret(c.app_ns, "kong-upstream-payments")
+    old = (b64(client, "tls.crt"), b64(client, "tls.key"))
+    op_id = engine.request_rotation("kong/payments", "key leaked", revoke=True)
+    for _ in range(5):
+        assert engine.reconcile().ok
+    op = engine.journal.load_ca()[0].operation(op_id)
+    assert op is not None and op.state is OpState.SUCCEEDED, op
+    client = c.secret(c.app_ns, "kong-upstream-payments")
+    new = (b64(client, "tls.crt"), b64(client, "tls.key"))
+    data = c.configmap(c.bundle_ns, "upstream-trust")["data"]
+    assert set(data) == {"ca-bundle.crt", "crl.pem"}
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "trust-bundle.pem").write_text(data["ca-bundle.crt"])
+    (served / "crl.pem").write_text(data["crl.pem"])
+    _check_crls(served, parse_pem_certificates(old[0])[0].serial_number)
+    (tmp_path / "nginx").mkdir()
+    judged = _nginx_judges(nginx_factory, served, tmp_path / "nginx", old, new)
     assert judged["new"].status_code == 200, judged["new"].text
     assert judged["old"].status_code == 400 and "SSL certificate error" in judged["old"].text
