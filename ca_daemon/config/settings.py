@@ -185,9 +185,10 @@ class LinkerdConfig(Section):
     namespace: DnsLabel = "linkerd"
     restart: Literal["none", "control-plane", "all"] = "control-plane"
     gate: Literal["time", "pods"] = "pods"
-    # An emergency root rotation rolls every meshed workload ("all"), or only what
-    # ``restart`` says ("as-restart": the operator rolls the rest; the gate names the Pods).
-    emergency_restart: Literal["all", "as-restart"] = "all"
+    # An emergency root rotation rolls only what ``restart`` says ("as-restart": the
+    # operator rolls the rest, the gate names the Pods), or every meshed workload ("all":
+    # RBAC then grants patching Deployments, StatefulSets and DaemonSets cluster-wide).
+    emergency_restart: Literal["all", "as-restart"] = "as-restart"
     issuer: LinkerdIssuer = LinkerdIssuer()
     issuer_secret: ObjectName = "linkerd-identity-issuer"
     trust_roots_configmap: ObjectName = "linkerd-identity-trust-roots"

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ca_daemon.errors import NewerJournal
-from ca_daemon.model.state import STATE_VERSION
+from ca_daemon.model.state import CA_FEATURES_VERSION, STATE_VERSION
 
 CA_KEY = ""
 SHARD_FOLDER = "shards"
@@ -24,10 +24,10 @@ LEGACY_CREDENTIALS = "credentials"  # version 2: one record per credential
 
 def check_version(data: Mapping[str, Any], what: str) -> None:
     version = data.get("version")
-    if isinstance(version, int) and version > STATE_VERSION:
+    if isinstance(version, int) and version > CA_FEATURES_VERSION:
         raise NewerJournal(
             f"{what} has state version {version}, written by a newer ca-daemon (this one "
-            f"reads up to {STATE_VERSION}): run that release again, or restore the backup "
+            f"reads up to {CA_FEATURES_VERSION}): run that release again, or restore the backup "
             "taken before the upgrade; nothing was changed"
         )
 

@@ -24,6 +24,10 @@ from cryptography import x509
 from ca_daemon.pki.bundle import certificate_pem, normalize, parse_pem_certificates
 
 STATE_VERSION = 3
+# A CA record that uses what earlier releases of version 3 do not know (an emergency, a
+# retirement on proof, revocations, CRLs) is written as version 4: such a release then
+# refuses it as newer, instead of writing it back without them. Any other stays 3.
+CA_FEATURES_VERSION = 4
 # Finished manual operations kept for `GET /v1/operations/{id}`; older ones are dropped.
 KEEP_FINISHED_OPERATIONS = 50
 
@@ -180,7 +184,7 @@ class IssuerAnswer:
 class Crls:
     """The CRLs published next to the trust bundle (PEM, one per CA ``issuers`` names),
     once something was revoked: fetched at ``fetched_at`` (the daemon's clock), and made
-    anew halfway through their lifetime as the anchor states it (this to next update)."""
+    anew halfway through their lifetime, or through what was left of it when fetched."""
 
     pem: str
     issuers: tuple[str, ...]
@@ -190,8 +194,12 @@ class Crls:
 
     @property
     def refresh_at(self) -> datetime:
-        # Counted on the daemon's clock, from when it fetched them: the anchor's may differ.
-        return self.fetched_at + (self.next_update - self.this_update) / 2
+        # Counted on the daemon's clock from when it fetched them (the anchor's may differ),
+        # and never later than halfway to the next update: one fetched old is made anew
+        # before it expires. Always after the fetch, so a refresh is never due at once.
+        lifetime = self.next_update - self.this_update
+        left = self.next_update - self.fetched_at
+        return self.fetched_at + min(lifetime, left) / 2
 
 
 @dataclass(frozen=True)
@@ -411,9 +419,19 @@ def _operation_from_json(data: Mapping[str, Any]) -> Operation:
     )
 
 
+def _record_version(record: CaRecord) -> int:
+    rotation = record.rotation
+    newer = (
+        record.crls is not None
+        or (rotation is not None and (rotation.emergency or rotation.proof))
+        or any(o.emergency or o.revoke for o in record.operations)
+    )
+    return CA_FEATURES_VERSION if newer else STATE_VERSION
+
+
 def ca_to_json(record: CaRecord) -> dict[str, Any]:
     return {
-        "version": STATE_VERSION,
+        "version": _record_version(record),
         "phase": record.phase.value,
         "phase_since": _iso(record.phase_since),
         "serial": record.serial,
@@ -494,7 +512,7 @@ def _answer_from_json(data: Mapping[str, Any] | None) -> IssuerAnswer | None:
 
 
 def ca_from_json(data: Mapping[str, Any]) -> CaRecord:
-    if data.get("version") != STATE_VERSION:
+    if data.get("version") not in (STATE_VERSION, CA_FEATURES_VERSION):
         raise ValueError(f"unsupported state version {data.get('version')!r}")
     rotation = data.get("rotation")
     return CaRecord(

@@ -17,10 +17,10 @@ Linkerd (see ca_daemon/publish/linkerd_rollout.py):
 - list Pods cluster-wide (ClusterRole): the pods gate, which an emergency root rotation
   uses whatever ``gate`` says.
 - ``restart: control-plane`` or ``all``: list and patch Deployments in the Linkerd namespace.
-- ``restart: all`` or ``emergency_restart: all`` (the default): get and patch Deployments,
+- ``restart: all`` or ``emergency_restart: all``: get and patch Deployments,
   StatefulSets and DaemonSets, and get ReplicaSets (a Deployment owns its Pods through
-  one), cluster-wide. ``emergency_restart: as-restart`` keeps that out, and the operator
-  rolls the data plane in an emergency.
+  one), cluster-wide. With the default ``emergency_restart: as-restart`` an emergency
+  rolls what ``restart`` says, and the operator rolls the rest of the data plane.
 - The pods gate's one Event is updated in place: get/patch of that Event name.
 
 Leader election (on by default with Kubernetes publishing): get/update of the one Lease

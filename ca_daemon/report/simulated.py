@@ -4,7 +4,7 @@ confirms, and a rollout whose Pods are always current (report/forecast.py says w
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Literal
 
@@ -22,6 +22,7 @@ from ca_daemon.model.state import (
 )
 from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import fingerprint
+from ca_daemon.pki.crl import sign_crl
 from ca_daemon.pki.keys import KeyType, PrivateKey, PublicKey, generate_key
 from ca_daemon.pki.profiles import Kind, Subject, Validity, sign_certificate
 from ca_daemon.publish.base import PublishReport
@@ -152,6 +153,14 @@ class SimulatedAnchor:
 
     def check(self) -> None:
         pass
+
+    def revoke(self, cert: x509.Certificate, issuer: CA) -> None:
+        pass  # only the CRLs' dates matter here
+
+    def crls(
+        self, cas: Sequence[CA], now: datetime, rebuild: bool
+    ) -> list[x509.CertificateRevocationList]:
+        return [sign_crl(ca.cert, self._key(ca.ref), (), now) for ca in cas]
 
     def create_root(self, ref: str, subject: Subject, key_type: KeyType, validity: Validity) -> CA:
         key = self._keys[ref] = generate_key(key_type)

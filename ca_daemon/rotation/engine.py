@@ -37,7 +37,7 @@ from ca_daemon.model.state import (
     client_key,
 )
 from ca_daemon.model.world import TrustWorld, desired_world, newest_content
-from ca_daemon.pki.bundle import bundle_hash
+from ca_daemon.pki.bundle import bundle_hash, certificate_pem
 from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.publish.kubernetes import KUBERNETES
 from ca_daemon.rotation import ca_steps
@@ -52,6 +52,7 @@ from ca_daemon.rotation.requests import (
     ensure_can_start_rotation,
 )
 from ca_daemon.rotation.results import (
+    CRLS,
     ROTATION,
     PassResult,
     StepResult,
@@ -73,7 +74,9 @@ from ca_daemon.rotation.steps import (
     IssueKongIntermediate,
     IssueLinkerdIssuer,
     RebuildJournal,
+    RefreshCrls,
     Refuse,
+    Revoke,
     StartOperation,
     Step,
     Wait,
@@ -119,8 +122,10 @@ def _blocked(step: Step, failed: set[str]) -> bool:
             return LINKERD_ISSUER in failed
         case Wait():
             return False
-        case StartOperation(operation=op) | FinishOperation(operation=op):
+        case StartOperation(operation=op) | FinishOperation(operation=op) | Revoke(operation=op):
             return f"operation/{op}" in failed
+        case RefreshCrls():
+            return CRLS in failed
         case _:
             return ROTATION in failed
 
@@ -212,8 +217,13 @@ class Engine:
             record, version = self.journal.load_ca_to_update(migrate)
             if emergency:
                 ensure_can_start_emergency(record, target)
+            revoking: tuple[str, ...] = ()
             if revoke:
                 ensure_can_revoke(record, target)
+                # The certificate to revoke is the one published now, noted with the
+                # request: a renewal before the request is carried out must not hide it.
+                entry = self.journal.load(migrate).state.credential(target)
+                revoking = (certificate_pem(entry.cert),) if entry is not None else ()
             for op in record.operations:
                 if op.open and op.target == target:
                     return op.id
@@ -225,6 +235,7 @@ class Engine:
                 requested_at=now or self.clock(),
                 emergency=emergency,
                 revoke=revoke,
+                revoking=revoking,
             )
             try:
                 self.journal.record_ca(Seen(version, {}, {}), record.with_operation(op))

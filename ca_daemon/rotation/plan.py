@@ -361,7 +361,7 @@ def _root_rotation(
         return (
             _confirm_and_roll(state, now, settings, obs, what)
             or _pods_gate(settings, obs, rotation, TRUST_OLD)
-            or [Retire(reason=PROVEN_UNUSED)]
+            or [Retire(reason=PROVEN_UNUSED if _gated_here(settings, obs) else PROVEN_NO_PODS)]
         )
     assert rotation.retire_after is not None
     if now >= rotation.retire_after:
@@ -383,6 +383,10 @@ PROVEN_UNUSED = (
     "proven unused: everything re-issued and published, every meshed Pod restarted since, "
     "and the bundle without the old root held everywhere"
 )
+PROVEN_NO_PODS = (
+    "proven unused: everything re-issued and published, and the bundle without the old "
+    "root confirmed by every publisher (no meshed Pods here to wait for)"
+)
 # What lagging meshed Pods still do at each stage, and what checking them looks for.
 HOLD_OLD = "hold an old bundle"
 STARTED_BEFORE = "run a proxy started before everything was re-issued"
@@ -395,9 +399,9 @@ _CHECKING = {
 
 
 def restart_scope(rotation: Rotation, settings: Settings) -> str:
-    """What a roll of this rotation restarts: an emergency rolls the data plane too (its
-    proof is every proxy restarted) unless ``linkerd.emergency_restart`` leaves that to
-    the operator."""
+    """What a roll of this rotation restarts: what ``linkerd.restart`` says, or in an
+    emergency with ``linkerd.emergency_restart: all`` the data plane too (its proof is
+    every proxy restarted; else the operator restarts it, and the gate waits)."""
     linkerd = settings.linkerd
     return "all" if rotation.emergency and linkerd.emergency_restart == "all" else linkerd.restart
 
@@ -477,6 +481,11 @@ def _pods_gate(
         more = f" and {len(obs.pending_pods) - 5} more" if len(obs.pending_pods) > 5 else ""
         return [Wait(f"{len(obs.pending_pods)} meshed pod(s) still {lagging}: {shown}{more}")]
     return []
+
+
+def _gated_here(settings: Settings, obs: Observations) -> bool:
+    """Whether meshed Pods were there to wait for (Linkerd, with Kubernetes access)."""
+    return settings.linkerd.enabled and obs.cluster
 
 
 def _gated(settings: Settings, rotation: Rotation) -> bool:

@@ -38,6 +38,7 @@ from ca_daemon.rotation.steps import (
 )
 
 ROTATION = "root-rotation"  # the failure target of the root-rotation steps
+CRLS = "crls"  # the failure target of making the CRLs anew
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def step_target(step: Step, settings: Settings) -> tuple[Kind, str, str]:
         case StartOperation(operation=op) | FinishOperation(operation=op) | Revoke(operation=op):
             return Kind.TRUST_ANCHOR, f"operation {op}", f"operation/{op}"
         case RefreshCrls():
-            return Kind.TRUST_ANCHOR, "crls", "crls"
+            return Kind.TRUST_ANCHOR, CRLS, CRLS
         case IssueLinkerdIssuer():
             return Kind.LINKERD_ISSUER, settings.linkerd.issuer_secret, LINKERD_ISSUER
         case IssueKongClient(name=name) | DropKongClient(name=name):

@@ -236,14 +236,10 @@ class DaemonService:
         (a real request is answered with it, 202; an emergency is refused, 409)."""
         check_target(self.settings, target)
         state = self._state()
-        answer: dict[str, Any] = {
-            "dry_run": True,
-            "target": target,
-            "emergency": emergency,
-            "steps": [],
-        }
+        answer: dict[str, Any] = {"dry_run": True, "target": target, "steps": []}
         if emergency:
             ensure_can_start_emergency(state.ca, target)
+            answer["emergency"] = True
         if revoke:
             ensure_can_revoke(state.ca, target)
             answer["revokes"] = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +13,20 @@ import pytest
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config.settings import Settings
-from ca_daemon.errors import JournalConflict, JournalCorrupt, MigrationRefused
+from ca_daemon.errors import JournalConflict, JournalCorrupt, MigrationRefused, NewerJournal
 from ca_daemon.journal import journal as journal_module
-from ca_daemon.journal.format import SHARDS, shard_of
+from ca_daemon.journal.format import SHARDS, check_version, shard_of
 from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.open import file_journal
 from ca_daemon.journal.store.records import FileRecordStore, Record, RecordConflict
 from ca_daemon.model.state import (
+    CA_FEATURES_VERSION,
     STATE_VERSION,
     CaRecord,
     IssuedEntry,
+    Operation,
+    Rotation,
+    ca_from_json,
     ca_to_json,
     client_key,
     credential_to_json,
@@ -312,3 +317,21 @@ def test_after_a_shard_is_restored_from_a_backup_new_revisions_outrank_the_old()
         shard, loaded.shard_versions[shard], {key: issued_entry("x")}
     )
     assert revisions[key] > highest
+
+
+def test_a_record_using_an_emergency_or_a_revocation_is_written_as_newer() -> None:
+    """An earlier release of version 3 would write such a record back without what it
+    does not know (an emergency becoming a retirement on expiry, the CRLs dropped): it
+    is written as version 4, which that release refuses as newer. Others stay 3."""
+    plain = Operation("a", "kong", "", NOW)
+    assert ca_to_json(CaRecord(operations=(plain,)))["version"] == STATE_VERSION == 3
+    for record in (
+        CaRecord(operations=(replace(plain, emergency=True),)),
+        CaRecord(operations=(replace(plain, target="kong/x", revoke=True),)),
+        CaRecord(rotation=Rotation(started_at=NOW, trigger="schedule", retire_on="proof")),
+    ):
+        doc = ca_to_json(record)
+        assert doc["version"] == CA_FEATURES_VERSION == 4
+        assert ca_from_json(doc) == record  # this release reads it back whole
+    with pytest.raises(NewerJournal, match="reads up to 4"):
+        check_version({"version": 5}, "the CA record")

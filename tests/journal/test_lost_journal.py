@@ -15,7 +15,7 @@ import yaml
 
 from ca_daemon.anchor.local import DEFAULT_ROOT, LocalAnchor
 from ca_daemon.config.loading import load_settings
-from ca_daemon.model.state import STATE_VERSION
+from ca_daemon.model.state import CA_FEATURES_VERSION
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.profiles import Subject, Validity
@@ -82,7 +82,7 @@ def _not_object(path: Path) -> None:
 
 def _newer(path: Path) -> None:
     doc = json.loads(path.read_text())
-    doc["state"]["version"] = STATE_VERSION + 1
+    doc["state"]["version"] = CA_FEATURES_VERSION + 1
     path.write_text(json.dumps(doc))
 
 

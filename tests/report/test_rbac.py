@@ -58,17 +58,16 @@ def test_gate_time_restart_none_needs_only_to_list_pods_cluster_wide(make_settin
     assert _grants(rules, "", "events") == {"create", "get", "patch"}  # its one pending Event
 
 
-def test_an_emergency_may_roll_every_meshed_workload_unless_told_not_to(
-    make_settings: Make,
-) -> None:
-    default = make_settings({"linkerd": {"restart": "control-plane"}})
-    assert default.linkerd.emergency_restart == "all"
-    rules = _cluster_rules(default)
+def test_an_emergency_rolls_every_meshed_workload_only_when_told_to(make_settings: Make) -> None:
+    default = make_settings({"linkerd": {"restart": "none"}})
+    assert default.linkerd.emergency_restart == "as-restart"
+    assert _cluster_rules(default) == PODS_LIST
+    assert _grants(_linkerd_role(default), "apps", "deployments") == set()
+    rolls = make_settings({"linkerd": {"restart": "none", "emergency_restart": "all"}})
+    rules = _cluster_rules(rolls)
     for workload in ("deployments", "statefulsets", "daemonsets"):
         assert _grants(rules, "apps", workload) == {"get", "patch"}
-    narrow = make_settings({"linkerd": {"restart": "none", "emergency_restart": "as-restart"}})
-    assert _cluster_rules(narrow) == PODS_LIST
-    assert _grants(_linkerd_role(narrow), "apps", "deployments") == set()
+    assert _grants(_linkerd_role(rolls), "apps", "deployments") == {"list", "patch"}
 
 
 def test_gate_pods_lists_pods_cluster_wide_and_updates_its_one_event(make_settings: Make) -> None:

@@ -394,7 +394,8 @@ def _proving(state: State, phase: Phase = Phase.ACTIVATED, **changes: object) ->
 def test_an_emergency_rolls_the_data_plane_and_gates_on_pods_whatever_is_configured(
     make_settings: MakeSettings,
 ) -> None:
-    settings = make_settings({"linkerd": {"restart": "none", "gate": "time"}})
+    linkerd = {"restart": "none", "gate": "time", "emergency_restart": "all"}
+    settings = make_settings({"linkerd": linkerd})
     state = _with_next_root(
         steady_state(settings),
         Phase.PROPAGATING,
@@ -418,6 +419,19 @@ def test_an_emergency_rolls_the_data_plane_and_gates_on_pods_whatever_is_configu
     # The propagation delay still bounds it (where nothing is gated).
     early = plan(rolled, NOW + timedelta(minutes=1), settings, Observations(cluster=True))
     assert _wait(early).reason == "propagation delay"
+    # as-restart (the default): only what linkerd.restart says is rolled, here nothing;
+    # the gate still waits for the Pods, which the operator restarts.
+    default = make_settings({"linkerd": {"restart": "none", "gate": "time"}})
+    assert default.linkerd.emergency_restart == "as-restart"
+    unrolled = _with_next_root(
+        steady_state(default),
+        Phase.PROPAGATING,
+        confirmed_at=NOW,
+        emergency=True,
+        retire_on="proof",
+    )
+    assert _actions(plan(unrolled, later, default, lagging)) == []
+    assert "shop/web-1" in _wait(plan(unrolled, later, default, lagging)).reason
 
 
 def test_proof_waits_until_everything_reissued_is_published(make_settings: MakeSettings) -> None:
@@ -524,11 +538,15 @@ def test_the_crls_are_made_anew_halfway_and_when_the_bundle_s_cas_change(
     state = steady_state(settings)
     issuers = crl_issuers(state.ca)
     assert issuers == ("kong-2", "root-1")
-    crls = Crls("pem", issuers, NOW - DAY, NOW + 2 * DAY, fetched_at=NOW)
+    hour = timedelta(hours=1)
+    crls = Crls("pem", issuers, NOW, NOW + 3 * DAY, fetched_at=NOW)
     current = replace(state, ca=replace(state.ca, crls=crls))
     assert not any(isinstance(s, RefreshCrls) for s in plan(current, NOW + DAY, settings))
-    halfway = [s for s in plan(current, NOW + 36 * timedelta(hours=1), settings)]
+    halfway = [s for s in plan(current, NOW + 36 * hour, settings)]
     assert any(isinstance(s, RefreshCrls) for s in halfway), halfway
+    # Fetched when already old (made 55 h before, 17 h left): made anew well before the end.
+    old = replace(crls, this_update=NOW - 55 * hour, next_update=NOW + 17 * hour)
+    assert old.refresh_at == NOW + 8.5 * hour
     # A next root joins the bundle (propagating): its CRL is wanted at once.
     propagating = _with_next_root(current, Phase.PROPAGATING)
     assert crl_issuers(propagating.ca) == ("kong-2", "root-1", "root-3")

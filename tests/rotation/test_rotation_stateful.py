@@ -106,6 +106,7 @@ def config(
             "restart": restart,
             "gate": gate,
             "confirm": "none",
+            "emergency_restart": "all",  # an emergency rolls the model's Pods itself
         },
         "kong": {
             "intermediate": {"lifetime": "8h", "rotate_before": "3h"},

@@ -194,6 +194,7 @@ def values(image: Image, kube: Kube, bao: OpenBao, clients: list[dict[str, Any]]
             "linkerd": {
                 "namespace": LINKERD_NS,
                 "restart": "control-plane",
+                "emergency_restart": "all",
                 "gate": "pods",
                 "issuer": {"lifetime": "3m", "rotate_before": "1m"},
             },

@@ -122,6 +122,8 @@ def rotation_config(
         config["linkerd"] |= {
             "namespace": linkerd_ns,
             "restart": "control-plane",
+            # An emergency rolls the apps too (their Deployments, which the Mesh follows).
+            "emergency_restart": "all",
             "gate": "pods",
             "confirm": confirm,
         }

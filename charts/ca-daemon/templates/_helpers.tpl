@@ -84,7 +84,7 @@ Output: JSON {"namespaces": {ns: [rules]}, "cluster": [rules]}.
 {{- $linkerdNs := get $l "namespace" | default "linkerd" -}}
 {{- $restart := get $l "restart" | default "control-plane" -}}
 {{- $gate := get $l "gate" | default "pods" -}}
-{{- $emergencyRestart := get $l "emergency_restart" | default "all" -}}
+{{- $emergencyRestart := get $l "emergency_restart" | default "as-restart" -}}
 {{- $rollsAll := or (eq $restart "all") (eq $emergencyRestart "all") -}}
 {{- $confirm := get $l "confirm" | default "events" -}}
 {{- $issuerSecret := get $l "issuer_secret" | default "linkerd-identity-issuer" -}}
