@@ -255,6 +255,21 @@ def _client(args: argparse.Namespace, settings: Settings) -> ApiClient:
     )
 
 
+def _print_touches(answer: dict[str, Any]) -> None:
+    """What a root rotation's dry run says it would touch."""
+    rolls = answer.get("rolls")
+    if rolls:
+        print(
+            f"would roll Linkerd ({rolls['scope']}) {rolls['times']} time(s), each time "
+            f"{len(rolls['workloads'])} workload(s): {', '.join(rolls['workloads']) or 'none'}"
+        )
+    if "pods" in answer:
+        pods = answer["pods"]
+        print(f"would wait for {len(pods)} meshed Pod(s): {', '.join(pods) or 'none'}")
+    if answer.get("objects"):
+        print(f"would write {len(answer['objects'])} object(s): {', '.join(answer['objects'])}")
+
+
 def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     # local import: start-up time, each command loads only what it runs
     from ca_daemon.api.client import DaemonUnreachable
@@ -269,6 +284,7 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"would {step['action']} {step['kind']} {step['name']} ({step['reason']})")
             if answer.get("revokes"):
                 print(f"would then revoke serial {', '.join(answer['revokes'])}")
+            _print_touches(answer)
             if answer.get("path"):
                 print("the whole rotation, at the earliest (each at the first check after):")
                 for event in answer["path"]:

@@ -123,6 +123,17 @@ class LinkerdRollout:
             raise KubeError(f"restart {scope}: {len(errors)} failed: " + "; ".join(errors))
         return patched
 
+    def would_touch(self, scope: Scope) -> tuple[list[str], list[str]]:
+        """What ``restart(scope)`` would roll now (``deployment/<ns>/<name>``, ...) and the
+        meshed Pods (``namespace/name``) a root rotation's gate then waits for; reads only."""
+        ns = self.settings.linkerd.namespace
+        listed = call(f"list deployments in {ns}", self.apps.list_namespaced_deployment, ns)
+        keys = {("deployment", ns, d.metadata.name) for d in listed.items}
+        if scope == "all":
+            keys |= self._meshed_workloads()
+        pods = sorted(pod_ref(p) for p in self._meshed_pods() if is_meshed(p, ns))
+        return sorted("/".join(k) for k in keys), pods
+
     def _roll(
         self,
         key: tuple[str, str, str],

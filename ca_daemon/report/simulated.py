@@ -221,6 +221,9 @@ class CurrentRollout:
     def restart(self, scope: Literal["control-plane", "all"], at: datetime) -> list[str]:
         return []
 
+    def would_touch(self, scope: Literal["control-plane", "all"]) -> tuple[list[str], list[str]]:
+        return [], []
+
     def pending_pods(
         self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
     ) -> list[str]:

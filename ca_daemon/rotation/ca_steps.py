@@ -70,6 +70,10 @@ class Rollout(Protocol):
 
     def restart(self, scope: Literal["control-plane", "all"], at: datetime) -> list[str]: ...
 
+    def would_touch(
+        self, scope: Literal["control-plane", "all"]
+    ) -> tuple[list[str], list[str]]: ...
+
     def pending_pods(
         self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
     ) -> list[str]: ...

@@ -18,11 +18,14 @@ from typing import Any
 
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import JournalError, ServiceError
-from ca_daemon.model.state import Operation, OpState, State
+from ca_daemon.model.state import Operation, OpState, Rotation, State
+from ca_daemon.model.world import desired_world
+from ca_daemon.publish.directory import desired_files
+from ca_daemon.publish.k8s_objects import desired_objects
 from ca_daemon.report.forecast import rotation_path
 from ca_daemon.report.status import operation_view, optional_iso, status_view, waiting_for
 from ca_daemon.rotation.engine import Engine
-from ca_daemon.rotation.plan import Observations, covers, plan
+from ca_daemon.rotation.plan import Observations, covers, plan, restart_scope
 from ca_daemon.rotation.requests import (
     check_target,
     ensure_can_revoke,
@@ -273,4 +276,27 @@ class DaemonService:
             # The whole way to the old root's retirement, dated, on a simulated clock.
             path = rotation_path(hypothetical, self.settings, now)
             answer["path"] = [event.to_json() for event in path]
+            answer |= self._touches(hypothetical, now, emergency)
         return answer
+
+    def _touches(self, state: State, now: datetime, emergency: bool) -> dict[str, Any]:
+        """What a root rotation would touch: the objects it publishes, and in a cluster the
+        workloads each of its Linkerd rolls restarts and the meshed Pods its gate waits for."""
+        world = desired_world(state, self.settings)
+        if self.settings.kubernetes_enabled:
+            objects = [o.ref for o in desired_objects(world, self.settings)]
+        else:
+            objects = sorted(desired_files(world))
+        found: dict[str, Any] = {"objects": objects}
+        rollout = self.engine.rollout
+        if rollout is None or not self.settings.linkerd.enabled:
+            return found
+        proof = emergency or self.settings.rotation.retire == "proof"
+        rotation = Rotation(
+            now, "manual", emergency=emergency, retire_on="proof" if proof else "expiry"
+        )
+        scope = restart_scope(rotation, self.settings)
+        workloads, pods = ([], []) if scope == "none" else rollout.would_touch(scope)  # type: ignore[arg-type]
+        found["rolls"] = {"scope": scope, "times": 3 if proof else 1, "workloads": workloads}
+        found["pods"] = pods
+        return found

@@ -229,6 +229,13 @@ def test_rotate_emergency_follows_it_to_the_old_root_gone(tmp_path: Path) -> Non
         api = ("--config", str(cfg), "--url", url)
         before = json.loads(ca_daemon("status", "--json", *api, cwd=tmp_path, env=env).stdout)
         (old,) = [r["fingerprint"] for r in before["roots"]]
+        dry = ca_daemon(
+            "rotate", "trust-anchor", "--emergency", "--reason", "drill", "--dry-run", *api,
+            cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert dry.returncode == 0, dry.stderr
+        assert "would write" in dry.stdout and "trust-bundle.pem" in dry.stdout, dry.stdout
+        assert "would roll" not in dry.stdout  # files only: nothing to roll
         bare = ca_daemon("rotate", "trust-anchor", "--emergency", *api, cwd=tmp_path, env=env)
         assert bare.returncode == 1 and "needs a reason" in bare.stderr, bare.stderr
         issuer = ca_daemon(

@@ -534,6 +534,9 @@ class RecordingRollout:
     ) -> list[str]:
         return self.inner.pending_pods(bundle_pem, confirmed_at, restarted)
 
+    def would_touch(self, scope: Literal["control-plane", "all"]) -> tuple[list[str], list[str]]:
+        return self.inner.would_touch(scope)
+
     def report_pending(self, pods: list[str], bundle_hash: str) -> None:
         self.inner.report_pending(pods, bundle_hash)
 

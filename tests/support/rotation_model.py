@@ -208,6 +208,9 @@ class MeshedPods:
             return ["deployment/linkerd-identity", *self.operator_restarts()]
         return ["deployment/linkerd-identity"]
 
+    def would_touch(self, scope: Literal["control-plane", "all"]) -> tuple[list[str], list[str]]:
+        return ["deployment/linkerd-identity"], sorted(self.pods)
+
     def pending_pods(
         self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
     ) -> list[str]:

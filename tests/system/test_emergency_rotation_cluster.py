@@ -23,6 +23,7 @@ from ca_daemon.pki.chain import verify_ca_under_roots
 from ca_daemon.publish.linkerd_rollout import PENDING_REASON
 from ca_daemon.rotation.results import PassResult
 from ca_daemon.service.metrics import Metrics
+from ca_daemon.service.service import DaemonService
 from tests.support.cluster_rotation import (
     HOUR,
     LINKERD_DEPLOYMENTS,
@@ -95,6 +96,10 @@ def test_an_emergency_retires_the_old_root_once_every_pod_restarted_twice(
     leaked = c.issuer_cert()
     # The daemon runs with linkerd.restart: control-plane; an emergency rolls it all.
     assert c.settings.linkerd.restart == "control-plane"
+    dry = DaemonService(c.settings, d.engine, Metrics(), d.clock).dry_run(
+        "trust-anchor", "issuer key leaked", emergency=True
+    )
+    pods_before = sorted(mesh.pods.values())
     op_id = d.engine.request_rotation("trust-anchor", "issuer key leaked", emergency=True)
     phases: list[Phase] = []
     for _ in range(PASSES):
@@ -121,6 +126,12 @@ def test_an_emergency_retires_the_old_root_once_every_pod_restarted_twice(
         assert {f"deployment/{c.linkerd_ns}/{n}" for n in LINKERD_DEPLOYMENTS} <= set(roll.rolled)
         assert {f"deployment/{c.app_ns}/{a}" for a in APPS} <= set(roll.rolled)
     assert rolls[0].at < rolls[1].at < rolls[2].at
+    # The dry run said so: the workloads of each roll, three rolls, the Pods it waits for
+    # and the objects it writes.
+    assert dry["rolls"] == {"scope": "all", "times": 3, "workloads": sorted(rolls[0].rolled)}
+    assert all(sorted(r.rolled) == dry["rolls"]["workloads"] for r in rolls)
+    assert dry["pods"] == pods_before
+    assert f"configmap/{c.linkerd_ns}/linkerd-identity-trust-roots" in dry["objects"]
 
     # Gone from every bundle, while what the leaked issuer signed would still be valid.
     new_root = d.engine.journal.load().state.ca.active_root
