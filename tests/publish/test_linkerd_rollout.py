@@ -369,7 +369,12 @@ def test_restart_all_rolls_meshed_workloads_and_not_the_others(env: Env) -> None
     assert env.workload("deployment", app, "web")["metadata"]["resourceVersion"] == version
 
 
-def test_time_gate_rbac_refuses_listing_pods(env: Env, tmp_path: Path) -> None:
+def test_time_gate_rbac_lists_pods_and_rolls_only_the_control_plane(
+    env: Env, tmp_path: Path
+) -> None:
+    """gate: time still lists meshed Pods (an emergency waits on them whatever the gate
+    says); with restart: control-plane and the default emergency_restart it may roll the
+    control plane only."""
     # Its own control plane: `config rbac` names its Roles ca-daemon in each namespace, so
     # a second daemon's output would replace the first's Role there.
     ns = unique("roll-timegate")
@@ -379,8 +384,8 @@ def test_time_gate_rbac_refuses_listing_pods(env: Env, tmp_path: Path) -> None:
     token = _bind(env.kube, settings, env.sa_ns, "timegate")
     await_rbac(env.kube, token, f"/apis/apps/v1/namespaces/{ns}/deployments", allowed=True)
     rollout = env.rollout(token, settings)
-    with pytest.raises(KubeError, match="forbidden by RBAC"):
-        rollout.pending_pods(NEW, CONFIRMED)
+    await_rbac(env.kube, token, "/api/v1/pods?limit=1", allowed=True)
+    assert isinstance(rollout.pending_pods(NEW, CONFIRMED), list)
     # What it is granted works: rolling the control plane.
     at = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
     assert len(rollout.restart("control-plane", at)) == len(LINKERD_DEPLOYMENTS)
