@@ -79,6 +79,10 @@ ROTATION_PATH = (
 )
 
 
+def _retires_root(event: Event) -> bool:
+    return event.action == "Retire" and event.kind == "trust-anchor"
+
+
 def rotation_path(state: State, settings: Settings, start: datetime) -> list[Event]:
     """The whole root rotation queued in ``state``: each of its steps with its earliest
     date (as ``plan`` dates are: the daemon acts at its first check after each), up to
@@ -93,7 +97,11 @@ def rotation_path(state: State, settings: Settings, start: datetime) -> list[Eve
     if isinstance(delay, timedelta):
         horizon = max(horizon, s.rotation.propagation_delay + delay)
     until = start + horizon + timedelta(days=1)
-    events = simulate(state, settings, start, until, resolution=DEFAULT_RESOLUTION).events
+    # Nothing after the retirement belongs to the path: simulating the renewals that
+    # follow it (a day of them, with short lifetimes) only costs time.
+    events = simulate(
+        state, settings, start, until, resolution=DEFAULT_RESOLUTION, stop=_retires_root
+    ).events
     path: list[Event] = []
     activated: Event | None = None
     reissued = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -290,6 +290,7 @@ def simulate(
     *,
     resolution: timedelta = timedelta(0),
     narrow: bool = True,
+    stop: Callable[[Event], bool] | None = None,
 ) -> Forecast:
     """Run the real engine forward from ``start`` to ``until`` over a copy of ``state``.
 
@@ -297,7 +298,8 @@ def simulate(
     within it are renewed in one pass at the latest of them, so thousands of jittered
     clients take hundreds of passes a year, not tens of thousands; exact dates are
     never moved. ``narrow=False`` loads every credential in every pass (slow with many
-    clients; the tests compare both).
+    clients; the tests compare both). ``stop``: the pass that records an event it
+    accepts is the last one.
     """
     sim = _Simulation(state, settings)
     result = Forecast()
@@ -316,7 +318,10 @@ def simulate(
                 before = State()
                 done = sim.run(now, exact, keys)
             result.passes += 1
+            recorded = len(result.events)
             _record(result, done, now, exact, before, sim)
+            if stop is not None and any(stop(e) for e in result.events[recorded:]):
+                break
             if full or not narrow or not sim.narrow() or done.errors:
                 sim.rebuild()
             else:
