@@ -29,12 +29,12 @@ from ca_daemon.model.state import (
     Rotation,
     State,
 )
-from ca_daemon.pki.bundle import certificate_pem, parse_pem_certificates
+from ca_daemon.pki.bundle import parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.crl import crls_pem
 from ca_daemon.pki.profiles import Kind, Subject, capped_validity, check_profile
 from ca_daemon.publish.linkerd_identity import Answer
-from ca_daemon.rotation.plan import covers, crl_issuers, retire_after
+from ca_daemon.rotation.plan import crl_issuers, retire_after
 from ca_daemon.rotation.rebuild import rebuild
 from ca_daemon.rotation.steps import (
     Activate,
@@ -185,13 +185,6 @@ def apply(
         case StartOperation(operation=op_id):
             op = ca.operation(op_id)
             assert op is not None
-            if op.revoke and not op.revoking:  # a request that noted none: what is there now
-                revoking = tuple(
-                    certificate_pem(entry.cert)
-                    for key, entry in state.credentials()
-                    if covers(op.target, key)
-                )
-                op = replace(op, revoking=revoking)
             return ca.with_operation(replace(op, state=OpState.RUNNING))
         case Revoke(operation=op_id):
             return _revoke(ca, op_id, now, anchor)
