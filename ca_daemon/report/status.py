@@ -179,17 +179,27 @@ def waiting_for(state: State, settings: Settings, now: datetime) -> str | None:
     return next((s.text for s in steps if isinstance(s, Wait)), None)
 
 
+def proof_roll(phase: Phase) -> int:
+    """Which of the three data-plane rolls of a retirement on proof ``phase`` is in
+    (0: steady)."""
+    return {Phase.STEADY: 0, Phase.ACTIVATED: 2, Phase.RETIRING: 3}.get(phase, 1)
+
+
+_ROLLS = {
+    1: "the two-root bundle out, every meshed Pod restarted to hold it",
+    2: "everything re-issued under the new root, every meshed Pod restarted",
+    3: "the bundle without the old root out, every meshed Pod restarted to hold it",
+}
+
+
 def proof_stage(ca: CaRecord) -> str | None:
     """Where a rotation that retires on proof is, as one of its three rolls (None: it
     retires on expiry, or none runs)."""
     rotation = ca.rotation
     if rotation is None or not rotation.proof:
         return None
-    if ca.phase in (Phase.PREPARED, Phase.PROPAGATING):
-        return "1 of 3: the two-root bundle out, every meshed Pod restarted to hold it"
-    if ca.phase is Phase.ACTIVATED:
-        return "2 of 3: everything re-issued under the new root, every meshed Pod restarted"
-    return "3 of 3: the bundle without the old root out, every meshed Pod restarted to hold it"
+    roll = proof_roll(ca.phase)
+    return f"{roll} of 3: {_ROLLS[roll]}"
 
 
 def operation_view(op: Operation) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ca_daemon import __version__
 from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import OpState, Phase, State, trusted_roots
-from ca_daemon.report.status import cert_rows
+from ca_daemon.report.status import cert_rows, proof_roll
 from ca_daemon.rotation.issuer_confirmation import confirmation
 from ca_daemon.rotation.results import PassResult
 from ca_daemon.rotation.steps import ISSUING_STEPS
@@ -179,7 +179,7 @@ class Metrics:
         self.pending_pods.set(rotation.pending_count if gated and rotation else 0)
         self.emergency.clear()
         if rotation is not None and rotation.emergency:
-            self.emergency.labels(str(_PROOF_STAGES[state.ca.phase])).set(1)
+            self.emergency.labels(str(proof_roll(state.ca.phase))).set(1)
         counts = collections.Counter(op.state for op in state.ca.operations)
         for op_state in OpState:
             self.operations.labels(op_state.value).set(counts.get(op_state, 0))
@@ -197,16 +197,6 @@ class Metrics:
         self.issuer_unconfirmed.labels(found.serial).set(float(int(waited)))
         for reason in ("refused", "overdue"):
             self.issuer_problem.labels(reason).set(1 if found.state == reason else 0)
-
-
-# Which of the three rolls of a retirement on proof each phase is in.
-_PROOF_STAGES = {
-    Phase.STEADY: 0,
-    Phase.PREPARED: 1,
-    Phase.PROPAGATING: 1,
-    Phase.ACTIVATED: 2,
-    Phase.RETIRING: 3,
-}
 
 
 def _seconds(moment: datetime) -> float:
