@@ -44,6 +44,7 @@ from ca_daemon.config.names import (
 )
 from ca_daemon.config.service_links import is_service_link
 from ca_daemon.errors import ConfigError
+from ca_daemon.pki.crl import CRL_FILE
 from ca_daemon.util.durations import format_duration
 
 ENV_PREFIX = "CA_DAEMON_"
@@ -316,8 +317,10 @@ class BundleTarget(Section):
     @field_validator("key")
     @classmethod
     def _not_the_crls(cls, value: str) -> str:
-        if value == "crl.pem":
-            raise ValueError("crl.pem is taken: the CRLs go there once a Kong client is revoked")
+        if value == CRL_FILE:
+            raise ValueError(
+                f"{CRL_FILE} is taken: the CRLs go there once a Kong client is revoked"
+            )
         return value
 
 

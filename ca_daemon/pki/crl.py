@@ -14,6 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+# The name the CRLs are published under: a file next to the trust bundle, and a key of
+# every bundles[] ConfigMap.
+CRL_FILE = "crl.pem"
+
 # As long as Vault's default (``crl`` config ``expiry``): the daemon makes it anew halfway.
 LOCAL_CRL_LIFETIME = timedelta(hours=72)
 

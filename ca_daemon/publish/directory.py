@@ -25,6 +25,7 @@ from ca_daemon.model.generation import UNKNOWN, format_generation, generation_of
 from ca_daemon.model.state import KONG_PREFIX, LINKERD_ISSUER
 from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import render_pem, stable_id
+from ca_daemon.pki.crl import CRL_FILE
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.util.files import DATA, DIR_MODE, write_tree_atomic
 
@@ -32,8 +33,7 @@ KEY_MODE = 0o600
 CERT_MODE = 0o644
 # The top-level entries this publisher owns (the SPEC layout), also in the flat layout
 # an older ca-daemon wrote: one of them the world no longer needs is removed.
-TOP_LEVEL = ("trust-bundle.pem", "crl.pem", "linkerd", "kong")
-CRLS = "crl.pem"
+TOP_LEVEL = ("trust-bundle.pem", CRL_FILE, "linkerd", "kong")
 
 
 def desired_files(world: TrustWorld) -> dict[str, tuple[bytes, int]]:
@@ -41,7 +41,7 @@ def desired_files(world: TrustWorld) -> dict[str, tuple[bytes, int]]:
     bundle = world.bundle_pem.encode()
     files: dict[str, tuple[bytes, int]] = {"trust-bundle.pem": (bundle, CERT_MODE)}
     if world.crls_pem is not None:
-        files[CRLS] = (world.crls_pem.encode(), CERT_MODE)
+        files[CRL_FILE] = (world.crls_pem.encode(), CERT_MODE)
     if world.linkerd_issuer is not None:
         issuer = world.linkerd_issuer
         files["linkerd/ca.crt"] = (bundle, CERT_MODE)

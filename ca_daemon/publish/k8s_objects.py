@@ -33,6 +33,7 @@ from ca_daemon.config.settings import KongClient, Settings
 from ca_daemon.model.generation import UNKNOWN, Generation, generation_of
 from ca_daemon.model.world import TrustWorld, published_before
 from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem, stable_id
+from ca_daemon.pki.crl import CRL_FILE
 
 # A namespace with this many objects of one kind to publish is read with one LIST (and the
 # RBAC that `config rbac` prints grants `list` there).
@@ -152,9 +153,6 @@ def _object(
             **(annotations or {}),
         },
     )
-
-
-CRLS_KEY = "crl.pem"
 
 
 def _cert_identity(cert: x509.Certificate) -> tuple[str, datetime]:
@@ -290,7 +288,7 @@ def desired_objects(world: TrustWorld, settings: Settings) -> list[DesiredObject
                 )
     for target in settings.bundles:
         # The CRLs go beside the bundle once something was revoked (nginx's ssl_crl).
-        crls = {CRLS_KEY: world.crls_pem} if world.crls_pem is not None else {}
+        crls = {CRL_FILE: world.crls_pem} if world.crls_pem is not None else {}
         objects.append(
             _object(
                 "ConfigMap",
