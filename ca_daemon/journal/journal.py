@@ -219,6 +219,12 @@ class Journal:
         state = State.of(record, (kv for _, shard in shards for kv in shard.entries.items()))
         return Versioned(state, version, revisions, shard_versions)
 
+    def load_credential(self, key: str) -> IssuedEntry | None:
+        """One credential as stored, reading only its shard (the CA record's layout is
+        current: read it first)."""
+        _, shard = self._load_shard(shard_of(key))
+        return shard.entries.get(key)
+
     def _load_shard(self, name: str) -> tuple[str, _Shard]:
         try:
             found = self._guard(f"read {name}", partial(self.store.read, name))

@@ -222,7 +222,7 @@ class Engine:
                 ensure_can_revoke(record, target)
                 # The certificate to revoke is the one published now, noted with the
                 # request: a renewal before the request is carried out must not hide it.
-                entry = self.journal.load(migrate).state.credential(target)
+                entry = self.journal.load_credential(target)
                 revoking = (certificate_pem(entry.cert),) if entry is not None else ()
             for op in record.operations:
                 if op.open and op.target == target:

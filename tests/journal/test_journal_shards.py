@@ -15,7 +15,7 @@ from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import JournalConflict, JournalCorrupt, MigrationRefused, NewerJournal
 from ca_daemon.journal import journal as journal_module
-from ca_daemon.journal.format import SHARDS, check_version, shard_of
+from ca_daemon.journal.format import CA_KEY, SHARDS, check_version, shard_of
 from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.open import file_journal
 from ca_daemon.journal.store.records import FileRecordStore, Record, RecordConflict
@@ -31,6 +31,7 @@ from ca_daemon.model.state import (
     client_key,
     credential_to_json,
 )
+from ca_daemon.pki.bundle import certificate_pem
 from ca_daemon.rotation.engine import Engine
 from tests.support.clock import NOW
 from tests.support.pki import issued_entry
@@ -211,6 +212,34 @@ def test_an_engine_batch_writes_each_touched_shard_once(
     assert {k for k in counted if k.startswith("shards/")} == shards
     assert all(counted[s] == 1 for s in shards), counted
     assert len(engine.journal.load().state.kong_clients) == 300
+
+
+def test_a_revocation_request_reads_the_ca_record_and_one_shard(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Noting the certificate to revoke must not load every credential (5,000 clients is
+    a normal cluster): the request reads the CA record and the one client's shard."""
+    clients = [{"name": f"c{i}", "common_name": f"c{i}.upstream"} for i in range(100)]
+    settings = make_settings({"kong": {"clients": clients}})
+    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
+    journal = file_journal(settings, passphrase)
+    engine = Engine(settings, LocalAnchor(settings.anchor.local.dir, passphrase), journal, [])
+    assert engine.reconcile(now=NOW).ok
+    store = journal.store
+    assert isinstance(store, FileRecordStore)
+    read, reads = store.read, Counter[str]()
+
+    def counting_read(key: str) -> tuple[Record, int] | None:
+        reads[key] += 1
+        return read(key)
+
+    store.read = counting_read  # type: ignore[method-assign]
+    op_id = engine.request_rotation("kong/c7", "key leaked", now=NOW, revoke=True)
+    assert set(reads) == {CA_KEY, shard_of(client_key("c7"))}, reads
+    (op,) = [o for o in journal.load().state.ca.operations if o.id == op_id]
+    noted = journal.load().state.credential(client_key("c7"))
+    assert noted is not None
+    assert op.revoking == (certificate_pem(noted.cert),)
 
 
 def test_a_shard_that_moved_unseals_only_the_credentials_that_changed() -> None:
