@@ -21,6 +21,7 @@ import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -387,15 +388,20 @@ PROVEN_NO_PODS = (
     "proven unused: everything re-issued and published, and the bundle without the old "
     "root confirmed by every publisher (no meshed Pods here to wait for)"
 )
-# What lagging meshed Pods still do at each stage, and what checking them looks for.
-HOLD_OLD = "hold an old bundle"
-STARTED_BEFORE = "run a proxy started before everything was re-issued"
-TRUST_OLD = "trust the old root"
-_CHECKING = {
-    HOLD_OLD: "hold the two-root bundle",
-    STARTED_BEFORE: "restarted since the re-issue",
-    TRUST_OLD: "hold the bundle without the old root",
-}
+
+
+class _Lag(NamedTuple):
+    """What lagging meshed Pods still do at a stage, and what checking them looks for."""
+
+    doing: str
+    checking: str
+
+
+HOLD_OLD = _Lag("hold an old bundle", "hold the two-root bundle")
+STARTED_BEFORE = _Lag(
+    "run a proxy started before everything was re-issued", "restarted since the re-issue"
+)
+TRUST_OLD = _Lag("trust the old root", "hold the bundle without the old root")
 
 
 def restart_scope(rotation: Rotation, settings: Settings) -> str:
@@ -468,18 +474,16 @@ def _confirm_and_roll(
     return []
 
 
-def _pods_gate(
-    settings: Settings, obs: Observations, rotation: Rotation, lagging: str
-) -> list[Step]:
-    """The wait while meshed Pods lag (they ``lagging``); none once no Pod does."""
+def _pods_gate(settings: Settings, obs: Observations, rotation: Rotation, lag: _Lag) -> list[Step]:
+    """The wait while meshed Pods lag (as ``lag`` says); none once no Pod does."""
     if not (settings.linkerd.enabled and _gated(settings, rotation) and obs.cluster):
         return []
     if obs.pending_pods is None:
-        return [Wait(f"checking which meshed pods {_CHECKING[lagging]}", after_publish=True)]
+        return [Wait(f"checking which meshed pods {lag.checking}", after_publish=True)]
     if obs.pending_pods:
         shown = ", ".join(obs.pending_pods[:5])
         more = f" and {len(obs.pending_pods) - 5} more" if len(obs.pending_pods) > 5 else ""
-        return [Wait(f"{len(obs.pending_pods)} meshed pod(s) still {lagging}: {shown}{more}")]
+        return [Wait(f"{len(obs.pending_pods)} meshed pod(s) still {lag.doing}: {shown}{more}")]
     return []
 
 
