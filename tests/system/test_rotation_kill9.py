@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -184,15 +185,32 @@ def _bundle(out: Path) -> list[str]:
     return [fingerprint(c) for c in parse_pem_certificates(pem)]
 
 
-def test_kill_9_at_four_points_of_a_root_rotation_then_restart(tmp_path: Path) -> None:
+class Drill(NamedTuple):
+    """What both tests start from: the daemon (not started yet) on a real-time config, the
+    watch on it, and an engine in this process that requests rotations via the journal."""
+
+    settings: Settings
+    journal: Journal
+    daemon: Daemon
+    watch: Watch
+    requester: Engine
+
+
+def _drill(tmp_path: Path) -> Drill:
     path = real_time_config(tmp_path)
     settings = load_settings(path)
     # Created before the daemon starts, so this process and the daemon share it.
     passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
     journal = file_journal(settings, passphrase)
-    out = settings.publish_directory
     daemon = Daemon(path, tmp_path / "daemon.log")
     watch = Watch(settings, journal, daemon, InvariantChecker(PROPAGATION - TOLERANCE, SKEW))
+    requester = Engine(settings, LocalAnchor(settings.anchor.local.dir, passphrase), journal, [])
+    return Drill(settings, journal, daemon, watch, requester)
+
+
+def test_kill_9_at_four_points_of_a_root_rotation_then_restart(tmp_path: Path) -> None:
+    settings, journal, daemon, watch, requester = _drill(tmp_path)
+    out = settings.publish_directory
     started = time.monotonic()
     daemon.start()
     try:
@@ -209,9 +227,6 @@ def test_kill_9_at_four_points_of_a_root_rotation_then_restart(tmp_path: Path) -
         old_ref = first.active_root.ref
 
         # 1. Accepted (journaled) by this process, then the daemon dies at once.
-        requester = Engine(
-            settings, LocalAnchor(settings.anchor.local.dir, passphrase), journal, []
-        )
         operation = requester.request_rotation("trust-anchor", "kill -9 drill")
         daemon.kill9("right after the manual request was accepted")
         at_kill = watch.record()
@@ -293,21 +308,13 @@ def test_kill_9_at_three_points_of_an_emergency_rotation_then_restart(tmp_path: 
     before the journal recorded the activation (its save held on the journal's lock).
     Restarted each time, it retires the old root on proof, long before the old chain
     (20-second certificates here, so the margin is small but real) would expire."""
-    path = real_time_config(tmp_path)
-    settings = load_settings(path)
-    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
-    journal = file_journal(settings, passphrase)
+    settings, _, daemon, watch, requester = _drill(tmp_path)
     out = settings.publish_directory
-    daemon = Daemon(path, tmp_path / "daemon.log")
-    watch = Watch(settings, journal, daemon, InvariantChecker(PROPAGATION - TOLERANCE, SKEW))
     daemon.start()
     try:
         first = watch.until("bootstrapped", lambda r: r.active_intermediate is not None)
         assert first.active_root is not None
         old_ref = first.active_root.ref
-        requester = Engine(
-            settings, LocalAnchor(settings.anchor.local.dir, passphrase), journal, []
-        )
         operation = requester.request_rotation("trust-anchor", "drill: leak", emergency=True)
         daemon.kill9("right after the emergency was accepted")
         op = watch.record().operation(operation)
