@@ -23,6 +23,7 @@ from ca_daemon.config.settings import CONFIG_ENV, Settings
 from ca_daemon.errors import CaDaemonError, ConfigError, ServiceError
 from ca_daemon.report import forecast
 from ca_daemon.rotation.results import PassResult
+from ca_daemon.util import yamltext
 
 if TYPE_CHECKING:
     from ca_daemon.api.client import Client as ApiClient
@@ -428,7 +429,7 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
             return EXIT_USAGE
         print(yaml.safe_dump_all(manifests(settings, namespace, name), sort_keys=False), end="")
         return EXIT_OK
-    print(yaml.safe_dump(effective_config(settings), sort_keys=False), end="")
+    print(yamltext.dump(effective_config(settings)), end="")
     return EXIT_OK
 
 

@@ -30,6 +30,7 @@ from ca_daemon.config.settings import (
     Settings,
 )
 from ca_daemon.errors import ConfigError
+from ca_daemon.util import yamltext
 
 
 def embedded_default() -> dict[str, Any]:
@@ -66,7 +67,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             "expected UTF-8 YAML text"
         )
     try:
-        data = yaml.safe_load(text)
+        data = yamltext.load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML: {_yaml_problem(exc)}") from None
     except RecursionError:

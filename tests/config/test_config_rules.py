@@ -404,3 +404,47 @@ def test_rules_across_fields_are_listed_with_the_field_errors(tmp_path: Path) ->
         "kong.clients",  # names must be unique
         "linkerd.issuer.rotate_before",  # the margin rule, judged on the whole settings
     ]
+
+
+_MANY = 5000
+_CLIENT_ROWS = {
+    name: row
+    for name, row in BAD.items()
+    if isinstance(row[0], dict) and row[2].startswith("kong.clients[0]")
+}
+
+
+def _message(tmp_path: Path, config: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_write(tmp_path, config))
+    return str(caught.value)
+
+
+def test_every_client_rule_holds_among_5000_clients_with_the_same_message(
+    tmp_path: Path,
+) -> None:
+    """Checking 5,000 clients is made cheap (no per-client work repeated across them, a
+    C YAML parser) without dropping a rule: each client row of the table, as the last
+    of 5,000, is refused with the message it gets alone, but for its index."""
+    assert len(_CLIENT_ROWS) > 10
+    good = [{"name": f"c{i:04d}", "common_name": f"kong.c{i:04d}"} for i in range(_MANY - 1)]
+    for name, (config, _env, _field, _rule) in _CLIENT_ROWS.items():
+        alone = _message(tmp_path, config)
+        (bad,) = config["kong"]["clients"]
+        among = _message(tmp_path, {"kong": {"clients": [*good, bad]}})
+        assert among == alone.replace("kong.clients[0]", f"kong.clients[{_MANY - 1}]"), name
+
+
+def test_repeated_names_and_shared_services_among_5000_clients_are_named(tmp_path: Path) -> None:
+    clients: list[dict[str, Any]] = [
+        {"name": f"c{i:04d}", "common_name": f"kong.c{i:04d}"} for i in range(_MANY)
+    ]
+    clients[4321]["name"] = clients[17]["name"] = "twice"
+    clients[4999]["name"] = clients[0]["name"]
+    message = _message(tmp_path, {"kong": {"clients": clients}})
+    assert "client names must be unique; repeated: c0000, twice" in message
+    for client in clients:
+        client["name"] = f"x{id(client)}"
+    clients[3]["service"] = clients[4000]["service"] = "shop/api"
+    message = _message(tmp_path, {"kong": {"clients": clients}})
+    assert "each service takes one client; shared: shop/api" in message
