@@ -59,11 +59,13 @@ from ca_daemon.model.state import (
     CaRecord,
     IssuedEntry,
     KeyCodec,
+    SealedKey,
     State,
     ca_from_json,
     ca_to_json,
     credential_from_json,
     credential_to_json,
+    plain,
 )
 
 log = logging.getLogger(__name__)
@@ -97,10 +99,6 @@ class Versioned:
         return Seen(self.version, dict(self.credential_versions), dict(self.shard_versions))
 
 
-def _plain(data: bytes) -> bytes:
-    return data
-
-
 @dataclass(frozen=True)
 class _Shard:
     """A shard as last read or written: each credential's stored text (so an unchanged
@@ -117,7 +115,7 @@ _EMPTY = _Shard(0, {}, {}, {})
 
 class Journal:
     def __init__(
-        self, store: RecordStore, seal: KeyCodec = _plain, unseal: KeyCodec = _plain
+        self, store: RecordStore, seal: KeyCodec = plain, unseal: KeyCodec = plain
     ) -> None:
         self.store = store
         self.description = store.description
@@ -129,6 +127,9 @@ class Journal:
         self._lock = threading.Lock()
         self._migration = Migration(store, self.description, self._unseal)
         self._leftovers_checked = False
+        # Keys stay sealed until used; one is unsealed at the first load all the same, so
+        # a wrong passphrase shows at start, not at the first renewal.
+        self._unseal_checked = False
 
     def _guard(self, what: str, action: Callable[[], Any]) -> Any:
         try:
@@ -217,7 +218,16 @@ class Journal:
             shard_versions[name] = shard.version
             revisions.update({key: shard.revisions[key] for key in shard.entries})
         state = State.of(record, (kv for _, shard in shards for kv in shard.entries.items()))
+        if not self._unseal_checked:
+            self._check_unseal(state)
         return Versioned(state, version, revisions, shard_versions)
+
+    def _check_unseal(self, state: State) -> None:
+        for key, entry in state.credentials():
+            if isinstance(entry.key, SealedKey):
+                self._guard(f"unseal the key of {key}", entry.key.content)
+                break
+        self._unseal_checked = True
 
     def load_credential(self, key: str) -> IssuedEntry | None:
         """One credential as stored, reading only its shard (the CA record's layout is

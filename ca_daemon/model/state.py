@@ -14,6 +14,7 @@ always be rebuilt, and a crash resumes from it.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -32,6 +33,8 @@ CA_FEATURES_VERSION = 4
 KEEP_FINISHED_OPERATIONS = 50
 
 LINKERD_ISSUER = "linkerd-issuer"
+# Seals (e.g. encrypts) or unseals a private key's PEM for the journal.
+KeyCodec = Callable[[bytes], bytes]
 KONG_PREFIX = "kong/"
 
 
@@ -79,12 +82,37 @@ class IntermediateEntry:
     created_at: datetime | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class SealedKey:
+    """A private key as an encrypting journal holds it, with the SHA-256 of its PEM.
+
+    It is unsealed only where its PEM is used (a file or object that must be written):
+    unsealing costs ~0.5 ms a key (PKCS#8's PBKDF2), 2.5 s for 5,000 clients, and a pass
+    that finds every published copy current, which it tells by the digest, needs none.
+    """
+
+    sealed: bytes = field(repr=False)
+    sha256: bytes
+    unseal: KeyCodec = field(repr=False)
+    # Once needed, kept: a publisher that compares whole objects (Kubernetes Secrets, Kong
+    # certificates) needs it at every pass, as when keys were unsealed at load.
+    _pem: list[bytes] = field(default_factory=list, repr=False)
+
+    def content(self) -> bytes:
+        if not self._pem:
+            self._pem.append(self.unseal(self.sealed))
+        return self._pem[0]
+
+
 @dataclass(frozen=True)
 class IssuedEntry:
-    """A certificate the daemon issued for a key it generated."""
+    """A certificate the daemon issued for a key it generated.
+
+    Two entries are equal when their certificates (which bind the key) and chains are:
+    the key is compared by neither, as a sealed one cannot be without unsealing it."""
 
     cert: x509.Certificate
-    key_pem: bytes
+    key: bytes | SealedKey = field(repr=False, compare=False)
     signer_ref: str
     chain: tuple[x509.Certificate, ...] = ()  # what follows the certificate in tls.crt
     issued_at: datetime | None = None
@@ -92,6 +120,11 @@ class IssuedEntry:
     @property
     def issued(self) -> datetime:
         return self.issued_at or self.cert.not_valid_before_utc
+
+    @property
+    def key_pem(self) -> bytes:
+        """The key's PEM (unsealed now when the journal keeps it sealed)."""
+        return self.key if isinstance(self.key, bytes) else self.key.content()
 
 
 @dataclass(frozen=True)
@@ -306,10 +339,9 @@ class State:
 
 # --- serialization --------------------------------------------------------------------------
 
-KeyCodec = Callable[[bytes], bytes]
 
-
-def _identity(data: bytes) -> bytes:
+def plain(data: bytes) -> bytes:
+    """The codec of a journal that keeps keys as they are (Vault KV: Vault protects them)."""
     return data
 
 
@@ -325,22 +357,40 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def credential_to_json(entry: IssuedEntry, seal: KeyCodec = _identity) -> dict[str, Any]:
-    """A credential record; ``seal`` protects the private key (e.g. encrypts it)."""
+def credential_to_json(entry: IssuedEntry, seal: KeyCodec = plain) -> dict[str, Any]:
+    """A credential record; ``seal`` protects the private key (e.g. encrypts it), and the
+    key's SHA-256 goes beside it (a key read sealed is written back as it was)."""
+    key = entry.key
+    if isinstance(key, SealedKey):
+        sealed, digest = key.sealed, key.sha256
+    else:
+        sealed, digest = seal(key), hashlib.sha256(key).digest()
     return {
         "version": STATE_VERSION,
         "cert": certificate_pem(entry.cert),
-        "key": seal(entry.key_pem).decode(),
+        "key": sealed.decode(),
+        "key_sha256": digest.hex(),
         "signer_ref": entry.signer_ref,
         "chain": [certificate_pem(c) for c in entry.chain],
         "issued_at": _iso(entry.issued_at),
     }
 
 
-def credential_from_json(data: Mapping[str, Any], unseal: KeyCodec = _identity) -> IssuedEntry:
+def credential_from_json(data: Mapping[str, Any], unseal: KeyCodec = plain) -> IssuedEntry:
+    """The credential in ``data``; its key stays sealed while the record says the key's
+    digest (records written before there was one are unsealed here)."""
+    stored = data["key"].encode()
+    digest = data.get("key_sha256")
+    key: bytes | SealedKey
+    if unseal is plain:
+        key = stored
+    elif isinstance(digest, str):
+        key = SealedKey(stored, bytes.fromhex(digest), unseal)
+    else:
+        key = unseal(stored)
     return IssuedEntry(
         cert=_cert(data["cert"]),
-        key_pem=unseal(data["key"].encode()),
+        key=key,
         signer_ref=data["signer_ref"],
         chain=tuple(_cert(c) for c in data.get("chain", [])),
         issued_at=_time(data.get("issued_at")),

@@ -27,7 +27,14 @@ from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import render_pem, stable_id
 from ca_daemon.pki.crl import CRL_FILE
 from ca_daemon.publish.base import PublishReport
-from ca_daemon.util.files import DATA, DIR_MODE, write_tree_atomic
+from ca_daemon.util.files import (
+    DATA,
+    DIR_MODE,
+    Content,
+    SeenFiles,
+    tree_unchanged,
+    write_tree_atomic,
+)
 
 KEY_MODE = 0o600
 CERT_MODE = 0o644
@@ -36,23 +43,24 @@ CERT_MODE = 0o644
 TOP_LEVEL = ("trust-bundle.pem", CRL_FILE, "linkerd", "kong")
 
 
-def desired_files(world: TrustWorld) -> dict[str, tuple[bytes, int]]:
-    """Relative path → (content, mode) for everything the directory must hold."""
+def desired_files(world: TrustWorld) -> dict[str, tuple[Content, int]]:
+    """Relative path → (content, mode) for everything the directory must hold; a key the
+    journal keeps sealed is unsealed only if its file must be written."""
     bundle = world.bundle_pem.encode()
-    files: dict[str, tuple[bytes, int]] = {"trust-bundle.pem": (bundle, CERT_MODE)}
+    files: dict[str, tuple[Content, int]] = {"trust-bundle.pem": (bundle, CERT_MODE)}
     if world.crls_pem is not None:
         files[CRL_FILE] = (world.crls_pem.encode(), CERT_MODE)
     if world.linkerd_issuer is not None:
         issuer = world.linkerd_issuer
         files["linkerd/ca.crt"] = (bundle, CERT_MODE)
         files["linkerd/tls.crt"] = (render_pem([issuer.cert]).encode(), CERT_MODE)
-        files["linkerd/tls.key"] = (issuer.key_pem, KEY_MODE)
+        files["linkerd/tls.key"] = (issuer.key, KEY_MODE)
     for root in world.roots:
         files[f"kong/ca/{stable_id(root)}.pem"] = (render_pem([root]).encode(), CERT_MODE)
     for name, client in world.kong_clients.items():
         chain = render_pem([client.cert, *client.chain]).encode()
         files[f"kong/clients/{name}/tls.crt"] = (chain, CERT_MODE)
-        files[f"kong/clients/{name}/tls.key"] = (client.key_pem, KEY_MODE)
+        files[f"kong/clients/{name}/tls.key"] = (client.key, KEY_MODE)
         files[f"kong/clients/{name}/ca.crt"] = (bundle, CERT_MODE)
     return files
 
@@ -66,6 +74,11 @@ class DirectoryPublisher:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.description = f"directory {root}"
+        # Between passes: a file found as it was is not read again (15,000 files at
+        # 5,000 clients; drift still shows, as a file edited or replaced moves), and the
+        # world last found all in place, to tell the same one again without making files.
+        self._seen = SeenFiles()
+        self._in_place: TrustWorld | None = None
 
     def publish(self, world: TrustWorld) -> PublishReport:
         """Swap in a new version when anything differs; report the relative paths changed."""
@@ -102,14 +115,17 @@ class DirectoryPublisher:
         # Published files are never read back into the journal: whatever someone put in
         # their place (not PEM, another key, an expired certificate, 5 MB of anything) is
         # replaced from the journal and reported as drift.
+        if world == self._in_place and not world.kept and tree_unchanged(self.root, self._seen):
+            return PublishReport(target=self.description)
         files = {**self._kept_files(world), **desired_files(world)}
-        tree = write_tree_atomic(self.root, files, managed=TOP_LEVEL)
+        tree = write_tree_atomic(self.root, files, managed=TOP_LEVEL, seen=self._seen)
+        self._in_place = world if self._seen.whole is not None else None
         return PublishReport(target=self.description, changed=tree.changed, drifted=tree.edited)
 
-    def _kept_files(self, world: TrustWorld) -> dict[str, tuple[bytes, int]]:
+    def _kept_files(self, world: TrustWorld) -> dict[str, tuple[Content, int]]:
         """The files of credentials the journal has none of, as they are published now
         (with the current bundle beside them): never removed for that alone."""
-        files: dict[str, tuple[bytes, int]] = {}
+        files: dict[str, tuple[Content, int]] = {}
         for key in sorted(world.kept):
             client = key.removeprefix(KONG_PREFIX)
             folder = "linkerd" if key == LINKERD_ISSUER else f"kong/clients/{client}"

@@ -8,6 +8,7 @@ the old set or the new set, never a certificate of one with the key of the other
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -15,8 +16,9 @@ import stat
 import tempfile
 import time
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 DATA = "..data"
 _DATA_TMP = "..data_tmp"
@@ -76,6 +78,61 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
 # --- a whole directory, atomically ----------------------------------------------------------
 
 
+class Deferred(Protocol):
+    """A file's content known by its SHA-256 before it is made: a sealed key, made (and
+    unsealed) only when the file must be written."""
+
+    @property
+    def sha256(self) -> bytes: ...
+
+    def content(self) -> bytes: ...
+
+
+Content = bytes | Deferred
+# A file as found: (device, inode, size, mtime in ns, permission bits).
+_Identity = tuple[int, int, int, int, int]
+
+
+@dataclass
+class SeenFiles:
+    """What ``write_tree_atomic`` found in place at its last call: each file's identity
+    and the SHA-256 of the content it held. A file whose identity has not moved since
+    still holds that content, so a publisher that keeps this between passes reads only
+    the files that moved (an edit in place changes the mtime, a replacement the inode;
+    an unchanged file hard-linked into a new version keeps both)."""
+
+    held: dict[str, tuple[_Identity, bytes]] = field(default_factory=dict)
+    # Set when the last call found everything in place (and wrote nothing): the version
+    # it found, each of its directories' (inode, mtime: an entry added or removed moves
+    # it), and the top-level links. Then :func:`tree_unchanged` needs only lstat calls.
+    whole: tuple[str, dict[str, tuple[int, int]], tuple[str, ...]] | None = None
+
+
+def tree_unchanged(root: Path, seen: SeenFiles) -> bool:
+    """Whether ``root`` is still exactly as ``write_tree_atomic`` last found it, all in
+    place: nothing replaced, edited, added or removed. One lstat a file and directory,
+    nothing read: a pass that publishes the same files again can stop here."""
+    if seen.whole is None:
+        return False
+    version, dirs, tops = seen.whole
+    try:
+        if os.readlink(root / DATA) != version:
+            return False
+        if any(os.readlink(root / name) != f"{DATA}/{name}" for name in tops):
+            return False
+        for rel, place in dirs.items():
+            st = os.lstat(f"{root}/{version}/{rel}" if rel else f"{root}/{version}")
+            if (st.st_ino, st.st_mtime_ns) != place:
+                return False
+        for rel, (identity, _) in seen.held.items():
+            st = os.lstat(f"{root}/{version}/{rel}")
+            if not stat.S_ISREG(st.st_mode) or _identity(st) != identity:
+                return False
+    except OSError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class TreeChanges:
     changed: list[str]
@@ -85,7 +142,10 @@ class TreeChanges:
 
 
 def write_tree_atomic(
-    root: Path, files: Mapping[str, tuple[bytes, int]], managed: Collection[str]
+    root: Path,
+    files: Mapping[str, tuple[Content, int]],
+    managed: Collection[str],
+    seen: SeenFiles | None = None,
 ) -> TreeChanges:
     """Make ``root`` hold exactly ``files`` (relative path → content, mode); say what changed.
 
@@ -108,12 +168,22 @@ def write_tree_atomic(
     Someone else's edit is told from a change of our own by time: nothing of ours in a
     version is modified after ``..data`` was made to point to it, so an entry modified
     later (or a directory whose entries were, for a deleted file) was edited by another
-    writer. A file whose size or type differs is never read, however large it is.
+    writer. A file whose size or type differs is never read, however large it is; a
+    :class:`Deferred` content is compared by its digest and made only to be written.
+    With ``seen`` (kept by the caller between calls) a file whose identity is as last
+    found is not read again.
     """
     root.mkdir(parents=True, exist_ok=True)
     current = _current_version(root)
-    existing = set(_walk_files(current)) if current is not None else set()
-    same = {rel for rel in files.keys() & existing if _holds(current, rel, files[rel])}
+    dirs: dict[str, tuple[int, int]] = {}
+    existing = set(_walk_files(current, dirs)) if current is not None else set()
+    held: dict[str, tuple[_Identity, bytes]] = {}
+    before = seen.held if seen is not None else None
+    same = {
+        rel for rel in files.keys() & existing if _holds(current, rel, files[rel], before, held)
+    }
+    if seen is not None:
+        seen.held = held
     changed = sorted((files.keys() - same) | (existing - files.keys()))
     edited = _edited_since_published(root, current, changed, files.keys(), existing)
     if changed:
@@ -123,6 +193,9 @@ def write_tree_atomic(
     top = {rel.split("/", 1)[0] for rel in files}
     changed += _link_top_level(root, top, set(managed) - top)
     _remove_old_versions(root, keep=current)
+    if seen is not None:
+        whole = not changed and current is not None and held.keys() == existing
+        seen.whole = (current.name, dirs, tuple(sorted(top))) if whole and current else None
     return TreeChanges(changed, edited)
 
 
@@ -140,30 +213,77 @@ def _current_version(root: Path) -> Path | None:
 # join strings rather than build Paths, which costs several times the system calls.
 
 
-def _walk_files(version: Path) -> Iterator[str]:
+def _walk_files(version: Path, dirs: dict[str, tuple[int, int]]) -> Iterator[str]:
+    """Every file under ``version``; each directory's (inode, mtime) noted in ``dirs``."""
     top = len(str(version)) + 1
     for dirpath, _dirs, names in os.walk(version):  # never follows symlinks
         base = dirpath[top:]
+        st = os.lstat(dirpath)
+        dirs[base] = (st.st_ino, st.st_mtime_ns)
         for name in names:
             yield f"{base}/{name}" if base else name
 
 
-def _holds(version: Path | None, rel: str, want: tuple[bytes, int]) -> bool:
-    """Whether ``version/rel`` is a regular file with exactly this content and mode."""
+def _holds(
+    version: Path | None,
+    rel: str,
+    want: tuple[Content, int],
+    before: Mapping[str, tuple[_Identity, bytes]] | None,
+    held: dict[str, tuple[_Identity, bytes]],
+) -> bool:
+    """Whether ``version/rel`` is a regular file with exactly this content and mode.
+
+    With ``before`` (what held last time), a file found as it was then, for the same
+    content, is not read again; every file that holds is noted in ``held``."""
     if version is None:
         return False
     content, mode = want
+    path = f"{version}/{rel}"
+    digest = None
+    if before is not None:
+        digest = _sha256(content) if isinstance(content, bytes) else content.sha256
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        identity = _identity(st)
+        if (
+            stat.S_ISREG(st.st_mode)
+            and identity[4] == mode
+            and before.get(rel)
+            == (
+                identity,
+                digest,
+            )
+        ):
+            held[rel] = (identity, digest)
+            return True
     try:
         # O_NONBLOCK: a FIFO put in a file's place must not hang the pass in open().
-        fd = os.open(f"{version}/{rel}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     with os.fdopen(fd, "rb") as handle:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != mode:
             return False
-        # The size first: a changed certificate is read no further.
-        return st.st_size == len(content) and handle.read() == content
+        if not isinstance(content, bytes):
+            same = _sha256(handle.read()) == content.sha256
+        else:
+            # The size first: a changed certificate is read no further.
+            same = st.st_size == len(content) and handle.read() == content
+    if same and digest is not None:
+        held[rel] = (_identity(st), digest)
+    return same
+
+
+def _identity(st: os.stat_result) -> _Identity:
+    # The mode too: a chmod moves the ctime only.
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+
+
+def _sha256(content: bytes) -> bytes:
+    return hashlib.sha256(content).digest()
 
 
 def _edited_since_published(
@@ -193,7 +313,7 @@ def _edited_since_published(
 
 def _write_version(
     root: Path,
-    files: Mapping[str, tuple[bytes, int]],
+    files: Mapping[str, tuple[Content, int]],
     current: Path | None,
     same: Collection[str],
 ) -> Path:
@@ -210,11 +330,14 @@ def _write_version(
         made = {""}
         written: dict[tuple[bytes, int], str] = {}
         for rel in sorted(files):
-            content, mode = files[rel]
+            want, mode = files[rel]
             path = f"{new}/{rel}"
             _make_dirs(new, rel.rpartition("/")[0], made)
             source = f"{current}/{rel}" if current is not None and rel in same else None
-            source = source or written.get((content, mode))
+            if source is not None and _link(source, path):
+                continue
+            content = want if isinstance(want, bytes) else want.content()
+            source = written.get((content, mode))
             if source is not None and _link(source, path):
                 continue
             _write_new(path, content, mode)

@@ -160,7 +160,7 @@ def test_verify_directory_with_key_fragments_in_place_of_keys(tmp_path: Path) ->
     root, issuer, issuer_key = _issuer_and_key()
     world = TrustWorld(
         roots=(root,),
-        linkerd_issuer=IssuedEntry(cert=issuer, key_pem=GARBAGE["truncated"], signer_ref="r"),
+        linkerd_issuer=IssuedEntry(cert=issuer, key=GARBAGE["truncated"], signer_ref="r"),
     )
     DirectoryPublisher(tmp_path).publish(world)
     report = verify_directory(tmp_path, NOW)
@@ -229,7 +229,7 @@ def test_kong_refusing_a_key_is_reported_without_it(
     world = TrustWorld(
         roots=(root,),
         kong_clients={
-            "payments": IssuedEntry(cert=leaf, key_pem=key_pem, signer_ref="k", chain=(inter,))
+            "payments": IssuedEntry(cert=leaf, key=key_pem, signer_ref="k", chain=(inter,))
         },
     )
     report = KongAdminPublisher(

@@ -53,14 +53,14 @@ class Pki:
     def client(self, name: str) -> IssuedEntry:
         key, cert = _issue(Kind.KONG_CLIENT, name, self.inter_key, self.inter)
         return IssuedEntry(
-            cert=cert, key_pem=private_key_pem(key), signer_ref="kong", chain=(self.inter,)
+            cert=cert, key=private_key_pem(key), signer_ref="kong", chain=(self.inter,)
         )
 
     def world(self, clients: tuple[str, ...] = ("payments", "orders")) -> TrustWorld:
         key, issuer = _issue(Kind.LINKERD_ISSUER, "identity.linkerd", self.root_key, self.root)
         return TrustWorld(
             roots=(self.root,),
-            linkerd_issuer=IssuedEntry(cert=issuer, key_pem=private_key_pem(key), signer_ref="r"),
+            linkerd_issuer=IssuedEntry(cert=issuer, key=private_key_pem(key), signer_ref="r"),
             kong_clients={name: self.client(name) for name in clients},
         )
 
