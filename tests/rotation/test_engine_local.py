@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -19,6 +20,7 @@ from ca_daemon.pki.bundle import stable_id
 from ca_daemon.pki.profiles import Kind, Subject, Validity
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.report.verify import verify_directory
+from ca_daemon.rotation import engine as engine_module
 from ca_daemon.rotation.engine import Engine
 from tests.support.clock import NOW
 from tests.support.journal_files import credential_docs, shard_files
@@ -71,6 +73,42 @@ def test_first_pass_issues_everything_second_does_nothing(settings: Settings) ->
     assert second.published == {f"directory {out}": []}
     assert _snapshot(out) == before
     assert (settings.anchor.local.dir / "state.json").read_bytes() == state_before
+
+
+def test_a_steady_pass_plans_once_and_unseals_no_key(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing due, nothing drifted: one plan (outside a root rotation a publish observes
+    nothing it reads), and the keys stay sealed (the published ones match by digest)."""
+    assert _engine(settings).reconcile(now=NOW).ok
+    planned: list[int] = []
+    real_plan = engine_module.plan
+
+    def counting_plan(*args: Any, **kwargs: Any) -> Any:
+        planned.append(1)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "plan", counting_plan)
+    engine = _engine(settings)  # as after a restart: the keys are read sealed
+    unseal = engine.journal._unseal
+    unsealed: list[bytes] = []
+
+    def counting_unseal(sealed: bytes) -> bytes:
+        unsealed.append(sealed)
+        return unseal(sealed)
+
+    engine.journal._unseal = counting_unseal
+    steady = engine.reconcile(now=NOW + timedelta(hours=1))
+    assert steady.ok and steady.steps == []
+    assert len(planned) == 1
+    assert len(unsealed) == 1  # the first load's check of the passphrase, of 3 keys
+    # A key file deleted meanwhile: restored, unsealing that key alone.
+    (settings.publish_directory / "kong/clients/orders/tls.key").unlink()
+    repaired = engine.reconcile(now=NOW + timedelta(hours=2))
+    assert repaired.published == {
+        f"directory {settings.publish_directory}": ["kong/clients/orders/tls.key"]
+    }
+    assert len(unsealed) == 2
 
 
 def test_state_files_are_private_and_hold_no_plain_key(settings: Settings) -> None:
