@@ -66,15 +66,26 @@ def _owner(path: Path) -> str:
     return f"{found}: make it readable by its owner (chmod 0600 {path})"
 
 
-def _read_regular(path: Path) -> bytes:
-    """The file's bytes; AnchorError for a FIFO, device or directory in a record's place
-    (O_NONBLOCK: opening a FIFO must not block the pass until someone writes to it)."""
+# A record file as found: (device, inode, size, mtime and ctime in ns).
+_Identity = tuple[int, int, int, int, int]
+
+
+def _identity(st: os.stat_result) -> _Identity:
+    # The ctime too: a file written in place of another within one tick of the clock
+    # may get its inode back, but a ctime is set at each change of the inode.
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _read_regular(path: Path) -> tuple[bytes, _Identity]:
+    """The file's bytes and identity; AnchorError for a FIFO, device or directory in a
+    record's place (O_NONBLOCK: opening a FIFO must not block the pass until someone
+    writes to it)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise StoreError(f"{path} is not a regular file ({_file_type(mode)})")
-        return handle.read()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{path} is not a regular file ({_file_type(st.st_mode)})")
+        return handle.read(), _identity(st)
 
 
 def _file_type(mode: int) -> str:
@@ -107,6 +118,10 @@ class FileRecordStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.description = f"state in {directory}"
+        # Each record as last read, by its file's identity: a record file that did not
+        # move (a write replaces it; an edit moves its mtime) is not read and parsed again
+        # (64 shards of 5,000 clients are ~15 MB of JSON, at every pass).
+        self._read: dict[Path, tuple[_Identity, Record, int]] = {}
 
     def path(self, key: str) -> Path:
         parts = check_key(key)
@@ -126,8 +141,26 @@ class FileRecordStore:
 
     def read(self, key: str) -> tuple[Record, int] | None:
         path = self.path(key)
+        if key:  # the main record is small, and read fresh: requests land there
+            try:
+                st = os.stat(path)
+            except OSError:
+                self._read.pop(path, None)  # absent, or unreadable: said below
+            else:
+                known = self._read.get(path)
+                if known is not None and stat.S_ISREG(st.st_mode) and known[0] == _identity(st):
+                    return known[1], known[2]
+        found = self._read_file(path)
+        if found is None:
+            return None
+        record, version, identity = found
+        if key:
+            self._read[path] = (identity, record, version)
+        return record, version
+
+    def _read_file(self, path: Path) -> tuple[Record, int, _Identity] | None:
         try:
-            raw = _read_regular(path)
+            raw, identity = _read_regular(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -147,12 +180,12 @@ class FileRecordStore:
                 f"{path} is not a journal record (want an object with an integer 'version' "
                 f"and a 'state' object; found {type(doc).__name__})"
             )
-        return doc["state"], doc["version"]
+        return doc["state"], doc["version"], identity
 
     def write(self, key: str, record: Record, version: int) -> int:
         path = self.path(key)
         with self._locked():
-            current = self.read(key)
+            current = self._read_file(path)  # never from memory: this is the check-and-set
             stored = current[1] if current else 0
             if stored != version:
                 raise RecordConflict(f"{path}: version {stored}, expected {version}")
