@@ -248,3 +248,46 @@ def test_a_full_shard_stays_within_openbao_s_json_limits(openbao: OpenBao) -> No
     loaded = Journal(_vault_store(openbao, path)).load()
     assert len(loaded.state.kong_clients) == 300
     assert all(loaded.state.kong_clients[k[5:]].cert == e.cert for k, e in changes.items())
+
+
+def test_a_vault_shard_whose_version_did_not_move_is_not_fetched_again(
+    openbao: OpenBao,
+) -> None:
+    """A steady load asks each shard's version (metadata, a few hundred bytes) and fetches
+    the data only of those that moved, or were deleted and made again."""
+    from ca_daemon.journal.format import shard_of
+    from ca_daemon.model.state import client_key
+
+    a, b = client_key("a"), client_key("b")
+    assert len({shard_of(a), shard_of(b)}) == 2
+    path = f"ca-daemon/{unique('steady-reads')}"
+    writer, reader = _vault_store(openbao, path), _vault_store(openbao, path)
+    Journal(writer).save_credentials(shard_of(a), 0, {a: issued_entry("a")})
+    Journal(writer).save_credentials(shard_of(b), 0, {b: issued_entry("b")})
+    journal = Journal(reader)
+    fetched: list[str] = []
+    read = reader.client.read
+
+    def counting(where: str, what: str) -> dict[str, object] | None:
+        if "/data/" in where:
+            fetched.append(where.partition(f"/data/{path}")[2].lstrip("/"))
+        return read(where, what)
+
+    reader.client.read = counting  # type: ignore[method-assign]
+    assert set(journal.load().state.kong_clients) == {"a", "b"}
+    assert sorted(fetched) == sorted(["", shard_of(a), shard_of(b)])
+    fetched.clear()
+    journal.load()
+    assert fetched == [""]  # the CA record, always fetched; no shard
+    fetched.clear()
+    Journal(writer).save_credentials(shard_of(b), 1, {b: issued_entry("b2")})
+    loaded = journal.load().state
+    assert fetched == ["", shard_of(b)]
+    assert loaded.kong_clients["b"].cert.subject == issued_entry("b2").cert.subject
+    # Deleted and made again: version 1 again, another record.
+    writer.delete(shard_of(a))
+    again = issued_entry("a-again")
+    Journal(writer).save_credentials(shard_of(a), 0, {a: again})
+    fetched.clear()
+    assert journal.load().state.kong_clients["a"].cert == again.cert
+    assert sorted(fetched) == sorted(["", shard_of(a)])
