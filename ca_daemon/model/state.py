@@ -14,6 +14,7 @@ always be rebuilt, and a crash resumes from it.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -349,6 +350,11 @@ def _cert(text: str) -> x509.Certificate:
     return parse_pem_certificates(text, what="state certificate")[0]
 
 
+# Every Kong client's chain is the same intermediate or two: parsed once, shared, not
+# 5,000 copies of one certificate.
+_chain_cert = functools.lru_cache(maxsize=64)(_cert)
+
+
 def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
@@ -392,7 +398,7 @@ def credential_from_json(data: Mapping[str, Any], unseal: KeyCodec = plain) -> I
         cert=_cert(data["cert"]),
         key=key,
         signer_ref=data["signer_ref"],
-        chain=tuple(_cert(c) for c in data.get("chain", [])),
+        chain=tuple(_chain_cert(c) for c in data.get("chain", [])),
         issued_at=_time(data.get("issued_at")),
     )
 

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from ca_daemon.anchor.base import CA
@@ -114,7 +115,10 @@ def _spread(cert: x509.Certificate) -> float:
 
 @functools.lru_cache(maxsize=_PER_CERTIFICATE)
 def _names(cert: x509.Certificate) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    have = subject_alt_names(cert)
+    # Read from a copy: the library keeps a certificate's parsed extensions on it for
+    # good, ~2 KB a certificate held for nothing once the names are known.
+    copy = x509.load_der_x509_certificate(cert.public_bytes(serialization.Encoding.DER))
+    have = subject_alt_names(copy)
     return have.common_name, tuple(sorted(have.dns_names)), tuple(sorted(have.uris))
 
 
