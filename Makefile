@@ -37,12 +37,15 @@ prove: venv
 		--hypothesis-show-statistics tests/rotation/test_rotation_stateful.py -k every_path
 
 # Every bench script, then bench/README.md and bench/scaling.png. BENCH_5000=1 adds
-# 5,000 clients (long); BENCH_SIZES=10,100 and BENCH_REPEAT=1 make it quick.
+# 5,000 clients to the bulk benches (long); the steady-state ones (daemon, steady) run
+# 500 and 5,000, and BENCH_10000=1 adds 10,000. BENCH_SIZES=10,100 and BENCH_REPEAT=1
+# make it quick.
 bench: testenv
 	PATH="$(TESTENV_CACHE)/bin:$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.issuance
 	PATH="$(TESTENV_CACHE)/bin:$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.rotation
 	PATH="$(TESTENV_CACHE)/bin:$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.root
 	PATH="$(TESTENV_CACHE)/bin:$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.daemon
+	PATH="$(TESTENV_CACHE)/bin:$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.steady
 	$(BIN)/python -m bench.report
 
 clean:

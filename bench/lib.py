@@ -54,7 +54,7 @@ def sizes(default: Sequence[int]) -> list[int]:
     return out
 
 
-BENCH_KNOBS = ("BENCH_SIZES", "BENCH_REPEAT", "BENCH_5000")
+BENCH_KNOBS = ("BENCH_SIZES", "BENCH_REPEAT", "BENCH_5000", "BENCH_10000")
 
 
 def repeats() -> int:
