@@ -11,7 +11,8 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ca_daemon.anchor.base import CA
+from ca_daemon.anchor.base import CA, Anchor
+from ca_daemon.config.settings import KongClient, Settings
 from ca_daemon.errors import AnchorError, JournalConflict
 from ca_daemon.journal.journal import Journal, Versioned
 from ca_daemon.journal.store.records import Record
@@ -23,10 +24,12 @@ from ca_daemon.model.state import (
 from ca_daemon.model.world import TrustWorld
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.crl import sign_crl
-from ca_daemon.pki.keys import KeyType, PrivateKey, PublicKey, generate_key
+from ca_daemon.pki.keys import KeyType, PrivateKey, PublicKey, generate_key, private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject, Validity, sign_certificate
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.publish.linkerd_identity import Answer
+from ca_daemon.rotation.renewals import order
+from ca_daemon.rotation.steps import IssueKongClient, IssueLinkerdIssuer
 
 
 class _NoStore:
@@ -194,6 +197,37 @@ class SimulatedAnchor:
 
     def set_default(self, root: CA, intermediate: CA | None) -> None:
         pass
+
+    def sign_public(
+        self, kind: Kind, subject: Subject, public: PublicKey, signer: CA, validity: Validity
+    ) -> x509.Certificate:
+        """A certificate for ``public`` without a CSR (see :func:`simulated_issue`)."""
+        return self._sign(kind, subject, public, signer, validity)
+
+
+# One throwaway key for every credential the forecast issues: made once, on first use.
+_CREDENTIAL_KEY: list[tuple[PublicKey, bytes]] = []
+
+
+def simulated_issue(
+    step: IssueLinkerdIssuer | IssueKongClient,
+    state: State,
+    now: datetime,
+    anchor: Anchor,
+    settings: Settings,
+    clients: Mapping[str, KongClient],
+) -> IssuedEntry:
+    """``renewals.issue`` without what matters only for a real credential: a key of its
+    own, a CSR, the profile checked. The order (signer, subject, validity) is the real
+    one, so every date is; a year at 5,000 clients signs ~100,000 certificates."""
+    if not _CREDENTIAL_KEY:
+        key = generate_key("ec-p256")
+        _CREDENTIAL_KEY.append((key.public_key(), private_key_pem(key)))
+    public, pem = _CREDENTIAL_KEY[0]
+    assert isinstance(anchor, SimulatedAnchor), "the forecast's own anchor"
+    wanted = order(step, state, now, settings, clients)
+    cert = anchor.sign_public(wanted.kind, wanted.subject, public, wanted.signer, wanted.validity)
+    return IssuedEntry(cert, pem, wanted.signer.ref, wanted.chain, now)
 
 
 def _public(csr: x509.CertificateSigningRequest) -> PublicKey:

@@ -28,6 +28,7 @@ from ca_daemon.report.simulated import (
     CurrentRollout,
     MemoryJournal,
     SimulatedAnchor,
+    simulated_issue,
 )
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.plan import Observations, plan, renew_at, root_due_at
@@ -272,6 +273,7 @@ class _Simulation:
             [ConfirmingPublisher()],
             clock=lambda: now,
             rollout=self.rollout,
+            issue=simulated_issue,
         )
         self.anchor.pass_exact = exact
         self.exact_passes[now] = exact

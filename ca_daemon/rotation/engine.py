@@ -44,7 +44,7 @@ from ca_daemon.rotation import ca_steps
 from ca_daemon.rotation.ca_steps import Rollout
 from ca_daemon.rotation.issuer_confirmation import asks, confirmation, issuer_serial
 from ca_daemon.rotation.plan import Observations, covers, gate_query, plan
-from ca_daemon.rotation.renewals import credential_key, issue
+from ca_daemon.rotation.renewals import Issue, credential_key, issue
 from ca_daemon.rotation.requests import (
     check_target,
     ensure_can_revoke,
@@ -160,6 +160,7 @@ class Engine:
         publishers: Sequence[Publisher],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rollout: Rollout | None = None,
+        issue: Issue = issue,
     ) -> None:
         self.settings = settings
         self.anchor = anchor
@@ -167,6 +168,7 @@ class Engine:
         self.publishers = list(publishers)
         self.clock = clock
         self.rollout = rollout
+        self._issue = issue
         self._last_state: State | None = None  # as last loaded: what is due if a load fails
         self._requests = threading.Lock()
         # The CA record (epoch, version) last found to agree with the anchor's CAs: a
@@ -455,7 +457,7 @@ class Engine:
         def work(step: CredentialStep) -> IssuedEntry | None:
             if isinstance(step, DropKongClient):
                 return None
-            return issue(step, state, p.now, self.anchor, self.settings, self._clients)
+            return self._issue(step, state, p.now, self.anchor, self.settings, self._clients)
 
         created = False
         changes_made: dict[str, IssuedEntry | None] = {}

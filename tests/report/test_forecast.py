@@ -231,3 +231,23 @@ def test_the_command_filters_by_kind_and_target(
 
     assert what(roots) == what([e for e in everything if e["kind"] == "trust-anchor"])
     assert what(payments) == what([e for e in everything if e["name"] == "payments"])
+
+
+def test_the_forecast_issues_without_a_key_or_csr_per_credential(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A year at 5,000 clients is ~100,000 simulated renewals: each is one signature of
+    the real order (signer, subject, validity), not a key, a CSR and checks as well."""
+    from ca_daemon.rotation import renewals
+
+    made: list[str] = []
+    for name in ("generate_key", "build_csr"):
+        real = getattr(renewals, name)
+        monkeypatch.setattr(
+            renewals, name, lambda *a, _n=name, _r=real, **k: made.append(_n) or _r(*a, **k)
+        )
+    settings = _short(make_settings, client_lifetime="30h")
+    result = simulate(steady_state(settings, root_days=10), settings, NOW, NOW + 100 * HOUR)
+    renewed = [e for e in result.events if e.action == "IssueKongClient"]
+    assert len(renewed) > 4 and not result.errors
+    assert made == []
