@@ -89,48 +89,76 @@ class Deferred(Protocol):
 
 
 Content = bytes | Deferred
-# A file as found: (device, inode, size, mtime in ns, permission bits).
-_Identity = tuple[int, int, int, int, int]
+# A file as found: (device, inode, size, mtime and ctime in ns, permission bits). The
+# ctime too: a copy over it that keeps size and mtime (`cp -p`, `touch -d`) moves that.
+_Identity = tuple[int, int, int, int, int, int]
+# A directory as found: (inode, mtime in ns); an entry added or removed moves the mtime.
+_Place = tuple[int, int]
+# The most a key file may be to be read and compared (an RSA-4096 PEM is ~3.3 KB): a
+# larger file in its place differs, and is replaced without being read.
+_MAX_KEY_FILE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class _InPlace:
+    version: str  # what ..data points to
+    root: _Place  # the root directory: a name added beside the links moves it
+    dirs: dict[str, _Place]  # each directory of the version
+    tops: tuple[str, ...]  # the top-level links
 
 
 @dataclass
 class SeenFiles:
-    """What ``write_tree_atomic`` found in place at its last call: each file's identity
-    and the SHA-256 of the content it held. A file whose identity has not moved since
-    still holds that content, so a publisher that keeps this between passes reads only
-    the files that moved (an edit in place changes the mtime, a replacement the inode;
-    an unchanged file hard-linked into a new version keeps both)."""
+    """What ``write_tree_atomic`` left or found in place at its last call: each file's
+    identity with the SHA-256 of its content, each directory's place. A file whose
+    identity has not moved since still holds that content, so a publisher that keeps
+    this between passes reads only the files that moved."""
 
     held: dict[str, tuple[_Identity, bytes]] = field(default_factory=dict)
-    # Set when the last call found everything in place (and wrote nothing): the version
-    # it found, each of its directories' (inode, mtime: an entry added or removed moves
-    # it), and the top-level links. Then :func:`tree_unchanged` needs only lstat calls.
-    whole: tuple[str, dict[str, tuple[int, int]], tuple[str, ...]] | None = None
+    # Set when the last call left the whole tree known; then :func:`tree_unchanged`
+    # needs only an lstat a file and directory.
+    whole: _InPlace | None = None
 
 
 def tree_unchanged(root: Path, seen: SeenFiles) -> bool:
-    """Whether ``root`` is still exactly as ``write_tree_atomic`` last found it, all in
-    place: nothing replaced, edited, added or removed. One lstat a file and directory,
-    nothing read: a pass that publishes the same files again can stop here."""
-    if seen.whole is None:
+    """Whether ``root`` is still exactly as ``write_tree_atomic`` last left or found it:
+    nothing replaced, edited, added or removed. Nothing is read: a pass that publishes
+    the same files again can stop here."""
+    whole = seen.whole
+    if whole is None:
         return False
-    version, dirs, tops = seen.whole
+    version = f"{root}/{whole.version}"
     try:
-        if os.readlink(root / DATA) != version:
+        if _place(os.lstat(root)) != whole.root or os.readlink(root / DATA) != whole.version:
             return False
-        if any(os.readlink(root / name) != f"{DATA}/{name}" for name in tops):
+        if any(os.readlink(root / name) != f"{DATA}/{name}" for name in whole.tops):
             return False
-        for rel, place in dirs.items():
-            st = os.lstat(f"{root}/{version}/{rel}" if rel else f"{root}/{version}")
-            if (st.st_ino, st.st_mtime_ns) != place:
+        for rel, place in whole.dirs.items():
+            if _place(os.lstat(f"{version}/{rel}" if rel else version)) != place:
                 return False
         for rel, (identity, _) in seen.held.items():
-            st = os.lstat(f"{root}/{version}/{rel}")
+            st = os.lstat(f"{version}/{rel}")
             if not stat.S_ISREG(st.st_mode) or _identity(st) != identity:
                 return False
     except OSError:
         return False
     return True
+
+
+def _record_in_place(
+    root: Path, version: Path, files: Mapping[str, tuple[Content, int]]
+) -> SeenFiles:
+    """What ``root`` holds right after a write of ``files`` (one lstat each; taken last,
+    as hard links made or removed move the ctime of the files they share)."""
+    held = {
+        rel: (_identity(os.lstat(f"{version}/{rel}")), _digest(content))
+        for rel, (content, _) in files.items()
+    }
+    dirs: dict[str, _Place] = {}
+    for _ in _walk_files(version, dirs):
+        pass
+    tops = tuple(sorted({rel.split("/", 1)[0] for rel in files}))
+    return SeenFiles(held, _InPlace(version.name, _place(os.lstat(root)), dirs, tops))
 
 
 @dataclass(frozen=True)
@@ -175,15 +203,15 @@ def write_tree_atomic(
     """
     root.mkdir(parents=True, exist_ok=True)
     current = _current_version(root)
-    dirs: dict[str, tuple[int, int]] = {}
+    dirs: dict[str, _Place] = {}
     existing = set(_walk_files(current, dirs)) if current is not None else set()
     held: dict[str, tuple[_Identity, bytes]] = {}
     before = seen.held if seen is not None else None
+    if seen is not None:
+        seen.whole = None  # until this call has finished
     same = {
         rel for rel in files.keys() & existing if _holds(current, rel, files[rel], before, held)
     }
-    if seen is not None:
-        seen.held = held
     changed = sorted((files.keys() - same) | (existing - files.keys()))
     edited = _edited_since_published(root, current, changed, files.keys(), existing)
     if changed:
@@ -193,9 +221,15 @@ def write_tree_atomic(
     top = {rel.split("/", 1)[0] for rel in files}
     changed += _link_top_level(root, top, set(managed) - top)
     _remove_old_versions(root, keep=current)
-    if seen is not None:
-        whole = not changed and current is not None and held.keys() == existing
-        seen.whole = (current.name, dirs, tuple(sorted(top))) if whole and current else None
+    if seen is not None and current is not None:
+        if changed:
+            found = _record_in_place(root, current, files)
+            seen.held, seen.whole = found.held, found.whole
+        else:
+            seen.held = held
+            if held.keys() == existing:
+                tops = tuple(sorted(top))
+                seen.whole = _InPlace(current.name, _place(os.lstat(root)), dirs, tops)
     return TreeChanges(changed, edited)
 
 
@@ -213,13 +247,12 @@ def _current_version(root: Path) -> Path | None:
 # join strings rather than build Paths, which costs several times the system calls.
 
 
-def _walk_files(version: Path, dirs: dict[str, tuple[int, int]]) -> Iterator[str]:
+def _walk_files(version: Path, dirs: dict[str, _Place]) -> Iterator[str]:
     """Every file under ``version``; each directory's (inode, mtime) noted in ``dirs``."""
     top = len(str(version)) + 1
     for dirpath, _dirs, names in os.walk(version):  # never follows symlinks
         base = dirpath[top:]
-        st = os.lstat(dirpath)
-        dirs[base] = (st.st_ino, st.st_mtime_ns)
+        dirs[base] = _place(os.lstat(dirpath))
         for name in names:
             yield f"{base}/{name}" if base else name
 
@@ -241,7 +274,7 @@ def _holds(
     path = f"{version}/{rel}"
     digest = None
     if before is not None:
-        digest = _sha256(content) if isinstance(content, bytes) else content.sha256
+        digest = _digest(content)
         try:
             st = os.lstat(path)
         except OSError:
@@ -249,12 +282,8 @@ def _holds(
         identity = _identity(st)
         if (
             stat.S_ISREG(st.st_mode)
-            and identity[4] == mode
-            and before.get(rel)
-            == (
-                identity,
-                digest,
-            )
+            and identity[5] == mode
+            and before.get(rel) == (identity, digest)
         ):
             held[rel] = (identity, digest)
             return True
@@ -268,7 +297,8 @@ def _holds(
         if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != mode:
             return False
         if not isinstance(content, bytes):
-            same = _sha256(handle.read()) == content.sha256
+            small = st.st_size <= _MAX_KEY_FILE
+            same = small and _sha256(handle.read()) == content.sha256
         else:
             # The size first: a changed certificate is read no further.
             same = st.st_size == len(content) and handle.read() == content
@@ -278,8 +308,22 @@ def _holds(
 
 
 def _identity(st: os.stat_result) -> _Identity:
-    # The mode too: a chmod moves the ctime only.
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+    return (
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        stat.S_IMODE(st.st_mode),
+    )
+
+
+def _place(st: os.stat_result) -> _Place:
+    return (st.st_ino, st.st_mtime_ns)
+
+
+def _digest(content: Content) -> bytes:
+    return _sha256(content) if isinstance(content, bytes) else content.sha256
 
 
 def _sha256(content: bytes) -> bytes:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("clean_env")
 
 MODE = 0o644
 TREE = {"a": (b"1", MODE), "d/b": (b"2", MODE), "d/k": (b"key", 0o600)}
-MANAGED = ["a", "d"]
+MANAGED = ["a", "d", "x"]
 
 
 def _reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -37,9 +37,7 @@ def _reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_a_second_check_reads_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = SeenFiles()
     write_tree_atomic(tmp_path, TREE, MANAGED, seen)  # writes the first version
-    assert not tree_unchanged(tmp_path, seen)  # it wrote: nothing found in place yet
-    write_tree_atomic(tmp_path, TREE, MANAGED, seen)  # reads each file once
-    assert tree_unchanged(tmp_path, seen)
+    assert tree_unchanged(tmp_path, seen)  # what it wrote is known
     opened = _reads(monkeypatch)
     tree = write_tree_atomic(tmp_path, TREE, MANAGED, seen)
     assert tree.changed == [] and opened == []
@@ -57,6 +55,23 @@ class _Deferred:
     def content(self) -> bytes:
         self.made += 1
         return self._content
+
+
+def test_a_large_file_in_a_key_s_place_is_replaced_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = _Deferred(b"sealed key")
+    tree = {**TREE, "d/k": (key, 0o600)}
+    write_tree_atomic(tmp_path, tree, MANAGED)
+    big = _version(tmp_path) / "d/k"
+    big.write_bytes(b"x" * (1 << 20))
+    read: list[int] = []
+    real = files_module._sha256
+    monkeypatch.setattr(files_module, "_sha256", lambda b: read.append(len(b)) or real(b))
+    tree_changes = write_tree_atomic(tmp_path, tree, MANAGED)
+    assert tree_changes.changed == ["d/k"]
+    assert all(n < 1 << 20 for n in read)
+    assert (tmp_path / "d/k").read_bytes() == b"sealed key"
 
 
 def test_a_deferred_content_is_made_only_to_be_written(tmp_path: Path) -> None:
@@ -100,6 +115,19 @@ def _chmod(root: Path) -> None:
     os.chmod(_version(root) / "d/k", 0o644)
 
 
+def _copy_keeping_times(root: Path) -> None:
+    # Same size, same mtime, same inode: only the ctime moves (`cp -p` over it).
+    path = _version(root) / "d/b"
+    before = path.stat()
+    time.sleep(0.05)
+    path.write_bytes(b"Y")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def _add_at_the_top(root: Path) -> None:
+    (root / "x").write_bytes(b"not ours")  # a managed name the tree does not hold
+
+
 def _retarget_link(root: Path) -> None:
     (root / "a").unlink()
     (root / "a").write_bytes(b"1")
@@ -114,6 +142,8 @@ def _swap_data(root: Path) -> None:
 
 CHANGES: dict[str, Callable[[Path], None]] = {
     "edited in place": _edit_in_place,
+    "copied over keeping size and times": _copy_keeping_times,
+    "a managed name added at the top": _add_at_the_top,
     "replaced": _replace,
     "added": _add,
     "removed": _remove,
@@ -137,6 +167,6 @@ def test_every_change_by_someone_else_is_found_at_the_next_check(
     for rel, (content, mode) in TREE.items():
         assert (tmp_path / rel).read_bytes() == content, rel
         assert (tmp_path / rel).stat().st_mode & 0o777 == mode, rel
-    assert not (tmp_path / "d/extra").exists()
+    assert not (tmp_path / "d/extra").exists() and not (tmp_path / "x").exists()
     write_tree_atomic(tmp_path, TREE, MANAGED, seen)
     assert tree_unchanged(tmp_path, seen)
