@@ -282,7 +282,7 @@ class Journal:
                 continue
             doc = json.loads(text)
             revisions[key] = int(doc["revision"])
-            entries[key] = credential_from_json(doc, self._unseal)
+            entries[key] = credential_from_json(doc, self._unseal, key)
         return _Shard(version, stored, revisions, entries)
 
     # --- writing ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 
 from cryptography import x509
 
+from ca_daemon.errors import JournalCorrupt
 from ca_daemon.pki.bundle import certificate_pem, normalize, parse_pem_certificates
 
 STATE_VERSION = 3
@@ -95,14 +96,30 @@ class SealedKey:
     sealed: bytes = field(repr=False)
     sha256: bytes
     unseal: KeyCodec = field(repr=False)
+    credential: str = ""  # whose key, for an error
     # Once needed, kept: a publisher that compares whole objects (Kubernetes Secrets, Kong
     # certificates) needs it at every pass, as when keys were unsealed at load.
     _pem: list[bytes] = field(default_factory=list, repr=False)
 
     def content(self) -> bytes:
         if not self._pem:
-            self._pem.append(self.unseal(self.sealed))
+            self._pem.append(self._unsealed())
         return self._pem[0]
+
+    def _unsealed(self) -> bytes:
+        fix = (
+            "give the passphrase it was sealed with, restore the journal from a backup, or "
+            "delete the credential from its shard so that it is issued anew"
+        )
+        try:
+            pem = self.unseal(self.sealed)
+        except ValueError as exc:  # the passphrase, or the sealed text (never quoted)
+            raise JournalCorrupt(f"the key of {self.credential}: {exc}: {fix}") from None
+        if hashlib.sha256(pem).digest() != self.sha256:
+            raise JournalCorrupt(
+                f"the key of {self.credential} is not the one its digest names: {fix}"
+            )
+        return pem
 
 
 @dataclass(frozen=True)
@@ -382,7 +399,9 @@ def credential_to_json(entry: IssuedEntry, seal: KeyCodec = plain) -> dict[str, 
     }
 
 
-def credential_from_json(data: Mapping[str, Any], unseal: KeyCodec = plain) -> IssuedEntry:
+def credential_from_json(
+    data: Mapping[str, Any], unseal: KeyCodec = plain, credential: str = "a credential"
+) -> IssuedEntry:
     """The credential in ``data``; its key stays sealed while the record says the key's
     digest (records written before there was one are unsealed here)."""
     stored = data["key"].encode()
@@ -391,7 +410,7 @@ def credential_from_json(data: Mapping[str, Any], unseal: KeyCodec = plain) -> I
     if unseal is plain:
         key = stored
     elif isinstance(digest, str):
-        key = SealedKey(stored, bytes.fromhex(digest), unseal)
+        key = SealedKey(stored, bytes.fromhex(digest), unseal, credential)
     else:
         key = unseal(stored)
     return IssuedEntry(

@@ -35,6 +35,7 @@ from ca_daemon.model.state import (
     credential_to_json,
 )
 from ca_daemon.pki.bundle import certificate_pem
+from ca_daemon.pki.keys import KeyMaterialError
 from ca_daemon.rotation.engine import Engine
 from tests.support.clock import NOW
 from tests.support.pki import issued_entry
@@ -134,9 +135,9 @@ def test_a_load_parses_only_the_shards_that_moved(monkeypatch: pytest.MonkeyPatc
     parsed = Counter[str]()
     real = journal_module.credential_from_json
 
-    def counting(data: Any, unseal: Any) -> IssuedEntry:
+    def counting(data: Any, unseal: Any, credential: str) -> IssuedEntry:
         parsed["n"] += 1
-        return real(data, unseal)
+        return real(data, unseal, credential)
 
     monkeypatch.setattr(journal_module, "credential_from_json", counting)
     fresh = Journal(store)
@@ -399,3 +400,22 @@ def test_a_record_using_an_emergency_or_a_revocation_is_written_as_newer() -> No
         assert ca_from_json(doc) == record  # this release reads it back whole
     with pytest.raises(NewerJournal, match="reads up to 4"):
         check_version({"version": 5}, "the CA record")
+
+
+def test_a_sealed_key_that_cannot_be_used_names_its_credential() -> None:
+    """Keys are unsealed where they are used, so the error must say whose it is; one
+    that does not match the digest beside it is refused, not published."""
+    entry = issued_entry("a")
+    digest = hashlib.sha256(entry.key_pem).digest()
+
+    def wrong_passphrase(_sealed: bytes) -> bytes:
+        raise KeyMaterialError("cannot load private key: wrong passphrase or corrupt key")
+
+    broken = SealedKey(b"sealed", digest, wrong_passphrase, "kong/a")
+    with pytest.raises(JournalCorrupt, match=r"the key of kong/a: cannot load private key"):
+        broken.content()
+    swapped = SealedKey(b"sealed", digest, lambda _: issued_entry("b").key_pem, "kong/a")
+    with pytest.raises(JournalCorrupt, match="the key of kong/a is not the one its digest"):
+        swapped.content()
+    good = SealedKey(b"sealed", digest, lambda _: entry.key_pem, "kong/a")
+    assert good.content() == entry.key_pem
