@@ -60,6 +60,14 @@ def write_config(wd: Path, n: int) -> Path:
     return config
 
 
+def fresh_interpreter(code: str, config: Path) -> list[float]:
+    """Run ``code`` with the configuration's path as argv[1]; the numbers it prints."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(config)], check=True, capture_output=True, text=True
+    ).stdout.split()
+    return [float(word) for word in out]
+
+
 def loading(config: Path) -> tuple[float, float]:
     """(load_settings, bare yaml.safe_load) seconds, best of 3, in a fresh interpreter."""
     code = (
@@ -74,10 +82,8 @@ def loading(config: Path) -> tuple[float, float]:
         "    return best\n"
         "print(t(lambda: load_settings(p)), t(lambda: yaml.safe_load(text)))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(config)], check=True, capture_output=True, text=True
-    ).stdout.split()
-    return float(out[0]), float(out[1])
+    load_s, bare_s = fresh_interpreter(code, config)
+    return load_s, bare_s
 
 
 def in_daemon(config: Path) -> dict[str, float]:
@@ -99,10 +105,8 @@ def in_daemon(config: Path) -> dict[str, float]:
         "assert r.ok and not r.steps, r.errors\n"
         "print(cold, steady, len(opened))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(config)], check=True, capture_output=True, text=True
-    ).stdout.split()
-    return {"cold": float(out[0]), "steady": float(out[1]), "opened": float(out[2])}
+    cold, steady, opened = fresh_interpreter(code, config)
+    return {"cold": cold, "steady": steady, "opened": opened}
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ confirms, and a rollout whose Pods are always current (report/forecast.py says w
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Literal
@@ -205,8 +206,11 @@ class SimulatedAnchor:
         return self._sign(kind, subject, public, signer, validity)
 
 
-# One throwaway key for every credential the forecast issues: made once, on first use.
-_CREDENTIAL_KEY: list[tuple[PublicKey, bytes]] = []
+@functools.cache
+def _credential_key() -> tuple[PublicKey, bytes]:
+    """One throwaway key for every credential the forecast issues, made on first use."""
+    key = generate_key("ec-p256")
+    return key.public_key(), private_key_pem(key)
 
 
 def simulated_issue(
@@ -220,10 +224,7 @@ def simulated_issue(
     """``renewals.issue`` without what matters only for a real credential: a key of its
     own, a CSR, the profile checked. The order (signer, subject, validity) is the real
     one, so every date is; a year at 5,000 clients signs ~100,000 certificates."""
-    if not _CREDENTIAL_KEY:
-        key = generate_key("ec-p256")
-        _CREDENTIAL_KEY.append((key.public_key(), private_key_pem(key)))
-    public, pem = _CREDENTIAL_KEY[0]
+    public, pem = _credential_key()
     assert isinstance(anchor, SimulatedAnchor), "the forecast's own anchor"
     wanted = order(step, state, now, settings, clients)
     cert = anchor.sign_public(wanted.kind, wanted.subject, public, wanted.signer, wanted.validity)

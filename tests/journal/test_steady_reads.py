@@ -10,14 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config.settings import Settings
 from ca_daemon.journal.format import SHARD_FOLDER
-from ca_daemon.journal.open import file_journal
 from ca_daemon.journal.store import records as records_module
 from ca_daemon.journal.store.records import FileRecordStore
-from ca_daemon.publish.directory import DirectoryPublisher
-from ca_daemon.rotation.engine import Engine
+from ca_daemon.service.wiring import build_engine
 from tests.support.clock import NOW
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -40,13 +37,7 @@ def test_a_steady_pass_reads_no_shard_file(
 ) -> None:
     clients = [{"name": f"c{i}", "common_name": f"c{i}.upstream"} for i in range(200)]
     settings = make_settings({"kong": {"clients": clients}})
-    passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
-    engine = Engine(
-        settings,
-        LocalAnchor(settings.anchor.local.dir, passphrase),
-        file_journal(settings, passphrase),
-        [DirectoryPublisher(settings.publish_directory)],
-    )
+    engine = build_engine(settings)  # as `run` wires it: local anchor, files, directory
     assert engine.reconcile(now=NOW).ok
     opened = _opened(monkeypatch)
     assert engine.reconcile(now=NOW).ok  # the first load after issuing reads what it wrote

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 
 from ca_daemon.config.settings import Settings
-from ca_daemon.model.state import Phase, RootEntry, RootRole, Rotation
+from ca_daemon.model.state import CaRecord, Phase, RootEntry, RootRole, Rotation, State
 from ca_daemon.report.status import render_table, status_view, waiting_for
 from tests.support.clock import NOW
 from tests.support.pki import self_signed_root
@@ -19,6 +19,21 @@ from tests.support.states import steady_state
 pytestmark = pytest.mark.usefixtures("clean_env")
 
 MakeSettings = Callable[..., Settings]
+
+
+def _new_root_active(state: State, phase: Phase, rotation: Rotation) -> CaRecord:
+    """``state``'s CA record with its root retiring and root-3 active, in ``phase``."""
+    _, new = self_signed_root("new")
+    return replace(
+        state.ca,
+        serial=3,
+        roots=(
+            replace(state.ca.roots[0], role=RootRole.RETIRING),
+            RootEntry("root-3", new, RootRole.ACTIVE, NOW),
+        ),
+        phase=phase,
+        rotation=rotation,
+    )
 
 
 def test_the_propagation_wait_names_its_end(make_settings: MakeSettings) -> None:
@@ -41,17 +56,11 @@ def test_the_propagation_wait_names_its_end(make_settings: MakeSettings) -> None
 def test_a_retiring_root_shows_when_it_retires(make_settings: MakeSettings) -> None:
     settings = make_settings()
     state = steady_state(settings)
-    _, new = self_signed_root("new")
     retire = NOW + timedelta(days=30)
-    record = replace(
-        state.ca,
-        serial=3,
-        roots=(
-            replace(state.ca.roots[0], role=RootRole.RETIRING),
-            RootEntry("root-3", new, RootRole.ACTIVE, NOW),
-        ),
-        phase=Phase.RETIRING,
-        rotation=Rotation(started_at=NOW, trigger="manual", activated_at=NOW, retire_after=retire),
+    record = _new_root_active(
+        state,
+        Phase.RETIRING,
+        Rotation(started_at=NOW, trigger="manual", activated_at=NOW, retire_after=retire),
     )
     retiring = replace(state, ca=record)
     view = status_view(retiring, settings, NOW, waiting=waiting_for(retiring, settings, NOW))
@@ -67,16 +76,10 @@ def test_an_emergency_shows_as_such_with_its_stage_and_the_pods_it_waits_for(
 ) -> None:
     settings = make_settings()
     state = steady_state(settings)
-    _, new = self_signed_root("new")
-    record = replace(
-        state.ca,
-        serial=3,
-        roots=(
-            replace(state.ca.roots[0], role=RootRole.RETIRING),
-            RootEntry("root-3", new, RootRole.ACTIVE, NOW),
-        ),
-        phase=Phase.ACTIVATED,
-        rotation=Rotation(
+    record = _new_root_active(
+        state,
+        Phase.ACTIVATED,
+        Rotation(
             started_at=NOW,
             trigger="manual",
             emergency=True,

@@ -43,8 +43,13 @@ def test_series_follow_the_state(make_settings: Callable[..., Settings]) -> None
     assert kinds == sorted(
         ["trust-anchor", "linkerd-issuer", "kong-intermediate", "kong-client", "kong-client"]
     )
+    touched: list[tuple[str, ...]] = []
+    for gauge in (metrics.not_after, metrics.not_before, metrics.next_rotation):
+        real = gauge.labels
+        gauge.labels = lambda *a, _r=real, **k: touched.append(a) or _r(*a, **k)  # type: ignore[method-assign]
     metrics.observe_state(state, settings, NOW)
     assert _series(metrics, NOT_AFTER) == first
+    assert touched == []  # nothing changed: no series touched
     # Renewed: the value moves, under the same labels.
     renewed = issued_entry("payments")
     state = replace(state, kong_clients={**state.kong_clients, "payments": renewed})
