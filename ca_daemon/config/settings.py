@@ -52,6 +52,7 @@ ENV_PREFIX = "CA_DAEMON_"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 CONFIG_ENV = "CA_DAEMON_CONFIG"
 # CA_DAEMON_* variables that are not configuration: the file's path, and the test suite's.
+HOME = "home"  # the one cluster's name when none are listed
 NOT_CONFIG_ENV = frozenset({CONFIG_ENV, "CA_DAEMON_REQUIRE_ALL", "CA_DAEMON_TESTENV"})
 
 
@@ -326,6 +327,33 @@ class BundleTarget(Section):
         return value
 
 
+class ClusterConfig(Section):
+    """One cluster served from the shared root: how to reach it, and what it runs.
+
+    The first is home (the Lease lives there); its ``linkerd``, ``kong`` and ``bundles``
+    are the top-level sections (either place, not both). Each linked cluster gets its own
+    Linkerd issuer under the shared root, so a leaked issuer key is contained to it."""
+
+    name: DnsLabel
+    in_cluster: bool = False
+    kubeconfig: Path | None = None
+    context: str | None = None
+    # false: this cluster neither holds nor confirms a root rotation (published to, best
+    # effort); status says so. Only explicit: an unreachable cluster always holds.
+    in_rotation: bool = True
+    linkerd: LinkerdConfig | None = None
+    kong: KongConfig | None = None
+    bundles: list[BundleTarget] | None = None
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> ClusterConfig:
+        if self.in_cluster and self.kubeconfig is not None:
+            raise ValueError("in_cluster and kubeconfig exclude each other: give one")
+        if self.context is not None and self.kubeconfig is None:
+            raise RuleError([("context", "needs kubeconfig: a context names one of its entries")])
+        return self
+
+
 class RotationConfig(Section):
     check_interval: Duration = timedelta(seconds=60)
     propagation_delay: Duration = timedelta(minutes=10)
@@ -430,6 +458,37 @@ class Settings(BaseSettings):
     publish: PublishConfig = PublishConfig()
     server: ServerConfig = ServerConfig()
     leader_election: LeaderElection = LeaderElection()
+    # Empty: one cluster, the one the top-level sections describe (named "home").
+    clusters: list[ClusterConfig] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _home_sections(cls, data: Any) -> Any:
+        """The home cluster's linkerd, kong and bundles may sit in clusters[0] too: moved
+        to the top level, where everything single-cluster reads them."""
+        if not isinstance(data, dict):
+            return data
+        clusters = data.get("clusters")
+        if not isinstance(clusters, list) or not clusters or not isinstance(clusters[0], dict):
+            return data
+        home = dict(clusters[0])
+        moved = dict(data)
+        for section in ("linkerd", "kong", "bundles"):
+            if section not in home:
+                continue
+            if section in data:
+                raise RuleError(
+                    [
+                        (
+                            f"clusters[0].{section}",
+                            f"the home cluster's {section} is given twice: here and at the "
+                            "top level; keep one",
+                        )
+                    ]
+                )
+            moved[section] = home.pop(section)
+        moved["clusters"] = [home, *clusters[1:]]
+        return moved
 
     @classmethod
     def settings_customise_sources(
@@ -455,6 +514,7 @@ class Settings(BaseSettings):
             *self._derived_name_lengths(),
             *self._kong_ca_names_taken(),
             *self._proof_needs_a_data_plane_roll(),
+            *self._cluster_rules(),
         ]
         if problems:
             raise RuleError(problems)
@@ -467,6 +527,10 @@ class Settings(BaseSettings):
         yield "kong.intermediate", intermediate.lifetime, intermediate.rotate_before
         for i, client in enumerate(self.kong.clients):
             yield f"kong.clients[{i}]", client.lifetime, client.rotate_before
+        for i, cluster in enumerate(self.clusters[1:], start=1):
+            if cluster.linkerd is not None:
+                issuer = cluster.linkerd.issuer
+                yield f"clusters[{i}].linkerd.issuer", issuer.lifetime, issuer.rotate_before
 
     def _renewal_margins(self) -> Iterator[tuple[str, str]]:
         # A certificate is due at not_after - rotate_before * (1 + jitter * spread), spread
@@ -531,7 +595,69 @@ class Settings(BaseSettings):
                 "(or to none and roll the data plane yourself)",
             )
 
+    def _cluster_rules(self) -> Iterator[tuple[str, str]]:
+        names = Counter(c.name for c in self.clusters)
+        for i, cluster in enumerate(self.clusters):
+            path = f"clusters[{i}]"
+            if names[cluster.name] > 1:
+                yield f"{path}.name", f"{cluster.name} is given to more than one cluster"
+            if i == 0:
+                if not cluster.in_rotation:
+                    yield f"{path}.in_rotation", "the home cluster always takes part"
+                continue
+            if cluster.kubeconfig is None:
+                yield f"{path}.kubeconfig", "a linked cluster is reached with a kubeconfig"
+            if cluster.in_cluster:
+                yield f"{path}.in_cluster", "only the home cluster (clusters[0]) is in-cluster"
+            if cluster.kong is not None and cluster.kong.enabled:
+                yield (
+                    f"{path}.kong",
+                    "Kong in a linked cluster is not supported yet: set kong.enabled: false "
+                    "there (the home cluster's Kong is served as before)",
+                )
+            if cluster.linkerd is not None and cluster.linkerd.enabled and not self.linkerd.enabled:
+                yield (
+                    f"{path}.linkerd.enabled",
+                    "a linked cluster's Linkerd needs Linkerd on in the home cluster too",
+                )
+
     # Derived defaults: computed, never stored, so they follow the fields they depend on.
+
+    @property
+    def home_cluster(self) -> str:
+        """The name of the cluster the Lease lives in (``home`` when none is listed)."""
+        return self.clusters[0].name if self.clusters else HOME
+
+    @property
+    def linked_clusters(self) -> list[ClusterConfig]:
+        """Every cluster but home."""
+        return self.clusters[1:]
+
+    def linked(self, name: str) -> ClusterConfig:
+        return next(c for c in self.linked_clusters if c.name == name)
+
+    def linked_linkerd(self, cluster: ClusterConfig) -> LinkerdConfig:
+        """A linked cluster's Linkerd settings (the defaults when it gives none)."""
+        return cluster.linkerd or LinkerdConfig()
+
+    def for_cluster(self, cluster: ClusterConfig) -> Settings:
+        """These settings as a linked cluster sees them: its Linkerd, its bundles, no Kong
+        (what its publisher, rollout and RBAC are built from)."""
+        return self.model_copy(
+            update={
+                "linkerd": self.linked_linkerd(cluster),
+                "kong": KongConfig(enabled=False),
+                "bundles": cluster.bundles or [],
+                "clusters": [],
+            }
+        )
+
+    def issuer_common_name(self, cluster: str | None) -> str:
+        """The Linkerd issuer's common name in ``cluster`` (None: home)."""
+        if cluster is None:
+            return self.linkerd_issuer_common_name
+        namespace = self.linked_linkerd(self.linked(cluster)).namespace
+        return f"identity.{namespace}.{self.trust_domain}"
 
     @property
     def root_common_name(self) -> str:

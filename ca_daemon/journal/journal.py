@@ -54,8 +54,6 @@ from ca_daemon.journal.store.records import (
     RecordStore,
 )
 from ca_daemon.model.state import (
-    KONG_PREFIX,
-    LINKERD_ISSUER,
     CaRecord,
     IssuedEntry,
     KeyCodec,
@@ -65,6 +63,7 @@ from ca_daemon.model.state import (
     ca_to_json,
     credential_from_json,
     credential_to_json,
+    is_credential_key,
     plain,
 )
 
@@ -273,7 +272,7 @@ class Journal:
         revisions = {}
         entries = {}
         for key, text in stored.items():
-            if key != LINKERD_ISSUER and not key.startswith(KONG_PREFIX):
+            if not is_credential_key(key):
                 raise ValueError(f"unknown credential {key!r}")
             if not isinstance(text, str):
                 raise TypeError(f"{key} is not a JSON text")

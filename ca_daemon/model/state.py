@@ -40,9 +40,26 @@ KeyCodec = Callable[[bytes], bytes]
 KONG_PREFIX = "kong/"
 
 
+ISSUER_PREFIX = "linkerd-issuer/"
+
+
 def client_key(name: str) -> str:
     """The credential id (and manual target) of one Kong client."""
     return f"{KONG_PREFIX}{name}"
+
+
+def issuer_key(cluster: str | None) -> str:
+    """The credential id of a Linkerd issuer: home's (None), or a linked cluster's."""
+    return LINKERD_ISSUER if cluster is None else f"{ISSUER_PREFIX}{cluster}"
+
+
+def issuer_cluster(key: str) -> str | None:
+    """The linked cluster whose issuer ``key`` is (None: home's, or not an issuer)."""
+    return key.removeprefix(ISSUER_PREFIX) if key.startswith(ISSUER_PREFIX) else None
+
+
+def is_credential_key(key: str) -> bool:
+    return key == LINKERD_ISSUER or key.startswith((KONG_PREFIX, ISSUER_PREFIX))
 
 
 class Phase(enum.StrEnum):
@@ -324,15 +341,25 @@ class State:
     ca: CaRecord = field(default_factory=CaRecord)
     linkerd_issuer: IssuedEntry | None = None
     kong_clients: Mapping[str, IssuedEntry] = field(default_factory=dict)
+    # Each linked cluster's own Linkerd issuer, by cluster name.
+    cluster_issuers: Mapping[str, IssuedEntry] = field(default_factory=dict)
 
     def credential(self, key: str) -> IssuedEntry | None:
         if key == LINKERD_ISSUER:
             return self.linkerd_issuer
+        if key.startswith(ISSUER_PREFIX):
+            return self.cluster_issuers.get(key.removeprefix(ISSUER_PREFIX))
         return self.kong_clients.get(key.removeprefix(KONG_PREFIX))
+
+    def issuer(self, cluster: str | None) -> IssuedEntry | None:
+        """The Linkerd issuer of ``cluster`` (None: home)."""
+        return self.credential(issuer_key(cluster))
 
     def credentials(self) -> Iterable[tuple[str, IssuedEntry]]:
         if self.linkerd_issuer is not None:
             yield LINKERD_ISSUER, self.linkerd_issuer
+        for cluster, entry in self.cluster_issuers.items():
+            yield issuer_key(cluster), entry
         for name, entry in self.kong_clients.items():
             yield client_key(name), entry
 
@@ -345,14 +372,21 @@ class State:
         """This state with each keyed credential replaced (None: dropped)."""
         issuer = self.linkerd_issuer
         clients = dict(self.kong_clients)
+        issuers = dict(self.cluster_issuers)
         for key, entry in changes.items():
             if key == LINKERD_ISSUER:
                 issuer = entry
+            elif key.startswith(ISSUER_PREFIX):
+                cluster = key.removeprefix(ISSUER_PREFIX)
+                if entry is None:
+                    issuers.pop(cluster, None)
+                else:
+                    issuers[cluster] = entry
             elif entry is None:
                 clients.pop(key.removeprefix(KONG_PREFIX), None)
             else:
                 clients[key.removeprefix(KONG_PREFIX)] = entry
-        return replace(self, linkerd_issuer=issuer, kong_clients=clients)
+        return replace(self, linkerd_issuer=issuer, kong_clients=clients, cluster_issuers=issuers)
 
 
 # --- serialization --------------------------------------------------------------------------

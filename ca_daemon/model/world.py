@@ -6,13 +6,20 @@ Derived from the persisted state alone, so publishing is a pure reconciliation.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from cryptography import x509
 
 from ca_daemon.config.settings import Settings
-from ca_daemon.model.state import LINKERD_ISSUER, IssuedEntry, State, client_key, trusted_roots
+from ca_daemon.model.state import (
+    LINKERD_ISSUER,
+    IssuedEntry,
+    State,
+    client_key,
+    issuer_key,
+    trusted_roots,
+)
 from ca_daemon.pki.bundle import render_pem
 
 
@@ -40,6 +47,8 @@ class TrustWorld:
     # The CRLs of every CA in the bundle (PEM), once something was revoked: published
     # next to the bundle (crl.pem) for verifiers that check revocation.
     crls_pem: str | None = None
+    # Each linked cluster's own Linkerd issuer (cluster_world() shows one cluster its own).
+    cluster_issuers: Mapping[str, IssuedEntry] = field(default_factory=dict)
 
     @property
     def bundle_pem(self) -> str:
@@ -58,6 +67,9 @@ def desired_world(
     kept = {LINKERD_ISSUER} if linkerd and state.linkerd_issuer is None else set()
     if kong:
         kept |= {client_key(n) for n in configured - set(state.kong_clients)}
+    linked = [c.name for c in settings.linked_clusters if settings.linked_linkerd(c).enabled]
+    issuers = {n: e for n, e in state.cluster_issuers.items() if n in linked}
+    kept |= {issuer_key(n) for n in linked if n not in issuers}
     return TrustWorld(
         roots=tuple(trusted_roots(state.ca)),
         linkerd_issuer=state.linkerd_issuer if linkerd else None,
@@ -71,6 +83,22 @@ def desired_world(
         versions=dict(versions or {}),
         kept=frozenset(kept),
         crls_pem=state.ca.crls.pem if state.ca.crls else None,
+        cluster_issuers=issuers if linkerd else {},
+    )
+
+
+def cluster_world(world: TrustWorld, cluster: str) -> TrustWorld:
+    """What a linked cluster is published: the shared bundle and its own issuer, as the
+    home cluster's publisher would see its own (no Kong: served in home only)."""
+    key = issuer_key(cluster)
+    versions = {LINKERD_ISSUER: world.versions[key]} if key in world.versions else {}
+    return replace(
+        world,
+        linkerd_issuer=world.cluster_issuers.get(cluster),
+        kong_clients={},
+        versions=versions,
+        kept=frozenset({LINKERD_ISSUER}) if key in world.kept else frozenset(),
+        cluster_issuers={},
     )
 
 
@@ -87,6 +115,7 @@ def newest_content(world: TrustWorld) -> datetime | None:
     """The latest moment anything in ``world`` came to be: once a full publish at or after
     it is journaled, every object of the world counts as published."""
     moments = [e.issued for e in world.kong_clients.values()]
+    moments += [e.issued for e in world.cluster_issuers.values()]
     if world.linkerd_issuer is not None:
         moments.append(world.linkerd_issuer.issued)
     if world.phase_since is not None:

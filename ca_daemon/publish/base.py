@@ -25,6 +25,8 @@ class PublishReport:
     # Objects that carry the trust bundle and could not be written. None: the publisher
     # does not tell them apart, so any error counts.
     bundle_errors: list[str] | None = None
+    # A linked cluster this publish did not confirm: a root rotation holds for it.
+    holds: str | None = None
 
     @property
     def bundle_confirmed(self) -> bool:

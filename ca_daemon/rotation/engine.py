@@ -27,7 +27,6 @@ from ca_daemon.config.settings import Settings
 from ca_daemon.errors import JournalConflict, JournalError
 from ca_daemon.journal.journal import Journal, Seen
 from ca_daemon.model.state import (
-    LINKERD_ISSUER,
     CaRecord,
     IssuedEntry,
     IssuerAnswer,
@@ -35,6 +34,7 @@ from ca_daemon.model.state import (
     OpState,
     State,
     client_key,
+    issuer_key,
 )
 from ca_daemon.model.world import TrustWorld, desired_world, newest_content
 from ca_daemon.pki.bundle import bundle_hash, certificate_pem
@@ -118,8 +118,8 @@ def _blocked(step: Step, failed: set[str]) -> bool:
             return KONG_INTERMEDIATE in failed or client_key(name) in failed
         case IssueKongIntermediate():
             return KONG_INTERMEDIATE in failed
-        case IssueLinkerdIssuer():
-            return LINKERD_ISSUER in failed
+        case IssueLinkerdIssuer(cluster=cluster):
+            return issuer_key(cluster) in failed
         case Wait():
             return False
         case StartOperation(operation=op) | FinishOperation(operation=op) | Revoke(operation=op):
@@ -177,6 +177,9 @@ class Engine:
         self._cross_checked: tuple[int, int] | None = None
         # By name: a scan per issue would make a batch of N clients cost N².
         self._clients = {c.name: c for c in settings.kong.clients}
+        # Linked clusters the last publish could not confirm (in memory: a restarted
+        # daemon finds them again at its first publish).
+        self._holding: tuple[str, ...] = ()
 
     # --- manual requests ------------------------------------------------------------------
 
@@ -317,8 +320,12 @@ class Engine:
             result.steps.append(StepResult(step, kind, name, why, is_manual(step)))
 
     def _advance(self, p: _Pass, state: State) -> tuple[State, TrustWorld | None]:
+        # Clusters that held the rotation at the last publish hold it until one shows
+        # them back: before this pass publishes, no phase moves past them.
         observations = Observations(
-            cluster=self.rollout is not None, anchor_cas=self._anchor_cas(p, state)
+            cluster=self.rollout is not None,
+            anchor_cas=self._anchor_cas(p, state),
+            unreachable=self._holding,
         )
         published: TrustWorld | None = None
         for _ in range(_MAX_ROUNDS):
@@ -515,6 +522,7 @@ class Engine:
             return observed, False
         confirmed = True
         accepted = True
+        first = len(result.reports)
         for publisher in self.publishers:
             try:
                 report = publisher.publish(world)
@@ -540,7 +548,9 @@ class Engine:
             bundle_at=self.clock() if p.clocked else None,  # a slow pass confirms late
             pending_pods=self._pending_pods(p, world, state, bundle),
             cluster=self.rollout is not None,
+            unreachable=tuple(r.holds for r in p.result.reports[first:] if r.holds),
         )
+        self._holding = observations.unreachable
         return observations, accepted
 
     def _note_published(

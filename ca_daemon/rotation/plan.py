@@ -28,10 +28,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from ca_daemon.anchor.base import CA
-from ca_daemon.config.settings import KongClient, Settings
+from ca_daemon.config.settings import ClusterConfig, KongClient, LinkerdConfig, Settings
 from ca_daemon.model.state import (
     KONG_PREFIX,
-    LINKERD_ISSUER,
     CaRecord,
     IntermediateEntry,
     IssuedEntry,
@@ -41,6 +40,7 @@ from ca_daemon.model.state import (
     Rotation,
     State,
     client_key,
+    issuer_key,
     trusted_roots,
 )
 from ca_daemon.pki.bundle import bundle_hash, fingerprint, render_pem
@@ -92,6 +92,9 @@ class Observations:
     # while the CA record is empty (a lost journal), and whenever the record moved, to
     # cross-check it against what the anchor holds.
     anchor_cas: tuple[CA, ...] | None = None
+    # Clusters in the rotation that could not be reached this pass: each holds every
+    # phase move until it answers again (never skipped silently).
+    unreachable: tuple[str, ...] = ()
 
 
 def renew_at(cert: x509.Certificate, rotate_before: timedelta, jitter: float) -> datetime:
@@ -226,22 +229,7 @@ def plan(
         steps += _operations(state, observations)
         steps += _crl_refresh(ca, now)
 
-    issuer_steps: list[Step] = []
-    if settings.linkerd.enabled:
-        reason = _reason(
-            state.linkerd_issuer,
-            LINKERD_ISSUER,
-            root_signer,
-            settings.linkerd.issuer.rotate_before,
-            now,
-            settings.rotation.jitter,
-            running,
-        )
-        issuer = state.linkerd_issuer
-        if reason is None and issuer and issuer.cert.subject != _cn_name(settings):
-            reason = "common name changed"
-        if reason:
-            issuer_steps.append(IssueLinkerdIssuer(reason=reason))
+    issuer_steps = _issuer_steps(state, now, settings, root_signer, running)
 
     kong_steps: list[Step] = []
     if settings.kong.enabled:
@@ -270,6 +258,36 @@ def plan(
     waits = [s for s in steps if isinstance(s, Wait)]
     actions = [s for s in steps if not isinstance(s, Wait)]
     return [*actions, *issuer_steps, *kong_steps, *waits]
+
+
+def _issuer_steps(
+    state: State, now: datetime, settings: Settings, signer: _Signer, running: list[Operation]
+) -> list[Step]:
+    """The home cluster's Linkerd issuer and each linked cluster's, each on its own
+    schedule: a linked cluster's renewal never waits on another cluster."""
+    if not settings.linkerd.enabled:
+        return []
+    clusters: list[tuple[str | None, LinkerdConfig]] = [(None, settings.linkerd)]
+    clusters += [(c.name, settings.linked_linkerd(c)) for c in settings.linked_clusters]
+    steps: list[Step] = []
+    for cluster, linkerd in clusters:
+        if not linkerd.enabled:
+            continue
+        issuer = state.issuer(cluster)
+        reason = _reason(
+            issuer,
+            issuer_key(cluster),
+            signer,
+            linkerd.issuer.rotate_before,
+            now,
+            settings.rotation.jitter,
+            running,
+        )
+        if reason is None and issuer and issuer.cert.subject != _cn_name(settings, cluster):
+            reason = "common name changed"
+        if reason:
+            steps.append(IssueLinkerdIssuer(reason=reason, cluster=cluster))
+    return steps
 
 
 def _reason(
@@ -346,6 +364,9 @@ def _root_rotation(
             )
         ]
     assert rotation is not None, f"phase {ca.phase} without a rotation record"
+    if obs.unreachable and ca.phase is not Phase.PREPARED:
+        names = ", ".join(obs.unreachable)
+        return [Wait(f"cluster(s) not reachable, the rotation holds for them: {names}")]
     if ca.phase is Phase.PREPARED:
         return [Propagate()]
     if ca.phase is Phase.PROPAGATING:
@@ -498,7 +519,17 @@ def _gated_here(settings: Settings, obs: Observations) -> bool:
 
 def _gated(settings: Settings, rotation: Rotation) -> bool:
     # Proof is every Pod restarted: only the pods gate can tell, whatever linkerd.gate says.
-    return settings.linkerd.gate == "pods" or rotation.proof
+    gates = [settings.linkerd.gate]
+    gates += [settings.linked_linkerd(c).gate for c in rotating_clusters(settings)]
+    return "pods" in gates or rotation.proof
+
+
+def rotating_clusters(settings: Settings) -> list[ClusterConfig]:
+    """Linked clusters that take part in a root rotation (with Linkerd on): each holds it
+    until it confirmed; one left out (``in_rotation: false``) is only published to."""
+    return [
+        c for c in settings.linked_clusters if c.in_rotation and settings.linked_linkerd(c).enabled
+    ]
 
 
 @dataclass(frozen=True)
@@ -536,8 +567,9 @@ def _under_old_chain(state: State, settings: Settings) -> int:
     inter = ca.active_intermediate
     count = 0
     if settings.linkerd.enabled:
-        issuer = state.linkerd_issuer
-        count += issuer is None or issuer.signer_ref != root.ref
+        for cluster in [None, *(c.name for c in rotating_clusters(settings))]:
+            issuer = state.issuer(cluster)
+            count += issuer is None or issuer.signer_ref != root.ref
     if settings.kong.enabled:
         if inter is None:
             return count + 1
@@ -632,5 +664,6 @@ def retire_after(state: State, now: datetime, settings: Settings) -> datetime:
     return max(rotation.old_chain_until or now, now) + settings.rotation.clock_skew
 
 
-def _cn_name(settings: Settings) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, settings.linkerd_issuer_common_name)])
+def _cn_name(settings: Settings, cluster: str | None = None) -> x509.Name:
+    name = settings.issuer_common_name(cluster)
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])

@@ -10,7 +10,7 @@ from cryptography import x509
 
 from ca_daemon.anchor.base import CA, Anchor
 from ca_daemon.config.settings import KongClient, Settings
-from ca_daemon.model.state import LINKERD_ISSUER, IssuedEntry, State, client_key
+from ca_daemon.model.state import IssuedEntry, State, client_key, issuer_key
 from ca_daemon.pki.keys import generate_key, private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject, Validity, build_csr, capped_validity
 from ca_daemon.rotation.ca_steps import IssuanceError, require
@@ -21,7 +21,7 @@ from ca_daemon.rotation.steps import CredentialStep, IssueKongClient, IssueLinke
 def credential_key(step: CredentialStep) -> str:
     """The journal's key of the credential a step makes or drops."""
     if isinstance(step, IssueLinkerdIssuer):
-        return LINKERD_ISSUER
+        return issuer_key(step.cluster)
     return client_key(step.name)
 
 
@@ -49,10 +49,11 @@ def order(
         root = state.ca.active_root
         if root is None:
             raise IssuanceError("no active trust anchor")
+        linkerd = s.linked_linkerd(s.linked(step.cluster)) if step.cluster else s.linkerd
         validity = capped_validity(
-            now, s.linkerd.issuer.lifetime, root.cert.not_valid_after_utc, skew
+            now, linkerd.issuer.lifetime, root.cert.not_valid_after_utc, skew
         )
-        subject = Subject(s.linkerd_issuer_common_name)
+        subject = Subject(s.issuer_common_name(step.cluster))
         return Order(Kind.LINKERD_ISSUER, CA(root.ref, root.cert), subject, validity, ())
     inter = state.ca.active_intermediate
     if inter is None:

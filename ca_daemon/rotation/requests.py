@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import RequestError
-from ca_daemon.model.state import LINKERD_ISSUER, CaRecord, Phase
+from ca_daemon.model.state import LINKERD_ISSUER, CaRecord, Phase, issuer_key
 from ca_daemon.rotation.steps import KONG, KONG_INTERMEDIATE, ROOT_TARGETS, TRUST_ANCHOR
 
 
@@ -26,12 +26,16 @@ def check_target(settings: Settings, target: str) -> None:
         return
     if target == LINKERD_ISSUER and s.linkerd.enabled:
         return
+    linked = {issuer_key(c.name) for c in s.linked_clusters if s.linked_linkerd(c).enabled}
+    if target in linked and s.linkerd.enabled:
+        return
     if target in (KONG_INTERMEDIATE, KONG) and s.kong.enabled:
         return
     if target.startswith("kong/") and s.kong.enabled and target[5:] in known:
         return
     raise UnknownTarget(
         f"unknown target {target!r}: one of trust-anchor, linkerd-issuer, "
+        "linkerd-issuer/<linked cluster>, "
         "kong-intermediate, kong, kong/<configured client>, all (parts that are enabled)"
     )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ca_daemon.config.settings import Settings
-from ca_daemon.model.state import LINKERD_ISSUER, State, client_key
+from ca_daemon.model.state import ISSUER_PREFIX, LINKERD_ISSUER, State, client_key, issuer_key
 from ca_daemon.pki.profiles import Kind
 from ca_daemon.publish.base import PublishReport
 from ca_daemon.rotation.steps import (
@@ -109,8 +109,11 @@ def step_target(step: Step, settings: Settings) -> tuple[Kind, str, str]:
             return Kind.TRUST_ANCHOR, f"operation {op}", f"operation/{op}"
         case RefreshCrls():
             return Kind.TRUST_ANCHOR, CRLS, CRLS
-        case IssueLinkerdIssuer():
-            return Kind.LINKERD_ISSUER, settings.linkerd.issuer_secret, LINKERD_ISSUER
+        case IssueLinkerdIssuer(cluster=cluster):
+            if cluster is None:
+                return Kind.LINKERD_ISSUER, settings.linkerd.issuer_secret, LINKERD_ISSUER
+            # Named by the credential: every cluster's issuer Secret may have the same name.
+            return Kind.LINKERD_ISSUER, issuer_key(cluster), issuer_key(cluster)
         case IssueKongClient(name=name) | DropKongClient(name=name):
             return Kind.KONG_CLIENT, name, client_key(name)
 
@@ -125,7 +128,7 @@ def is_manual(step: Step) -> bool:
 def step_target_name(step: StepResult) -> str | None:
     """The manual target a failed step belongs to."""
     if step.kind is Kind.LINKERD_ISSUER:
-        return LINKERD_ISSUER
+        return step.name if step.name.startswith(ISSUER_PREFIX) else LINKERD_ISSUER
     if step.kind is Kind.KONG_CLIENT:
         return client_key(step.name)
     if step.kind is Kind.KONG_INTERMEDIATE:

@@ -141,6 +141,7 @@ class FinishOperation:
 @dataclass(frozen=True)
 class IssueLinkerdIssuer:
     reason: str
+    cluster: str | None = None  # a linked cluster's own issuer; None: home's
 
 
 @dataclass(frozen=True)

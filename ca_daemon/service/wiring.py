@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ca_daemon.anchor.base import Anchor
 from ca_daemon.config.settings import Settings
 from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.publish.base import Publisher
+from ca_daemon.publish.clusters import ClusterPublisher, ClusterRollouts, Contacts, Member
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.publish.kong_admin import KongAdminPublisher
 from ca_daemon.publish.kubernetes import KubernetesPublisher
@@ -24,6 +25,7 @@ class Runtime:
     journal: Journal
     publishers: list[Publisher]
     rollout: Rollout | None = None
+    contacts: Contacts = field(default_factory=Contacts)  # linked clusters' last answers
 
 
 def directory_publishing(settings: Settings) -> bool:
@@ -36,14 +38,34 @@ def build_runtime(settings: Settings) -> Runtime:
     rollout: Rollout | None = None
     if directory_publishing(settings):
         publishers.append(DirectoryPublisher(settings.publish_directory))
+    contacts = Contacts()
     if settings.kubernetes_enabled:
-        api = api_client()
+        home = settings.clusters[0] if settings.clusters else None
+        api = api_client(home.kubeconfig, context=home.context) if home else api_client()
         publishers.append(KubernetesPublisher(settings, api))
+        members = []
         if settings.linkerd.enabled:
             rollout = LinkerdRollout(settings, api)
+            gated = settings.linkerd.gate == "pods"
+            members.append(Member(None, rollout, settings.linkerd.restart, gated))
+        for cluster in settings.linked_clusters:
+            own = settings.for_cluster(cluster)
+            linked_api = api_client(cluster.kubeconfig, context=cluster.context)
+            inner = KubernetesPublisher(own, linked_api)
+            publishers.append(
+                ClusterPublisher(cluster.name, inner, contacts, in_rotation=cluster.in_rotation)
+            )
+            if own.linkerd.enabled and cluster.in_rotation:
+                rolling = LinkerdRollout(own, linked_api)
+                gated = own.linkerd.gate == "pods"
+                members.append(Member(cluster.name, rolling, own.linkerd.restart, gated))
+        if len(members) > 1:
+            rollout = ClusterRollouts(members)
     if settings.kong.enabled and settings.kong.delivery == "admin-api":
         publishers.append(KongAdminPublisher(settings.kong))
-    return Runtime(anchor=anchor, journal=journal, publishers=publishers, rollout=rollout)
+    return Runtime(
+        anchor=anchor, journal=journal, publishers=publishers, rollout=rollout, contacts=contacts
+    )
 
 
 def build_engine(settings: Settings) -> Engine:

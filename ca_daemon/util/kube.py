@@ -69,7 +69,9 @@ def _throttle_refresh(api: client.ApiClient) -> client.ApiClient:
     return api
 
 
-def api_client(kubeconfig: Path | None = None, *, retries: bool | None = None) -> client.ApiClient:
+def api_client(
+    kubeconfig: Path | None = None, *, retries: bool | None = None, context: str | None = None
+) -> client.ApiClient:
     """In-cluster configuration when running in a Pod, else the kubeconfig (or KUBECONFIG).
 
     ``retries=False``: no urllib3 retries, so a request ends within its own timeout (the
@@ -82,11 +84,12 @@ def api_client(kubeconfig: Path | None = None, *, retries: bool | None = None) -
     path = str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG")
     try:
         api: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=path, client_configuration=configuration
+            config_file=path, context=context, client_configuration=configuration
         )
         return _throttle_refresh(api)
     except (config.ConfigException, OSError) as exc:
-        raise KubeError(f"cannot load kubeconfig {path or '~/.kube/config'}: {exc}") from None
+        where = f"{path or '~/.kube/config'}" + (f" (context {context})" if context else "")
+        raise KubeError(f"cannot load kubeconfig {where}: {exc}") from None
 
 
 def api_message(exc: ApiException) -> str:
