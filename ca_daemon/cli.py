@@ -117,7 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--kubeconfig",
         type=Path,
-        help="check the live cluster instead (default when Kubernetes publishing is on)",
+        action="append",
+        help="check the live cluster instead (default when Kubernetes publishing is on); "
+        "given again, the next cluster (in the order of clusters[]): every one is checked, "
+        "then that they all trust the same roots",
     )
     verify.add_argument(
         "--json",
@@ -140,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         "--service-account",
         default="ca-daemon/ca-daemon",
         help="namespace/name of the daemon's ServiceAccount (default: ca-daemon/ca-daemon)",
+    )
+    rbac.add_argument(
+        "--cluster",
+        metavar="NAME",
+        help="the Roles to apply in this linked cluster (clusters[].name), for the identity "
+        "its kubeconfig names; default: the home cluster",
     )
     schema = config_commands.add_parser(
         "schema", parents=[common], help="print the configuration's JSON Schema"
@@ -379,6 +388,42 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
+def _verified_clusters(
+    settings: Settings, kubeconfigs: list[Path]
+) -> list[tuple[str, Any, Settings]]:
+    """(name, API client, settings as that cluster sees them) for each cluster verify
+    reads: the configuration's clusters (each --kubeconfig in their order, else their own),
+    or with one configured cluster, one per --kubeconfig (named by the file)."""
+    # local import: start-up time, each command loads only what it runs
+    from ca_daemon.errors import KubeError
+    from ca_daemon.util.kube import api_client
+
+    clusters = settings.clusters
+    if len(clusters) < 2:
+        if len(kubeconfigs) < 2:
+            return [
+                (
+                    settings.home_cluster,
+                    api_client(kubeconfigs[0] if kubeconfigs else None),
+                    settings,
+                )
+            ]
+        return [(path.stem, api_client(path), settings) for path in kubeconfigs]
+    if len(kubeconfigs) > len(clusters):
+        raise KubeError(
+            f"{len(kubeconfigs)} --kubeconfig given, the configuration has {len(clusters)} clusters"
+        )
+    targets = []
+    for i, cluster in enumerate(clusters):
+        given = kubeconfigs[i] if i < len(kubeconfigs) else None
+        own = settings if i == 0 else settings.for_cluster(cluster)
+        path = given or cluster.kubeconfig
+        targets.append(
+            (cluster.name, api_client(path, context=None if given else cluster.context), own)
+        )
+    return targets
+
+
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     # local import: start-up time, each command loads only what it runs
     from ca_daemon.report.findings import Report
@@ -389,12 +434,16 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     if args.kubeconfig is not None or (args.dir is None and settings.kubernetes_enabled):
         # local import: start-up time, each command loads only what it runs
         from ca_daemon.errors import KubeError
-        from ca_daemon.report.verify_cluster import verify_cluster
-        from ca_daemon.util.kube import api_client
+        from ca_daemon.report.verify_cluster import verify_cluster, verify_clusters
 
         where = "cluster"
         try:
-            report = verify_cluster(api_client(args.kubeconfig), settings, now, thresholds)
+            targets = _verified_clusters(settings, args.kubeconfig or [])
+            if len(targets) == 1:
+                report = verify_cluster(targets[0][1], settings, now, thresholds)
+            else:
+                where = "clusters"
+                report = verify_clusters(targets, now, thresholds)
         except KubeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             if args.json:
@@ -427,6 +476,16 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
         if not namespace or not name:
             print("error: --service-account must be namespace/name", file=sys.stderr)
             return EXIT_USAGE
+        linked = {c.name: c for c in settings.linked_clusters}
+        if args.cluster is not None and args.cluster != settings.home_cluster:
+            if args.cluster not in linked:
+                known = ", ".join([settings.home_cluster, *linked]) or settings.home_cluster
+                print(
+                    f"error: --cluster: no cluster {args.cluster!r} (one of: {known})",
+                    file=sys.stderr,
+                )
+                return EXIT_USAGE
+            settings = settings.for_cluster(linked[args.cluster])
         print(yaml.safe_dump_all(manifests(settings, namespace, name), sort_keys=False), end="")
         return EXIT_OK
     print(yamltext.dump(effective_config(settings)), end="")

@@ -641,14 +641,17 @@ class Settings(BaseSettings):
         return cluster.linkerd or LinkerdConfig()
 
     def for_cluster(self, cluster: ClusterConfig) -> Settings:
-        """These settings as a linked cluster sees them: its Linkerd, its bundles, no Kong
-        (what its publisher, rollout and RBAC are built from)."""
+        """These settings as a linked cluster sees them: its Linkerd, its bundles, no Kong,
+        no Lease and no API authentication there (both live in home): what its publisher,
+        rollout and RBAC are built from."""
         return self.model_copy(
             update={
                 "linkerd": self.linked_linkerd(cluster),
                 "kong": KongConfig(enabled=False),
                 "bundles": cluster.bundles or [],
                 "clusters": [],
+                "leader_election": self.leader_election.model_copy(update={"enabled": False}),
+                "server": self.server.model_copy(update={"auth": "static"}),
             }
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 from ca_daemon.model.world import TrustWorld
@@ -25,8 +26,11 @@ class PublishReport:
     # Objects that carry the trust bundle and could not be written. None: the publisher
     # does not tell them apart, so any error counts.
     bundle_errors: list[str] | None = None
-    # A linked cluster this publish did not confirm: a root rotation holds for it.
-    holds: str | None = None
+    # A linked cluster's report: its name, whether a root rotation holds for it (this
+    # publish did not confirm its bundle), and when its API server last answered.
+    cluster: str | None = None
+    holds: bool = False
+    reached_at: datetime | None = None
 
     @property
     def bundle_confirmed(self) -> bool:

@@ -9,9 +9,8 @@ answered is told apart from the home cluster's by its report's target
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
@@ -29,33 +28,6 @@ def cluster_target(cluster: str) -> str:
     return f"{KUBERNETES}/{cluster}"
 
 
-@dataclass(frozen=True)
-class Contact:
-    """What the last publish to a linked cluster showed."""
-
-    cluster: str
-    in_rotation: bool
-    reached_at: datetime | None = None  # the last publish that reached its API server
-    error: str | None = None  # why the last publish failed (None: it did not)
-
-
-@dataclass
-class Contacts:
-    """Every linked cluster's last contact, shared by its publisher (which writes it) and
-    the status API and metrics (which read it); kept in memory, per replica."""
-
-    _seen: dict[str, Contact] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def note(self, contact: Contact) -> None:
-        with self._lock:
-            self._seen[contact.cluster] = contact
-
-    def all(self) -> list[Contact]:
-        with self._lock:
-            return sorted(self._seen.values(), key=lambda c: c.cluster)
-
-
 class ClusterPublisher:
     """Publishes a linked cluster's part of the world through ``inner`` (a
     KubernetesPublisher built on that cluster's client and settings)."""
@@ -64,40 +36,32 @@ class ClusterPublisher:
         self,
         cluster: str,
         inner: Publisher,
-        contacts: Contacts,
         in_rotation: bool = True,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.cluster = cluster
         self.inner = inner
-        self.contacts = contacts
         self.in_rotation = in_rotation
         self.clock = clock
         self.description = cluster_target(cluster)
+        self._reached_at: datetime | None = None  # in memory: per process
 
     def publish(self, world: TrustWorld) -> PublishReport:
-        before = next((c for c in self.contacts.all() if c.cluster == self.cluster), None)
         try:
             report = self.inner.publish(cluster_world(world, self.cluster))
-        except Exception as exc:  # the engine reports it; the contact names it too
+        except Exception as exc:  # as the engine would report it, with the cluster named
             report = PublishReport(self.description, errors={"*": str(exc)})
+        if "*" not in report.errors:  # the publisher's own "nothing could be read"
+            self._reached_at = self.clock()
         report.target = self.description
+        report.cluster = self.cluster
+        report.reached_at = self._reached_at
         if self.in_rotation:
-            # Not confirmed here: the rotation holds for this cluster (plan's unreachable).
-            report.holds = None if report.bundle_confirmed else self.cluster
+            # Not confirmed here: a root rotation holds for this cluster (plan()).
+            report.holds = not report.bundle_confirmed
         else:
             # Left out of rotations by the operator: published to, never waited for.
             report.bundle_errors = []
-        reached = "*" not in report.errors
-        error = "; ".join(f"{k}: {v}" for k, v in list(report.errors.items())[:3]) or None
-        self.contacts.note(
-            Contact(
-                self.cluster,
-                self.in_rotation,
-                self.clock() if reached else (before.reached_at if before else None),
-                error,
-            )
-        )
         return report
 
 

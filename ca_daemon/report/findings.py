@@ -116,6 +116,11 @@ CATALOG: Mapping[str, Kind] = {
         "renewal is failing: read the daemon's log and `ca-daemon status`, then "
         "`ca-daemon rotate` that target",
     ),
+    "clusters-roots-differ": Kind(
+        _E,
+        "let the daemon publish to every cluster (`ca-daemon run --once`; `ca-daemon status` "
+        "names a cluster it cannot reach), and publish nothing else to the trust roots there",
+    ),
     "cluster-unreadable": Kind(
         _E, "check the kubeconfig, and that it may read what `ca-daemon config rbac` grants"
     ),

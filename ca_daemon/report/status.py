@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -9,9 +10,11 @@ from typing import Any
 from cryptography import x509
 
 from ca_daemon.config.settings import Settings
-from ca_daemon.model.state import CaRecord, Operation, Phase, RootRole, State
+from ca_daemon.model.state import CaRecord, Operation, Phase, RootRole, State, issuer_key
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
+from ca_daemon.publish.base import PublishReport
+from ca_daemon.publish.kubernetes import KUBERNETES
 from ca_daemon.rotation.issuer_confirmation import confirmation
 from ca_daemon.rotation.plan import Observations, plan, renew_at, root_due_at
 from ca_daemon.rotation.steps import Wait
@@ -55,6 +58,13 @@ def cert_rows(state: State, settings: Settings) -> list[CertRow]:
         rows.append(
             CertRow(Kind.LINKERD_ISSUER, settings.linkerd.issuer_secret, "active", cert, due)
         )
+    linked = {c.name: settings.linked_linkerd(c) for c in settings.linked_clusters}
+    for cluster, entry in sorted(state.cluster_issuers.items()):
+        if cluster in linked:
+            due = renew_at(entry.cert, linked[cluster].issuer.rotate_before, jitter)
+            rows.append(
+                CertRow(Kind.LINKERD_ISSUER, issuer_key(cluster), "active", entry.cert, due)
+            )
     for inter in ca.intermediates:
         role = "active" if active and inter.root_ref == active.ref else "retiring"
         due = renew_at(inter.cert, settings.kong.intermediate.rotate_before, jitter)
@@ -133,6 +143,51 @@ def status_view(
         "linkerd_issuer": linkerd_issuer_view(state, settings, now),
         "notes": notes(settings),
     }
+
+
+def clusters_view(
+    settings: Settings, reports: Sequence[PublishReport], pending_pods: Sequence[str]
+) -> list[dict[str, Any]] | None:
+    """Each cluster as the last publish found it (None: one cluster, nothing to tell
+    apart): reached or not and when last, whether a root rotation holds for it, and which
+    of its meshed Pods the rotation waits for. Empty facts before the leader's first pass."""
+    if not settings.linked_clusters:
+        return None
+    home = next((r for r in reversed(reports) if r.target == KUBERNETES), None)
+    views = [
+        {
+            "name": settings.home_cluster,
+            "home": True,
+            "in_rotation": True,
+            "reached": None if home is None else "*" not in home.errors,
+            "last_contact": None,
+            "holds_rotation": None if home is None else not home.bundle_confirmed,
+            "errors": _first_errors(home),
+            "pending_pods": [p for p in pending_pods if p.count("/") == 1],
+        }
+    ]
+    for cluster in settings.linked_clusters:
+        found = next((r for r in reversed(reports) if r.cluster == cluster.name), None)
+        prefix = f"{cluster.name}/"
+        views.append(
+            {
+                "name": cluster.name,
+                "home": False,
+                "in_rotation": cluster.in_rotation,
+                "reached": None if found is None else "*" not in found.errors,
+                "last_contact": optional_iso(found.reached_at) if found else None,
+                "holds_rotation": found.holds if found else None,
+                "errors": _first_errors(found),
+                "pending_pods": [p for p in pending_pods if p.startswith(prefix)],
+            }
+        )
+    return views
+
+
+def _first_errors(report: PublishReport | None, shown: int = 3) -> list[str]:
+    if report is None:
+        return []
+    return [f"{obj}: {error}" for obj, error in list(report.errors.items())[:shown]]
 
 
 def linkerd_issuer_view(state: State, settings: Settings, now: datetime) -> dict[str, Any] | None:
@@ -262,7 +317,25 @@ def render_table(view: dict[str, Any]) -> str:
         if rotation.get("pending_pods_total"):
             names = ", ".join(rotation["pending_pods"])
             head.append(f"pods it waits for ({rotation['pending_pods_total']}): {names}")
+    head += [_cluster_line(c) for c in view.get("clusters") or []]
     return "\n".join(head) + "\n" + "\n".join(lines)
+
+
+def _cluster_line(cluster: dict[str, Any]) -> str:
+    role = "home" if cluster["home"] else "linked"
+    parts = [f"cluster {cluster['name']} ({role})"]
+    if not cluster["in_rotation"]:
+        parts.append("OUT of root rotations (clusters[].in_rotation: false)")
+    if cluster["reached"] is False:
+        parts.append(f"NOT reached (last contact: {cluster['last_contact'] or 'never'})")
+    elif cluster["reached"]:
+        parts.append("reached")
+    if cluster["holds_rotation"]:
+        parts.append("holds the root rotation")
+    if cluster["pending_pods"]:
+        parts.append(f"{len(cluster['pending_pods'])} lagging pod(s)")
+    parts += cluster["errors"][:1]
+    return ": ".join(parts[:1]) + ": " + "; ".join(parts[1:]) if parts[1:] else parts[0]
 
 
 def _when(moment: datetime) -> str:

@@ -12,7 +12,8 @@ the credentials allow, and a check that could not be made is named in ``skipped`
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -63,6 +64,67 @@ def _list(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[
         token = (page.get("metadata") or {}).get("continue")
         if not token:
             return items
+
+
+def verify_clusters(
+    targets: Sequence[tuple[str, client.ApiClient, Settings]],
+    now: datetime,
+    thresholds: Thresholds,
+) -> Report:
+    """Every cluster checked on its own (findings named by cluster), then across them:
+    Linkerd multicluster needs the very same roots in every linked cluster (`linkerd
+    multicluster check` compares them as sets), so one that differs from the first is named."""
+    report = Report()
+    roots: dict[str, frozenset[str]] = {}
+    for name, api, settings in targets:
+        try:
+            one = verify_cluster(api, settings, now, thresholds)
+            roots[name] = _bundle_fingerprints(api, settings)
+        except KubeError as exc:
+            report.add("cluster-unreadable", f"cluster {name}", f"cluster {name}: {exc}")
+            continue
+        report.extend(
+            replace(f, object=f"{name}: {f.object}", message=f"cluster {name}: {f.message}")
+            for f in one.findings
+        )
+        report.checked += [f"cluster {name}: {line}" for line in one.checked]
+        report.skipped += [f"cluster {name}: {line}" for line in one.skipped]
+    if len(roots) < 2:
+        return report
+    (first, expected), *others = roots.items()
+    differ = [(name, found) for name, found in others if found != expected]
+    for name, found in differ:
+        report.add(
+            "clusters-roots-differ",
+            f"cluster {name}",
+            f"cluster {name} trusts roots {_short(found)}, cluster {first} trusts "
+            f"{_short(expected)}: linked clusters must hold the same roots",
+        )
+    if not differ:
+        names = ", ".join(roots)
+        report.checked.append(f"clusters {names} trust the same {len(expected)} root(s)")
+    return report
+
+
+def _short(fingerprints: frozenset[str]) -> str:
+    return "{" + ", ".join(sorted(f[:16] for f in fingerprints)) + "}" if fingerprints else "{}"
+
+
+def _bundle_fingerprints(api: client.ApiClient, settings: Settings) -> frozenset[str]:
+    linkerd = settings.linkerd
+    configmap = call(
+        f"read ConfigMap {linkerd.namespace}/{linkerd.trust_roots_configmap}",
+        client.CoreV1Api(api).read_namespaced_config_map,
+        linkerd.trust_roots_configmap,
+        linkerd.namespace,
+        missing_ok=True,
+        raw=True,
+    )
+    bundle = ((configmap or {}).get("data") or {}).get("ca-bundle.crt") or ""
+    try:
+        return frozenset(fingerprint(c) for c in parse_pem_certificates(bundle))
+    except BundleError:
+        return frozenset()  # verify_cluster already reported it
 
 
 def verify_cluster(

@@ -548,7 +548,7 @@ class Engine:
             bundle_at=self.clock() if p.clocked else None,  # a slow pass confirms late
             pending_pods=self._pending_pods(p, world, state, bundle),
             cluster=self.rollout is not None,
-            unreachable=tuple(r.holds for r in p.result.reports[first:] if r.holds),
+            unreachable=tuple(r.cluster for r in p.result.reports[first:] if r.holds and r.cluster),
         )
         self._holding = observations.unreachable
         return observations, accepted

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ca_daemon import __version__
 from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import OpState, Phase, State, trusted_roots
+from ca_daemon.publish.kubernetes import KUBERNETES
 from ca_daemon.report.status import cert_rows, proof_roll
 from ca_daemon.rotation.issuer_confirmation import confirmation
 from ca_daemon.rotation.results import PassResult
@@ -131,6 +132,40 @@ class Metrics:
             ("reason",),
             registry=r,
         )
+        # Per cluster (several clusters served from one root), from the leader's last
+        # publish; absent with one cluster.
+        self.cluster_reached = Gauge(
+            "ca_daemon_cluster_reached",
+            "1 when the last publish reached the cluster's API server, else 0.",
+            ("cluster",),
+            registry=r,
+        )
+        self.cluster_last_contact = Gauge(
+            "ca_daemon_cluster_last_contact_timestamp_seconds",
+            "When the cluster's API server last answered a publish.",
+            ("cluster",),
+            registry=r,
+        )
+        self.cluster_holds = Gauge(
+            "ca_daemon_cluster_holds_root_rotation",
+            "1 while a root rotation cannot move on for this cluster: its last publish did "
+            "not confirm the trust bundle (unreachable, or refused).",
+            ("cluster",),
+            registry=r,
+        )
+        self.cluster_pending_pods = Gauge(
+            "ca_daemon_cluster_pending_pods",
+            "Meshed Pods in this cluster that a root rotation waits for.",
+            ("cluster",),
+            registry=r,
+        )
+        self.cluster_in_rotation = Gauge(
+            "ca_daemon_cluster_in_rotation",
+            "1 when the cluster takes part in root rotations; 0 when the operator left it "
+            "out (clusters[].in_rotation: false).",
+            ("cluster",),
+            registry=r,
+        )
         self.build_info = Gauge(
             "ca_daemon_build_info", "Build information.", ("version",), registry=r
         )
@@ -162,8 +197,33 @@ class Metrics:
         for target in drifted:
             self.drift.labels(target).set(1)
         self._drifted |= drifted
+        self._observe_clusters(result, settings)
         if result.state is not None:
             self.observe_state(result.state, settings, now)
+
+    def _observe_clusters(self, result: PassResult, settings: Settings) -> None:
+        if not settings.linked_clusters:
+            return
+        pending = result.pending_pods or ()
+        home = settings.home_cluster
+        self.cluster_in_rotation.labels(home).set(1)
+        self.cluster_pending_pods.labels(home).set(sum(1 for p in pending if p.count("/") == 1))
+        home_report = next((r for r in result.reports if r.target == KUBERNETES), None)
+        if home_report is not None:
+            self.cluster_reached.labels(home).set(0 if "*" in home_report.errors else 1)
+            self.cluster_holds.labels(home).set(0 if home_report.bundle_confirmed else 1)
+        for cluster in settings.linked_clusters:
+            name = cluster.name
+            self.cluster_in_rotation.labels(name).set(1 if cluster.in_rotation else 0)
+            own = sum(1 for p in pending if p.startswith(f"{name}/"))
+            self.cluster_pending_pods.labels(name).set(own)
+            report = next((r for r in result.reports if r.cluster == name), None)
+            if report is None:
+                continue
+            self.cluster_reached.labels(name).set(0 if "*" in report.errors else 1)
+            self.cluster_holds.labels(name).set(1 if report.holds else 0)
+            if report.reached_at is not None:
+                self.cluster_last_contact.labels(name).set(_seconds(report.reached_at))
 
     def observe_state(self, state: State, settings: Settings, now: datetime) -> None:
         self._observe_certificates(state, settings)

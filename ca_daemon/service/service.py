@@ -23,7 +23,13 @@ from ca_daemon.model.world import desired_world
 from ca_daemon.publish.directory import desired_files
 from ca_daemon.publish.k8s_objects import desired_objects
 from ca_daemon.report.forecast import rotation_path
-from ca_daemon.report.status import operation_view, optional_iso, status_view, waiting_for
+from ca_daemon.report.status import (
+    clusters_view,
+    operation_view,
+    optional_iso,
+    status_view,
+    waiting_for,
+)
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.plan import Observations, covers, plan, restart_scope
 from ca_daemon.rotation.requests import (
@@ -168,6 +174,11 @@ class DaemonService:
             last = self._last
         view = status_view(state, self.settings, now, waiting=last.waiting if last else None)
         view["leader"] = self.leadership.holder if not self.leadership.leader else "self"
+        # Per cluster, from the last pass's publish (a standby publishes nothing).
+        lead = last is not None and self.leadership.leader
+        reports = last.reports if last is not None and lead else []
+        pending = list(state.ca.rotation.pending_pods) if state.ca.rotation else []
+        view["clusters"] = clusters_view(self.settings, reports, pending)
         view["last_pass"] = (
             {"ok": last.ok, "errors": list(last.errors)}
             if last is not None and self.leadership.leader

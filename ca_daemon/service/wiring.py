@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ca_daemon.anchor.base import Anchor
 from ca_daemon.config.settings import Settings
 from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.open import build_anchor_and_journal
 from ca_daemon.publish.base import Publisher
-from ca_daemon.publish.clusters import ClusterPublisher, ClusterRollouts, Contacts, Member
+from ca_daemon.publish.clusters import ClusterPublisher, ClusterRollouts, Member
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.publish.kong_admin import KongAdminPublisher
 from ca_daemon.publish.kubernetes import KubernetesPublisher
@@ -25,7 +25,6 @@ class Runtime:
     journal: Journal
     publishers: list[Publisher]
     rollout: Rollout | None = None
-    contacts: Contacts = field(default_factory=Contacts)  # linked clusters' last answers
 
 
 def directory_publishing(settings: Settings) -> bool:
@@ -38,7 +37,6 @@ def build_runtime(settings: Settings) -> Runtime:
     rollout: Rollout | None = None
     if directory_publishing(settings):
         publishers.append(DirectoryPublisher(settings.publish_directory))
-    contacts = Contacts()
     if settings.kubernetes_enabled:
         home = settings.clusters[0] if settings.clusters else None
         api = api_client(home.kubeconfig, context=home.context) if home else api_client()
@@ -53,7 +51,7 @@ def build_runtime(settings: Settings) -> Runtime:
             linked_api = api_client(cluster.kubeconfig, context=cluster.context)
             inner = KubernetesPublisher(own, linked_api)
             publishers.append(
-                ClusterPublisher(cluster.name, inner, contacts, in_rotation=cluster.in_rotation)
+                ClusterPublisher(cluster.name, inner, in_rotation=cluster.in_rotation)
             )
             if own.linkerd.enabled and cluster.in_rotation:
                 rolling = LinkerdRollout(own, linked_api)
@@ -63,9 +61,7 @@ def build_runtime(settings: Settings) -> Runtime:
             rollout = ClusterRollouts(members)
     if settings.kong.enabled and settings.kong.delivery == "admin-api":
         publishers.append(KongAdminPublisher(settings.kong))
-    return Runtime(
-        anchor=anchor, journal=journal, publishers=publishers, rollout=rollout, contacts=contacts
-    )
+    return Runtime(anchor=anchor, journal=journal, publishers=publishers, rollout=rollout)
 
 
 def build_engine(settings: Settings) -> Engine:
