@@ -18,6 +18,7 @@ from ca_daemon.model.world import TrustWorld, cluster_world
 from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.publish.kubernetes import KUBERNETES
 from ca_daemon.publish.linkerd_identity import Answer
+from ca_daemon.util.kube import UNREACHABLE
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,15 @@ Scope = Literal["control-plane", "all"]
 
 def cluster_target(cluster: str) -> str:
     return f"{KUBERNETES}/{cluster}"
+
+
+def reached(report: PublishReport) -> bool:
+    """Whether the API server answered this publish: not when it failed as a whole, nor
+    when every object failed because no connection could be made."""
+    if "*" in report.errors:
+        return False
+    errors = report.errors.values()
+    return not errors or not all(UNREACHABLE in e for e in errors)
 
 
 class ClusterPublisher:
@@ -51,7 +61,7 @@ class ClusterPublisher:
             report = self.inner.publish(cluster_world(world, self.cluster))
         except Exception as exc:  # as the engine would report it, with the cluster named
             report = PublishReport(self.description, errors={"*": str(exc)})
-        if "*" not in report.errors:  # the publisher's own "nothing could be read"
+        if reached(report):
             self._reached_at = self.clock()
         report.target = self.description
         report.cluster = self.cluster

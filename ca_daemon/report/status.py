@@ -14,6 +14,7 @@ from ca_daemon.model.state import CaRecord, Operation, Phase, RootRole, State, i
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
 from ca_daemon.publish.base import PublishReport
+from ca_daemon.publish.clusters import reached
 from ca_daemon.publish.kubernetes import KUBERNETES
 from ca_daemon.rotation.issuer_confirmation import confirmation
 from ca_daemon.rotation.plan import Observations, plan, renew_at, root_due_at
@@ -159,7 +160,7 @@ def clusters_view(
             "name": settings.home_cluster,
             "home": True,
             "in_rotation": True,
-            "reached": None if home is None else "*" not in home.errors,
+            "reached": None if home is None else reached(home),
             "last_contact": None,
             "holds_rotation": None if home is None else not home.bundle_confirmed,
             "errors": _first_errors(home),
@@ -174,7 +175,7 @@ def clusters_view(
                 "name": cluster.name,
                 "home": False,
                 "in_rotation": cluster.in_rotation,
-                "reached": None if found is None else "*" not in found.errors,
+                "reached": None if found is None else reached(found),
                 "last_contact": optional_iso(found.reached_at) if found else None,
                 "holds_rotation": found.holds if found else None,
                 "errors": _first_errors(found),

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ca_daemon import __version__
 from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import OpState, Phase, State, trusted_roots
+from ca_daemon.publish.clusters import reached
 from ca_daemon.publish.kubernetes import KUBERNETES
 from ca_daemon.report.status import cert_rows, proof_roll
 from ca_daemon.rotation.issuer_confirmation import confirmation
@@ -210,7 +211,7 @@ class Metrics:
         self.cluster_pending_pods.labels(home).set(sum(1 for p in pending if p.count("/") == 1))
         home_report = next((r for r in result.reports if r.target == KUBERNETES), None)
         if home_report is not None:
-            self.cluster_reached.labels(home).set(0 if "*" in home_report.errors else 1)
+            self.cluster_reached.labels(home).set(1 if reached(home_report) else 0)
             self.cluster_holds.labels(home).set(0 if home_report.bundle_confirmed else 1)
         for cluster in settings.linked_clusters:
             name = cluster.name
@@ -220,7 +221,7 @@ class Metrics:
             report = next((r for r in result.reports if r.cluster == name), None)
             if report is None:
                 continue
-            self.cluster_reached.labels(name).set(0 if "*" in report.errors else 1)
+            self.cluster_reached.labels(name).set(1 if reached(report) else 0)
             self.cluster_holds.labels(name).set(1 if report.holds else 0)
             if report.reached_at is not None:
                 self.cluster_last_contact.labels(name).set(_seconds(report.reached_at))

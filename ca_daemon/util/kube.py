@@ -16,6 +16,8 @@ from kubernetes.client.exceptions import ApiException
 
 from ca_daemon.errors import KubeError
 
+# How an error says that the API server did not answer at all (see describe).
+UNREACHABLE = "API server unreachable"
 # Bounded so that an unreachable API server fails a pass instead of hanging it.
 REQUEST_TIMEOUT = (5, 20)
 
@@ -110,7 +112,7 @@ def describe(exc: Exception, what: str) -> KubeError:
             return KubeError(f"{what}: not authenticated (token expired or invalid)")
         return KubeError(f"{what}: API server said {exc.status}: {api_message(exc)}")
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
-        return KubeError(f"{what}: API server unreachable ({type(exc).__name__})")
+        return KubeError(f"{what}: {UNREACHABLE} ({type(exc).__name__})")
     return KubeError(f"{what}: {exc}")
 
 
