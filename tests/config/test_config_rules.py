@@ -232,6 +232,70 @@ BAD: dict[str, tuple[dict[str, Any] | bytes, dict[str, str], str, str]] = {
         FILE,
         "not valid YAML: while scanning a quoted scalar; found unexpected end of stream",
     ),
+    # Several clusters.
+    "two clusters of one name": (
+        {"clusters": [{"name": "west"}, {"name": "west", "kubeconfig": "/k"}]},
+        {},
+        "clusters[1].name",
+        "west is given to more than one cluster",
+    ),
+    "a linked cluster without a kubeconfig": (
+        {"clusters": [{"name": "west"}, {"name": "east"}]},
+        {},
+        "clusters[1].kubeconfig",
+        "a linked cluster is reached with a kubeconfig",
+    ),
+    "a linked cluster in-cluster": (
+        {"clusters": [{"name": "west"}, {"name": "east", "in_cluster": True}]},
+        {},
+        "clusters[1].in_cluster",
+        "only the home cluster (clusters[0]) is in-cluster",
+    ),
+    "Kong in a linked cluster": (
+        {"clusters": [{"name": "west"}, {"name": "east", "kubeconfig": "/k", "kong": {}}]},
+        {},
+        "clusters[1].kong",
+        "Kong in a linked cluster is not supported yet",
+    ),
+    "home out of rotations": (
+        {"clusters": [{"name": "west", "in_rotation": False}]},
+        {},
+        "clusters[0].in_rotation",
+        "the home cluster always takes part",
+    ),
+    "home Linkerd given twice": (
+        {"linkerd": {"namespace": "l5d"}, "clusters": [{"name": "west", "linkerd": {}}]},
+        {},
+        "clusters[0].linkerd",
+        "given twice",
+    ),
+    "a context without a kubeconfig": (
+        {"clusters": [{"name": "west", "context": "prod"}]},
+        {},
+        "clusters[0].context",
+        "needs kubeconfig",
+    ),
+    "a cluster name that is no DNS label": (
+        {"clusters": [{"name": "West_1"}]},
+        {},
+        "clusters[0].name",
+        "is not a DNS label",
+    ),
+    "a linked issuer due at once": (
+        {
+            "clusters": [
+                {"name": "west"},
+                {
+                    "name": "east",
+                    "kubeconfig": "/k",
+                    "linkerd": {"issuer": {"lifetime": "10h", "rotate_before": "9h50m"}},
+                },
+            ]
+        },
+        {},
+        "clusters[1].linkerd.issuer.rotate_before",
+        "must be shorter than lifetime 10h",
+    ),
     "nested too deeply": (b"[" * 5000, {}, FILE, "nested too deeply"),
     "a number as a section name": (b"1: 2\n", {}, FILE, "1: unknown key"),
 }

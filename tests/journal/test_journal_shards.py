@@ -33,6 +33,7 @@ from ca_daemon.model.state import (
     ca_to_json,
     client_key,
     credential_to_json,
+    issuer_key,
 )
 from ca_daemon.pki.bundle import certificate_pem
 from ca_daemon.pki.keys import KeyMaterialError
@@ -419,3 +420,22 @@ def test_a_sealed_key_that_cannot_be_used_names_its_credential() -> None:
         swapped.content()
     good = SealedKey(b"sealed", digest, lambda _: entry.key_pem, "kong/a")
     assert good.content() == entry.key_pem
+
+
+def test_a_linked_cluster_s_issuer_is_journaled_by_its_own_key() -> None:
+    store = DictStore()
+    east = issuer_key("east")
+    entry = issued_entry("east")
+    Journal(store).save_credentials(shard_of(east), 0, {east: entry})
+    loaded = Journal(store).load().state
+    assert loaded.cluster_issuers == {"east": entry}
+    assert loaded.linkerd_issuer is None and loaded.credential(east) == entry
+    assert dict(loaded.credentials()) == {east: entry}
+
+
+def test_a_credential_of_no_known_kind_names_itself() -> None:
+    store = DictStore()
+    text = json.dumps(credential_to_json(issued_entry("x")) | {"revision": 1})
+    store.records["shards/03"] = ({"version": 3, "credentials": {"linkerd-issuers": text}}, 1)
+    with pytest.raises(JournalCorrupt, match="unknown credential 'linkerd-issuers'"):
+        Journal(store).load()

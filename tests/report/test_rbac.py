@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from ca_daemon.cli import main
 from ca_daemon.config.settings import Settings
 from ca_daemon.report.rbac import manifests
 
@@ -256,3 +259,41 @@ def test_a_pass_lists_where_it_writes_many_objects_and_reads_single_ones_by_name
     # Never cluster-wide.
     assert _grants(_cluster_rules(s), "", "secrets") == set()
     assert _grants(_cluster_rules(s), "", "configmaps") == set()
+
+
+def test_config_rbac_for_a_linked_cluster_grants_its_linkerd_and_nothing_of_home(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "anchor": {"local": {"dir": str(tmp_path / "data")}},
+                "publish": {"kubernetes": {"enabled": True}},
+                "server": {"auth": "kubernetes"},
+                "kong": {"clients": [{"name": "pay", "common_name": "kong.pay"}]},
+                "clusters": [
+                    {"name": "west"},
+                    {
+                        "name": "east",
+                        "kubeconfig": "/etc/east.kubeconfig",
+                        "linkerd": {"namespace": "l5d-east"},
+                        "bundles": [{"namespace": "shop", "configmap": "trust"}],
+                    },
+                ],
+            }
+        )
+    )
+    assert main(["config", "rbac", str(config), "--cluster", "east"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    # Its Linkerd namespace and its bundle copy; no Kong, no Lease, no review APIs there.
+    assert set(roles) == {"l5d-east", "shop"}
+    text = yaml.safe_dump(docs)
+    assert "leases" not in text and "tokenreviews" not in text and "kong" not in text
+    assert main(["config", "rbac", str(config)]) == 0
+    home = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert "linkerd" in {d["metadata"].get("namespace") for d in home}
+    assert "l5d-east" not in yaml.safe_dump(home)
+    assert main(["config", "rbac", str(config), "--cluster", "south"]) == 2
+    assert "no cluster 'south' (one of: west, east)" in capsys.readouterr().err

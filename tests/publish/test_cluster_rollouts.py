@@ -1,0 +1,105 @@
+"""Every cluster's Linkerd rollout as one (publish/clusters.py): how a roll, the gate and
+the lagging Pods' Event are shared out. The rollouts here are recorders standing in for
+LinkerdRollout, which tests/system/test_multicluster_rotation.py runs on two real API
+servers; this pins the sharing-out rules each cluster's settings decide."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+import pytest
+
+from ca_daemon.publish.base import PublishReport
+from ca_daemon.publish.clusters import ClusterRollouts, Member, reached
+from ca_daemon.publish.linkerd_identity import Answer
+from ca_daemon.util.kube import UNREACHABLE
+from tests.support.clock import NOW
+
+Scope = Literal["control-plane", "all"]
+
+
+@dataclass
+class Recorder:
+    pods: list[str] = field(default_factory=list)
+    fail: str | None = None
+    rolled: list[Scope] = field(default_factory=list)
+    reported: list[list[str]] = field(default_factory=list)
+    asked: list[bool] = field(default_factory=list)
+
+    def restart(self, scope: Scope, at: datetime) -> list[str]:
+        if self.fail:
+            raise RuntimeError(self.fail)
+        self.rolled.append(scope)
+        return [f"deployment/linkerd/{scope}"]
+
+    def would_touch(self, scope: Scope) -> tuple[list[str], list[str]]:
+        return [f"deployment/linkerd/{scope}"], list(self.pods)
+
+    def pending_pods(
+        self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
+    ) -> list[str]:
+        if self.fail:
+            raise RuntimeError(self.fail)
+        self.asked.append(restarted)
+        return list(self.pods)
+
+    def report_pending(self, pods: list[str], bundle_hash: str) -> None:
+        self.reported.append(pods)
+
+    def issuer_answer(self, since: datetime) -> Answer | None:
+        return Answer(True, since, "home's")
+
+    def report_issuer(self, problem: str | None) -> None:
+        pass
+
+
+def _three() -> tuple[ClusterRollouts, Recorder, Recorder, Recorder]:
+    home, east, north = Recorder(["shop/web-1"]), Recorder(["shop/web-2"]), Recorder(["a/b"])
+    rollouts = ClusterRollouts(
+        [
+            Member(None, home, "control-plane", gated=True),
+            Member("east", east, "all", gated=True),
+            Member("north", north, "none", gated=False),
+        ]
+    )
+    return rollouts, home, east, north
+
+
+def test_each_cluster_rolls_as_its_own_restart_says() -> None:
+    rollouts, home, east, north = _three()
+    rolled = rollouts.restart("control-plane", NOW)
+    assert (home.rolled, east.rolled, north.rolled) == (["control-plane"], ["all"], [])
+    assert rolled == ["deployment/linkerd/control-plane", "east/deployment/linkerd/all"]
+    # An emergency rolls everything wherever a roll is allowed at all.
+    rollouts.restart("all", NOW)
+    assert (home.rolled[-1], east.rolled[-1], north.rolled) == ("all", "all", [])
+
+
+def test_the_gate_waits_for_every_gated_cluster_and_names_the_cluster() -> None:
+    rollouts, home, east, north = _three()
+    assert rollouts.pending_pods("", NOW) == ["shop/web-1", "east/shop/web-2"]
+    assert north.asked == []  # gate: time there
+    # Retiring on proof asks every cluster, whatever its gate.
+    assert "north/a/b" in rollouts.pending_pods("", NOW, restarted=True)
+    rollouts.report_pending(["shop/web-1", "east/shop/web-2"], "h")
+    assert home.reported[-1] == ["shop/web-1"] and east.reported[-1] == ["shop/web-2"]
+    assert north.reported[-1] == []
+
+
+def test_a_cluster_that_cannot_be_asked_fails_the_question_naming_it() -> None:
+    rollouts, _, east, _ = _three()
+    east.fail = "connection refused"
+    with pytest.raises(RuntimeError, match="cluster east: connection refused"):
+        rollouts.pending_pods("", NOW)
+    with pytest.raises(RuntimeError, match="cluster east: connection refused"):
+        rollouts.restart("control-plane", NOW)
+
+
+def test_a_cluster_is_unreached_only_when_nothing_got_through() -> None:
+    assert reached(PublishReport("k"))
+    assert not reached(PublishReport("k", errors={"*": "boom"}))
+    down = f"read x: {UNREACHABLE} (MaxRetryError)"
+    assert not reached(PublishReport("k", errors={"a": down, "b": down}))
+    assert reached(PublishReport("k", errors={"a": down, "b": "forbidden by RBAC"}))

@@ -1,0 +1,150 @@
+"""Several clusters from one root, as plan() decides it: each linked cluster's issuer on
+its own schedule, and a root rotation held for a cluster that did not confirm."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from ca_daemon.config.settings import Settings
+from ca_daemon.model.state import (
+    IssuedEntry,
+    Phase,
+    RootEntry,
+    RootRole,
+    Rotation,
+    State,
+    issuer_key,
+)
+from ca_daemon.model.world import cluster_world, desired_world
+from ca_daemon.pki.keys import private_key_pem
+from ca_daemon.pki.profiles import Kind, Subject
+from ca_daemon.rotation.plan import Observations, plan, renew_at
+from ca_daemon.rotation.steps import Activate, IssueLinkerdIssuer, Retire, Wait
+from tests.support.clock import NOW
+from tests.support.pki import issue_profiled, self_signed_root
+from tests.support.states import steady_state
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+MakeSettings = Callable[..., Settings]
+
+
+def _clusters(**east: Any) -> dict[str, Any]:
+    linked = {"name": "east", "kubeconfig": "/etc/east.kubeconfig", **east}
+    return {"clusters": [{"name": "west"}, linked]}
+
+
+def _with_east_issuer(state: State, settings: Settings, lifetime: timedelta) -> State:
+    root = state.ca.active_root
+    assert root is not None
+    key, root_cert = self_signed_root()  # stands in: only the issuer's dates matter here
+    issuer_key_, cert = issue_profiled(
+        Kind.LINKERD_ISSUER, Subject(settings.issuer_common_name("east")), key, root_cert, lifetime
+    )
+    entry = IssuedEntry(cert, private_key_pem(issuer_key_), root.ref, (), NOW)
+    return state.with_credentials({issuer_key("east"): entry})
+
+
+def test_a_linked_cluster_gets_an_issuer_of_its_own(make_settings: MakeSettings) -> None:
+    settings = make_settings(_clusters(linkerd={"namespace": "l5d"}))
+    steps = plan(steady_state(settings), NOW, settings)
+    assert steps == [IssueLinkerdIssuer("missing", cluster="east")]
+    assert settings.issuer_common_name("east") == "identity.l5d.cluster.local"
+    assert settings.issuer_common_name(None) == "identity.linkerd.cluster.local"
+
+
+def test_each_cluster_s_issuer_is_renewed_on_its_own_schedule(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings(
+        _clusters(linkerd={"issuer": {"lifetime": "10h", "rotate_before": "2h"}})
+    )
+    state = _with_east_issuer(steady_state(settings), settings, timedelta(hours=10))
+    east = state.issuer("east")
+    assert east is not None
+    assert plan(state, NOW, settings) == []
+    due = renew_at(east.cert, timedelta(hours=2), settings.rotation.jitter)
+    steps = plan(state, due, settings)
+    # Only east's issuer: home's (48h) is far from due, and neither waits on the other.
+    assert [type(s) for s in steps] == [IssueLinkerdIssuer]
+    assert steps[0].cluster == "east"
+
+
+def test_a_linked_cluster_with_linkerd_off_gets_no_issuer(make_settings: MakeSettings) -> None:
+    settings = make_settings(_clusters(linkerd={"enabled": False}))
+    assert plan(steady_state(settings), NOW, settings) == []
+
+
+def _propagating(settings: Settings) -> State:
+    state = _with_east_issuer(steady_state(settings), settings, timedelta(hours=48))
+    _, nxt = self_signed_root("next")
+    record = replace(
+        state.ca,
+        serial=3,
+        roots=(*state.ca.roots, RootEntry("root-3", nxt, RootRole.NEXT, NOW)),
+        phase=Phase.PROPAGATING,
+        phase_since=NOW,
+        rotation=Rotation(started_at=NOW, trigger="schedule", confirmed_at=NOW, restarted=True),
+    )
+    return replace(state, ca=record)
+
+
+def test_an_unreachable_cluster_holds_every_move_of_a_root_rotation(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings(_clusters())
+    state = _propagating(settings)
+    later = NOW + timedelta(hours=1)
+    ready = Observations(cluster=True, pending_pods=())
+    assert Activate("kong-4") in plan(state, later, settings, ready)
+    held = plan(state, later, settings, replace(ready, unreachable=("east",)))
+    assert not any(isinstance(s, Activate) for s in held)
+    waits = [s for s in held if isinstance(s, Wait)]
+    assert len(waits) == 1 and "east" in waits[0].reason
+    # Retiring too: nothing leaves the bundles while a cluster cannot be told.
+    retiring = replace(
+        state,
+        ca=replace(
+            state.ca,
+            phase=Phase.RETIRING,
+            rotation=replace(state.ca.rotation, retire_after=NOW),  # type: ignore[type-var]
+        ),
+    )
+    assert any(isinstance(s, Retire) for s in plan(retiring, later, settings, ready))
+    held = plan(retiring, later, settings, replace(ready, unreachable=("east",)))
+    assert not any(isinstance(s, Retire) for s in held)
+
+
+def test_a_lagging_pod_of_a_linked_cluster_gates_activation(make_settings: MakeSettings) -> None:
+    # Home's gate is time, east's is pods: east's Pods are still waited for.
+    settings = make_settings({"linkerd": {"gate": "time"}, **_clusters(linkerd={"gate": "pods"})})
+    state = _propagating(settings)
+    later = NOW + timedelta(hours=1)
+    lagging = Observations(cluster=True, pending_pods=("east/shop/web-1",))
+    steps = plan(state, later, settings, lagging)
+    assert not any(isinstance(s, Activate) for s in steps)
+    assert any(isinstance(s, Wait) and "east/shop/web-1" in s.reason for s in steps)
+    # Left out of rotations explicitly: its gate is not asked for.
+    out = make_settings({"linkerd": {"gate": "time"}, **_clusters(in_rotation=False)})
+    assert Activate("kong-4") in plan(state, later, out, Observations(cluster=True))
+
+
+def test_a_linked_cluster_is_shown_its_own_issuer_and_the_shared_bundle(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings(_clusters())
+    state = _with_east_issuer(steady_state(settings), settings, timedelta(hours=48))
+    world = desired_world(state, settings, versions={issuer_key("east"): 7, "kong/payments": 3})
+    east = cluster_world(world, "east")
+    assert east.roots == world.roots
+    assert east.linkerd_issuer == state.issuer("east") != world.linkerd_issuer
+    assert east.kong_clients == {} and east.cluster_issuers == {}
+    assert east.versions == {"linkerd-issuer": 7}
+    # A linked issuer not issued yet: whatever east has stays (kept), as home's would.
+    missing = cluster_world(desired_world(steady_state(settings), settings), "east")
+    assert missing.linkerd_issuer is None and missing.kept == frozenset({"linkerd-issuer"})
