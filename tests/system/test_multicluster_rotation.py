@@ -12,6 +12,7 @@ OpenBao: a root rotation moves in lockstep, every cluster checked at every publi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,15 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from prometheus_client import generate_latest
 
 from ca_daemon.model.state import Phase, RootRole, issuer_key
-from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
+from ca_daemon.pki.bundle import certificate_pem, fingerprint, parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.report.status import clusters_view
 from ca_daemon.rotation.results import PassResult
 from ca_daemon.service.metrics import Metrics
-from tests.support.cluster_rotation import HOUR, follow_wall_clock
+from tests.support.cli import ca_daemon
+from tests.support.cluster_rotation import HOUR, TRUST_ROOTS, follow_wall_clock
 from tests.support.multicluster import HOME, LINKED, Daemon, TwoClusters, daemon, make_two_clusters
+from tests.support.pki import self_signed_root
 from tests.support.servers.kube import Kube
 from tests.support.servers.linkerd import LinkerdCheck
 from tests.support.servers.openbao import OpenBao
@@ -222,3 +225,46 @@ def test_a_lagging_pod_in_one_cluster_holds_activation_in_the_other(
     result = _propagate(two, d, reinject=set())
     assert result.state is not None
     assert result.state.ca.phase is Phase.RETIRING, result.waiting
+
+
+def test_verify_checks_every_cluster_then_that_all_trust_the_same_roots(
+    kube: Kube, kube_b: Kube, openbao: OpenBao, linkerd_check: LinkerdCheck, tmp_path: Path
+) -> None:
+    two, _, _ = _start(kube, kube_b, openbao, tmp_path, "mcv", linkerd_check)
+    run = ["verify", "--config", str(two.config), "--json"]
+    before = ca_daemon(*run, cwd=tmp_path)
+    doc = json.loads(before.stdout)
+    assert before.returncode == 0, doc["findings"]
+    assert doc["target"] == "clusters"
+    differ = [f for f in doc["findings"] if f["id"] == "clusters-roots-differ"]
+    assert differ == [], doc["findings"]
+    assert f"clusters {HOME}, {LINKED} trust the same 1 root(s)" in doc["checked"]
+    assert any(c.startswith(f"cluster {LINKED}: ") for c in doc["checked"])
+
+    # Someone else's root slipped into east's trust roots (as a hand-run runbook might).
+    _, stranger = self_signed_root("stranger")
+    path = f"/api/v1/namespaces/{two.linked.linkerd_ns}/configmaps/{TRUST_ROOTS}"
+    bundle = two.linked.bundle_pem() + certificate_pem(stranger)
+    with kube_b.http() as http:
+        http.patch(
+            path,
+            json={"data": {"ca-bundle.crt": bundle}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        ).raise_for_status()
+    after = ca_daemon(*run, cwd=tmp_path)
+    assert after.returncode == 1, after.stdout + after.stderr
+    found = [f for f in json.loads(after.stdout)["findings"] if f["id"] == "clusters-roots-differ"]
+    assert [f["object"] for f in found] == [f"cluster {LINKED}"]
+    assert fingerprint(stranger)[:16] in found[0]["message"]
+    # The kubeconfigs given on the command line, in the order of clusters: the same.
+    given = ca_daemon(
+        *run,
+        "--kubeconfig",
+        str(tmp_path / "west.kubeconfig"),
+        "--kubeconfig",
+        str(tmp_path / "east.kubeconfig"),
+        cwd=tmp_path,
+    )
+    assert given.returncode == 1, given.stdout + given.stderr
+    ids = [f["id"] for f in json.loads(given.stdout)["findings"]]
+    assert ids.count("clusters-roots-differ") == 1
