@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ca_daemon.anchor.local import LocalAnchor, load_or_create_passphrase
 from ca_daemon.config.loading import embedded_default, load_settings
-from ca_daemon.config.settings import Settings
+from ca_daemon.config.settings import ClusterConfig, Settings
 from ca_daemon.errors import AnchorError
 from ca_daemon.journal.open import file_journal
 from ca_daemon.model.state import IssuerAnswer
@@ -29,6 +29,7 @@ from ca_daemon.publish.base import Publisher, PublishReport
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.issuer_confirmation import issuer_serial
+from ca_daemon.rotation.results import PassResult
 from ca_daemon.service.metrics import Metrics
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -94,6 +95,18 @@ def exposition(settings: Settings, *, troubled: bool) -> str:
         metrics.observe_state(
             replace(state, ca=replace(state.ca, issuer_answer=out)), clustered, NOW
         )
+    if troubled:
+        # A linked cluster that cannot be reached: the per-cluster gauges.
+        linked = [ClusterConfig(name="home"), ClusterConfig(name="east", kubeconfig=Path("/k"))]
+        unreached = PublishReport(
+            "kubernetes/east",
+            errors={"*": "API server unreachable (test)"},
+            cluster="east",
+            holds=True,
+            reached_at=NOW,
+        )
+        clusters = settings.model_copy(update={"clusters": linked})
+        metrics.observe(PassResult(reports=[unreached], pending_pods=()), clusters, NOW)
     return generate_latest(metrics.registry).decode()
 
 
