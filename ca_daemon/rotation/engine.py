@@ -177,9 +177,6 @@ class Engine:
         self._cross_checked: tuple[int, int] | None = None
         # By name: a scan per issue would make a batch of N clients cost N².
         self._clients = {c.name: c for c in settings.kong.clients}
-        # Linked clusters the last publish could not confirm (in memory: a restarted
-        # daemon finds them again at its first publish).
-        self._holding: tuple[str, ...] = ()
 
     # --- manual requests ------------------------------------------------------------------
 
@@ -320,12 +317,10 @@ class Engine:
             result.steps.append(StepResult(step, kind, name, why, is_manual(step)))
 
     def _advance(self, p: _Pass, state: State) -> tuple[State, TrustWorld | None]:
-        # Clusters that held the rotation at the last publish hold it until one shows
-        # them back: before this pass publishes, no phase moves past them.
         observations = Observations(
             cluster=self.rollout is not None,
             anchor_cas=self._anchor_cas(p, state),
-            unreachable=self._holding,
+            before_publish=True,
         )
         published: TrustWorld | None = None
         for _ in range(_MAX_ROUNDS):
@@ -550,7 +545,6 @@ class Engine:
             cluster=self.rollout is not None,
             unreachable=tuple(r.cluster for r in p.result.reports[first:] if r.holds and r.cluster),
         )
-        self._holding = observations.unreachable
         return observations, accepted
 
     def _note_published(

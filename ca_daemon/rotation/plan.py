@@ -95,6 +95,8 @@ class Observations:
     # Clusters in the rotation that could not be reached this pass: each holds every
     # phase move until it answers again (never skipped silently).
     unreachable: tuple[str, ...] = ()
+    # Planned before this pass published: what each cluster shows is not known yet.
+    before_publish: bool = False
 
 
 def renew_at(cert: x509.Certificate, rotate_before: timedelta, jitter: float) -> datetime:
@@ -364,9 +366,14 @@ def _root_rotation(
             )
         ]
     assert rotation is not None, f"phase {ca.phase} without a rotation record"
-    if obs.unreachable and ca.phase is not Phase.PREPARED:
-        names = ", ".join(obs.unreachable)
-        return [Wait(f"cluster(s) not reachable, the rotation holds for them: {names}")]
+    if ca.phase is not Phase.PREPARED and rotating_clusters(settings):
+        if obs.before_publish:
+            # A cluster that stopped answering must hold the rotation from this pass on,
+            # not from the publish after a phase moved without it.
+            return [Wait("asking every cluster before the rotation moves on", after_publish=True)]
+        if obs.unreachable:
+            names = ", ".join(obs.unreachable)
+            return [Wait(f"cluster(s) not reachable, the rotation holds for them: {names}")]
     if ca.phase is Phase.PREPARED:
         return [Propagate()]
     if ca.phase is Phase.PROPAGATING:

@@ -106,6 +106,10 @@ def test_an_unreachable_cluster_holds_every_move_of_a_root_rotation(
     assert not any(isinstance(s, Activate) for s in held)
     waits = [s for s in held if isinstance(s, Wait)]
     assert len(waits) == 1 and "east" in waits[0].reason
+    # Before this pass published, what east shows is not known: publish first.
+    first = plan(state, later, settings, replace(ready, before_publish=True))
+    assert not any(isinstance(s, Activate) for s in first)
+    assert [s.after_publish for s in first if isinstance(s, Wait)] == [True]
     # Retiring too: nothing leaves the bundles while a cluster cannot be told.
     retiring = replace(
         state,
