@@ -332,7 +332,7 @@ class ClusterConfig(Section):
 
     The first is home (the Lease lives there); its ``linkerd``, ``kong`` and ``bundles``
     are the top-level sections (either place, not both). Each linked cluster gets its own
-    Linkerd issuer under the shared root, so a leaked issuer key is contained to it."""
+    Linkerd issuer (its own key) under the shared root."""
 
     name: DnsLabel
     in_cluster: bool = False
@@ -596,6 +596,11 @@ class Settings(BaseSettings):
             )
 
     def _cluster_rules(self) -> Iterator[tuple[str, str]]:
+        if self.linked_clusters and self.publish.kubernetes.enabled is False:
+            yield (
+                "publish.kubernetes.enabled",
+                "linked clusters are published to through Kubernetes: it cannot be false",
+            )
         names = Counter(c.name for c in self.clusters)
         for i, cluster in enumerate(self.clusters):
             path = f"clusters[{i}]"
@@ -640,6 +645,10 @@ class Settings(BaseSettings):
         """A linked cluster's Linkerd settings (the defaults when it gives none)."""
         return cluster.linkerd or LinkerdConfig()
 
+    def linkerd_of(self, cluster: str | None) -> LinkerdConfig:
+        """The Linkerd settings of ``cluster`` (None: home)."""
+        return self.linkerd if cluster is None else self.linked_linkerd(self.linked(cluster))
+
     def for_cluster(self, cluster: ClusterConfig) -> Settings:
         """These settings as a linked cluster sees them: its Linkerd, its bundles, no Kong,
         no Lease and no API authentication there (both live in home): what its publisher,
@@ -657,10 +666,7 @@ class Settings(BaseSettings):
 
     def issuer_common_name(self, cluster: str | None) -> str:
         """The Linkerd issuer's common name in ``cluster`` (None: home)."""
-        if cluster is None:
-            return self.linkerd_issuer_common_name
-        namespace = self.linked_linkerd(self.linked(cluster)).namespace
-        return f"identity.{namespace}.{self.trust_domain}"
+        return f"identity.{self.linkerd_of(cluster).namespace}.{self.trust_domain}"
 
     @property
     def root_common_name(self) -> str:
@@ -699,7 +705,10 @@ class Settings(BaseSettings):
         if self.publish.kubernetes.enabled is not None:
             return self.publish.kubernetes.enabled
         in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        return in_cluster or bool(os.environ.get("KUBECONFIG"))
+        home = self.clusters[0] if self.clusters else None
+        # Clusters listed: each is reached through Kubernetes, whatever the environment.
+        listed = bool(self.linked_clusters) or (home is not None and home.kubeconfig is not None)
+        return in_cluster or bool(os.environ.get("KUBECONFIG")) or listed
 
     @property
     def api_token_file(self) -> Path:

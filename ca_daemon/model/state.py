@@ -28,8 +28,9 @@ from ca_daemon.pki.bundle import certificate_pem, normalize, parse_pem_certifica
 
 STATE_VERSION = 3
 # A CA record that uses what earlier releases of version 3 do not know (an emergency, a
-# retirement on proof, revocations, CRLs) is written as version 4: such a release then
-# refuses it as newer, instead of writing it back without them. Any other stays 3.
+# retirement on proof, revocations, CRLs, linked clusters' answers) is written as version
+# 4: such a release then refuses it as newer, instead of writing it back without them.
+# Any other stays 3.
 CA_FEATURES_VERSION = 4
 # Finished manual operations kept for `GET /v1/operations/{id}`; older ones are dropped.
 KEEP_FINISHED_OPERATIONS = 50
@@ -294,6 +295,17 @@ class CaRecord:
     # the next activation counts it in the old chain, and the old root stays that long.
     outlived_until: datetime | None = None
     crls: Crls | None = None
+    # The same answer about each linked cluster's own issuer, by cluster name.
+    cluster_answers: Mapping[str, IssuerAnswer] = field(default_factory=dict)
+
+    def answer(self, cluster: str | None) -> IssuerAnswer | None:
+        """Linkerd's journaled answer about ``cluster``'s issuer (None: home's)."""
+        return self.issuer_answer if cluster is None else self.cluster_answers.get(cluster)
+
+    def with_answer(self, cluster: str | None, answer: IssuerAnswer) -> CaRecord:
+        if cluster is None:
+            return replace(self, issuer_answer=answer)
+        return replace(self, cluster_answers={**self.cluster_answers, cluster: answer})
 
     def root(self, role: RootRole) -> RootEntry | None:
         return next((r for r in self.roots if r.role is role), None)
@@ -534,6 +546,7 @@ def _record_version(record: CaRecord) -> int:
         record.crls is not None
         or (rotation is not None and (rotation.emergency or rotation.proof))
         or any(o.emergency or o.revoke for o in record.operations)
+        or bool(record.cluster_answers)
     )
     return CA_FEATURES_VERSION if newer else STATE_VERSION
 
@@ -567,6 +580,7 @@ def ca_to_json(record: CaRecord) -> dict[str, Any]:
         "epoch": record.epoch,
         "published_at": _iso(record.published_at),
         "issuer_answer": _answer_to_json(record.issuer_answer),
+        "cluster_answers": {c: _answer_to_json(a) for c, a in record.cluster_answers.items()},
         "outlived_until": _iso(record.outlived_until),
         "crls": _crls_to_json(record.crls),
     }
@@ -651,6 +665,11 @@ def ca_from_json(data: Mapping[str, Any]) -> CaRecord:
         epoch=int(data.get("epoch") or 0),
         published_at=_time(data.get("published_at")),
         issuer_answer=_answer_from_json(data.get("issuer_answer")),
+        cluster_answers={
+            cluster: answer
+            for cluster, raw in (data.get("cluster_answers") or {}).items()
+            if (answer := _answer_from_json(raw)) is not None
+        },
         outlived_until=_time(data.get("outlived_until")),
         crls=_crls_from_json(data.get("crls")),
     )

@@ -67,9 +67,8 @@ def desired_world(
     kept = {LINKERD_ISSUER} if linkerd and state.linkerd_issuer is None else set()
     if kong:
         kept |= {client_key(n) for n in configured - set(state.kong_clients)}
-    linked = [c.name for c in settings.linked_clusters if settings.linked_linkerd(c).enabled]
+    linked = {c.name for c in settings.linked_clusters if settings.linked_linkerd(c).enabled}
     issuers = {n: e for n, e in state.cluster_issuers.items() if n in linked}
-    kept |= {issuer_key(n) for n in linked if n not in issuers}
     return TrustWorld(
         roots=tuple(trusted_roots(state.ca)),
         linkerd_issuer=state.linkerd_issuer if linkerd else None,
@@ -92,12 +91,14 @@ def cluster_world(world: TrustWorld, cluster: str) -> TrustWorld:
     home cluster's publisher would see its own (no Kong: served in home only)."""
     key = issuer_key(cluster)
     versions = {LINKERD_ISSUER: world.versions[key]} if key in world.versions else {}
+    issuer = world.cluster_issuers.get(cluster)
     return replace(
         world,
-        linkerd_issuer=world.cluster_issuers.get(cluster),
+        linkerd_issuer=issuer,
         kong_clients={},
         versions=versions,
-        kept=frozenset({LINKERD_ISSUER}) if key in world.kept else frozenset(),
+        # None issued yet (or Linkerd off there): whatever it has stays as it is.
+        kept=frozenset({LINKERD_ISSUER}) if issuer is None else frozenset(),
         cluster_issuers={},
     )
 

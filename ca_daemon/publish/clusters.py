@@ -29,6 +29,12 @@ def cluster_target(cluster: str) -> str:
     return f"{KUBERNETES}/{cluster}"
 
 
+def report_of(reports: Sequence[PublishReport], cluster: str | None) -> PublishReport | None:
+    """The last report of ``cluster``'s Kubernetes publish (None: home's) among ``reports``."""
+    target = KUBERNETES if cluster is None else cluster_target(cluster)
+    return next((r for r in reversed(reports) if r.target == target), None)
+
+
 def reached(report: PublishReport) -> bool:
     """Whether the API server answered this publish: not when it failed as a whole, nor
     when every object failed because no connection could be made."""
@@ -72,11 +78,14 @@ class ClusterPublisher:
         else:
             # Left out of rotations by the operator: published to, never waited for.
             report.bundle_errors = []
+            report.optional = True
         return report
 
 
 class RolloutLike(Protocol):
     """What ``Member`` needs of a rollout (rotation/ca_steps.Rollout, structurally)."""
+
+    description: str
 
     def restart(self, scope: Scope, at: datetime) -> list[str]: ...
 
@@ -100,17 +109,28 @@ class Member:
     cluster: str | None  # None: home (its Pods keep their names unprefixed)
     rollout: RolloutLike
     restart: Literal["none", "control-plane", "all"]
-    gated: bool  # linkerd.gate is pods
 
 
 def _named(cluster: str | None, names: Sequence[str]) -> list[str]:
     return list(names) if cluster is None else [f"{cluster}/{n}" for n in names]
 
 
+def pods_of(pods: Sequence[str], cluster: str | None) -> list[str]:
+    """The Pods of ``cluster`` (None: home) among gate names, as that cluster names them:
+    home's are ``namespace/name``, a linked cluster's ``cluster/namespace/name`` (told
+    apart by their parts, so a home namespace named like a cluster is still home's)."""
+    if cluster is None:
+        return [p for p in pods if p.count("/") == 1]
+    prefix = f"{cluster}/"
+    return [p.removeprefix(prefix) for p in pods if p.count("/") == 2 and p.startswith(prefix)]
+
+
 class ClusterRollouts:
     """Every cluster's rollout as one: a roll rolls each cluster (as its own
-    ``linkerd.restart`` says), the gate waits for every cluster's lagging Pods, and one
-    cluster that cannot be asked fails the question, so that nothing moves on without it."""
+    ``linkerd.restart`` says), the gate waits for every cluster's lagging Pods (whatever
+    one cluster's ``linkerd.gate``: a Pod on an old bundle anywhere breaks traffic across
+    the link), and one cluster that cannot be asked fails the question, so that nothing
+    moves on without it."""
 
     description = "linkerd-rollout"
 
@@ -160,8 +180,6 @@ class ClusterRollouts:
     ) -> list[str]:
         pending: list[str] = []
         for member in self.members:
-            if not (member.gated or restarted):
-                continue
             try:
                 found = member.rollout.pending_pods(bundle_pem, confirmed_at, restarted)
             except Exception as exc:
@@ -171,15 +189,14 @@ class ClusterRollouts:
 
     def report_pending(self, pods: list[str], bundle_hash: str) -> None:
         for member in self.members:
-            if member.cluster is None:
-                own = [p for p in pods if p.count("/") == 1]
-            else:
-                prefix = f"{member.cluster}/"
-                own = [p.removeprefix(prefix) for p in pods if p.startswith(prefix)]
-            member.rollout.report_pending(own, bundle_hash)
+            member.rollout.report_pending(pods_of(pods, member.cluster), bundle_hash)
+
+    def of(self, cluster: str) -> RolloutLike | None:
+        """A linked cluster's own rollout (its identity controller is asked through it)."""
+        return next((m.rollout for m in self.members if m.cluster == cluster), None)
 
     def issuer_answer(self, since: datetime) -> Answer | None:
-        # Journaled for the home cluster's issuer only (see docs/multicluster.md).
+        # The home cluster's; each linked cluster's is asked through of(cluster).
         return self._home().rollout.issuer_answer(since)
 
     def report_issuer(self, problem: str | None) -> None:

@@ -13,13 +13,15 @@ from typing import Any
 
 from cryptography import x509
 
-from ca_daemon.config.settings import Settings
+from ca_daemon.config.settings import LinkerdConfig, Settings
 from ca_daemon.model.state import (
     KONG_PREFIX,
     LINKERD_ISSUER,
     Phase,
     State,
     client_key,
+    issuer_cluster,
+    issuer_key,
 )
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
@@ -32,7 +34,7 @@ from ca_daemon.report.simulated import (
 )
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.rotation.plan import Observations, plan, renew_at, root_due_at
-from ca_daemon.rotation.results import PassResult
+from ca_daemon.rotation.results import PassResult, step_target_name
 from ca_daemon.rotation.steps import Activate, Wait
 
 # A year of a Linkerd issuer renewed every 32h and thousands of jittered clients is
@@ -154,18 +156,28 @@ class _Simulation:
         """Whether ``renew_at(cert)`` is known: its end is, and its jitter is (it is real)."""
         return self.anchor.end_exact(cert) and (self.jitter == 0 or not self.anchor.simulated(cert))
 
-    def _rotate_before(self, key: str) -> timedelta | None:
+    def _issuer_of(self, key: str) -> LinkerdConfig | None:
+        """The Linkerd settings of the cluster whose issuer ``key`` is (None: no issuer)."""
         if key == LINKERD_ISSUER:
-            return (
-                self.settings.linkerd.issuer.rotate_before
-                if self.settings.linkerd.enabled
-                else None
-            )
+            return self.settings.linkerd
+        cluster = issuer_cluster(key)
+        if cluster is None or cluster not in {c.name for c in self.settings.linked_clusters}:
+            return None
+        return self.settings.linkerd_of(cluster)
+
+    def _rotate_before(self, key: str) -> timedelta | None:
+        linkerd = self._issuer_of(key)
+        if linkerd is not None:
+            on = self.settings.linkerd.enabled and linkerd.enabled
+            return linkerd.issuer.rotate_before if on else None
+        if issuer_cluster(key) is not None:
+            return None  # a cluster no longer configured
         return self._before.get(key) if self.settings.kong.enabled else None
 
     def lifetime(self, key: str) -> timedelta:
-        if key == LINKERD_ISSUER:
-            return self.settings.linkerd.issuer.lifetime
+        linkerd = self._issuer_of(key)
+        if linkerd is not None:
+            return linkerd.issuer.lifetime
         name = key.removeprefix(KONG_PREFIX)
         # A client no longer configured is dropped; the longest lifetime bounds it.
         lifetimes = {c.name: c.lifetime for c in self.settings.kong.clients}
@@ -263,7 +275,8 @@ class _Simulation:
         if keys is None:
             self.journal.view, settings = None, self.settings
         else:
-            view = {LINKERD_ISSUER, *keys}
+            linked = (issuer_key(c.name) for c in self.settings.linked_clusters)
+            view = {LINKERD_ISSUER, *linked, *keys}
             self.journal.view = frozenset(view)
             settings = _with_clients(self.settings, (k.removeprefix(KONG_PREFIX) for k in keys))
         engine = Engine(
@@ -328,12 +341,8 @@ def simulate(
                 sim.rebuild()
             else:
                 for step in done.steps:
-                    if step.kind in (Kind.LINKERD_ISSUER, Kind.KONG_CLIENT):
-                        key = (
-                            LINKERD_ISSUER
-                            if step.kind is Kind.LINKERD_ISSUER
-                            else client_key(step.name)
-                        )
+                    key = step_target_name(step)
+                    if step.kind in (Kind.LINKERD_ISSUER, Kind.KONG_CLIENT) and key:
                         sim.push(key)
             found = _next(sim, now, done, settings, resolution)
             if found is None:

@@ -14,8 +14,7 @@ from ca_daemon.model.state import CaRecord, Operation, Phase, RootRole, State, i
 from ca_daemon.pki.bundle import fingerprint
 from ca_daemon.pki.profiles import Kind
 from ca_daemon.publish.base import PublishReport
-from ca_daemon.publish.clusters import reached
-from ca_daemon.publish.kubernetes import KUBERNETES
+from ca_daemon.publish.clusters import pods_of, reached, report_of
 from ca_daemon.rotation.issuer_confirmation import confirmation
 from ca_daemon.rotation.plan import Observations, plan, renew_at, root_due_at
 from ca_daemon.rotation.steps import Wait
@@ -147,14 +146,18 @@ def status_view(
 
 
 def clusters_view(
-    settings: Settings, reports: Sequence[PublishReport], pending_pods: Sequence[str]
+    settings: Settings,
+    reports: Sequence[PublishReport],
+    pending_pods: Sequence[str],
+    state: State | None = None,
+    now: datetime | None = None,
 ) -> list[dict[str, Any]] | None:
     """Each cluster as the last publish found it (None: one cluster, nothing to tell
     apart): reached or not and when last, whether a root rotation holds for it, and which
     of its meshed Pods the rotation waits for. Empty facts before the leader's first pass."""
     if not settings.linked_clusters:
         return None
-    home = next((r for r in reversed(reports) if r.target == KUBERNETES), None)
+    home = report_of(reports, None)
     views = [
         {
             "name": settings.home_cluster,
@@ -162,14 +165,13 @@ def clusters_view(
             "in_rotation": True,
             "reached": None if home is None else reached(home),
             "last_contact": None,
-            "holds_rotation": None if home is None else not home.bundle_confirmed,
+            "holds_rotation": None,  # home's publish confirms or not like any other
             "errors": _first_errors(home),
-            "pending_pods": [p for p in pending_pods if p.count("/") == 1],
+            "pending_pods": pods_of(pending_pods, None),
         }
     ]
     for cluster in settings.linked_clusters:
-        found = next((r for r in reversed(reports) if r.cluster == cluster.name), None)
-        prefix = f"{cluster.name}/"
+        found = report_of(reports, cluster.name)
         views.append(
             {
                 "name": cluster.name,
@@ -179,7 +181,12 @@ def clusters_view(
                 "last_contact": optional_iso(found.reached_at) if found else None,
                 "holds_rotation": found.holds if found else None,
                 "errors": _first_errors(found),
-                "pending_pods": [p for p in pending_pods if p.startswith(prefix)],
+                "pending_pods": pods_of(pending_pods, cluster.name),
+                "linkerd_issuer": (
+                    linkerd_issuer_view(state, settings, now, cluster.name)
+                    if state is not None and now is not None
+                    else None
+                ),
             }
         )
     return views
@@ -191,10 +198,12 @@ def _first_errors(report: PublishReport | None, shown: int = 3) -> list[str]:
     return [f"{obj}: {error}" for obj, error in list(report.errors.items())[:shown]]
 
 
-def linkerd_issuer_view(state: State, settings: Settings, now: datetime) -> dict[str, Any] | None:
-    """Whether Linkerd's identity controller loaded the journal's issuer (None: not asked:
-    files only, Linkerd off or ``linkerd.confirm: none``)."""
-    found = confirmation(state, settings, now, settings.kubernetes_enabled)
+def linkerd_issuer_view(
+    state: State, settings: Settings, now: datetime, linked: str | None = None
+) -> dict[str, Any] | None:
+    """Whether Linkerd's identity controller loaded the journal's issuer (``linked``: that
+    linked cluster's; None: not asked: files only, Linkerd off or ``linkerd.confirm: none``)."""
+    found = confirmation(state, settings, now, settings.kubernetes_enabled, linked)
     if found is None:
         return None
     return {
@@ -335,6 +344,9 @@ def _cluster_line(cluster: dict[str, Any]) -> str:
         parts.append("holds the root rotation")
     if cluster["pending_pods"]:
         parts.append(f"{len(cluster['pending_pods'])} lagging pod(s)")
+    issuer = cluster.get("linkerd_issuer")
+    if issuer:
+        parts.append(f"linkerd: {issuer['text']}")
     parts += cluster["errors"][:1]
     return ": ".join(parts[:1]) + ": " + "; ".join(parts[1:]) if parts[1:] else parts[0]
 
@@ -352,6 +364,13 @@ def expired(state: State, settings: Settings, now: datetime) -> list[str]:
         found.append(
             (f"linkerd issuer {settings.linkerd.issuer_secret}", state.linkerd_issuer.cert)
         )
+    if settings.linkerd.enabled:
+        linked = {c.name for c in settings.linked_clusters}
+        found += [
+            (f"linkerd issuer of cluster {name}", entry.cert)
+            for name, entry in sorted(state.cluster_issuers.items())
+            if name in linked
+        ]
     inter = state.ca.active_intermediate
     if settings.kong.enabled and inter is not None:
         found.append((f"kong intermediate {inter.ref}", inter.cert))
@@ -371,8 +390,11 @@ def expired(state: State, settings: Settings, now: datetime) -> list[str]:
 def warnings(state: State, settings: Settings, now: datetime) -> list[str]:
     """What is not yet broken but should not be: a steady root inside root.rotate_before;
     an issuer Linkerd refused or has not confirmed within linkerd.confirm_timeout."""
-    found = confirmation(state, settings, now, settings.kubernetes_enabled)
-    issuer = [found.text(now)] if found is not None and found.problem else []
+    issuer = []
+    for linked in [None, *(c.name for c in settings.linked_clusters)]:
+        found = confirmation(state, settings, now, settings.kubernetes_enabled, linked)
+        if found is not None and found.problem:
+            issuer.append(f"cluster {linked}: {found.text(now)}" if linked else found.text(now))
     if state.ca.phase is not Phase.STEADY:
         return issuer  # a rotation is under way: a root near its end is expected
     return issuer + [

@@ -39,7 +39,7 @@ from ca_daemon.model.state import (
 from ca_daemon.model.world import TrustWorld, desired_world, newest_content
 from ca_daemon.pki.bundle import bundle_hash, certificate_pem
 from ca_daemon.publish.base import Publisher, PublishReport
-from ca_daemon.publish.kubernetes import KUBERNETES
+from ca_daemon.publish.clusters import ClusterRollouts, report_of
 from ca_daemon.rotation import ca_steps
 from ca_daemon.rotation.ca_steps import Rollout
 from ca_daemon.rotation.issuer_confirmation import asks, confirmation, issuer_serial
@@ -511,10 +511,10 @@ class Engine:
 
     def _publish(self, p: _Pass, world: TrustWorld, state: State) -> tuple[Observations, bool]:
         """Publish ``world`` everywhere; also whether every publisher accepted all of it."""
-        observed = Observations(cluster=self.rollout is not None)
         result = p.result
         if not self._still_current(p):
-            return observed, False
+            # Nothing was published, so nothing is known of any cluster: as before a publish.
+            return Observations(cluster=self.rollout is not None, before_publish=True), False
         confirmed = True
         accepted = True
         first = len(result.reports)
@@ -525,7 +525,7 @@ class Engine:
                 log.error("publishing to %s failed: %s", publisher.description, exc)
                 report = PublishReport(publisher.description, errors={"*": _describe(exc)})
             confirmed = confirmed and report.bundle_confirmed
-            accepted = accepted and not report.errors
+            accepted = accepted and (report.optional or not report.errors)
             result.reports.append(report)
             changed = result.published.setdefault(publisher.description, [])
             changed += report.changed
@@ -543,7 +543,7 @@ class Engine:
             bundle_at=self.clock() if p.clocked else None,  # a slow pass confirms late
             pending_pods=self._pending_pods(p, world, state, bundle),
             cluster=self.rollout is not None,
-            unreachable=tuple(r.cluster for r in p.result.reports[first:] if r.holds and r.cluster),
+            unconfirmed=tuple(r.cluster for r in p.result.reports[first:] if r.holds and r.cluster),
         )
         return observations, accepted
 
@@ -560,10 +560,7 @@ class Engine:
         pass writes nothing), so that the replica leading next can tell an object deleted
         by someone from one never published; and when the journal's issuer first reached
         the cluster, from when Linkerd's answers about it count."""
-        record = state.ca
-        issuer_out = self._issuer_out(state, reports, p.now)
-        if issuer_out is not None:
-            record = replace(record, issuer_answer=issuer_out)
+        record = self._issuers_out(state, reports, p.now)
         newest = newest_content(world)
         noted = record.published_at
         if accepted and newest is not None and (noted is None or noted < newest):
@@ -640,50 +637,83 @@ class Engine:
         its answer (every replica, and the rotation's retirement, decide on that). Asked
         until ``linkerd.confirm_timeout`` after it went out even once loaded: a replica of
         an HA control plane may still refuse it. A refusal, or a silence past the timeout,
-        is reported."""
-        found = confirmation(state, self.settings, p.now, self.rollout is not None)
-        record = state.ca.issuer_answer
-        if self.rollout is None or found is None or record is None:
+        is reported. Each linked cluster's identity controller is asked about its own."""
+        for linked, rollout in self._identity_controllers():
+            state = self._confirm_one(p, state, linked, rollout)
+        return state
+
+    def _identity_controllers(self) -> list[tuple[str | None, Rollout]]:
+        """(None for home, or a linked cluster's name) with the rollout that asks there."""
+        if self.rollout is None:
+            return []
+        found: list[tuple[str | None, Rollout]] = [(None, self.rollout)]
+        if isinstance(self.rollout, ClusterRollouts):
+            for cluster in self.settings.linked_clusters:
+                own = self.rollout.of(cluster.name)
+                if own is not None:
+                    found.append((cluster.name, own))
+        return found
+
+    def _confirm_one(self, p: _Pass, state: State, linked: str | None, rollout: Rollout) -> State:
+        found = confirmation(state, self.settings, p.now, True, linked)
+        record = state.ca.answer(linked)
+        if found is None or record is None:
             return state
-        timeout = self.settings.linkerd.confirm_timeout
+        where = f" in cluster {linked}" if linked else ""
+        timeout = self.settings.linkerd_of(linked).confirm_timeout
         settled = found.state == "loaded" and p.now >= record.published_at + timeout
         if found.out and not settled:
             try:
-                answer = self.rollout.issuer_answer(record.published_at)
+                answer = rollout.issuer_answer(record.published_at)
             except Exception as exc:
-                p.result.errors.append(f"asking Linkerd about the issuer: {_describe(exc)}")
+                p.result.errors.append(f"asking Linkerd{where} about the issuer: {_describe(exc)}")
                 return state
             heard = (answer.loaded, answer.at, answer.message[:_ANSWER_SHOWN]) if answer else None
             if heard is not None and heard != (record.loaded, record.at, record.message):
                 loaded, at, message = heard
                 if loaded:
-                    log.info("Linkerd loaded issuer %s at %s", record.serial, at)
+                    log.info("Linkerd%s loaded issuer %s at %s", where, record.serial, at)
                 else:
-                    log.warning("Linkerd refused issuer %s: %s", record.serial, message)
+                    log.warning("Linkerd%s refused issuer %s: %s", where, record.serial, message)
                 updated = replace(record, loaded=loaded, at=at, message=message)
-                state = self._record(p, state, replace(state.ca, issuer_answer=updated), _NOTING)
-                found = confirmation(state, self.settings, p.now, True) or found
-        self.rollout.report_issuer(found.text(p.now) if found.problem else None)
+                state = self._record(p, state, state.ca.with_answer(linked, updated), _NOTING)
+                found = confirmation(state, self.settings, p.now, True, linked) or found
+        rollout.report_issuer(found.text(p.now) if found.problem else None)
         return state
 
-    def _issuer_out(
+    def _issuers_out(
         self, state: State, reports: Sequence[PublishReport], now: datetime
+    ) -> CaRecord:
+        """The CA record noting each issuer this publish was the first to put out."""
+        record = state.ca
+        for linked, _ in self._identity_controllers():
+            out = self._issuer_out(state, reports, now, linked)
+            if out is not None:
+                record = record.with_answer(linked, out)
+        return record
+
+    def _issuer_out(
+        self,
+        state: State,
+        reports: Sequence[PublishReport],
+        now: datetime,
+        linked: str | None = None,
     ) -> IssuerAnswer | None:
         """A new record when this publish is the first to put the journal's issuer in the
         cluster (None: nothing to note). Linkerd's answers count from then on, never from
         before: it also reloads, and answers, when only the Secret's ca.crt changes. An
         issuer already there when the journal has no record at all (kept from before
         ca-daemon asked Linkerd) is taken as loaded."""
-        issuer = state.linkerd_issuer
-        record = state.ca.issuer_answer
-        if self.rollout is None or issuer is None or not asks(self.settings, True):
+        issuer = state.issuer(linked)
+        record = state.ca.answer(linked)
+        if issuer is None or not asks(self.settings, True, linked):
             return None
         serial = issuer_serial(issuer.cert)
         if record is not None and record.serial == serial:
             return None
-        linkerd = self.settings.linkerd
+        linkerd = self.settings.linkerd_of(linked)
         ref = f"secret/{linkerd.namespace}/{linkerd.issuer_secret}"
-        cluster = next((r for r in reversed(reports) if r.target == KUBERNETES), None)
+        cluster = report_of(reports, linked)
         if cluster is None or "*" in cluster.errors or ref in cluster.errors:
             return None  # not out yet
         if ref in cluster.changed:

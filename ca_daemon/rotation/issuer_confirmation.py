@@ -8,7 +8,7 @@ refused, or unanswered for ``linkerd.confirm_timeout``, is reported.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from cryptography import x509
@@ -56,45 +56,52 @@ class IssuerConfirmation:
         return self.state in ("refused", "overdue")
 
 
-def asks(settings: Settings, cluster: bool) -> bool:
+def asks(settings: Settings, cluster: bool, linked: str | None = None) -> bool:
     """Whether Linkerd's identity controller is asked at all: Linkerd on, publishing to a
-    cluster to read its Events from, and ``linkerd.confirm: events``."""
-    linkerd = settings.linkerd
-    return linkerd.enabled and linkerd.confirm == "events" and cluster
+    cluster to read its Events from, and ``linkerd.confirm: events`` (``linked``: in that
+    linked cluster, by its own settings; None: home)."""
+    linkerd = settings.linkerd_of(linked)
+    return settings.linkerd.enabled and linkerd.enabled and linkerd.confirm == "events" and cluster
 
 
 def confirmation(
-    state: State, settings: Settings, now: datetime, cluster: bool
+    state: State, settings: Settings, now: datetime, cluster: bool, linked: str | None = None
 ) -> IssuerConfirmation | None:
-    """Linkerd's answer about the journal's issuer; None when it is not asked, or when the
-    journal never noted an issuer published (one from before ca-daemon asked Linkerd)."""
-    issuer = state.linkerd_issuer
-    record = state.ca.issuer_answer
-    if not asks(settings, cluster) or issuer is None or record is None:
+    """Linkerd's answer about the journal's issuer (``linked``: that linked cluster's);
+    None when it is not asked, or when the journal never noted an issuer published (one
+    from before ca-daemon asked Linkerd)."""
+    issuer = state.issuer(linked)
+    record = state.ca.answer(linked)
+    if not asks(settings, cluster, linked) or issuer is None or record is None:
         return None
+    timeout = settings.linkerd_of(linked).confirm_timeout
     serial = issuer_serial(issuer.cert)
     if record.serial != serial:  # made, not yet out in the cluster
-        return replace(_waiting(serial, issuer.issued, now, settings), out=False)
+        return replace(_waiting(serial, issuer.issued, now, timeout), out=False)
     if record.loaded is None:
-        return _waiting(serial, record.published_at, now, settings)
+        return _waiting(serial, record.published_at, now, timeout)
     verdict: Confirmation = "loaded" if record.loaded else "refused"
     return IssuerConfirmation(verdict, serial, record.published_at, record.at, record.message)
 
 
-def _waiting(serial: str, since: datetime, now: datetime, settings: Settings) -> IssuerConfirmation:
-    overdue = now - since >= settings.linkerd.confirm_timeout
+def _waiting(serial: str, since: datetime, now: datetime, timeout: timedelta) -> IssuerConfirmation:
+    overdue = now - since >= timeout
     return IssuerConfirmation("overdue" if overdue else "waiting", serial, since)
 
 
 def issuer_unconfirmed(
-    state: State, settings: Settings, now: datetime, cluster: bool
+    state: State, settings: Settings, now: datetime, cluster: bool, linked: str | None = None
 ) -> str | None:
     """Why retirement must wait for Linkerd's identity controller, or None."""
-    found = confirmation(state, settings, now, cluster)
+    found = confirmation(state, settings, now, cluster, linked)
     if found is None or found.state == "loaded":
         return None
+    where = f" in cluster {linked}" if linked else ""
     if found.state == "refused":
-        return f"Linkerd's identity controller refused issuer {found.serial}: {found.message}"
+        return (
+            f"Linkerd's identity controller{where} refused issuer {found.serial}: {found.message}"
+        )
     return (
-        f"waiting for Linkerd's identity controller to load issuer {found.serial} ({found.where})"
+        f"waiting for Linkerd's identity controller{where} to load issuer {found.serial} "
+        f"({found.where})"
     )

@@ -92,9 +92,9 @@ class Observations:
     # while the CA record is empty (a lost journal), and whenever the record moved, to
     # cross-check it against what the anchor holds.
     anchor_cas: tuple[CA, ...] | None = None
-    # Clusters in the rotation that could not be reached this pass: each holds every
-    # phase move until it answers again (never skipped silently).
-    unreachable: tuple[str, ...] = ()
+    # Linked clusters in the rotation whose publish this pass did not confirm the bundle
+    # (unreachable, or a write refused): each holds every phase move until it does.
+    unconfirmed: tuple[str, ...] = ()
     # Planned before this pass published: what each cluster shows is not known yet.
     before_publish: bool = False
 
@@ -276,6 +276,11 @@ def _issuer_steps(
         if not linkerd.enabled:
             continue
         issuer = state.issuer(cluster)
+        if cluster is not None and issuer is None and state.ca.phase is not Phase.STEADY:
+            # Added during a root rotation: it gets the bundle now (and holds the rotation
+            # until it confirms it), its issuer once the rotation ended, never one under
+            # a root its control plane may not trust yet.
+            continue
         reason = _reason(
             issuer,
             issuer_key(cluster),
@@ -371,9 +376,11 @@ def _root_rotation(
             # A cluster that stopped answering must hold the rotation from this pass on,
             # not from the publish after a phase moved without it.
             return [Wait("asking every cluster before the rotation moves on", after_publish=True)]
-        if obs.unreachable:
-            names = ", ".join(obs.unreachable)
-            return [Wait(f"cluster(s) not reachable, the rotation holds for them: {names}")]
+        if obs.unconfirmed:
+            names = ", ".join(obs.unconfirmed)
+            return [
+                Wait(f"cluster(s) not confirming the bundle (unreachable or refusing): {names}")
+            ]
     if ca.phase is Phase.PREPARED:
         return [Propagate()]
     if ca.phase is Phase.PROPAGATING:
@@ -382,9 +389,10 @@ def _root_rotation(
         lagging = _under_old_chain(state, settings)
         if lagging:
             return [Wait(f"re-issuing under the new root: {lagging} credential(s) to go")]
-        unconfirmed = issuer_unconfirmed(state, settings, now, obs.cluster)
-        if unconfirmed is not None:
-            return [Wait(unconfirmed)]
+        for linked in [None, *(c.name for c in rotating_clusters(settings, linkerd=True))]:
+            unconfirmed = issuer_unconfirmed(state, settings, now, obs.cluster, linked)
+            if unconfirmed is not None:
+                return [Wait(unconfirmed)]
         if rotation.proof:
             return _prove_unused(state, now, settings, obs) or [StartRetiring()]
         return [StartRetiring()]
@@ -527,15 +535,18 @@ def _gated_here(settings: Settings, obs: Observations) -> bool:
 def _gated(settings: Settings, rotation: Rotation) -> bool:
     # Proof is every Pod restarted: only the pods gate can tell, whatever linkerd.gate says.
     gates = [settings.linkerd.gate]
-    gates += [settings.linked_linkerd(c).gate for c in rotating_clusters(settings)]
+    gates += [settings.linked_linkerd(c).gate for c in rotating_clusters(settings, linkerd=True)]
     return "pods" in gates or rotation.proof
 
 
-def rotating_clusters(settings: Settings) -> list[ClusterConfig]:
-    """Linked clusters that take part in a root rotation (with Linkerd on): each holds it
-    until it confirmed; one left out (``in_rotation: false``) is only published to."""
+def rotating_clusters(settings: Settings, linkerd: bool = False) -> list[ClusterConfig]:
+    """Linked clusters that take part in a root rotation: each holds it until it confirmed
+    the bundle; one left out (``in_rotation: false``) is only published to. ``linkerd``:
+    only those with Linkerd on (an issuer to move, Pods to wait for)."""
     return [
-        c for c in settings.linked_clusters if c.in_rotation and settings.linked_linkerd(c).enabled
+        c
+        for c in settings.linked_clusters
+        if c.in_rotation and (not linkerd or settings.linked_linkerd(c).enabled)
     ]
 
 
@@ -574,9 +585,12 @@ def _under_old_chain(state: State, settings: Settings) -> int:
     inter = ca.active_intermediate
     count = 0
     if settings.linkerd.enabled:
-        for cluster in [None, *(c.name for c in rotating_clusters(settings))]:
-            issuer = state.issuer(cluster)
-            count += issuer is None or issuer.signer_ref != root.ref
+        home = state.linkerd_issuer
+        count += home is None or home.signer_ref != root.ref
+        for cluster in rotating_clusters(settings, linkerd=True):
+            issuer = state.issuer(cluster.name)
+            # One with none yet joined during this rotation: issued once it ended.
+            count += issuer is not None and issuer.signer_ref != root.ref
     if settings.kong.enabled:
         if inter is None:
             return count + 1

@@ -49,7 +49,7 @@ def order(
         root = state.ca.active_root
         if root is None:
             raise IssuanceError("no active trust anchor")
-        linkerd = s.linked_linkerd(s.linked(step.cluster)) if step.cluster else s.linkerd
+        linkerd = s.linkerd_of(step.cluster)
         validity = capped_validity(
             now, linkerd.issuer.lifetime, root.cert.not_valid_after_utc, skew
         )

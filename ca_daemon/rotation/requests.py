@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ca_daemon.config.settings import Settings
 from ca_daemon.errors import RequestError
-from ca_daemon.model.state import LINKERD_ISSUER, CaRecord, Phase, issuer_key
+from ca_daemon.model.state import ISSUER_PREFIX, LINKERD_ISSUER, CaRecord, Phase, issuer_key
 from ca_daemon.rotation.steps import KONG, KONG_INTERMEDIATE, ROOT_TARGETS, TRUST_ANCHOR
 
 
@@ -67,21 +67,26 @@ LEAKED_ISSUER_ADVICE = (
 
 def advice(target: str, emergency: bool) -> str | None:
     """What an operator must still know after this request is accepted (None: nothing)."""
-    return LEAKED_ISSUER_ADVICE if emergency and target == LINKERD_ISSUER else None
+    return LEAKED_ISSUER_ADVICE if emergency and _is_issuer(target) else None
 
 
-# What an emergency can be asked of: the root (retired on proof) and the Linkerd issuer
-# (a new key now). A Kong client is revoked instead.
-EMERGENCY_TARGETS = frozenset({TRUST_ANCHOR, LINKERD_ISSUER})
+def _is_issuer(target: str) -> bool:
+    """The home cluster's Linkerd issuer, or a linked cluster's (checked by check_target)."""
+    return target == LINKERD_ISSUER or target.startswith(ISSUER_PREFIX)
+
+
+# What an emergency can be asked of: the root (retired on proof) and a Linkerd issuer (a
+# new key now). A Kong client is revoked instead.
 
 
 def ensure_can_start_emergency(record: CaRecord, target: str) -> None:
     """Raise UnknownTarget for a target an emergency does not apply to, and
     RotationInProgress when one for ``target`` (or any root rotation, for the root) is
     open already: an emergency is never merged into a request that may finish otherwise."""
-    if target not in EMERGENCY_TARGETS:
+    if target != TRUST_ANCHOR and not _is_issuer(target):
         raise UnknownTarget(
-            f"an emergency applies to trust-anchor or linkerd-issuer, not {target!r}"
+            "an emergency applies to trust-anchor or a Linkerd issuer (linkerd-issuer, "
+            f"linkerd-issuer/<linked cluster>), not {target!r}"
         )
     roots = target == TRUST_ANCHOR
     for op in record.operations:

@@ -13,8 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ca_daemon import __version__
 from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import OpState, Phase, State, trusted_roots
-from ca_daemon.publish.clusters import reached
-from ca_daemon.publish.kubernetes import KUBERNETES
+from ca_daemon.publish.clusters import pods_of, reached, report_of
 from ca_daemon.report.status import cert_rows, proof_roll
 from ca_daemon.rotation.issuer_confirmation import confirmation
 from ca_daemon.rotation.results import PassResult
@@ -116,21 +115,21 @@ class Metrics:
         self.issuer_loaded = Gauge(
             "ca_daemon_linkerd_issuer_loaded",
             "1 when Linkerd's identity controller loaded the issuer (by serial), else 0.",
-            ("serial",),
+            ("cluster", "serial"),
             registry=r,
         )
         self.issuer_unconfirmed = Gauge(
             "ca_daemon_linkerd_issuer_unconfirmed_seconds",
             "Seconds since the issuer was made that Linkerd has not confirmed loading it; "
             "0 once it did.",
-            ("serial",),
+            ("cluster", "serial"),
             registry=r,
         )
         self.issuer_problem = Gauge(
             "ca_daemon_linkerd_issuer_problem",
             "1 when Linkerd refused the issuer (refused) or said nothing about it for "
             "linkerd.confirm_timeout (overdue).",
-            ("reason",),
+            ("cluster", "reason"),
             registry=r,
         )
         # Per cluster (several clusters served from one root), from the leader's last
@@ -149,8 +148,8 @@ class Metrics:
         )
         self.cluster_holds = Gauge(
             "ca_daemon_cluster_holds_root_rotation",
-            "1 while a root rotation cannot move on for this cluster: its last publish did "
-            "not confirm the trust bundle (unreachable, or refused).",
+            "1 while a root rotation cannot move on for this linked cluster: its last "
+            "publish did not confirm the trust bundle (unreachable, or refused).",
             ("cluster",),
             registry=r,
         )
@@ -202,23 +201,33 @@ class Metrics:
         if result.state is not None:
             self.observe_state(result.state, settings, now)
 
+    def forget_clusters(self) -> None:
+        """A standby publishes nothing: what it said as leader about each cluster is no
+        longer true (the alert takes the max over replicas)."""
+        for gauge in (
+            self.cluster_reached,
+            self.cluster_last_contact,
+            self.cluster_holds,
+            self.cluster_pending_pods,
+            self.cluster_in_rotation,
+        ):
+            gauge.clear()
+
     def _observe_clusters(self, result: PassResult, settings: Settings) -> None:
         if not settings.linked_clusters:
             return
         pending = result.pending_pods or ()
         home = settings.home_cluster
         self.cluster_in_rotation.labels(home).set(1)
-        self.cluster_pending_pods.labels(home).set(sum(1 for p in pending if p.count("/") == 1))
-        home_report = next((r for r in result.reports if r.target == KUBERNETES), None)
+        self.cluster_pending_pods.labels(home).set(len(pods_of(pending, None)))
+        home_report = report_of(result.reports, None)
         if home_report is not None:
             self.cluster_reached.labels(home).set(1 if reached(home_report) else 0)
-            self.cluster_holds.labels(home).set(0 if home_report.bundle_confirmed else 1)
         for cluster in settings.linked_clusters:
             name = cluster.name
             self.cluster_in_rotation.labels(name).set(1 if cluster.in_rotation else 0)
-            own = sum(1 for p in pending if p.startswith(f"{name}/"))
-            self.cluster_pending_pods.labels(name).set(own)
-            report = next((r for r in result.reports if r.cluster == name), None)
+            self.cluster_pending_pods.labels(name).set(len(pods_of(pending, name)))
+            report = report_of(result.reports, name)
             if report is None:
                 continue
             self.cluster_reached.labels(name).set(1 if reached(report) else 0)
@@ -274,15 +283,17 @@ class Metrics:
     def _observe_issuer(self, state: State, settings: Settings, now: datetime) -> None:
         for gauge in (self.issuer_loaded, self.issuer_unconfirmed, self.issuer_problem):
             gauge.clear()
-        found = confirmation(state, settings, now, settings.kubernetes_enabled)
-        if found is None:
-            return
-        loaded = found.state == "loaded"
-        self.issuer_loaded.labels(found.serial).set(1 if loaded else 0)
-        waited = 0.0 if loaded else max(0.0, (now - found.since).total_seconds())
-        self.issuer_unconfirmed.labels(found.serial).set(float(int(waited)))
-        for reason in ("refused", "overdue"):
-            self.issuer_problem.labels(reason).set(1 if found.state == reason else 0)
+        for linked in [None, *(c.name for c in settings.linked_clusters)]:
+            found = confirmation(state, settings, now, settings.kubernetes_enabled, linked)
+            if found is None:
+                continue
+            cluster = linked or settings.home_cluster
+            loaded = found.state == "loaded"
+            self.issuer_loaded.labels(cluster, found.serial).set(1 if loaded else 0)
+            waited = 0.0 if loaded else max(0.0, (now - found.since).total_seconds())
+            self.issuer_unconfirmed.labels(cluster, found.serial).set(float(int(waited)))
+            for reason in ("refused", "overdue"):
+                self.issuer_problem.labels(cluster, reason).set(1 if found.state == reason else 0)
 
 
 def _seconds(moment: datetime) -> float:

@@ -142,6 +142,7 @@ class DaemonService:
                     self._not_ready = result.errors[-1]
             return result
         self.metrics.observe_state(result.state, self.settings, now)
+        self.metrics.forget_clusters()
         with self._lock:
             self._last = result
             self._known = result.state
@@ -178,7 +179,7 @@ class DaemonService:
         lead = last is not None and self.leadership.leader
         reports = last.reports if last is not None and lead else []
         pending = list(state.ca.rotation.pending_pods) if state.ca.rotation else []
-        view["clusters"] = clusters_view(self.settings, reports, pending)
+        view["clusters"] = clusters_view(self.settings, reports, pending, state, now)
         view["last_pass"] = (
             {"ok": last.ok, "errors": list(last.errors)}
             if last is not None and self.leadership.leader

@@ -44,8 +44,7 @@ def build_runtime(settings: Settings) -> Runtime:
         members = []
         if settings.linkerd.enabled:
             rollout = LinkerdRollout(settings, api)
-            gated = settings.linkerd.gate == "pods"
-            members.append(Member(None, rollout, settings.linkerd.restart, gated))
+            members.append(Member(None, rollout, settings.linkerd.restart))
         for cluster in settings.linked_clusters:
             own = settings.for_cluster(cluster)
             linked_api = api_client(cluster.kubeconfig, context=cluster.context)
@@ -55,8 +54,7 @@ def build_runtime(settings: Settings) -> Runtime:
             )
             if own.linkerd.enabled and cluster.in_rotation:
                 rolling = LinkerdRollout(own, linked_api)
-                gated = own.linkerd.gate == "pods"
-                members.append(Member(cluster.name, rolling, own.linkerd.restart, gated))
+                members.append(Member(cluster.name, rolling, own.linkerd.restart))
         if len(members) > 1:
             rollout = ClusterRollouts(members)
     if settings.kong.enabled and settings.kong.delivery == "admin-api":

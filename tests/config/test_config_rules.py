@@ -257,6 +257,15 @@ BAD: dict[str, tuple[dict[str, Any] | bytes, dict[str, str], str, str]] = {
         "clusters[1].kong",
         "Kong in a linked cluster is not supported yet",
     ),
+    "linked clusters without Kubernetes": (
+        {
+            "publish": {"kubernetes": {"enabled": False}},
+            "clusters": [{"name": "west"}, {"name": "east", "kubeconfig": "/k"}],
+        },
+        {},
+        "publish.kubernetes.enabled",
+        "linked clusters are published to through Kubernetes",
+    ),
     "home out of rotations": (
         {"clusters": [{"name": "west", "in_rotation": False}]},
         {},

@@ -12,7 +12,7 @@ from typing import Literal
 import pytest
 
 from ca_daemon.publish.base import PublishReport
-from ca_daemon.publish.clusters import ClusterRollouts, Member, reached
+from ca_daemon.publish.clusters import ClusterRollouts, Member, pods_of, reached
 from ca_daemon.publish.linkerd_identity import Answer
 from ca_daemon.util.kube import UNREACHABLE
 from tests.support.clock import NOW
@@ -59,9 +59,9 @@ def _three() -> tuple[ClusterRollouts, Recorder, Recorder, Recorder]:
     home, east, north = Recorder(["shop/web-1"]), Recorder(["shop/web-2"]), Recorder(["a/b"])
     rollouts = ClusterRollouts(
         [
-            Member(None, home, "control-plane", gated=True),
-            Member("east", east, "all", gated=True),
-            Member("north", north, "none", gated=False),
+            Member(None, home, "control-plane"),
+            Member("east", east, "all"),
+            Member("north", north, "none"),
         ]
     )
     return rollouts, home, east, north
@@ -77,15 +77,20 @@ def test_each_cluster_rolls_as_its_own_restart_says() -> None:
     assert (home.rolled[-1], east.rolled[-1], north.rolled) == ("all", "all", [])
 
 
-def test_the_gate_waits_for_every_gated_cluster_and_names_the_cluster() -> None:
+def test_the_gate_waits_for_every_cluster_and_names_the_cluster() -> None:
     rollouts, home, east, north = _three()
-    assert rollouts.pending_pods("", NOW) == ["shop/web-1", "east/shop/web-2"]
-    assert north.asked == []  # gate: time there
-    # Retiring on proof asks every cluster, whatever its gate.
-    assert "north/a/b" in rollouts.pending_pods("", NOW, restarted=True)
+    # Whatever one cluster's gate says: a Pod on an old bundle anywhere breaks the link.
+    assert rollouts.pending_pods("", NOW) == ["shop/web-1", "east/shop/web-2", "north/a/b"]
+    assert north.asked == [False]
     rollouts.report_pending(["shop/web-1", "east/shop/web-2"], "h")
     assert home.reported[-1] == ["shop/web-1"] and east.reported[-1] == ["shop/web-2"]
     assert north.reported[-1] == []
+
+
+def test_a_home_namespace_named_like_a_cluster_stays_home_s() -> None:
+    pods = ["east/web-9", "east/shop/web-2"]  # home's Pod in namespace east; east's Pod
+    assert pods_of(pods, None) == ["east/web-9"]
+    assert pods_of(pods, "east") == ["shop/web-2"]
 
 
 def test_a_cluster_that_cannot_be_asked_fails_the_question_naming_it() -> None:

@@ -251,3 +251,29 @@ def test_the_forecast_issues_without_a_key_or_csr_per_credential(
     renewed = [e for e in result.events if e.action == "IssueKongClient"]
     assert len(renewed) > 4 and not result.errors
     assert made == []
+
+
+def test_a_linked_cluster_s_issuer_is_forecast_on_its_own_schedule(
+    make_settings: MakeSettings,
+) -> None:
+    """Narrow passes too (a root rotation in the window): east's issuer is renewed when
+    due and re-issued at activation, never found missing."""
+    base = _short(make_settings, jitter=0.0)
+    east = {"issuer": {"lifetime": "30h", "rotate_before": "10h"}}
+    settings = make_settings(
+        {
+            **base.model_dump(mode="json", include={"root", "linkerd", "kong", "rotation"}),
+            "publish": {"kubernetes": {"enabled": True}},
+            "linkerd": {"issuer": {"lifetime": "48h", "rotate_before": "16h"}, "gate": "time"},
+            "clusters": [{"name": "west"}, {"name": "east", "kubeconfig": "/k", "linkerd": east}],
+        }
+    )
+    state = steady_state(settings, root_days=10)
+    for narrow in (True, False):
+        result = simulate(state, settings, NOW, NOW + 100 * HOUR, narrow=narrow)
+        assert not result.errors
+        issued = [e for e in result.events if e.name == "linkerd-issuer/east"]
+        assert [e.reason for e in issued][:1] == ["missing"]  # the first pass issues it
+        assert not any(e.reason == "missing" for e in issued[1:]), issued
+        assert any(e.reason.startswith("due") for e in issued), issued
+        assert any(e.reason.startswith("signed by") for e in issued), issued

@@ -12,6 +12,7 @@ import pytest
 
 from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import (
+    CaRecord,
     IssuedEntry,
     Phase,
     RootEntry,
@@ -24,6 +25,13 @@ from ca_daemon.model.world import cluster_world, desired_world
 from ca_daemon.pki.keys import private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject
 from ca_daemon.rotation.plan import Observations, plan, renew_at
+from ca_daemon.rotation.requests import (
+    LEAKED_ISSUER_ADVICE,
+    UnknownTarget,
+    advice,
+    check_target,
+    ensure_can_start_emergency,
+)
 from ca_daemon.rotation.steps import Activate, IssueLinkerdIssuer, Retire, Wait
 from tests.support.clock import NOW
 from tests.support.pki import issue_profiled, self_signed_root
@@ -36,7 +44,7 @@ MakeSettings = Callable[..., Settings]
 
 def _clusters(**east: Any) -> dict[str, Any]:
     linked = {"name": "east", "kubeconfig": "/etc/east.kubeconfig", **east}
-    return {"clusters": [{"name": "west"}, linked]}
+    return {"publish": {"kubernetes": {"enabled": True}}, "clusters": [{"name": "west"}, linked]}
 
 
 def _with_east_issuer(state: State, settings: Settings, lifetime: timedelta) -> State:
@@ -102,7 +110,7 @@ def test_an_unreachable_cluster_holds_every_move_of_a_root_rotation(
     later = NOW + timedelta(hours=1)
     ready = Observations(cluster=True, pending_pods=())
     assert Activate("kong-4") in plan(state, later, settings, ready)
-    held = plan(state, later, settings, replace(ready, unreachable=("east",)))
+    held = plan(state, later, settings, replace(ready, unconfirmed=("east",)))
     assert not any(isinstance(s, Activate) for s in held)
     waits = [s for s in held if isinstance(s, Wait)]
     assert len(waits) == 1 and "east" in waits[0].reason
@@ -120,7 +128,7 @@ def test_an_unreachable_cluster_holds_every_move_of_a_root_rotation(
         ),
     )
     assert any(isinstance(s, Retire) for s in plan(retiring, later, settings, ready))
-    held = plan(retiring, later, settings, replace(ready, unreachable=("east",)))
+    held = plan(retiring, later, settings, replace(ready, unconfirmed=("east",)))
     assert not any(isinstance(s, Retire) for s in held)
 
 
@@ -150,5 +158,32 @@ def test_a_linked_cluster_is_shown_its_own_issuer_and_the_shared_bundle(
     assert east.kong_clients == {} and east.cluster_issuers == {}
     assert east.versions == {"linkerd-issuer": 7}
     # A linked issuer not issued yet: whatever east has stays (kept), as home's would.
-    missing = cluster_world(desired_world(steady_state(settings), settings), "east")
+    home = desired_world(steady_state(settings), settings)
+    missing = cluster_world(home, "east")
     assert missing.linkerd_issuer is None and missing.kept == frozenset({"linkerd-issuer"})
+    assert home.kept == frozenset()  # east's missing issuer is nothing home's publishers keep
+
+
+def test_a_cluster_added_during_a_rotation_gets_its_issuer_once_it_ended(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings(_clusters())
+    steady = steady_state(settings)  # no issuer for east: it was just added
+    state = replace(steady, ca=_propagating(settings).ca)
+    later = NOW + timedelta(hours=1)
+    ready = Observations(cluster=True, pending_pods=())
+    steps = plan(state, later, settings, ready)
+    assert not any(isinstance(s, IssueLinkerdIssuer) and s.cluster == "east" for s in steps)
+    assert Activate("kong-4") in steps  # it does not hold activation for want of an issuer
+    assert IssueLinkerdIssuer("missing", cluster="east") in plan(steady, later, settings)
+
+
+def test_a_linked_cluster_s_issuer_may_be_replaced_in_an_emergency(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings(_clusters())
+    check_target(settings, "linkerd-issuer/east")
+    ensure_can_start_emergency(CaRecord(), "linkerd-issuer/east")
+    assert advice("linkerd-issuer/east", emergency=True) == LEAKED_ISSUER_ADVICE
+    with pytest.raises(UnknownTarget, match="linkerd-issuer/south"):
+        check_target(settings, "linkerd-issuer/south")

@@ -12,6 +12,8 @@ import pytest
 
 from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import RootRole
+from ca_daemon.publish.base import PublishReport
+from ca_daemon.rotation.results import PassResult
 from ca_daemon.service.metrics import Metrics
 from tests.support.clock import NOW
 from tests.support.pki import issued_entry
@@ -67,3 +69,19 @@ def test_series_follow_the_state(make_settings: Callable[..., Settings]) -> None
     metrics.observe_state(state, settings, NOW)
     roots = {dict(k)["state"] for k in _series(metrics, NOT_AFTER) if "trust-anchor" in str(k)}
     assert roots == {"retiring"}
+
+
+def test_a_standby_forgets_what_it_said_of_each_cluster_as_leader(
+    make_settings: Callable[..., Settings],
+) -> None:
+    linked = [{"name": "west"}, {"name": "east", "kubeconfig": "/k"}]
+    settings = make_settings({"publish": {"kubernetes": {"enabled": True}}, "clusters": linked})
+    down = PublishReport("kubernetes/east", errors={"*": "unreachable"}, cluster="east", holds=True)
+    metrics = Metrics()
+    metrics.observe(PassResult(reports=[down], pending_pods=("east/shop/web-1",)), settings, NOW)
+    holds = "ca_daemon_cluster_holds_root_rotation"
+    assert _series(metrics, holds) == {(("cluster", "east"),): 1.0}
+    assert _series(metrics, "ca_daemon_cluster_pending_pods")[(("cluster", "east"),)] == 1.0
+    metrics.forget_clusters()  # as the service does once it is a standby
+    assert _series(metrics, holds) == {}
+    assert _series(metrics, "ca_daemon_cluster_pending_pods") == {}

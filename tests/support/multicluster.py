@@ -98,10 +98,12 @@ def make_two_clusters(
     openbao: OpenBao,
     workdir: Path,
     prefix: str,
+    east_linkerd: dict[str, Any] | None = None,
     **extra: Any,
 ) -> TwoClusters:
     """west as tests/support/cluster_rotation.py makes a cluster (Vault anchor, Kong, pods
-    gate), east linked to it with Linkerd only; ``extra`` goes into the configuration."""
+    gate), east linked to it with Linkerd only (``east_linkerd`` changes its settings);
+    ``extra`` goes into the configuration."""
     vault = VaultAdmin(openbao.address, openbao.token)
     (workdir / "home").mkdir()
     home = make_rotation_cluster(kube, vault, workdir / "home", prefix)
@@ -121,7 +123,7 @@ def make_two_clusters(
         {
             "name": LINKED,
             "kubeconfig": str(linked_kubeconfig),
-            "linkerd": {**linkerd, "namespace": linkerd_ns},
+            "linkerd": {**linkerd, "namespace": linkerd_ns, **(east_linkerd or {})},
         },
     ]
     doc.update(extra)

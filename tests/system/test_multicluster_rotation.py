@@ -13,6 +13,7 @@ OpenBao: a root rotation moves in lockstep, every cluster checked at every publi
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,12 @@ from ca_daemon.model.state import Phase, RootRole, issuer_key
 from ca_daemon.pki.bundle import certificate_pem, fingerprint, parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.report.status import clusters_view
+from ca_daemon.rotation.issuer_confirmation import issuer_serial
 from ca_daemon.rotation.results import PassResult
 from ca_daemon.service.metrics import Metrics
 from tests.support.cli import ca_daemon
 from tests.support.cluster_rotation import HOUR, TRUST_ROOTS, follow_wall_clock
+from tests.support.linkerd_identity import IdentityStandIn
 from tests.support.multicluster import HOME, LINKED, Daemon, TwoClusters, daemon, make_two_clusters
 from tests.support.pki import self_signed_root
 from tests.support.servers.kube import Kube
@@ -178,7 +181,7 @@ def test_an_unreachable_cluster_holds_the_rotation_until_it_answers(
         # status and metrics name the cluster.
         views = {v["name"]: v for v in clusters_view(d.settings, last.reports, []) or []}
         assert views[LINKED]["reached"] is False and views[LINKED]["holds_rotation"] is True
-        assert views[HOME]["reached"] is True and views[HOME]["holds_rotation"] is False
+        assert views[HOME]["reached"] is True and views[HOME]["holds_rotation"] is None
         metrics = Metrics()
         metrics.observe(last, d.settings, d.clock.now)
         text = generate_latest(metrics.registry).decode()
@@ -268,3 +271,78 @@ def test_verify_checks_every_cluster_then_that_all_trust_the_same_roots(
     assert given.returncode == 1, given.stdout + given.stderr
     ids = [f["id"] for f in json.loads(given.stdout)["findings"]]
     assert ids.count("clusters-roots-differ") == 1
+
+
+def test_each_cluster_s_identity_controller_confirms_its_own_issuer(
+    kube: Kube, kube_b: Kube, openbao: OpenBao, linkerd_check: LinkerdCheck, tmp_path: Path
+) -> None:
+    """east asks Linkerd (``confirm: events``): its identity controller, played on east's
+    API server, must load east's new issuer before the old root may retire."""
+    two = make_two_clusters(
+        kube, kube_b, openbao, tmp_path, "mccnf", east_linkerd={"confirm": "events"}
+    )
+    d = daemon(two, linkerd_check)
+    first = _pass(d)
+    assert first.state is not None
+    noted = first.state.ca.answer(LINKED)
+    assert noted is not None and noted.loaded is None
+    assert first.state.ca.answer(None) is None  # west does not ask (confirm: none)
+    (tmp_path / "east-identity").mkdir()
+    identity = IdentityStandIn(
+        kube_b,
+        two.linked.linkerd_ns,
+        linkerd_check,
+        tmp_path / "east-identity",
+        lambda: d.clock.now,
+    )
+    follow_wall_clock(d.clock, 1.1)  # its Pod starts a second after the issuer went out
+    identity.restart()
+    started = _pass(d)
+    assert started.state is not None
+    loaded = started.state.ca.answer(LINKED)
+    assert loaded is not None and loaded.loaded, loaded
+
+    d.engine.request_rotation("trust-anchor", "drill")
+    for name, cluster in two.clusters():
+        two.meshes[name].app("web", cluster.bundle_pem(), started=d.clock.now)
+    reinjected: set[str] = set()
+    for _ in range(WALL_PASSES):
+        follow_wall_clock(d.clock)
+        result = _pass(d)
+        assert result.state is not None
+        if result.state.ca.phase is not Phase.PROPAGATING:
+            break
+        two.meshes[HOME].follow_restarts(two.home.restarted_at())
+        replaced = two.meshes[LINKED].follow_restarts(two.linked.restarted_at())
+        if any(p.startswith(f"{two.linked.linkerd_ns}/linkerd-identity-") for p in replaced):
+            identity.restart()  # rolled onto the two-root bundle
+        identity.sync()
+        for name in {HOME, LINKED} - reinjected:
+            bundle = two.cluster(name).bundle_pem()
+            if len(parse_pem_certificates(bundle)) == 2:
+                two.meshes[name].app("web", bundle, started=d.clock.now)
+                reinjected.add(name)
+    assert result.state is not None
+    # Activated, east's new issuer out, not yet loaded there: no retirement.
+    assert result.state.ca.phase is Phase.ACTIVATED, result.waiting
+    east = result.state.issuer(LINKED)
+    assert east is not None
+    serial = issuer_serial(east.cert)
+    assert result.waiting is not None
+    assert f"identity controller in cluster {LINKED} to load issuer {serial}" in result.waiting
+    d.clock.now += timedelta(seconds=30)
+    assert _pass(d).state.ca.phase is Phase.ACTIVATED  # type: ignore[union-attr]
+    assert identity.sync() == "IssuerUpdated"
+    retiring = _pass(d)
+    assert retiring.state is not None
+    assert retiring.state.ca.phase is Phase.RETIRING, retiring.waiting
+    answer = retiring.state.ca.answer(LINKED)
+    assert answer is not None and (answer.serial, answer.loaded) == (serial, True)
+    views = {
+        v["name"]: v for v in clusters_view(d.settings, [], [], retiring.state, d.clock.now) or []
+    }
+    assert views[LINKED]["linkerd_issuer"]["state"] == "loaded"
+    metrics = Metrics()
+    metrics.observe_state(retiring.state, d.settings, d.clock.now)
+    text = generate_latest(metrics.registry).decode()
+    assert f'ca_daemon_linkerd_issuer_loaded{{cluster="{LINKED}",serial="{serial}"}} 1.0' in text
