@@ -531,6 +531,9 @@ class Settings(BaseSettings):
             if cluster.linkerd is not None:
                 issuer = cluster.linkerd.issuer
                 yield f"clusters[{i}].linkerd.issuer", issuer.lifetime, issuer.rotate_before
+            for j, client in enumerate(cluster.kong.clients if cluster.kong else []):
+                path = f"clusters[{i}].kong.clients[{j}]"
+                yield path, client.lifetime, client.rotate_before
 
     def _renewal_margins(self) -> Iterator[tuple[str, str]]:
         # A certificate is due at not_after - rotate_before * (1 + jitter * spread), spread
@@ -614,12 +617,19 @@ class Settings(BaseSettings):
                 yield f"{path}.kubeconfig", "a linked cluster is reached with a kubeconfig"
             if cluster.in_cluster:
                 yield f"{path}.in_cluster", "only the home cluster (clusters[0]) is in-cluster"
-            if cluster.kong is not None and cluster.kong.enabled:
-                yield (
-                    f"{path}.kong",
-                    "Kong in a linked cluster is not supported yet: set kong.enabled: false "
-                    "there (the home cluster's Kong is served as before)",
-                )
+            kong = cluster.kong
+            if kong is not None and kong.enabled:
+                if kong.delivery != "kubernetes":
+                    yield (
+                        f"{path}.kong.delivery",
+                        "a linked cluster's Kong is served through Kubernetes only",
+                    )
+                if not self.kong.enabled:
+                    yield (
+                        f"{path}.kong.enabled",
+                        "a linked cluster's Kong needs Kong on in the home cluster too (its "
+                        "clients are signed by the one Kong intermediate)",
+                    )
             if cluster.linkerd is not None and cluster.linkerd.enabled and not self.linkerd.enabled:
                 yield (
                     f"{path}.linkerd.enabled",
@@ -645,18 +655,49 @@ class Settings(BaseSettings):
         """A linked cluster's Linkerd settings (the defaults when it gives none)."""
         return cluster.linkerd or LinkerdConfig()
 
+    def linked_kong(self, cluster: ClusterConfig) -> KongConfig:
+        """A linked cluster's Kong settings (off when it gives none)."""
+        return cluster.kong or KongConfig(enabled=False)
+
+    @property
+    def kong_clients_everywhere(self) -> list[KongClient]:
+        """Every Kong client to issue: the home cluster's by name, each linked cluster's
+        as ``<cluster>/<name>`` (its credential ``kong/<cluster>/<name>``)."""
+        if not self.kong.enabled:
+            return []
+        clients = list(self.kong.clients)
+        for cluster in self.linked_clusters:
+            kong = self.linked_kong(cluster)
+            if kong.enabled:
+                clients += [
+                    c.model_copy(update={"name": f"{cluster.name}/{c.name}"}) for c in kong.clients
+                ]
+        return clients
+
+    def credential_lifetimes(self) -> list[timedelta]:
+        """The lifetime of every Linkerd issuer and Kong client issued (what the old chain
+        may still hold after a root rotation)."""
+        lifetimes = [c.lifetime for c in self.kong_clients_everywhere]
+        if self.linkerd.enabled:
+            lifetimes.append(self.linkerd.issuer.lifetime)
+            for cluster in self.linked_clusters:
+                linkerd = self.linked_linkerd(cluster)
+                if linkerd.enabled:
+                    lifetimes.append(linkerd.issuer.lifetime)
+        return lifetimes
+
     def linkerd_of(self, cluster: str | None) -> LinkerdConfig:
         """The Linkerd settings of ``cluster`` (None: home)."""
         return self.linkerd if cluster is None else self.linked_linkerd(self.linked(cluster))
 
     def for_cluster(self, cluster: ClusterConfig) -> Settings:
-        """These settings as a linked cluster sees them: its Linkerd, its bundles, no Kong,
-        no Lease and no API authentication there (both live in home): what its publisher,
-        rollout and RBAC are built from."""
+        """These settings as a linked cluster sees them: its Linkerd, its Kong, its
+        bundles, no Lease and no API authentication there (both live in home): what its
+        publisher, rollout and RBAC are built from."""
         return self.model_copy(
             update={
                 "linkerd": self.linked_linkerd(cluster),
-                "kong": KongConfig(enabled=False),
+                "kong": self.linked_kong(cluster),
                 "bundles": cluster.bundles or [],
                 "clusters": [],
                 "leader_election": self.leader_election.model_copy(update={"enabled": False}),

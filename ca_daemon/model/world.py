@@ -47,8 +47,11 @@ class TrustWorld:
     # The CRLs of every CA in the bundle (PEM), once something was revoked: published
     # next to the bundle (crl.pem) for verifiers that check revocation.
     crls_pem: str | None = None
-    # Each linked cluster's own Linkerd issuer (cluster_world() shows one cluster its own).
+    # Each linked cluster's own Linkerd issuer and Kong clients (by their names there), and
+    # its configured clients the journal holds none of (cluster_world() shows one its own).
     cluster_issuers: Mapping[str, IssuedEntry] = field(default_factory=dict)
+    cluster_clients: Mapping[str, Mapping[str, IssuedEntry]] = field(default_factory=dict)
+    cluster_kept: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @property
     def bundle_pem(self) -> str:
@@ -69,6 +72,18 @@ def desired_world(
         kept |= {client_key(n) for n in configured - set(state.kong_clients)}
     linked = {c.name for c in settings.linked_clusters if settings.linked_linkerd(c).enabled}
     issuers = {n: e for n, e in state.cluster_issuers.items() if n in linked}
+    cluster_clients: dict[str, dict[str, IssuedEntry]] = {}
+    cluster_kept: dict[str, frozenset[str]] = {}
+    for cluster in settings.linked_clusters:
+        own = settings.linked_kong(cluster)
+        if not (kong and own.enabled):
+            continue
+        names = {c.name: f"{cluster.name}/{c.name}" for c in own.clients}
+        cluster_clients[cluster.name] = {
+            bare: entry for bare, full in names.items() if (entry := state.kong_clients.get(full))
+        }
+        missing = {client_key(b) for b, full in names.items() if full not in state.kong_clients}
+        cluster_kept[cluster.name] = frozenset(missing)
     return TrustWorld(
         roots=tuple(trusted_roots(state.ca)),
         linkerd_issuer=state.linkerd_issuer if linkerd else None,
@@ -83,23 +98,32 @@ def desired_world(
         kept=frozenset(kept),
         crls_pem=state.ca.crls.pem if state.ca.crls else None,
         cluster_issuers=issuers if linkerd else {},
+        cluster_clients=cluster_clients,
+        cluster_kept=cluster_kept,
     )
 
 
 def cluster_world(world: TrustWorld, cluster: str) -> TrustWorld:
-    """What a linked cluster is published: the shared bundle and its own issuer, as the
-    home cluster's publisher would see its own (no Kong: served in home only)."""
-    key = issuer_key(cluster)
-    versions = {LINKERD_ISSUER: world.versions[key]} if key in world.versions else {}
+    """What a linked cluster is published: the shared bundle, its own issuer and its own
+    Kong clients, as the home cluster's publisher would see its own (their names bare)."""
     issuer = world.cluster_issuers.get(cluster)
+    clients = world.cluster_clients.get(cluster, {})
+    own = {issuer_key(cluster): LINKERD_ISSUER}
+    own |= {client_key(f"{cluster}/{name}"): client_key(name) for name in clients}
+    kept = set(world.cluster_kept.get(cluster, frozenset()))
+    if issuer is None:  # none issued yet (or Linkerd off there): what it has stays
+        kept.add(LINKERD_ISSUER)
     return replace(
         world,
         linkerd_issuer=issuer,
-        kong_clients={},
-        versions=versions,
-        # None issued yet (or Linkerd off there): whatever it has stays as it is.
-        kept=frozenset({LINKERD_ISSUER}) if issuer is None else frozenset(),
+        kong_clients=clients,
+        versions={
+            bare: world.versions[full] for full, bare in own.items() if full in world.versions
+        },
+        kept=frozenset(kept),
         cluster_issuers={},
+        cluster_clients={},
+        cluster_kept={},
     )
 
 
@@ -117,6 +141,7 @@ def newest_content(world: TrustWorld) -> datetime | None:
     it is journaled, every object of the world counts as published."""
     moments = [e.issued for e in world.kong_clients.values()]
     moments += [e.issued for e in world.cluster_issuers.values()]
+    moments += [e.issued for clients in world.cluster_clients.values() for e in clients.values()]
     if world.linkerd_issuer is not None:
         moments.append(world.linkerd_issuer.issued)
     if world.phase_since is not None:

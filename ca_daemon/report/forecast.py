@@ -90,7 +90,7 @@ def rotation_path(state: State, settings: Settings, start: datetime) -> list[Eve
     activation, as one ``Reissue`` event."""
     s = settings
     lifetimes = [s.linkerd.issuer.lifetime, s.kong.intermediate.lifetime]
-    lifetimes += [c.lifetime for c in s.kong.clients]
+    lifetimes += s.credential_lifetimes()
     delay = s.rotation.retire_delay
     # The old root retires once everything under it has expired (or after retire_delay).
     horizon = s.rotation.propagation_delay + s.rotation.clock_skew + max(lifetimes)

@@ -143,7 +143,12 @@ class _Simulation:
         )
         self.jitter = settings.rotation.jitter
         self.bare = _with_clients(settings, ())
-        self._before = {client_key(c.name): c.rotate_before for c in settings.kong.clients}
+        everywhere = settings.kong_clients_everywhere
+        self._before = {client_key(c.name): c.rotate_before for c in everywhere}
+        # Read by every narrow pass too: a linked cluster's credentials are not narrowed.
+        self._linked = [issuer_key(c.name) for c in settings.linked_clusters] + [
+            client_key(c.name) for c in everywhere if "/" in c.name
+        ]
         self.exact_passes: dict[datetime, bool] = {}
         self.retire_exact = True
         # Credential renewals: (due, not exact, key, fingerprint); stale ones are skipped.
@@ -180,7 +185,7 @@ class _Simulation:
             return linkerd.issuer.lifetime
         name = key.removeprefix(KONG_PREFIX)
         # A client no longer configured is dropped; the longest lifetime bounds it.
-        lifetimes = {c.name: c.lifetime for c in self.settings.kong.clients}
+        lifetimes = {c.name: c.lifetime for c in self.settings.kong_clients_everywhere}
         return lifetimes.get(name, max(lifetimes.values(), default=timedelta(0)))
 
     def push(self, key: str) -> None:
@@ -275,8 +280,7 @@ class _Simulation:
         if keys is None:
             self.journal.view, settings = None, self.settings
         else:
-            linked = (issuer_key(c.name) for c in self.settings.linked_clusters)
-            view = {LINKERD_ISSUER, *linked, *keys}
+            view = {LINKERD_ISSUER, *self._linked, *keys}
             self.journal.view = frozenset(view)
             settings = _with_clients(self.settings, (k.removeprefix(KONG_PREFIX) for k in keys))
         engine = Engine(

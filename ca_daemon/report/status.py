@@ -69,7 +69,7 @@ def cert_rows(state: State, settings: Settings) -> list[CertRow]:
         role = "active" if active and inter.root_ref == active.ref else "retiring"
         due = renew_at(inter.cert, settings.kong.intermediate.rotate_before, jitter)
         rows.append(CertRow(Kind.KONG_INTERMEDIATE, inter.ref, role, inter.cert, due))
-    policy = {c.name: c.rotate_before for c in settings.kong.clients}
+    policy = {c.name: c.rotate_before for c in settings.kong_clients_everywhere}
     rows += [
         CertRow(
             Kind.KONG_CLIENT,
@@ -374,7 +374,7 @@ def expired(state: State, settings: Settings, now: datetime) -> list[str]:
     inter = state.ca.active_intermediate
     if settings.kong.enabled and inter is not None:
         found.append((f"kong intermediate {inter.ref}", inter.cert))
-    configured = {c.name for c in settings.kong.clients} if settings.kong.enabled else set()
+    configured = {c.name for c in settings.kong_clients_everywhere}
     found += [
         (f"kong client {name}", entry.cert)
         for name, entry in sorted(state.kong_clients.items())

@@ -176,7 +176,7 @@ class Engine:
         # The epoch too: a rebuilt journal's versions may start over.
         self._cross_checked: tuple[int, int] | None = None
         # By name: a scan per issue would make a batch of N clients cost N².
-        self._clients = {c.name: c for c in settings.kong.clients}
+        self._clients = {c.name: c for c in settings.kong_clients_everywhere}
 
     # --- manual requests ------------------------------------------------------------------
 

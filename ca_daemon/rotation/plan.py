@@ -324,7 +324,7 @@ def _client_steps(
     signer: _Signer,
     running: list[Operation],
 ) -> Iterator[Step]:
-    configured = {c.name: c for c in settings.kong.clients}
+    configured = {c.name: c for c in settings.kong_clients_everywhere}
     for name, client in configured.items():
         entry = state.kong_clients.get(name)
         reason = _reason(
@@ -594,7 +594,7 @@ def _under_old_chain(state: State, settings: Settings) -> int:
     if settings.kong.enabled:
         if inter is None:
             return count + 1
-        configured = {c.name for c in settings.kong.clients}
+        configured = {c.name for c in settings.kong_clients_everywhere}
         count += sum(
             1
             for name, entry in state.kong_clients.items()

@@ -160,9 +160,7 @@ def rebuild(
     root may live (the longest credential lifetime, Linkerd's 24 h proxy certificates
     and the clock skew, as ``rotation.retire_delay``); said loudly in the log."""
     s = settings
-    lifetimes = [c.lifetime for c in s.kong.clients] if s.kong.enabled else []
-    if s.linkerd.enabled:
-        lifetimes.append(s.linkerd.issuer.lifetime)
+    lifetimes = s.credential_lifetimes()
     keep = max(lifetimes, default=timedelta(0)) + timedelta(hours=24) + s.rotation.clock_skew
     if isinstance(s.rotation.retire_delay, timedelta):
         keep = max(keep, s.rotation.retire_delay)

@@ -21,7 +21,7 @@ class RotationInProgress(RequestError):
 def check_target(settings: Settings, target: str) -> None:
     """Raise UnknownTarget unless ``target`` names a part that is configured and enabled."""
     s = settings
-    known = {c.name for c in s.kong.clients}
+    known = {c.name for c in s.kong_clients_everywhere}
     if target in (TRUST_ANCHOR, "all"):
         return
     if target == LINKERD_ISSUER and s.linkerd.enabled:
@@ -36,7 +36,8 @@ def check_target(settings: Settings, target: str) -> None:
     raise UnknownTarget(
         f"unknown target {target!r}: one of trust-anchor, linkerd-issuer, "
         "linkerd-issuer/<linked cluster>, "
-        "kong-intermediate, kong, kong/<configured client>, all (parts that are enabled)"
+        "kong-intermediate, kong, kong/<configured client>, kong/<linked cluster>/<client>, "
+        "all (parts that are enabled)"
     )
 
 

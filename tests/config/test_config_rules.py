@@ -251,11 +251,53 @@ BAD: dict[str, tuple[dict[str, Any] | bytes, dict[str, str], str, str]] = {
         "clusters[1].in_cluster",
         "only the home cluster (clusters[0]) is in-cluster",
     ),
-    "Kong in a linked cluster": (
-        {"clusters": [{"name": "west"}, {"name": "east", "kubeconfig": "/k", "kong": {}}]},
+    "a linked cluster's Kong through the Admin API": (
+        {
+            "clusters": [
+                {"name": "west"},
+                {
+                    "name": "east",
+                    "kubeconfig": "/k",
+                    "kong": {"delivery": "admin-api", "admin_api": {"url": "http://kong:8001"}},
+                },
+            ]
+        },
         {},
-        "clusters[1].kong",
-        "Kong in a linked cluster is not supported yet",
+        "clusters[1].kong.delivery",
+        "a linked cluster's Kong is served through Kubernetes only",
+    ),
+    "a linked cluster's Kong without home's": (
+        {
+            "kong": {"enabled": False},
+            "clusters": [{"name": "west"}, {"name": "east", "kubeconfig": "/k", "kong": {}}],
+        },
+        {},
+        "clusters[1].kong.enabled",
+        "needs Kong on in the home cluster too",
+    ),
+    "a linked cluster's client due at once": (
+        {
+            "clusters": [
+                {"name": "west"},
+                {
+                    "name": "east",
+                    "kubeconfig": "/k",
+                    "kong": {
+                        "clients": [
+                            {
+                                "name": "pay",
+                                "common_name": "kong.pay",
+                                "lifetime": "10h",
+                                "rotate_before": "9h50m",
+                            }
+                        ]
+                    },
+                },
+            ]
+        },
+        {},
+        "clusters[1].kong.clients[0].rotate_before",
+        "must be shorter than lifetime 10h",
     ),
     "linked clusters without Kubernetes": (
         {

@@ -32,7 +32,14 @@ from ca_daemon.rotation.requests import (
     check_target,
     ensure_can_start_emergency,
 )
-from ca_daemon.rotation.steps import Activate, IssueLinkerdIssuer, Retire, Wait
+from ca_daemon.rotation.steps import (
+    Activate,
+    DropKongClient,
+    IssueKongClient,
+    IssueLinkerdIssuer,
+    Retire,
+    Wait,
+)
 from tests.support.clock import NOW
 from tests.support.pki import issue_profiled, self_signed_root
 from tests.support.states import steady_state
@@ -40,6 +47,7 @@ from tests.support.states import steady_state
 pytestmark = pytest.mark.usefixtures("clean_env")
 
 MakeSettings = Callable[..., Settings]
+HOUR = timedelta(hours=1)
 
 
 def _clusters(**east: Any) -> dict[str, Any]:
@@ -187,3 +195,30 @@ def test_a_linked_cluster_s_issuer_may_be_replaced_in_an_emergency(
     assert advice("linkerd-issuer/east", emergency=True) == LEAKED_ISSUER_ADVICE
     with pytest.raises(UnknownTarget, match="linkerd-issuer/south"):
         check_target(settings, "linkerd-issuer/south")
+
+
+def test_a_linked_cluster_s_kong_clients_are_its_own(make_settings: MakeSettings) -> None:
+    kong = {"namespace": "edge", "clients": [{"name": "payments", "common_name": "kong.pay.e"}]}
+    settings = make_settings(_clusters(kong=kong))
+    state = steady_state(settings)  # home's payments only
+    steps = plan(state, NOW, settings)
+    # Home's client of the same name is another credential: east's is issued on its own.
+    assert IssueKongClient("east/payments", "missing") in steps
+    assert not any(isinstance(s, IssueKongClient) and s.name == "payments" for s in steps)
+    inter = state.ca.active_intermediate
+    assert inter is not None
+    _, cert = issue_profiled(Kind.KONG_CLIENT, Subject("kong.pay.e"), *self_signed_root(), HOUR)
+    entry = IssuedEntry(cert, b"key", inter.ref, (inter.cert,), NOW)
+    issued = state.with_credentials({"kong/east/payments": entry})
+    world = desired_world(issued, settings, versions={"kong/east/payments": 4})
+    assert set(world.kong_clients) == {"payments"}  # home's
+    assert world.kong_clients["payments"] != entry
+    east = cluster_world(world, "east")
+    assert dict(east.kong_clients) == {"payments": entry}
+    assert east.versions == {"kong/payments": 4} and "kong/payments" not in east.kept
+    # Taken out of east's configuration: dropped, home's untouched.
+    gone = make_settings(_clusters(kong={"namespace": "edge", "clients": []}))
+    assert [s for s in plan(issued, NOW, gone) if isinstance(s, DropKongClient)] == [
+        DropKongClient("east/payments", "no longer configured")
+    ]
+    assert "kong/payments" in cluster_world(desired_world(state, settings), "east").kept

@@ -1,7 +1,8 @@
 """Two clusters served from one root: ``west`` (home) on the session's kube-apiserver and
 ``east`` (linked) on a second kube-apiserver with its own etcd, certificates and tokens.
 
-Each cluster has its own Linkerd namespace, control plane made of Deployments, meshed
+Each cluster has its own Linkerd namespace, Kong namespace and clients (the same names
+in both: each cluster's are its own credentials), control plane made of Deployments, meshed
 app Pods (``Mesh``: the test plays the controllers, the kubelet and Linkerd's injector)
 and the daemon's ServiceAccount bound by what ``config rbac`` (``--cluster east``)
 prints. The daemon runs in-process on the wiring ``run`` uses (``build_runtime``), with
@@ -9,8 +10,9 @@ one more publisher after the real ones, ``Observer``, that publishes nothing: it
 both clusters back and checks, at every publish,
 
 - the SPEC's invariants with every cluster's bundles as one set of bundles: an issuer
-  of either cluster must be signed by a root that has been in *every* cluster's bundle
-  for the propagation delay (the lockstep invariant), and
+  or Kong intermediate of either cluster must be signed by a root that has been in
+  *every* cluster's bundle for the propagation delay (the lockstep invariant), and every
+  published chain of either cluster must verify under every bundle of both, and
 - Linkerd's validation (tests/linkerd-check) of each cluster's issuer under its own
   bundle *and under the other cluster's*: an issuer of west, and a proxy leaf it
   issues, verify under east's trust roots at every moment, and the other way round.
@@ -55,7 +57,6 @@ from tests.support.servers.linkerd import LinkerdCheck
 from tests.support.servers.openbao import OpenBao
 from tests.support.servers.tools import require_tool, unique
 
-KONG_CAS = "kong CA secrets"  # invariants.read_cluster's name for them
 HOME = "west"
 LINKED = "east"
 
@@ -110,20 +111,34 @@ def make_two_clusters(
     linkerd_ns, kong_ns, app_ns, sa_ns = (
         unique(f"{prefix}-e-{n}") for n in ("linkerd", "kong", "app", "cad")
     )
-    for ns in (linkerd_ns, app_ns, sa_ns):  # no Kong in a linked cluster
+    for ns in (linkerd_ns, kong_ns, app_ns, sa_ns):
         kube_b.create_namespace(ns)
     kube_b.create_service_account(sa_ns, "ca-daemon")
+    kube_b.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "payments-api", "namespace": app_ns},
+            "spec": {"ports": [{"port": 443}], "selector": {"app": "payments"}},
+        }
+    )
 
     doc = yaml.safe_load(home.config.read_text())
     home_kubeconfig = kube.write_kubeconfig(home.token, workdir / "west.kubeconfig")
     linked_kubeconfig = workdir / "east.kubeconfig"
     linkerd = {k: v for k, v in doc["linkerd"].items() if k != "namespace"}
+    # east's Kong: clients of the same names as west's, its own credentials and objects.
+    clients = [dict(c) for c in doc["kong"]["clients"]]
+    for client in clients:
+        if "service" in client:
+            client["service"] = f"{app_ns}/payments-api"
     doc["clusters"] = [
         {"name": HOME, "kubeconfig": str(home_kubeconfig)},
         {
             "name": LINKED,
             "kubeconfig": str(linked_kubeconfig),
             "linkerd": {**linkerd, "namespace": linkerd_ns, **(east_linkerd or {})},
+            "kong": {"namespace": kong_ns, "clients": clients},
         },
     ]
     doc.update(extra)
@@ -136,6 +151,7 @@ def make_two_clusters(
     kube_b.write_kubeconfig(token, linked_kubeconfig)
     await_rbac(kube_b, token, "/api/v1/pods?limit=1", allowed=True)
     await_rbac(kube_b, token, f"/apis/apps/v1/namespaces/{linkerd_ns}/deployments", allowed=True)
+    await_rbac(kube_b, token, f"/api/v1/namespaces/{kong_ns}/secrets", allowed=True)
     linked = RotationCluster(
         kube_b,
         vault,
@@ -199,12 +215,10 @@ class Observer:
                 self.seen[name] = Seen(
                     cluster.read_cluster(), cluster.linkerd_view(), cluster.bundle_pem()
                 )
-        # east has no Kong: its (empty) list of Kong CA Secrets is no bundle.
         every = {
             f"{name}: {where}": roots
             for name, seen in self.seen.items()
             for where, roots in seen.published.bundles.items()
-            if name == HOME or where != KONG_CAS
         }
         now = self.clock.now
         for seen in self.seen.values():

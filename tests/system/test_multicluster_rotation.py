@@ -114,6 +114,14 @@ def test_root_rotation_moves_in_lockstep_across_two_clusters(
     assert _roots(two, HOME) == _roots(two, LINKED) == [fingerprint(old_root.cert)]
     assert directly_issued_by(west, old_root.cert) and directly_issued_by(east, old_root.cert)
     assert _key(west) != _key(east)
+    # Kong: each cluster's clients are its own credentials, under the one intermediate.
+    west_chains, east_chains = two.home.read_cluster().clients, two.linked.read_cluster().clients
+    assert set(west_chains) == set(east_chains) == {"payments", "orders"}
+    for name in ("payments", "orders"):
+        assert west_chains[name][0] != east_chains[name][0], name
+        assert west_chains[name][1] == east_chains[name][1]  # the Kong intermediate
+    assert set(two.linked.kong_ca_secrets().values()) == {fingerprint(old_root.cert)}
+    assert set(first.state.kong_clients) == {"payments", "orders", "east/payments", "east/orders"}
     assert set(first.state.cluster_issuers) == {LINKED}
 
     d.engine.request_rotation("trust-anchor", "drill")
@@ -129,12 +137,23 @@ def test_root_rotation_moves_in_lockstep_across_two_clusters(
         assert directly_issued_by(issuer, new_root.cert), name
         assert _roots(two, name) == [fingerprint(old_root.cert), fingerprint(new_root.cert)]
     assert _key(two.home.issuer_cert()) != _key(two.linked.issuer_cert())
+    # Kong trusts both roots in both clusters until the old one retires.
+    both = {fingerprint(old_root.cert), fingerprint(new_root.cert)}
+    for name, cluster in two.clusters():
+        assert set(cluster.kong_ca_secrets().values()) == both, name
     # Both control planes were rolled (after the two-root bundle was everywhere).
     for name, cluster in two.clusters():
         assert all(cluster.restarted_at().values()), name
 
-    _retire(d)
+    done = _retire(d)
     assert _roots(two, HOME) == _roots(two, LINKED) == [fingerprint(new_root.cert)]
+    assert done.state is not None
+    new_inter = done.state.ca.active_intermediate
+    assert new_inter is not None
+    for name, cluster in two.clusters():
+        assert set(cluster.kong_ca_secrets().values()) == {fingerprint(new_root.cert)}, name
+        for client, chain in cluster.read_cluster().clients.items():
+            assert chain[1] == new_inter.cert, (name, client)
     assert d.observer.polls > WALL_PASSES // 4
     assert d.observer.linkerd_checks >= 4 * d.observer.polls - 8  # 2 issuers x 2 bundles
 
