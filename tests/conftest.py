@@ -9,7 +9,6 @@ pytest_plugins = [
     "tests.support.servers.helm",
     "tests.support.servers.linkerd",
     "tests.support.servers.node",
-    "tests.support.multicluster",
     "tests.support.fault_kinds",
     "tests.support.settings",
     "tests.support.hypothesis_profiles",

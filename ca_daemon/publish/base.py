@@ -1,12 +1,13 @@
-"""What every publisher implements and reports."""
+"""What every publisher implements and reports, and what rolls Linkerd's workloads."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ca_daemon.model.world import TrustWorld
+from ca_daemon.publish.linkerd_identity import Answer
 
 
 @dataclass
@@ -48,3 +49,25 @@ class Publisher(Protocol):
 
     def publish(self, world: TrustWorld) -> PublishReport:
         """Make the target match ``world``; idempotent, and safe to repeat after a crash."""
+
+
+class Rollout(Protocol):
+    """Rolls Linkerd's workloads and tells which meshed Pods lag (Kubernetes)."""
+
+    description: str
+
+    def restart(self, scope: Literal["control-plane", "all"], at: datetime) -> list[str]: ...
+
+    def would_touch(
+        self, scope: Literal["control-plane", "all"]
+    ) -> tuple[list[str], list[str]]: ...
+
+    def pending_pods(
+        self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
+    ) -> list[str]: ...
+
+    def report_pending(self, pods: list[str], bundle_hash: str) -> None: ...
+
+    def issuer_answer(self, since: datetime) -> Answer | None: ...
+
+    def report_issuer(self, problem: str | None) -> None: ...

@@ -12,10 +12,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Literal
 
 from ca_daemon.model.world import TrustWorld, cluster_world
-from ca_daemon.publish.base import Publisher, PublishReport
+from ca_daemon.publish.base import Publisher, PublishReport, Rollout
 from ca_daemon.publish.kubernetes import KUBERNETES
 from ca_daemon.publish.linkerd_identity import Answer
 from ca_daemon.util.kube import UNREACHABLE
@@ -82,32 +82,12 @@ class ClusterPublisher:
         return report
 
 
-class RolloutLike(Protocol):
-    """What ``Member`` needs of a rollout (rotation/ca_steps.Rollout, structurally)."""
-
-    description: str
-
-    def restart(self, scope: Scope, at: datetime) -> list[str]: ...
-
-    def would_touch(self, scope: Scope) -> tuple[list[str], list[str]]: ...
-
-    def pending_pods(
-        self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
-    ) -> list[str]: ...
-
-    def report_pending(self, pods: list[str], bundle_hash: str) -> None: ...
-
-    def issuer_answer(self, since: datetime) -> Answer | None: ...
-
-    def report_issuer(self, problem: str | None) -> None: ...
-
-
 @dataclass
 class Member:
     """One cluster's Linkerd rollout, and how that cluster rolls and gates."""
 
     cluster: str | None  # None: home (its Pods keep their names unprefixed)
-    rollout: RolloutLike
+    rollout: Rollout
     restart: Literal["none", "control-plane", "all"]
 
 
@@ -191,7 +171,7 @@ class ClusterRollouts:
         for member in self.members:
             member.rollout.report_pending(pods_of(pods, member.cluster), bundle_hash)
 
-    def of(self, cluster: str) -> RolloutLike | None:
+    def of(self, cluster: str) -> Rollout | None:
         """A linked cluster's own rollout (its identity controller is asked through it)."""
         return next((m.rollout for m in self.members if m.cluster == cluster), None)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from datetime import datetime
-from typing import Literal, Protocol
 
 from cryptography import x509
 
@@ -33,7 +32,7 @@ from ca_daemon.pki.bundle import parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.pki.crl import crls_pem
 from ca_daemon.pki.profiles import Kind, Subject, capped_validity, check_profile
-from ca_daemon.publish.linkerd_identity import Answer
+from ca_daemon.publish.base import Rollout
 from ca_daemon.rotation.plan import crl_issuers, retire_after
 from ca_daemon.rotation.rebuild import rebuild
 from ca_daemon.rotation.steps import (
@@ -61,28 +60,6 @@ log = logging.getLogger(__name__)
 
 class IssuanceError(RotationError):
     """The anchor answered with a certificate the daemon will not publish."""
-
-
-class Rollout(Protocol):
-    """Rolls Linkerd's workloads and tells which meshed Pods lag (Kubernetes)."""
-
-    description: str
-
-    def restart(self, scope: Literal["control-plane", "all"], at: datetime) -> list[str]: ...
-
-    def would_touch(
-        self, scope: Literal["control-plane", "all"]
-    ) -> tuple[list[str], list[str]]: ...
-
-    def pending_pods(
-        self, bundle_pem: str, confirmed_at: datetime, restarted: bool = False
-    ) -> list[str]: ...
-
-    def report_pending(self, pods: list[str], bundle_hash: str) -> None: ...
-
-    def issuer_answer(self, since: datetime) -> Answer | None: ...
-
-    def report_issuer(self, problem: str | None) -> None: ...
 
 
 def require(

@@ -38,10 +38,9 @@ from ca_daemon.model.state import (
 )
 from ca_daemon.model.world import TrustWorld, desired_world, newest_content
 from ca_daemon.pki.bundle import bundle_hash, certificate_pem
-from ca_daemon.publish.base import Publisher, PublishReport
+from ca_daemon.publish.base import Publisher, PublishReport, Rollout
 from ca_daemon.publish.clusters import ClusterRollouts, report_of
 from ca_daemon.rotation import ca_steps
-from ca_daemon.rotation.ca_steps import Rollout
 from ca_daemon.rotation.issuer_confirmation import asks, confirmation, issuer_serial
 from ca_daemon.rotation.plan import Observations, covers, gate_query, plan
 from ca_daemon.rotation.renewals import Issue, credential_key, issue

@@ -8,13 +8,12 @@ from ca_daemon.anchor.base import Anchor
 from ca_daemon.config.settings import Settings
 from ca_daemon.journal.journal import Journal
 from ca_daemon.journal.open import build_anchor_and_journal
-from ca_daemon.publish.base import Publisher
+from ca_daemon.publish.base import Publisher, Rollout
 from ca_daemon.publish.clusters import ClusterPublisher, ClusterRollouts, Member
 from ca_daemon.publish.directory import DirectoryPublisher
 from ca_daemon.publish.kong_admin import KongAdminPublisher
 from ca_daemon.publish.kubernetes import KubernetesPublisher
 from ca_daemon.publish.linkerd_rollout import LinkerdRollout
-from ca_daemon.rotation.ca_steps import Rollout
 from ca_daemon.rotation.engine import Engine
 from ca_daemon.util.kube import api_client
 

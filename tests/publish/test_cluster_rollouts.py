@@ -1,7 +1,9 @@
-"""Every cluster's Linkerd rollout as one (publish/clusters.py): how a roll, the gate and
-the lagging Pods' Event are shared out. The rollouts here are recorders standing in for
-LinkerdRollout, which tests/system/test_multicluster_rotation.py runs on two real API
-servers; this pins the sharing-out rules each cluster's settings decide."""
+"""Linked clusters in publish/clusters.py: how a roll, the gate and the lagging Pods'
+Event are shared out among every cluster's rollout, and what a linked cluster's publish
+reports (holding a root rotation, reached or not). Recorders and answering publishers
+stand in for LinkerdRollout and KubernetesPublisher, which
+tests/system/test_multicluster_rotation.py runs on two real API servers; these pin the
+rules each cluster's settings and answers decide."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ from typing import Literal
 
 import pytest
 
+from ca_daemon.model.world import TrustWorld
 from ca_daemon.publish.base import PublishReport
-from ca_daemon.publish.clusters import ClusterRollouts, Member, pods_of, reached
+from ca_daemon.publish.clusters import ClusterPublisher, ClusterRollouts, Member, pods_of, reached
 from ca_daemon.publish.linkerd_identity import Answer
 from ca_daemon.util.kube import UNREACHABLE
 from tests.support.clock import NOW
@@ -108,3 +111,44 @@ def test_a_cluster_is_unreached_only_when_nothing_got_through() -> None:
     down = f"read x: {UNREACHABLE} (MaxRetryError)"
     assert not reached(PublishReport("k", errors={"a": down, "b": down}))
     assert reached(PublishReport("k", errors={"a": down, "b": "forbidden by RBAC"}))
+
+
+@dataclass
+class Answering:
+    """A publisher standing in for a linked cluster's KubernetesPublisher: the report it
+    gives, or the error it raises."""
+
+    report: PublishReport | None = None
+    error: Exception | None = None
+    seen: list[TrustWorld] = field(default_factory=list)
+    description: str = "kubernetes"
+
+    def publish(self, world: TrustWorld) -> PublishReport:
+        self.seen.append(world)
+        if self.error is not None:
+            raise self.error
+        assert self.report is not None
+        return self.report
+
+
+def test_a_linked_cluster_s_publish_holds_the_rotation_until_it_confirms() -> None:
+    world = TrustWorld(roots=())
+    ok = ClusterPublisher("east", Answering(PublishReport("kubernetes")), clock=lambda: NOW)
+    confirmed = ok.publish(world)
+    assert (confirmed.target, confirmed.cluster, confirmed.holds) == (
+        "kubernetes/east",
+        "east",
+        False,
+    )
+    assert confirmed.reached_at == NOW
+    refused = PublishReport("kubernetes", errors={"configmap/l5d/trust": "forbidden by RBAC"})
+    held = ClusterPublisher("east", Answering(refused)).publish(world)
+    assert held.holds and reached(held)
+    down = ClusterPublisher("east", Answering(error=OSError("connection refused")))
+    report = down.publish(world)
+    assert report.holds and not reached(report) and report.reached_at is None
+    assert "connection refused" in report.errors["*"]
+    # Left out of rotations: reported, never waited for.
+    out = ClusterPublisher("lab", Answering(error=OSError("down")), in_rotation=False)
+    report = out.publish(world)
+    assert not report.holds and report.optional and report.bundle_confirmed

@@ -15,9 +15,7 @@ from ca_daemon.model.state import (
     CaRecord,
     IssuedEntry,
     Phase,
-    RootEntry,
     RootRole,
-    Rotation,
     State,
     issuer_key,
 )
@@ -38,11 +36,12 @@ from ca_daemon.rotation.steps import (
     IssueKongClient,
     IssueLinkerdIssuer,
     Retire,
+    StartRetiring,
     Wait,
 )
 from tests.support.clock import NOW
 from tests.support.pki import issue_profiled, self_signed_root
-from tests.support.states import steady_state
+from tests.support.states import steady_state, with_next_root
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -98,16 +97,7 @@ def test_a_linked_cluster_with_linkerd_off_gets_no_issuer(make_settings: MakeSet
 
 def _propagating(settings: Settings) -> State:
     state = _with_east_issuer(steady_state(settings), settings, timedelta(hours=48))
-    _, nxt = self_signed_root("next")
-    record = replace(
-        state.ca,
-        serial=3,
-        roots=(*state.ca.roots, RootEntry("root-3", nxt, RootRole.NEXT, NOW)),
-        phase=Phase.PROPAGATING,
-        phase_since=NOW,
-        rotation=Rotation(started_at=NOW, trigger="schedule", confirmed_at=NOW, restarted=True),
-    )
-    return replace(state, ca=record)
+    return with_next_root(state, Phase.PROPAGATING, confirmed_at=NOW, restarted=True)
 
 
 def test_an_unreachable_cluster_holds_every_move_of_a_root_rotation(
@@ -222,3 +212,36 @@ def test_a_linked_cluster_s_kong_clients_are_its_own(make_settings: MakeSettings
         DropKongClient("east/payments", "no longer configured")
     ]
     assert "kong/payments" in cluster_world(desired_world(state, settings), "east").kept
+
+
+def test_retirement_waits_for_a_linked_issuer_still_under_the_old_root(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings({"kong": {"enabled": False}, **_clusters()})
+    activated = _activated(settings)  # everything re-issued under root-3, east's too
+    later = NOW + timedelta(hours=1)
+    ready = Observations(cluster=True, pending_pods=())
+    assert any(isinstance(s, StartRetiring) for s in plan(activated, later, settings, ready))
+    east = activated.issuer("east")
+    assert east is not None
+    behind = activated.with_credentials({issuer_key("east"): replace(east, signer_ref="root-1")})
+    steps = plan(behind, later, settings, ready)
+    assert not any(isinstance(s, StartRetiring) for s in steps)
+    assert IssueLinkerdIssuer("signed by root-1, not root-3", cluster="east") in steps
+    assert any(isinstance(s, Wait) and "1 credential(s) to go" in s.reason for s in steps)
+
+
+def _activated(settings: Settings) -> State:
+    """root-3 active, root-1 retiring, every credential (east's issuer too) under root-3."""
+    state = _propagating(settings)
+    record = state.ca
+    roots = tuple(
+        replace(r, role=RootRole.ACTIVE if r.ref == "root-3" else RootRole.RETIRING)
+        for r in record.roots
+    )
+    rotation = replace(record.rotation, activated_at=NOW, old_chain_until=NOW)  # type: ignore[type-var]
+    state = replace(
+        state, ca=replace(record, roots=roots, phase=Phase.ACTIVATED, rotation=rotation)
+    )
+    moved = {key: replace(entry, signer_ref="root-3") for key, entry in state.credentials()}
+    return state.with_credentials(moved)

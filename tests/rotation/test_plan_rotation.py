@@ -55,26 +55,12 @@ from ca_daemon.rotation.steps import (
 )
 from tests.support.clock import NOW
 from tests.support.pki import issue_profiled, self_signed_root
-from tests.support.states import steady_state
+from tests.support.states import steady_state, with_next_root
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
 MakeSettings = Callable[..., Settings]
 DAY = timedelta(days=1)
-
-
-def _with_next_root(state: State, phase: Phase, **rotation: object) -> State:
-    """``state`` with a next root (root-3) in ``phase`` of a rotation started at NOW."""
-    _, nxt = self_signed_root("next")
-    record = replace(
-        state.ca,
-        serial=3,
-        roots=(*state.ca.roots, RootEntry("root-3", nxt, RootRole.NEXT, NOW)),
-        phase=phase,
-        phase_since=NOW,
-        rotation=Rotation(started_at=NOW, trigger="schedule", **rotation),  # type: ignore[arg-type]
-    )
-    return replace(state, ca=record)
 
 
 def _two_root_hash(state: State) -> str:
@@ -134,7 +120,7 @@ def test_a_queued_manual_request_starts_a_rotation(make_settings: MakeSettings) 
 
 def test_prepared_goes_on_to_propagate(make_settings: MakeSettings) -> None:
     settings = make_settings()
-    state = _with_next_root(steady_state(settings), Phase.PREPARED)
+    state = with_next_root(steady_state(settings), Phase.PREPARED)
     assert _actions(plan(state, NOW, settings)) == [Propagate()]
     # Nothing is trusted in the prepared phase but the active root.
     assert len(trusted_roots(state.ca)) == 1
@@ -142,7 +128,7 @@ def test_prepared_goes_on_to_propagate(make_settings: MakeSettings) -> None:
 
 def test_propagation_waits_until_every_publisher_confirmed(make_settings: MakeSettings) -> None:
     settings = make_settings()
-    state = _with_next_root(steady_state(settings), Phase.PROPAGATING)
+    state = with_next_root(steady_state(settings), Phase.PROPAGATING)
     assert len(trusted_roots(state.ca)) == 2
     unconfirmed = plan(state, NOW + 30 * DAY, settings, Observations(bundle=None))
     assert _actions(unconfirmed) == []
@@ -159,7 +145,7 @@ def test_linkerd_is_rolled_after_confirmation_then_the_delay_runs(
 ) -> None:
     settings = make_settings({"rotation": {"propagation_delay": "10m"}})
     base = steady_state(settings)
-    confirmed = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW)
+    confirmed = with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW)
     cluster = Observations(cluster=True, pending_pods=())
     # Not in the confirmation's second: a Pod started then would count as started before.
     same_second = plan(confirmed, NOW + timedelta(microseconds=999_999), settings, cluster)
@@ -168,9 +154,9 @@ def test_linkerd_is_rolled_after_confirmation_then_the_delay_runs(
     # The restartedAt is journaled first, then Linkerd is rolled with it.
     later = NOW.replace(microsecond=0) + timedelta(seconds=1)
     assert _actions(plan(confirmed, later, settings, cluster)) == [NoteRestart("control-plane")]
-    noted = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW, restart_at=NOW)
+    noted = with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW, restart_at=NOW)
     assert _actions(plan(noted, NOW, settings, cluster)) == [RestartLinkerd("control-plane")]
-    restarted = _with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW, restarted=True)
+    restarted = with_next_root(base, Phase.PROPAGATING, confirmed_at=NOW, restarted=True)
     waiting = plan(restarted, NOW + timedelta(minutes=9), settings, cluster)
     assert _actions(waiting) == []
     assert _wait(waiting).until == NOW + timedelta(minutes=10)
@@ -182,7 +168,7 @@ def test_restart_all_and_none(make_settings: MakeSettings) -> None:
     cluster = Observations(cluster=True, pending_pods=())
     for restart, want in (("all", [RestartLinkerd("all")]), ("none", [])):
         settings = make_settings({"linkerd": {"restart": restart}})
-        state = _with_next_root(
+        state = with_next_root(
             steady_state(settings), Phase.PROPAGATING, confirmed_at=NOW, restart_at=NOW
         )
         assert _actions(plan(state, NOW, settings, cluster)) == want
@@ -190,7 +176,7 @@ def test_restart_all_and_none(make_settings: MakeSettings) -> None:
 
 def test_the_pods_gate_holds_activation_while_a_pod_lags(make_settings: MakeSettings) -> None:
     settings = make_settings({"linkerd": {"gate": "pods"}})
-    state = _with_next_root(
+    state = with_next_root(
         steady_state(settings), Phase.PROPAGATING, confirmed_at=NOW, restarted=True
     )
     later = NOW + timedelta(hours=1)
@@ -209,7 +195,7 @@ def test_the_pods_gate_holds_activation_while_a_pod_lags(make_settings: MakeSett
 
 def test_without_a_cluster_there_is_nothing_to_roll_or_gate(make_settings: MakeSettings) -> None:
     settings = make_settings()
-    state = _with_next_root(steady_state(settings), Phase.PROPAGATING, confirmed_at=NOW)
+    state = with_next_root(steady_state(settings), Phase.PROPAGATING, confirmed_at=NOW)
     files_only = Observations(cluster=False)
     assert _actions(plan(state, NOW + timedelta(hours=1), settings, files_only)) == [
         Activate("kong-4")
@@ -218,7 +204,7 @@ def test_without_a_cluster_there_is_nothing_to_roll_or_gate(make_settings: MakeS
 
 def test_renewals_go_on_under_the_old_root_while_propagating(make_settings: MakeSettings) -> None:
     settings = make_settings()
-    state = _with_next_root(steady_state(settings), Phase.PROPAGATING)
+    state = with_next_root(steady_state(settings), Phase.PROPAGATING)
     steps = plan(state, NOW + timedelta(hours=40), settings)
     assert IssueLinkerdIssuer("due: 8h left") in steps  # signer root-1: not "signed by"
 
@@ -349,7 +335,7 @@ def test_retire_after_auto_covers_everything_under_the_old_chain(
 
 def test_manual_requests_during_a_rotation(make_settings: MakeSettings) -> None:
     settings = make_settings()
-    state = _with_next_root(steady_state(settings), Phase.PROPAGATING)
+    state = with_next_root(steady_state(settings), Phase.PROPAGATING)
     root_op = Operation("r", "trust-anchor", "", NOW)
     issuer_op = Operation("i", "linkerd-issuer", "", NOW + timedelta(seconds=1))
     queued = replace(state, ca=state.ca.with_operation(root_op).with_operation(issuer_op))
@@ -396,7 +382,7 @@ def test_an_emergency_rolls_the_data_plane_and_gates_on_pods_whatever_is_configu
 ) -> None:
     linkerd = {"restart": "none", "gate": "time", "emergency_restart": "all"}
     settings = make_settings({"linkerd": linkerd})
-    state = _with_next_root(
+    state = with_next_root(
         steady_state(settings),
         Phase.PROPAGATING,
         confirmed_at=NOW,
@@ -406,7 +392,7 @@ def test_an_emergency_rolls_the_data_plane_and_gates_on_pods_whatever_is_configu
     later = NOW + timedelta(hours=1)
     lagging = Observations(cluster=True, pending_pods=("shop/web-1",))
     assert _actions(plan(state, later, settings, lagging)) == [NoteRestart("all")]
-    rolled = _with_next_root(
+    rolled = with_next_root(
         steady_state(settings),
         Phase.PROPAGATING,
         confirmed_at=NOW,
@@ -423,7 +409,7 @@ def test_an_emergency_rolls_the_data_plane_and_gates_on_pods_whatever_is_configu
     # the gate still waits for the Pods, which the operator restarts.
     default = make_settings({"linkerd": {"restart": "none", "gate": "time"}})
     assert default.linkerd.emergency_restart == "as-restart"
-    unrolled = _with_next_root(
+    unrolled = with_next_root(
         steady_state(default),
         Phase.PROPAGATING,
         confirmed_at=NOW,
@@ -548,7 +534,7 @@ def test_the_crls_are_made_anew_halfway_and_when_the_bundle_s_cas_change(
     old = replace(crls, this_update=NOW - 55 * hour, next_update=NOW + 17 * hour)
     assert old.refresh_at == NOW + 8.5 * hour
     # A next root joins the bundle (propagating): its CRL is wanted at once.
-    propagating = _with_next_root(current, Phase.PROPAGATING)
+    propagating = with_next_root(current, Phase.PROPAGATING)
     assert crl_issuers(propagating.ca) == ("kong-2", "root-1", "root-3")
     assert RefreshCrls("the CAs in the bundle changed") in plan(propagating, NOW, settings)
     # Nothing revoked yet: no CRLs to keep.

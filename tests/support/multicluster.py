@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import tempfile
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from ca_daemon.config.loading import load_settings
@@ -52,22 +50,13 @@ from tests.support.cluster_rotation import (
 from tests.support.invariants import InvariantChecker, Published
 from tests.support.kube_cluster import await_rbac
 from tests.support.rotation_harness import Clock, LinkerdView
-from tests.support.servers.kube import Kube, own_kube
+from tests.support.servers.kube import Kube
 from tests.support.servers.linkerd import LinkerdCheck
 from tests.support.servers.openbao import OpenBao
-from tests.support.servers.tools import require_tool, unique
+from tests.support.servers.tools import unique
 
 HOME = "west"
 LINKED = "east"
-
-
-@pytest.fixture(scope="module")
-def kube_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
-    """A second kube-apiserver (and etcd): the linked cluster."""
-    etcd = require_tool("etcd")
-    apiserver = require_tool("kube-apiserver")
-    with own_kube(tmp_path_factory.mktemp("kube-east"), etcd, apiserver) as server:
-        yield server
 
 
 @dataclass

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import (
     CaRecord,
     IntermediateEntry,
     IssuedEntry,
+    Phase,
     RootEntry,
     RootRole,
+    Rotation,
     State,
 )
 from ca_daemon.pki.keys import private_key_pem
@@ -48,3 +52,17 @@ def steady_state(settings: Settings, root_days: int = 365) -> State:
         linkerd_issuer=IssuedEntry(issuer, private_key_pem(issuer_key), "root-1"),
         kong_clients=clients,
     )
+
+
+def with_next_root(state: State, phase: Phase, **rotation: object) -> State:
+    """``state`` with a next root (root-3) in ``phase`` of a rotation started at NOW."""
+    _, nxt = self_signed_root("next")
+    record = replace(
+        state.ca,
+        serial=3,
+        roots=(*state.ca.roots, RootEntry("root-3", nxt, RootRole.NEXT, NOW)),
+        phase=phase,
+        phase_since=NOW,
+        rotation=Rotation(started_at=NOW, trigger="schedule", **rotation),  # type: ignore[arg-type]
+    )
+    return replace(state, ca=record)

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from prometheus_client import generate_latest
 
-from ca_daemon.model.state import Phase, RootRole, issuer_key
+from ca_daemon.model.state import Phase, RootEntry, RootRole, issuer_key
 from ca_daemon.pki.bundle import certificate_pem, fingerprint, parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.report.status import clusters_view
@@ -61,6 +61,18 @@ def _start(
     for name, cluster in two.clusters():
         two.meshes[name].app("web", cluster.bundle_pem(), started=d.clock.now)
     return two, d, first
+
+
+def _requested(
+    kube: Kube, kube_b: Kube, openbao: OpenBao, tmp_path: Path, prefix: str, check: LinkerdCheck
+) -> tuple[TwoClusters, Daemon, RootEntry]:
+    """_start, then a manual root rotation requested; with the root it replaces."""
+    two, d, first = _start(kube, kube_b, openbao, tmp_path, prefix, check)
+    assert first.state is not None
+    old_root = first.state.ca.active_root
+    assert old_root is not None
+    d.engine.request_rotation("trust-anchor", "drill")
+    return two, d, old_root
 
 
 def _key(cert: x509.Certificate) -> bytes:
@@ -161,11 +173,7 @@ def test_root_rotation_moves_in_lockstep_across_two_clusters(
 def test_an_unreachable_cluster_holds_the_rotation_until_it_answers(
     kube: Kube, kube_b: Kube, openbao: OpenBao, linkerd_check: LinkerdCheck, tmp_path: Path
 ) -> None:
-    two, d, first = _start(kube, kube_b, openbao, tmp_path, "mcdown", linkerd_check)
-    assert first.state is not None
-    old_root = first.state.ca.active_root
-    assert old_root is not None
-    d.engine.request_rotation("trust-anchor", "drill")
+    two, d, old_root = _requested(kube, kube_b, openbao, tmp_path, "mcdown", linkerd_check)
     # Until every cluster holds the two-root bundle and the bundle was confirmed.
     for _ in range(WALL_PASSES):
         follow_wall_clock(d.clock)
@@ -225,11 +233,7 @@ def test_an_unreachable_cluster_holds_the_rotation_until_it_answers(
 def test_a_lagging_pod_in_one_cluster_holds_activation_in_the_other(
     kube: Kube, kube_b: Kube, openbao: OpenBao, linkerd_check: LinkerdCheck, tmp_path: Path
 ) -> None:
-    two, d, first = _start(kube, kube_b, openbao, tmp_path, "mclag", linkerd_check)
-    assert first.state is not None
-    old_root = first.state.ca.active_root
-    assert old_root is not None
-    d.engine.request_rotation("trust-anchor", "drill")
+    two, d, old_root = _requested(kube, kube_b, openbao, tmp_path, "mclag", linkerd_check)
     # west's app is re-injected with the two-root bundle; east's keeps the old one.
     result = _propagate(two, d, reinject={HOME}, passes=16)  # 8s: the delay is 3s
     assert result.state is not None

@@ -314,6 +314,16 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def kube_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    """A second kube-apiserver (and etcd) for the module: a linked cluster
+    (tests/support/multicluster.py)."""
+    etcd = require_tool("etcd")
+    apiserver = require_tool("kube-apiserver")
+    with own_kube(tmp_path_factory.mktemp("kube-east"), etcd, apiserver) as server:
+        yield server
+
+
 # --- what the apiserver served (its own count) ---------------------------------------------
 
 READS = {"GET", "LIST"}
