@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument(
         "target",
-        help="trust-anchor, linkerd-issuer, kong-intermediate, kong, kong/<name> or all",
+        help="trust-anchor, linkerd-issuer, kong-intermediate, kong, kong/<name> or all; with "
+        "linked clusters also linkerd-issuer/<cluster> and kong/<cluster>/<name>",
     )
     rotate.add_argument("--reason", default="", help="why (kept in the journal and audit log)")
     rotate.add_argument(
@@ -443,7 +444,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
                 report = verify_cluster(targets[0][1], settings, now, thresholds)
             else:
                 where = "clusters"
-                report = verify_clusters(targets, now, thresholds)
+                report = verify_clusters(targets, now)
         except KubeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             if args.json:

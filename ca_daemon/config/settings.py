@@ -697,7 +697,10 @@ class Settings(BaseSettings):
         return self.model_copy(
             update={
                 "linkerd": self.linked_linkerd(cluster),
-                "kong": self.linked_kong(cluster),
+                # One Kong intermediate for every cluster: home's settings decide it.
+                "kong": self.linked_kong(cluster).model_copy(
+                    update={"intermediate": self.kong.intermediate}
+                ),
                 "bundles": cluster.bundles or [],
                 "clusters": [],
                 "leader_election": self.leader_election.model_copy(update={"enabled": False}),

@@ -47,11 +47,10 @@ class TrustWorld:
     # The CRLs of every CA in the bundle (PEM), once something was revoked: published
     # next to the bundle (crl.pem) for verifiers that check revocation.
     crls_pem: str | None = None
-    # Each linked cluster's own Linkerd issuer and Kong clients (by their names there), and
-    # its configured clients the journal holds none of (cluster_world() shows one its own).
+    # Each linked cluster's own Linkerd issuer and Kong clients, by their names there
+    # (cluster_world() shows one cluster its own).
     cluster_issuers: Mapping[str, IssuedEntry] = field(default_factory=dict)
     cluster_clients: Mapping[str, Mapping[str, IssuedEntry]] = field(default_factory=dict)
-    cluster_kept: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @property
     def bundle_pem(self) -> str:
@@ -73,7 +72,6 @@ def desired_world(
     linked = {c.name for c in settings.linked_clusters if settings.linked_linkerd(c).enabled}
     issuers = {n: e for n, e in state.cluster_issuers.items() if n in linked}
     cluster_clients: dict[str, dict[str, IssuedEntry]] = {}
-    cluster_kept: dict[str, frozenset[str]] = {}
     for cluster in settings.linked_clusters:
         own = settings.linked_kong(cluster)
         if not (kong and own.enabled):
@@ -82,8 +80,6 @@ def desired_world(
         cluster_clients[cluster.name] = {
             bare: entry for bare, full in names.items() if (entry := state.kong_clients.get(full))
         }
-        missing = {client_key(b) for b, full in names.items() if full not in state.kong_clients}
-        cluster_kept[cluster.name] = frozenset(missing)
     return TrustWorld(
         roots=tuple(trusted_roots(state.ca)),
         linkerd_issuer=state.linkerd_issuer if linkerd else None,
@@ -99,7 +95,6 @@ def desired_world(
         crls_pem=state.ca.crls.pem if state.ca.crls else None,
         cluster_issuers=issuers if linkerd else {},
         cluster_clients=cluster_clients,
-        cluster_kept=cluster_kept,
     )
 
 
@@ -110,9 +105,6 @@ def cluster_world(world: TrustWorld, cluster: str) -> TrustWorld:
     clients = world.cluster_clients.get(cluster, {})
     own = {issuer_key(cluster): LINKERD_ISSUER}
     own |= {client_key(f"{cluster}/{name}"): client_key(name) for name in clients}
-    kept = set(world.cluster_kept.get(cluster, frozenset()))
-    if issuer is None:  # none issued yet (or Linkerd off there): what it has stays
-        kept.add(LINKERD_ISSUER)
     return replace(
         world,
         linkerd_issuer=issuer,
@@ -120,10 +112,11 @@ def cluster_world(world: TrustWorld, cluster: str) -> TrustWorld:
         versions={
             bare: world.versions[full] for full, bare in own.items() if full in world.versions
         },
-        kept=frozenset(kept),
+        # What a credential not issued yet leaves in place is the directory's concern
+        # (home's only): a Kubernetes publisher leaves an object it has nothing for alone.
+        kept=frozenset(),
         cluster_issuers={},
         cluster_clients={},
-        cluster_kept={},
     )
 
 

@@ -32,9 +32,6 @@ class PublishReport:
     cluster: str | None = None
     holds: bool = False
     reached_at: datetime | None = None
-    # A cluster left out of root rotations (clusters[].in_rotation: false): its errors are
-    # reported, and never waited for.
-    optional: bool = False
 
     @property
     def bundle_confirmed(self) -> bool:

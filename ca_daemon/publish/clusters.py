@@ -78,7 +78,6 @@ class ClusterPublisher:
         else:
             # Left out of rotations by the operator: published to, never waited for.
             report.bundle_errors = []
-            report.optional = True
         return report
 
 

@@ -67,9 +67,7 @@ def _list(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[
 
 
 def verify_clusters(
-    targets: Sequence[tuple[str, client.ApiClient, Settings]],
-    now: datetime,
-    thresholds: Thresholds,
+    targets: Sequence[tuple[str, client.ApiClient, Settings]], now: datetime
 ) -> Report:
     """Every cluster checked on its own (findings named by cluster), then across them:
     Linkerd multicluster needs the very same roots in every linked cluster (`linkerd
@@ -78,7 +76,8 @@ def verify_clusters(
     roots: dict[str, frozenset[str]] = {}
     for name, api, settings in targets:
         try:
-            one = verify_cluster(api, settings, now, thresholds)
+            # Each cluster's own renewal windows (its issuer, its Kong clients).
+            one = verify_cluster(api, settings, now, Thresholds.from_settings(settings))
             roots[name] = _bundle_fingerprints(api, settings)
         except KubeError as exc:
             report.add("cluster-unreadable", f"cluster {name}", f"cluster {name}: {exc}")

@@ -524,7 +524,7 @@ class Engine:
                 log.error("publishing to %s failed: %s", publisher.description, exc)
                 report = PublishReport(publisher.description, errors={"*": _describe(exc)})
             confirmed = confirmed and report.bundle_confirmed
-            accepted = accepted and (report.optional or not report.errors)
+            accepted = accepted and not report.errors
             result.reports.append(report)
             changed = result.published.setdefault(publisher.description, [])
             changed += report.changed

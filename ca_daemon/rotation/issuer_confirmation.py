@@ -60,6 +60,8 @@ def asks(settings: Settings, cluster: bool, linked: str | None = None) -> bool:
     """Whether Linkerd's identity controller is asked at all: Linkerd on, publishing to a
     cluster to read its Events from, and ``linkerd.confirm: events`` (``linked``: in that
     linked cluster, by its own settings; None: home)."""
+    if linked is not None and not settings.linked(linked).in_rotation:
+        return False  # left out of rotations: its identity controller is not asked
     linkerd = settings.linkerd_of(linked)
     return settings.linkerd.enabled and linkerd.enabled and linkerd.confirm == "events" and cluster
 

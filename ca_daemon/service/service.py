@@ -132,6 +132,7 @@ class DaemonService:
     def _standby(self, now: datetime) -> PassResult:
         """Not the leader: no engine, no publishing; status and metrics from the journal."""
         result = PassResult()
+        self.metrics.forget_clusters()  # what it said as leader, if it led
         try:
             result.state = self.engine.journal.load(migrate=False).state
         except Exception as exc:
@@ -142,7 +143,6 @@ class DaemonService:
                     self._not_ready = result.errors[-1]
             return result
         self.metrics.observe_state(result.state, self.settings, now)
-        self.metrics.forget_clusters()
         with self._lock:
             self._last = result
             self._known = result.state

@@ -151,4 +151,4 @@ def test_a_linked_cluster_s_publish_holds_the_rotation_until_it_confirms() -> No
     # Left out of rotations: reported, never waited for.
     out = ClusterPublisher("lab", Answering(error=OSError("down")), in_rotation=False)
     report = out.publish(world)
-    assert not report.holds and report.optional and report.bundle_confirmed
+    assert not report.holds and report.bundle_confirmed

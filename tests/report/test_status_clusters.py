@@ -32,7 +32,7 @@ def test_each_cluster_is_one_line_naming_what_holds_the_rotation(
         PublishReport(
             "kubernetes/east", errors={"*": down}, cluster="east", holds=True, reached_at=NOW
         ),
-        PublishReport("kubernetes/lab", cluster="lab", optional=True, reached_at=NOW),
+        PublishReport("kubernetes/lab", cluster="lab", reached_at=NOW),
     ]
     pending = ["shop/web-1", "east/shop/web-2", "east/shop/web-3"]
     views = clusters_view(settings, reports, pending, state, NOW)

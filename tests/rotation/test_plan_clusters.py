@@ -14,6 +14,7 @@ from ca_daemon.config.settings import Settings
 from ca_daemon.model.state import (
     CaRecord,
     IssuedEntry,
+    IssuerAnswer,
     Phase,
     RootRole,
     State,
@@ -22,6 +23,8 @@ from ca_daemon.model.state import (
 from ca_daemon.model.world import cluster_world, desired_world
 from ca_daemon.pki.keys import private_key_pem
 from ca_daemon.pki.profiles import Kind, Subject
+from ca_daemon.report.status import warnings
+from ca_daemon.rotation.issuer_confirmation import confirmation
 from ca_daemon.rotation.plan import Observations, plan, renew_at
 from ca_daemon.rotation.requests import (
     LEAKED_ISSUER_ADVICE,
@@ -155,10 +158,10 @@ def test_a_linked_cluster_is_shown_its_own_issuer_and_the_shared_bundle(
     assert east.linkerd_issuer == state.issuer("east") != world.linkerd_issuer
     assert east.kong_clients == {} and east.cluster_issuers == {}
     assert east.versions == {"linkerd-issuer": 7}
-    # A linked issuer not issued yet: whatever east has stays (kept), as home's would.
+    # A linked issuer not issued yet: east's publish has none, home's keeps nothing of it.
     home = desired_world(steady_state(settings), settings)
     missing = cluster_world(home, "east")
-    assert missing.linkerd_issuer is None and missing.kept == frozenset({"linkerd-issuer"})
+    assert missing.linkerd_issuer is None and missing.kept == frozenset()
     assert home.kept == frozenset()  # east's missing issuer is nothing home's publishers keep
 
 
@@ -205,13 +208,13 @@ def test_a_linked_cluster_s_kong_clients_are_its_own(make_settings: MakeSettings
     assert world.kong_clients["payments"] != entry
     east = cluster_world(world, "east")
     assert dict(east.kong_clients) == {"payments": entry}
-    assert east.versions == {"kong/payments": 4} and "kong/payments" not in east.kept
+    assert east.versions == {"kong/payments": 4}
     # Taken out of east's configuration: dropped, home's untouched.
     gone = make_settings(_clusters(kong={"namespace": "edge", "clients": []}))
     assert [s for s in plan(issued, NOW, gone) if isinstance(s, DropKongClient)] == [
         DropKongClient("east/payments", "no longer configured")
     ]
-    assert "kong/payments" in cluster_world(desired_world(state, settings), "east").kept
+    assert cluster_world(desired_world(state, settings), "east").kong_clients == {}
 
 
 def test_retirement_waits_for_a_linked_issuer_still_under_the_old_root(
@@ -245,3 +248,21 @@ def _activated(settings: Settings) -> State:
     )
     moved = {key: replace(entry, signer_ref="root-3") for key, entry in state.credentials()}
     return state.with_credentials(moved)
+
+
+def test_a_cluster_left_out_of_rotations_is_not_asked_about_its_issuer(
+    make_settings: MakeSettings,
+) -> None:
+    """An answer journaled while it took part must not turn into an 'overdue' alarm once
+    it is left out and its issuer renewed (nothing asks there any more)."""
+    events = {"linkerd": {"confirm": "events"}}
+    settings = make_settings(_clusters(**events))
+    state = _with_east_issuer(steady_state(settings), settings, timedelta(hours=48))
+    old = IssuerAnswer("0abc", NOW - timedelta(days=1), True, NOW - timedelta(days=1))
+    state = replace(state, ca=state.ca.with_answer("east", old))
+    later = NOW + timedelta(hours=1)
+    asked = confirmation(state, settings, later, True, "east")
+    assert asked is not None and asked.state == "overdue"
+    out = make_settings(_clusters(in_rotation=False, **events))
+    assert confirmation(state, out, later, True, "east") is None
+    assert not any("east" in w for w in warnings(state, out, later))
