@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.servers.tools import free_port
+from tests.support.servers.tools import ServerProcess, free_port, log_tail
 
 # The developer's own settings must not leak into a test's daemon.
 _FOREIGN = ("CA_DAEMON_", "VAULT_", "BAO_")
@@ -38,3 +40,40 @@ def ca_daemon(
         text=True,
         timeout=120,
     )
+
+
+@dataclass
+class DaemonProcess:
+    """``python -m ca_daemon run --config CONFIG`` as a process of its own (log in ``log``),
+    started again after each SIGKILL, for the kill -9 tests."""
+
+    config: Path
+    log: Path
+    process: ServerProcess | None = None
+    kills: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.process = ServerProcess(
+            "ca-daemon run",
+            [sys.executable, "-m", "ca_daemon", "run", "--config", str(self.config)],
+            log_path=self.log,
+            env=daemon_env(),
+            cwd=self.config.parent,
+        )
+
+    def kill9(self, why: str) -> None:
+        assert self.process is not None
+        proc = self.process.proc
+        assert proc.poll() is None, f"the daemon had exited:\n{log_tail(self.log)}"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+        self.process.stop()  # closes the log
+        self.kills.append(why)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def alive(self) -> None:
+        assert self.process is not None
+        assert self.process.proc.poll() is None, f"the daemon exited:\n{log_tail(self.log)}"

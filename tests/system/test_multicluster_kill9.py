@@ -15,9 +15,6 @@ both clusters, both issuers under it, the operation succeeded and no extra root 
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -30,7 +27,7 @@ from ca_daemon.model.state import CaRecord, OpState, Phase
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.pki.chain import directly_issued_by
 from ca_daemon.rotation.engine import Engine
-from tests.support.cli import daemon_env
+from tests.support.cli import DaemonProcess
 from tests.support.cluster_rotation import (
     HOUR,
     TRUST_ROOTS,
@@ -44,7 +41,7 @@ from tests.support.rotation_harness import Clock
 from tests.support.servers.kube import Kube
 from tests.support.servers.linkerd import LinkerdCheck
 from tests.support.servers.openbao import OpenBao
-from tests.support.servers.tools import ServerProcess, log_tail
+from tests.support.servers.tools import log_tail
 
 pytestmark = pytest.mark.integration
 
@@ -66,9 +63,7 @@ def _published(cluster: RotationCluster) -> bool:
 class Drill:
     def __init__(self, two: TwoClusters, linkerd_check: LinkerdCheck, workdir: Path) -> None:
         self.two = two
-        self.log = workdir / "daemon.log"
-        self.process: ServerProcess | None = None
-        self.kills: list[str] = []
+        self.daemon = DaemonProcess(two.config, workdir / "daemon.log")
         settings = two.settings
         _, self.journal = build_anchor_and_journal(settings)
         self.clock = Clock(wall_clock())
@@ -76,32 +71,9 @@ class Drill:
         self.observer = Observer(two, self.clock, linkerd_check, checker, retire_early=True)
         self.reinjected: set[str] = set()
 
-    def start(self) -> None:
-        self.process = ServerProcess(
-            "ca-daemon run",
-            [sys.executable, "-m", "ca_daemon", "run", "--config", str(self.two.config)],
-            log_path=self.log,
-            env=daemon_env(),
-            cwd=self.two.config.parent,
-        )
-
-    def kill9(self, why: str) -> None:
-        assert self.process is not None
-        proc = self.process.proc
-        assert proc.poll() is None, f"the daemon had exited:\n{log_tail(self.log)}"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(10) == -signal.SIGKILL
-        self.process.stop()
-        self.kills.append(why)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
     def poll(self) -> CaRecord:
         """One look: play the controllers, check both clusters, read the journal."""
-        assert self.process is not None
-        assert self.process.proc.poll() is None, f"the daemon exited:\n{log_tail(self.log)}"
+        self.daemon.alive()
         self.clock.now = wall_clock()
         self.two.follow_restarts()
         for name, cluster in self.two.clusters():
@@ -124,7 +96,8 @@ class Drill:
             if done(record):
                 return record
             time.sleep(POLL)
-        raise AssertionError(f"never {what}: phase {record.phase}\n{log_tail(self.log)}")
+        log = log_tail(self.daemon.log)
+        raise AssertionError(f"never {what}: phase {record.phase}\n{log}")
 
 
 def test_kill_9_mid_rotation_across_two_clusters_then_restart(
@@ -147,7 +120,7 @@ def test_kill_9_mid_rotation_across_two_clusters_then_restart(
     for mesh in two.meshes.values():
         mesh.control_plane(started=wall_clock() - HOUR)
     drill = Drill(two, linkerd_check, tmp_path)
-    drill.start()
+    drill.daemon.start()
     try:
         first = drill.until("published", lambda r: r.active_root is not None)
         drill.until("published in both", lambda r: all(_published(c) for _, c in two.clusters()))
@@ -160,11 +133,11 @@ def test_kill_9_mid_rotation_across_two_clusters_then_restart(
         op = Engine(settings, anchor, journal, []).request_rotation("trust-anchor", "drill")
 
         drill.until("propagating", lambda r: r.phase is Phase.PROPAGATING)
-        drill.kill9("propagating")
-        drill.start()
+        drill.daemon.kill9("propagating")
+        drill.daemon.start()
         drill.until("retiring", lambda r: r.phase is Phase.RETIRING)
-        drill.kill9("retiring")
-        drill.start()
+        drill.daemon.kill9("retiring")
+        drill.daemon.start()
 
         def rotated(r: CaRecord) -> bool:
             done = r.operation(op)
@@ -172,9 +145,9 @@ def test_kill_9_mid_rotation_across_two_clusters_then_restart(
 
         record = drill.until("retired", rotated)
     finally:
-        drill.stop()
+        drill.daemon.stop()
 
-    assert drill.kills == ["propagating", "retiring"]
+    assert drill.daemon.kills == ["propagating", "retiring"]
     done = record.operation(op)
     assert done is not None and done.state is OpState.SUCCEEDED, done
     new_root = record.active_root

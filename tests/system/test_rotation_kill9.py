@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,10 +41,10 @@ from ca_daemon.model.state import CaRecord, OpState, Phase
 from ca_daemon.pki.bundle import fingerprint, parse_pem_certificates
 from ca_daemon.report.verify import verify_directory
 from ca_daemon.rotation.engine import Engine
-from tests.support.cli import daemon_env
+from tests.support.cli import DaemonProcess
 from tests.support.invariants import InvariantChecker, Published, read_directory
 from tests.support.rotation_configs import PROPAGATION, SKEW, real_time_config
-from tests.support.servers.tools import ServerProcess, log_tail
+from tests.support.servers.tools import log_tail
 
 pytestmark = pytest.mark.integration
 
@@ -56,40 +54,6 @@ pytestmark = pytest.mark.integration
 POLL = 0.1
 TOLERANCE = timedelta(seconds=1.5)
 PHASE_TIMEOUT = 30.0
-
-
-@dataclass
-class Daemon:
-    config: Path
-    log: Path
-    process: ServerProcess | None = None
-    kills: list[str] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.process = ServerProcess(
-            "ca-daemon run",
-            [sys.executable, "-m", "ca_daemon", "run", "--config", str(self.config)],
-            log_path=self.log,
-            env=daemon_env(),
-            cwd=self.config.parent,
-        )
-
-    def kill9(self, why: str) -> None:
-        assert self.process is not None
-        proc = self.process.proc
-        assert proc.poll() is None, f"the daemon had exited:\n{log_tail(self.log)}"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(10) == -signal.SIGKILL
-        self.process.stop()  # closes the log
-        self.kills.append(why)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-    def alive(self) -> None:
-        assert self.process is not None
-        assert self.process.proc.poll() is None, f"the daemon exited:\n{log_tail(self.log)}"
 
 
 def snapshot(out: Path) -> Published | None:
@@ -113,7 +77,7 @@ class Watch:
 
     settings: Settings
     journal: Journal
-    daemon: Daemon
+    daemon: DaemonProcess
     checker: InvariantChecker
     snapshots: int = 0
     phases: list[Phase] = field(default_factory=list)
@@ -191,7 +155,7 @@ class Drill(NamedTuple):
 
     settings: Settings
     journal: Journal
-    daemon: Daemon
+    daemon: DaemonProcess
     watch: Watch
     requester: Engine
 
@@ -202,7 +166,7 @@ def _drill(tmp_path: Path) -> Drill:
     # Created before the daemon starts, so this process and the daemon share it.
     passphrase = load_or_create_passphrase(settings.anchor.local.effective_passphrase_file)
     journal = file_journal(settings, passphrase)
-    daemon = Daemon(path, tmp_path / "daemon.log")
+    daemon = DaemonProcess(path, tmp_path / "daemon.log")
     watch = Watch(settings, journal, daemon, InvariantChecker(PROPAGATION - TOLERANCE, SKEW))
     requester = Engine(settings, LocalAnchor(settings.anchor.local.dir, passphrase), journal, [])
     return Drill(settings, journal, daemon, watch, requester)
