@@ -718,7 +718,7 @@ class Settings(BaseSettings):
 
     @property
     def linkerd_issuer_common_name(self) -> str:
-        return f"identity.{self.linkerd.namespace}.{self.trust_domain}"
+        return self.issuer_common_name(None)
 
     @property
     def kong_intermediate_common_name(self) -> str:

@@ -1,14 +1,14 @@
 """Linked clusters: each published through its own Kubernetes client, and Linkerd rolled
 and gated in every cluster at once, so that one root rotation moves in lockstep.
 
-A linked cluster sees the shared bundle and its own issuer (``cluster_world``). What it
-answered is told apart from the home cluster's by its report's target
-(``kubernetes/<cluster>``) and by the ``<cluster>/`` before each of its Pods' names.
+A linked cluster sees the shared bundle, its own issuer and its own Kong clients
+(``cluster_world``). What it answered is told apart from the home cluster's by its
+report's target (``kubernetes/<cluster>``) and by the ``<cluster>/`` before each of its
+Pods' names.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,8 +19,6 @@ from ca_daemon.publish.base import Publisher, PublishReport, Rollout
 from ca_daemon.publish.kubernetes import KUBERNETES
 from ca_daemon.publish.linkerd_identity import Answer
 from ca_daemon.util.kube import UNREACHABLE
-
-log = logging.getLogger(__name__)
 
 Scope = Literal["control-plane", "all"]
 

@@ -76,10 +76,13 @@ class TwoClusters:
     def clusters(self) -> list[tuple[str, RotationCluster]]:
         return [(HOME, self.home), (LINKED, self.linked)]
 
-    def follow_restarts(self) -> None:
-        """Both clusters' Deployment controllers: rolled control planes get new Pods."""
-        for name, cluster in self.clusters():
-            self.meshes[name].follow_restarts(cluster.restarted_at())
+    def follow_restarts(self) -> dict[str, list[str]]:
+        """Both clusters' Deployment controllers: rolled control planes get new Pods (the
+        Pods made, by cluster)."""
+        return {
+            name: self.meshes[name].follow_restarts(cluster.restarted_at())
+            for name, cluster in self.clusters()
+        }
 
 
 def make_two_clusters(

@@ -13,6 +13,7 @@ OpenBao: a root rotation moves in lockstep, every cluster checked at every publi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -80,10 +81,15 @@ def _key(cert: x509.Certificate) -> bytes:
 
 
 def _propagate(
-    two: TwoClusters, d: Daemon, reinject: set[str], passes: int = WALL_PASSES
+    two: TwoClusters,
+    d: Daemon,
+    reinject: set[str],
+    passes: int = WALL_PASSES,
+    rolled: Callable[[dict[str, list[str]]], None] = lambda pods: None,
 ) -> PassResult:
-    """Passes on the wall clock while propagating: the control planes follow their rolls,
-    and the apps of ``reinject`` clusters are re-created with the two-root bundle."""
+    """Passes on the wall clock while propagating: the control planes follow their rolls
+    (``rolled`` is told the Pods made, by cluster), and the apps of ``reinject`` clusters
+    are re-created with the two-root bundle."""
     done: set[str] = set()
     for _ in range(passes):
         follow_wall_clock(d.clock)
@@ -91,7 +97,7 @@ def _propagate(
         assert result.state is not None
         if result.state.ca.phase is not Phase.PROPAGATING:
             return result
-        two.follow_restarts()
+        rolled(two.follow_restarts())
         for name in reinject - done:
             bundle = two.cluster(name).bundle_pem()
             if len(parse_pem_certificates(bundle)) == 2:
@@ -328,23 +334,14 @@ def test_each_cluster_s_identity_controller_confirms_its_own_issuer(
     d.engine.request_rotation("trust-anchor", "drill")
     for name, cluster in two.clusters():
         two.meshes[name].app("web", cluster.bundle_pem(), started=d.clock.now)
-    reinjected: set[str] = set()
-    for _ in range(WALL_PASSES):
-        follow_wall_clock(d.clock)
-        result = _pass(d)
-        assert result.state is not None
-        if result.state.ca.phase is not Phase.PROPAGATING:
-            break
-        two.meshes[HOME].follow_restarts(two.home.restarted_at())
-        replaced = two.meshes[LINKED].follow_restarts(two.linked.restarted_at())
-        if any(p.startswith(f"{two.linked.linkerd_ns}/linkerd-identity-") for p in replaced):
+
+    def follow_identity(made: dict[str, list[str]]) -> None:
+        prefix = f"{two.linked.linkerd_ns}/linkerd-identity-"
+        if any(p.startswith(prefix) for p in made[LINKED]):
             identity.restart()  # rolled onto the two-root bundle
         identity.sync()
-        for name in {HOME, LINKED} - reinjected:
-            bundle = two.cluster(name).bundle_pem()
-            if len(parse_pem_certificates(bundle)) == 2:
-                two.meshes[name].app("web", bundle, started=d.clock.now)
-                reinjected.add(name)
+
+    result = _propagate(two, d, reinject={HOME, LINKED}, rolled=follow_identity)
     assert result.state is not None
     # Activated, east's new issuer out, not yet loaded there: no retirement.
     assert result.state.ca.phase is Phase.ACTIVATED, result.waiting
